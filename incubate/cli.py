@@ -1,0 +1,81 @@
+"""Command line: one subcommand a stage. Bad input prints one line and exits 2 (--debug: traceback)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import load_recipe
+from .errors import UserError
+
+
+def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
+    p.add_argument("--recipe", required=True, help="recipe YAML file (see recipes/)")
+    if out:
+        p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.lr=1e-3 (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="incubate", description="Deep Model Assembling / Deep Incubation")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, text in (("meta", "train the meta model end to end"),
+                       ("assemble", "stitch modules 0..K-1 into the target and evaluate it"),
+                       ("finetune", "fine-tune the assembled model end to end"),
+                       ("e2e", "the E2E baseline: same target, data and recipe")):
+        _common(sub.add_parser(name, help=text))
+    p = sub.add_parser("incubate", help="train target module I inside the frozen meta model")
+    _common(p)
+    p.add_argument("--module", type=int, required=True, help="module index, 0..K-1")
+    p = sub.add_parser("evaluate", help="accuracy and loss of any stage's weights")
+    _common(p, out=False)
+    p.add_argument("--checkpoint", required=True, help="a stage folder or its model.safetensors")
+    p = sub.add_parser("run", help="every stage in order, skipping finished ones")
+    _common(p)
+    p.add_argument("--no-e2e", action="store_true", help="skip the E2E baseline")
+    p = sub.add_parser("report", help="table of every stage and report.png")
+    p.add_argument("run", help="run directory")
+    return ap
+
+
+def dispatch(args) -> None:
+    if args.cmd == "report":
+        from .report import report
+        report(args.run)
+        return
+    recipe = load_recipe(args.recipe, args.set)
+    if args.cmd == "run":
+        from .pipeline import run
+        run(recipe, args.out, with_e2e=not args.no_e2e)
+    elif args.cmd == "evaluate":
+        from .stages import evaluate
+        evaluate.main(recipe, args.checkpoint)
+    elif args.cmd == "incubate":
+        from .stages import incubate
+        incubate.main(recipe, args.out, args.module)
+    else:
+        import importlib
+        importlib.import_module(f"incubate.stages.{args.cmd}").main(recipe, args.out)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        dispatch(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"incubate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("incubate: interrupted; the last complete checkpoint is kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

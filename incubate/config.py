@@ -1,0 +1,250 @@
+"""Typed recipe: dataclasses only. YAML files and `--set key=value` overrides only set values.
+
+A recipe has shared training settings (`train`) and, per stage (`meta`, `incubate`, `finetune`,
+`e2e`), a mapping of overrides of those settings. Unknown keys and values of the wrong type are
+errors naming the key and the valid choices.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+STAGES = ("meta", "incubate", "finetune", "e2e")
+
+
+@dataclass
+class ModelCfg:
+    family: str = "vit"                      # adapter in incubate/families
+    name: str = "vit_tiny_patch16_224"       # timm model name
+    kwargs: dict = field(default_factory=dict)   # timm overrides: img_size, patch_size, depth, ...
+    division: list = field(default_factory=lambda: [3, 3, 3, 3])   # target blocks a module
+    meta_division: Optional[list] = None     # meta blocks a module; default one each
+
+
+@dataclass
+class AugmentCfg:
+    shift: int = 0                  # random translation in pixels (in-memory data, batched)
+    hflip: bool = False
+    auto_augment: Optional[str] = None   # timm string, e.g. rand-m9-mstd0.5-inc1 (per-image path)
+    re_prob: float = 0.0            # random erasing probability (per-image path)
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])   # RandomResizedCrop (images)
+
+
+@dataclass
+class DataCfg:
+    source: str = "digits"          # digits | idx:PATH | imagefolder:PATH | cifar10:PATH | cifar100:PATH
+    img_size: int = 32
+    train_fraction: float = 1.0     # class-balanced subset of the training split
+    subset_seed: int = 0
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    eval_batch_size: int = 256
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 10
+    batch_size: int = 64            # per process, per micro-step
+    accum_steps: int = 1
+    lr: float = 5e-4                # for an effective batch of lr_base_batch; scaled linearly
+    lr_base_batch: int = 512
+    min_lr: float = 1e-6
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    opt: str = "adamw"              # any timm optimizer name
+    sched: str = "cosine"           # any timm scheduler name
+    clip_grad: Optional[float] = None
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    drop_path: float = 0.0
+    amp: str = "none"               # none | bf16 | fp16
+    fused: bool = False             # fused AdamW (CUDA)
+    compile: bool = False
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda
+    deterministic: bool = False
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    meta: dict = field(default_factory=dict)       # overrides of train for each stage
+    incubate: dict = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)
+    e2e: dict = field(default_factory=dict)
+
+    def stage(self, name: str) -> TrainCfg:
+        """The training settings of one stage: `train` with the stage's overrides applied."""
+        merged = dict(dataclasses.asdict(self.train), **getattr(self, name))
+        return _build(TrainCfg, merged, name)
+
+    @property
+    def meta_division(self) -> list:
+        return list(self.model.meta_division or [1] * len(self.model.division))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, where: str):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and tp is DataCfg and isinstance(value, str):
+            value = {"source": value}          # shorthand `data: digits`
+        if not isinstance(value, dict):
+            raise UserError(f"recipe key '{where}' must be a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        return value
+    raise UserError(f"recipe key '{where}' must be of type {_type_name(tp)}, got {value!r}; "
+                    f"fix the recipe or the --set value")
+
+
+def _build(cls, values: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    if cls is Recipe:
+        for stage in STAGES:    # stage sections hold overrides of TrainCfg keys
+            hints[stage] = dict
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise UserError(f"unknown recipe key '{path}'; valid keys{' under ' + where if where else ''}: "
+                            f"{', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    if cls is Recipe:
+        train_names = [f.name for f in fields(TrainCfg)]
+        for stage in STAGES:
+            for key in kwargs.get(stage, {}):
+                if key not in train_names:
+                    raise UserError(f"unknown recipe key '{stage}.{key}'; valid keys under {stage}: "
+                                    f"{', '.join(train_names)}")
+    obj = cls(**kwargs)
+    if cls is Recipe:
+        for stage in STAGES:
+            obj.stage(stage)     # type-check the overrides now, not when the stage starts
+    return obj
+
+
+def parse_set(items: list[str]) -> list[tuple[list[str], Any]]:
+    """Parse `key.sub=value` strings; values are YAML (numbers, booleans, lists, null)."""
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip().split("."), value))
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[tuple[list[str], Any]]) -> dict:
+    raw = copy.deepcopy(raw)
+    for keys, value in overrides:
+        node = raw
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k)
+            if isinstance(nxt, str) and k == "data":
+                nxt = {"source": nxt}
+            if nxt is None:
+                nxt = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:i + 1])}' is not a section")
+            node[k] = nxt
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path | None, sets: list[str] | None = None) -> Recipe:
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"recipe file {p} does not exist; pass --recipe with a YAML file "
+                            f"(see recipes/)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"recipe file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"recipe file {p} must hold a mapping of keys, got {type(raw).__name__}")
+    raw = apply_overrides(raw, parse_set(sets or []))
+    recipe = _build(Recipe, raw)
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: Recipe) -> None:
+    m = recipe.model
+    for name, div in (("model.division", m.division), ("model.meta_division", recipe.meta_division)):
+        if not div or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in div):
+            raise UserError(f"{name} must be a list of positive block counts, got {div}")
+    if len(recipe.meta_division) != len(m.division):
+        raise UserError(f"model.meta_division has {len(recipe.meta_division)} modules but "
+                        f"model.division has {len(m.division)}; give both the same K")
+    depth = m.kwargs.get("depth")
+    if depth is not None and sum(m.division) != depth:
+        raise UserError(f"model.division {m.division} sums to {sum(m.division)} blocks but "
+                        f"model.kwargs.depth is {depth}; make them agree")
+    if recipe.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda, got {recipe.device!r}")
+    for stage in STAGES:
+        cfg = recipe.stage(stage)
+        if cfg.amp not in ("none", "bf16", "fp16"):
+            raise UserError(f"{stage}.amp must be none, bf16 or fp16, got {cfg.amp!r}")
+        if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.accum_steps < 1:
+            raise UserError(f"{stage}: epochs >= 0, batch_size >= 1 and accum_steps >= 1 are required")
+    if not 0 < recipe.data.train_fraction <= 1:
+        raise UserError(f"data.train_fraction must be in (0, 1], got {recipe.data.train_fraction}")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

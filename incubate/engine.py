@@ -1,0 +1,263 @@
+"""The one training loop every stage uses, and evaluation.
+
+timm builds the optimizer, schedule, mixup and losses; this file wires them with AMP, gradient
+accumulation and clipping, DDP (only the trained part is wrapped), per-epoch evaluation,
+metrics.jsonl and an atomic checkpoint after every epoch from which a killed stage resumes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .checkpoint import load_training_state, save_training_state
+from .data import Loader
+from .errors import UserError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_dist(device: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("recipe asks for device: cuda but no CUDA device is visible; use device: auto or cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def barrier(dist: Dist) -> None:
+    if dist.world > 1 and tdist.is_initialized():
+        tdist.barrier()
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("amp: fp16 needs a CUDA device; use amp: bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader: Loader, dist: Dist, amp: str = "none") -> dict:
+    """Top-1 accuracy and cross-entropy on a split, summed over every rank."""
+    was_training = net.training
+    net.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
+    for x, y in loader.epoch(0):
+        with _autocast(amp, dist.device):
+            logits = net(x)
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        sums[1] += (logits.argmax(-1) == y).sum()
+        sums[2] += len(y)
+    if dist.world > 1:
+        tdist.all_reduce(sums)
+    net.train(was_training)
+    n = max(sums[2].item(), 1.0)
+    return {"top1": 100.0 * sums[1].item() / n, "loss": sums[0].item() / n, "n": int(sums[2].item())}
+
+
+def count_step_flops(net: nn.Module, trained: nn.Module, criterion, x, y) -> int:
+    """FLOPs of one training step (forward and backward) measured with FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        criterion(net(x), y).backward()
+    trained.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+class _DDPPart:
+    """Wraps the trained part in DDP in place (for a hybrid only the target module's runner)."""
+
+    @staticmethod
+    def wrap(holder: nn.Module, attr: str | None, dist: Dist):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [dist.local_rank] if dist.device.type == "cuda" else None
+        if attr is None:
+            return DDP(holder, device_ids=ids), holder
+        setattr(holder, attr, DDP(getattr(holder, attr), device_ids=ids))
+        return holder, getattr(holder, attr)
+
+
+def _trim_metrics(path: Path, last_epoch: int) -> None:
+    """After a resume, drop metric lines of epochs the checkpoint does not cover."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= last_epoch:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, seed: int,
+        stage_dir: Path, ddp_attr: str | None = None, label: str = "") -> dict:
+    """Train `trained`'s parameters through `net` (images -> logits) for cfg.epochs epochs.
+
+    `ddp_attr` names the attribute of `net` that holds the trained part when they differ (a
+    hybrid); DDP wraps only that part. Returns final metrics and costs; resumes from
+    stage_dir/checkpoint.safetensors when it exists.
+    """
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    net.to(dist.device)
+    train_loader = Loader(bundle, bundle.train, data_cfg, cfg.batch_size, True, seed, dist.rank, dist.world, dist.device)
+    test_loader = Loader(bundle, bundle.test, data_cfg, data_cfg.eval_batch_size, False, seed, dist.rank, dist.world, dist.device)
+    micro_steps = (len(train_loader) // cfg.accum_steps) * cfg.accum_steps
+    if micro_steps == 0:
+        raise UserError(f"{label}: batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} x {dist.world} "
+                        f"processes exceeds the {len(bundle.train)} training images; lower batch_size")
+    updates_per_epoch = micro_steps // cfg.accum_steps
+    lr = cfg.lr * cfg.batch_size * cfg.accum_steps * dist.world / cfg.lr_base_batch
+    opt_kwargs = {"fused": True} if cfg.fused and dist.device.type == "cuda" else {}
+    optimizer = create_optimizer_v2(trained, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=max(cfg.epochs, 1),
+                                       warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+                                       min_lr=cfg.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=bundle.num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif cfg.label_smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    if cfg.grad_checkpointing and hasattr(trained, "set_grad_checkpointing"):
+        trained.set_grad_checkpointing(True)
+
+    ckpt = stage_dir / "checkpoint.safetensors"
+    metrics_path = stage_dir / "metrics.jsonl"
+    start_epoch, seconds, num_updates, flops_per_step = 0, 0.0, 0, None
+    if ckpt.exists():
+        model_state, opt_state, meta = load_training_state(ckpt)
+        trained.load_state_dict(model_state, strict=True)
+        optimizer.load_state_dict(opt_state)
+        if meta.get("scheduler"):
+            scheduler.load_state_dict(meta["scheduler"])
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        start_epoch, seconds = meta["epoch"] + 1, meta["seconds"]
+        num_updates, flops_per_step = meta["num_updates"], meta["flops_per_step"]
+        if dist.main:
+            _trim_metrics(metrics_path, meta["epoch"])
+            print(f"[{label}] resuming after epoch {meta['epoch'] + 1}/{cfg.epochs} from {ckpt}", flush=True)
+    elif dist.main:
+        metrics_path.write_text("")
+
+    if flops_per_step is None:
+        x, y = next(iter(train_loader.epoch(0)))
+        flops_per_step = count_step_flops(net, trained, criterion if mixup is None else nn.CrossEntropyLoss(), x, y)
+    if dist.world > 1:
+        net, _ = _DDPPart.wrap(net, ddp_attr, dist)
+    ddp_module = (getattr(net, ddp_attr) if ddp_attr else net) if dist.world > 1 else None
+    run_net = torch.compile(net) if cfg.compile else net
+
+    params = [p for p in trained.parameters() if p.requires_grad]
+    last = {"top1": float("nan"), "loss": float("nan")}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        seed_all(seed * 1_000_003 + epoch * 1009 + dist.rank)
+        net.train()
+        loss_sum, seen = 0.0, 0
+        show = dist.main and sys.stderr.isatty()
+        batches = train_loader.epoch(epoch)
+        if show:
+            from tqdm import tqdm
+            batches = tqdm(batches, total=micro_steps, desc=f"{label} {epoch + 1}/{cfg.epochs}", leave=False)
+        for step, (x, y) in enumerate(batches):
+            if step >= micro_steps:
+                break
+            if mixup is not None:
+                x, y = mixup(x, y)
+            sync = (step + 1) % cfg.accum_steps == 0
+            no_sync = ddp_module.no_sync() if (ddp_module is not None and not sync) else contextlib.nullcontext()
+            with no_sync:
+                with _autocast(cfg.amp, dist.device):
+                    loss = criterion(run_net(x), y)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise UserError(f"{label}: loss became {value} at epoch {epoch + 1} step {step + 1}; the "
+                                    f"last good checkpoint is kept; lower the lr, set clip_grad or use bf16")
+                loss = loss / cfg.accum_steps
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += value * len(y)
+            seen += len(y)
+            if sync:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                num_updates += 1
+                scheduler.step_update(num_updates=num_updates)
+        last = evaluate(run_net, test_loader, dist, cfg.amp)
+        seconds += time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "test_top1": last["top1"],
+               "test_loss": last["loss"], "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+        if dist.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"[{label}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
+                  f"test top-1 {last['top1']:.2f}% ({seconds:.1f}s)", flush=True)
+            state = {k: v for k, v in trained.state_dict().items()}
+            save_training_state(ckpt, state, optimizer, scheduler, scaler, epoch,
+                                {"seconds": seconds, "num_updates": num_updates, "flops_per_step": flops_per_step})
+        barrier(dist)
+    if cfg.epochs == 0 or start_epoch >= cfg.epochs:
+        last = evaluate(run_net, test_loader, dist, cfg.amp)
+    steps = micro_steps * cfg.epochs * dist.world
+    return {"metrics": {"top1": last["top1"], "loss": last["loss"]}, "seconds": seconds,
+            "process_seconds": seconds * dist.world, "flops_per_step": flops_per_step,
+            "steps": steps, "flops": flops_per_step * steps, "lr": lr, "train": asdict(cfg)}

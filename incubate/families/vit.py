@@ -1,0 +1,98 @@
+"""Adapter for timm VisionTransformer (vit_* and deit_* names).
+
+Module 0 owns the stem (patch embedding, class/register tokens, position embedding, pre-norm);
+module K-1 owns the head (final norm, pooling norm, attention pool, classifier); blocks are split
+contiguously by the division.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+
+STEM = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")
+HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.")
+
+
+class ViTFamily:
+    name = "vit"
+
+    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, depth: int) -> dict:
+        """The timm keyword arguments that fix the architecture (saved in manifests)."""
+        kwargs = dict(cfg.kwargs)
+        for key, value in (("in_chans", in_chans), ("img_size", img_size)):
+            if key in kwargs and kwargs[key] != value:
+                raise UserError(f"model.kwargs.{key}={kwargs[key]} but the data has {key}={value}; "
+                                f"remove it from model.kwargs or change data.img_size")
+            kwargs[key] = value
+        kwargs.pop("drop_path_rate", None)
+        kwargs.update(num_classes=num_classes, depth=depth)
+        return kwargs
+
+    def build(self, name: str, kwargs: dict, drop_path: float = 0.0) -> nn.Module:
+        try:
+            model = timm.create_model(name, pretrained=False, drop_path_rate=drop_path, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise UserError(f"cannot build timm model '{name}' with {kwargs}: {e}") from None
+        if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+            raise UserError(f"timm model '{name}' is not a VisionTransformer; model.family 'vit' "
+                            f"needs a vit_*/deit_* name")
+        return model
+
+    def depth(self, model: nn.Module) -> int:
+        return len(model.blocks)
+
+    def owner(self, key: str, division: list[int]) -> int:
+        """Index of the module that owns a state-dict key."""
+        if key.startswith("blocks."):
+            block = int(key.split(".")[1])
+            end = 0
+            for i, d in enumerate(division):
+                end += d
+                if block < end:
+                    return i
+            raise UserError(f"weight '{key}' lies beyond the division {division}")
+        if key.startswith(STEM):
+            return 0
+        if key.startswith(HEAD):
+            return len(division) - 1
+        raise UserError(f"weight '{key}' belongs to no module of the ViT adapter")
+
+    def stem(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = model.patch_embed(x)
+        x = model._pos_embed(x)
+        x = model.patch_drop(x)
+        return model.norm_pre(x)
+
+    def blocks(self, model: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        use_ckpt = getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled()
+        for blk in model.blocks[start:stop]:
+            x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
+        return x
+
+    def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.norm(x))
+
+    def keep_only(self, model: nn.Module, division: list[int], index: int) -> nn.Module:
+        """Drop every part of `model` that module `index` does not own, keeping key names."""
+        start = sum(division[:index])
+        stop = start + division[index]
+        for j in range(len(model.blocks)):
+            if not start <= j < stop:
+                model.blocks[j] = nn.Identity()
+        if index != 0:
+            model.patch_embed = nn.Identity()
+            model.norm_pre = nn.Identity()
+            for token in ("cls_token", "reg_token", "pos_embed"):
+                if getattr(model, token, None) is not None:
+                    setattr(model, token, None)
+        if index != len(division) - 1:
+            model.norm = nn.Identity()
+            model.fc_norm = nn.Identity()
+            model.head = nn.Identity()
+            if getattr(model, "attn_pool", None) is not None:
+                model.attn_pool = None
+        return model

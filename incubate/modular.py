@@ -1,0 +1,90 @@
+"""Divide, hybrid and assemble: family-agnostic, on top of a family adapter."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+
+def bounds(division: list[int], index: int) -> tuple[int, int]:
+    start = sum(division[:index])
+    return start, start + division[index]
+
+
+def run_module(family, model: nn.Module, division: list[int], index: int, x: torch.Tensor):
+    """Module `index` of `model` (divided by `division`): stem first, head last."""
+    if index == 0:
+        x = family.stem(model, x)
+    start, stop = bounds(division, index)
+    x = family.blocks(model, x, start, stop)
+    if index == len(division) - 1:
+        x = family.head(model, x)
+    return x
+
+
+def split_state_dict(family, state: dict, division: list[int]) -> list[dict]:
+    """One state dict a module, each with the model's own key names."""
+    parts: list[dict] = [{} for _ in division]
+    for key, value in state.items():
+        parts[family.owner(key, division)][key] = value
+    return parts
+
+
+def assemble_state_dict(family, parts: list[dict], division: list[int]) -> dict:
+    """Stitch module state dicts back into one; every key must sit in the module that owns it."""
+    state: dict = {}
+    for index, part in enumerate(parts):
+        for key, value in part.items():
+            owner = family.owner(key, division)
+            if owner != index:
+                raise UserError(f"module {index} holds weight '{key}' that belongs to module {owner}; "
+                                f"it was divided with another division")
+            state[key] = value
+    return state
+
+
+class ModuleRunner(nn.Module):
+    """Runs one module of a (possibly pruned) model: the part that trains and that DDP wraps."""
+
+    def __init__(self, family, model: nn.Module, division: list[int], index: int):
+        super().__init__()
+        self.family, self.division, self.index = family, list(division), index
+        self.model = model
+
+    def forward(self, x):
+        return run_module(self.family, self.model, self.division, self.index, x)
+
+
+class Hybrid(nn.Module):
+    """The meta model with meta module `index` replaced by target module `index`.
+
+    Every meta parameter is frozen and the meta model always runs in eval mode (no drop-path or
+    dropout: it was trained without its target-time regularisation). Meta modules before the
+    target run under no_grad (no autograd graph at all); those after it pass gradients to their
+    input but compute no weight gradients (their parameters do not require grad).
+    """
+
+    def __init__(self, family, meta: nn.Module, meta_division: list[int], target: nn.Module,
+                 division: list[int], index: int):
+        super().__init__()
+        if len(meta_division) != len(division):
+            raise UserError(f"meta model has {len(meta_division)} modules, target {len(division)}")
+        self.family, self.index = family, index
+        self.meta_division = list(meta_division)
+        self.meta = meta.requires_grad_(False).eval()
+        self.runner = ModuleRunner(family, target, division, index)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.meta.eval()
+        return self
+
+    def forward(self, x):
+        with torch.no_grad():
+            for j in range(self.index):
+                x = run_module(self.family, self.meta, self.meta_division, j, x)
+        x = self.runner(x)
+        for j in range(self.index + 1, len(self.meta_division)):
+            x = run_module(self.family, self.meta, self.meta_division, j, x)
+        return x

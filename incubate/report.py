@@ -1,0 +1,90 @@
+"""Tables of every stage and the accuracy-vs-cost plot of a run directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .stages.common import StageDir, write_summary
+
+
+def _fmt_flops(f: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if f >= scale:
+            return f"{f / scale:.2f}{unit}"
+    return f"{f:.0f}"
+
+
+def table(summary: dict) -> str:
+    rows = ["| stage | top-1 (%) | seconds | FLOPs | trainable params |", "|---|---:|---:|---:|---:|"]
+    def add(name, e):
+        rows.append(f"| {name} | {e['top1']:.2f} | {e['seconds']:.1f} | {_fmt_flops(e['flops'])} | "
+                    f"{e['trainable_params']:,} |")
+    modules = sorted((k for k in summary if k.startswith("module_")), key=lambda k: int(k.split("_")[1]))
+    for key in ["meta"] + modules + ["assembled", "finetune"]:
+        if key in summary:
+            add(key.replace("_", " ") if key.startswith("module") else key, summary[key])
+    ours = ours_total(summary)
+    if ours:
+        rows.append(f"| **ours (meta+modules+finetune)** | {ours['top1']:.2f} | {ours['seconds']:.1f} | "
+                    f"{_fmt_flops(ours['flops'])} | |")
+    if "e2e" in summary:
+        add("**e2e**", summary["e2e"])
+    return "\n".join(rows)
+
+
+def ours_total(summary: dict) -> dict | None:
+    if "finetune" not in summary:
+        return None
+    parts = [v for k, v in summary.items() if k in ("meta", "finetune") or k.startswith("module_")]
+    return {"top1": summary["finetune"]["top1"], "seconds": sum(p["seconds"] for p in parts),
+            "flops": sum(p["flops"] for p in parts)}
+
+
+def _curve(stage: StageDir, base_flops: float, base_seconds: float, total_flops: float):
+    lines = [json.loads(l) for l in stage.metrics.read_text().splitlines() if l.strip()] if stage.metrics.exists() else []
+    n = max(len(lines), 1)
+    return ([base_flops + total_flops * (i + 1) / n for i in range(len(lines))],
+            [base_seconds + l["seconds"] for l in lines], [l["test_top1"] for l in lines])
+
+
+def plot(run: Path, summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k = len(yaml.safe_load((run / "recipe.yaml").read_text())["model"]["division"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, unit in zip(axes, ("flops", "seconds")):
+        if "e2e" in summary:
+            fl, sec, acc = _curve(StageDir(run, "e2e"), 0, 0, summary["e2e"]["flops"])
+            ax.plot(fl if unit == "flops" else sec, acc, "o-", color="tab:gray", label="E2E")
+        if "meta" in summary:
+            pre = [summary["meta"]] + [summary[f"module_{i}"] for i in range(k) if f"module_{i}" in summary]
+            pre_f, pre_s = sum(p["flops"] for p in pre), sum(p["seconds"] for p in pre)
+            if "assembled" in summary:
+                ax.plot(pre_f if unit == "flops" else pre_s, summary["assembled"]["top1"], "*", ms=14,
+                        color="tab:red", label="assembled (before fine-tune)")
+            if "finetune" in summary:
+                fl, sec, acc = _curve(StageDir(run, "finetune"), pre_f, pre_s, summary["finetune"]["flops"])
+                ax.plot(fl if unit == "flops" else sec, acc, "o-", color="tab:red", label="ours (fine-tune)")
+        ax.set_xlabel("training FLOPs" if unit == "flops" else "training seconds (all processes)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle(f"{run.name}: accuracy vs training cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(run: Path) -> dict:
+    run = Path(run)
+    if not (run / "recipe.yaml").exists():
+        raise UserError(f"{run} is not a run directory (no recipe.yaml); pass the --out of a run")
+    summary = write_summary(run)
+    print(table(summary))
+    plot(run, summary, run / "report.png")
+    print(f"wrote {run / 'summary.json'} and {run / 'report.png'}")
+    return summary

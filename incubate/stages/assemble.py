@@ -1,0 +1,60 @@
+"""Stage 3: stitch the K incubated modules into the target model and evaluate it."""
+from __future__ import annotations
+
+import time
+
+from ..checkpoint import load_weights
+from ..config import Recipe
+from ..data import Loader
+from ..engine import evaluate
+from ..errors import UserError
+from ..modular import assemble_state_dict
+from .common import StageDir, begin, finish, prepare
+
+
+def gather_modules(ctx) -> tuple[list[dict], str]:
+    """Every module's weights, refusing missing, foreign or stale ones with the file's name."""
+    recipe, run = ctx.recipe, ctx.run
+    fingerprint = StageDir(run, "meta").require_finished("run `incubate meta` first")["sha256"]
+    spec, division = ctx.model_spec(), recipe.model.division
+    parts = []
+    for i in range(len(division)):
+        sd = StageDir(run, "incubate", i)
+        m = sd.manifest()
+        if not (m and m.get("finished")):
+            raise UserError(f"module {i} is missing or unfinished ({sd.manifest_path}); run "
+                            f"`incubate incubate --module {i}` first")
+        if m.get("model") != spec or m.get("division") != division:
+            raise UserError(f"{sd.manifest_path} was incubated for another recipe or division "
+                            f"({m.get('model', {}).get('name')}, division {m.get('division')}); "
+                            f"rerun that module with this recipe")
+        if m.get("meta_fingerprint") != fingerprint:
+            raise UserError(f"{sd.manifest_path} was incubated against another meta model (fingerprint "
+                            f"{str(m.get('meta_fingerprint'))[:12]}, run has {fingerprint[:12]}); rerun that module")
+        parts.append(load_weights(sd.weights, m.get("sha256")))
+    return parts, fingerprint
+
+
+def main(recipe: Recipe, out) -> dict:
+    ctx = prepare(recipe, out)
+    stage = StageDir(ctx.run, "assembled")
+    if stage.finished():
+        return begin(ctx, stage, {}) or stage.manifest()
+    parts, fingerprint = gather_modules(ctx)
+    manifest = ctx.base_manifest(stage)
+    manifest["meta_fingerprint"] = fingerprint
+    begin(ctx, stage, manifest)
+    t0 = time.perf_counter()
+    model = ctx.build()
+    model.load_state_dict(assemble_state_dict(ctx.family, parts, recipe.model.division), strict=True)
+    model.to(ctx.dist.device)
+    loader = Loader(ctx.bundle, ctx.bundle.test, recipe.data, recipe.data.eval_batch_size, False,
+                    recipe.seed, ctx.dist.rank, ctx.dist.world, ctx.dist.device)
+    metrics = evaluate(model, loader, ctx.dist)
+    if ctx.dist.main:
+        print(f"[assembled] test top-1 {metrics['top1']:.2f}% before fine-tuning", flush=True)
+    seconds = time.perf_counter() - t0
+    manifest.update(metrics={"top1": metrics["top1"], "loss": metrics["loss"]}, epochs=0, seconds=seconds,
+                    process_seconds=seconds * ctx.dist.world, flops=0, steps=0, trainable_params=0,
+                    world_size=ctx.dist.world)
+    return finish(ctx, stage, model.state_dict(), manifest)

@@ -1,0 +1,163 @@
+"""What every stage shares: the run directory, the models a recipe names, manifests, summary."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..checkpoint import load_weights, read_json, save_weights, write_json_atomic, write_text_atomic
+from ..config import Recipe, dump_recipe
+from ..data import DataBundle, load_data
+from ..engine import Dist, barrier, seed_all, setup_dist
+from ..errors import UserError
+from ..families import get_family
+
+STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", "e2e": "e2e"}
+# Parts of the recipe that must not change inside one run directory.
+FIXED_KEYS = ("model", "data")
+
+
+class StageDir:
+    def __init__(self, run: Path, stage: str, module: int | None = None):
+        self.run, self.stage, self.module = Path(run), stage, module
+        self.path = self.run / "modules" / str(module) if stage == "incubate" else self.run / STAGE_DIRS[stage]
+        self.weights = self.path / "model.safetensors"
+        self.manifest_path = self.path / "manifest.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoint = self.path / "checkpoint.safetensors"
+
+    @property
+    def label(self) -> str:
+        return f"module {self.module}" if self.stage == "incubate" else self.stage
+
+    def manifest(self) -> dict | None:
+        return read_json(self.manifest_path) if self.manifest_path.exists() else None
+
+    def finished(self) -> bool:
+        m = self.manifest()
+        return bool(m and m.get("finished") and self.weights.exists())
+
+    def require_finished(self, hint: str) -> dict:
+        m = self.manifest()
+        if not (m and m.get("finished")):
+            raise UserError(f"{self.label} has not finished: {self.manifest_path} is missing or unfinished; {hint}")
+        return m
+
+    def load(self) -> dict:
+        m = self.require_finished(f"run that stage first")
+        return load_weights(self.weights, m.get("sha256"))
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    run: Path
+    dist: Dist
+    bundle: DataBundle
+    family: object
+
+    def model_spec(self, meta: bool = False) -> dict:
+        div = self.recipe.meta_division if meta else self.recipe.model.division
+        kwargs = self.family.model_kwargs(self.recipe.model, self.bundle.num_classes, self.bundle.in_chans,
+                                          self.bundle.img_size, sum(div))
+        return {"name": self.recipe.model.name, "kwargs": kwargs}
+
+    def build(self, meta: bool = False, drop_path: float = 0.0, seed_offset: int = 0):
+        """Build (and initialise, from the recipe's seed) the target or the meta model."""
+        spec = self.model_spec(meta)
+        seed_all(self.recipe.seed + seed_offset)
+        return self.family.build(spec["name"], spec["kwargs"], drop_path=drop_path)
+
+    def base_manifest(self, stage: StageDir, meta: bool = False) -> dict:
+        r = self.recipe
+        return {"stage": stage.stage, "module": stage.module, "family": r.model.family,
+                "model": self.model_spec(meta), "division": r.meta_division if meta else r.model.division,
+                "target_division": r.model.division, "meta_division": r.meta_division,
+                "meta_fingerprint": None, "recipe": r.name, "classes": self.bundle.class_names,
+                "num_classes": self.bundle.num_classes, "data": r.data.source, "finished": False}
+
+
+def _check_run_recipe(run: Path, recipe: Recipe) -> None:
+    saved = run / "recipe.yaml"
+    if not saved.exists():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = recipe.to_dict()
+    for key in FIXED_KEYS:
+        if old.get(key) != new.get(key):
+            raise UserError(f"run directory {run} was made with a different '{key}' section in recipe.yaml; "
+                            f"use a new --out, or the same recipe")
+
+
+def prepare(recipe: Recipe, out: str | Path) -> Context:
+    run = Path(out)
+    _check_run_recipe(run, recipe)
+    dist = setup_dist(recipe.device)
+    if recipe.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if dist.main:
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run / "recipe.yaml", dump_recipe(recipe))
+        except OSError as e:
+            raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
+    barrier(dist)
+    bundle = load_data(recipe.data)
+    return Context(recipe, run, dist, bundle, get_family(recipe.model.family))
+
+
+def trainable_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def finish(ctx: Context, stage: StageDir, state: dict, manifest: dict) -> dict:
+    """Write the stage's weights, then its finished manifest, then the run summary (rank 0)."""
+    if ctx.dist.main:
+        manifest = dict(manifest, sha256=save_weights(state, stage.weights), finished=True,
+                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json_atomic(stage.manifest_path, manifest)
+        stage.checkpoint.unlink(missing_ok=True)
+        write_summary(ctx.run)
+    barrier(ctx.dist)
+    return manifest
+
+
+def begin(ctx: Context, stage: StageDir, manifest: dict) -> bool:
+    """Returns False when the stage already finished (then it is skipped)."""
+    if stage.finished():
+        if ctx.dist.main:
+            print(f"[{stage.label}] already finished in {stage.path}; skipping", flush=True)
+        return False
+    if ctx.dist.main:
+        try:
+            stage.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {stage.path}: {e.strerror}") from None
+        write_json_atomic(stage.manifest_path, manifest)
+    barrier(ctx.dist)
+    return True
+
+
+def stage_dirs(run: Path, k: int) -> list[StageDir]:
+    return ([StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(k)]
+            + [StageDir(run, s) for s in ("assembled", "finetune", "e2e")])
+
+
+def write_summary(run: Path) -> dict:
+    """RUN/summary.json: one entry a finished stage (accuracy, seconds, FLOPs, trainable params)."""
+    k = len(yaml.safe_load((run / "recipe.yaml").read_text())["model"]["division"])
+    summary = {}
+    for sd in stage_dirs(run, k):
+        m = sd.manifest() if sd.manifest_path.exists() else None
+        if not m or not m.get("finished"):
+            continue
+        key = f"module_{sd.module}" if sd.stage == "incubate" else sd.stage
+        summary[key] = {"stage": sd.stage, "module": sd.module, "top1": m["metrics"]["top1"],
+                        "loss": m["metrics"]["loss"], "seconds": m.get("process_seconds", m.get("seconds", 0.0)),
+                        "flops": m.get("flops", 0), "trainable_params": m.get("trainable_params", 0),
+                        "epochs": m.get("epochs", 0)}
+    write_json_atomic(run / "summary.json", summary)
+    return summary

@@ -1,0 +1,55 @@
+"""Accuracy and loss of any stage's weights on the recipe's test split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint import load_weights, read_json
+from ..config import Recipe
+from ..data import Loader, load_data
+from ..engine import evaluate, setup_dist
+from ..errors import UserError
+from ..families import get_family
+from ..modular import Hybrid
+from .common import StageDir
+
+
+def main(recipe: Recipe, checkpoint) -> dict:
+    path = Path(checkpoint)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass a stage folder or its model.safetensors")
+    manifest_path = weights.parent / "manifest.json"
+    if not manifest_path.exists():
+        raise UserError(f"{weights} has no manifest.json beside it; evaluate a stage folder of a run directory")
+    m = read_json(manifest_path)
+    dist = setup_dist(recipe.device)
+    family = get_family(m["family"])
+    state = load_weights(weights, m.get("sha256"))
+    model = family.build(m["model"]["name"], m["model"]["kwargs"])
+    if m["stage"] == "incubate":
+        run = weights.parent.parent.parent
+        meta_stage = StageDir(run, "meta")
+        meta_m = meta_stage.require_finished("a module is evaluated inside its run's meta model")
+        meta = family.build(meta_m["model"]["name"], meta_m["model"]["kwargs"])
+        meta.load_state_dict(meta_stage.load(), strict=True)
+        family.keep_only(model, m["division"], m["module"])
+        model.load_state_dict(state, strict=True)
+        net = Hybrid(family, meta, meta_m["division"], model, m["division"], m["module"])
+    else:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"{weights} does not match its manifest's model: {str(e).splitlines()[0]}") from None
+        net = model
+    bundle = load_data(recipe.data)
+    if bundle.num_classes != m["num_classes"]:
+        raise UserError(f"{weights} predicts {m['num_classes']} classes but {recipe.data.source} has "
+                        f"{bundle.num_classes}; evaluate on the data it was trained on")
+    net.to(dist.device)
+    loader = Loader(bundle, bundle.test, recipe.data, recipe.data.eval_batch_size, False, recipe.seed,
+                    dist.rank, dist.world, dist.device)
+    result = evaluate(net, loader, dist)
+    if dist.main:
+        label = f"module {m['module']}" if m["stage"] == "incubate" else m["stage"]
+        print(f"{label}: test top-1 {result['top1']:.2f}%  loss {result['loss']:.4f}  ({result['n']} images)")
+    return result

@@ -1,0 +1,57 @@
+"""Stage 2: train target module I inside the frozen meta model (one independent job a module)."""
+from __future__ import annotations
+
+from ..config import Recipe
+from ..engine import fit
+from ..errors import UserError
+from ..modular import Hybrid
+from .common import Context, StageDir, begin, finish, prepare, trainable_params
+
+
+def load_meta(ctx: Context):
+    """The finished meta model of the run, and its fingerprint (SHA-256 of its weights file)."""
+    stage = StageDir(ctx.run, "meta")
+    manifest = stage.require_finished("run `incubate meta` first (or import a meta model)")
+    meta = ctx.build(meta=True)
+    try:
+        meta.load_state_dict(stage.load(), strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{stage.weights} does not fit the recipe's meta model: {str(e).splitlines()[0]}") from None
+    return meta, manifest["sha256"]
+
+
+def build_hybrid(ctx: Context, index: int, drop_path: float = 0.0) -> Hybrid:
+    k = len(ctx.recipe.model.division)
+    if not 0 <= index < k:
+        raise UserError(f"--module {index} is out of range: the recipe divides the target into {k} modules "
+                        f"(0..{k - 1})")
+    meta, fingerprint = load_meta(ctx)
+    # The whole target is built from the recipe's seed, so module I starts from the same weights
+    # E2E starts from; everything module I does not own is dropped before training.
+    target = ctx.build(drop_path=drop_path)
+    ctx.family.keep_only(target, ctx.recipe.model.division, index)
+    hybrid = Hybrid(ctx.family, meta, ctx.recipe.meta_division, target, ctx.recipe.model.division, index)
+    hybrid.fingerprint = fingerprint
+    return hybrid
+
+
+def main(recipe: Recipe, out, module: int) -> dict:
+    ctx = prepare(recipe, out)
+    k = len(recipe.model.division)
+    if not 0 <= module < k:
+        raise UserError(f"--module {module} is out of range: the recipe divides the target into {k} modules "
+                        f"(0..{k - 1})")
+    stage = StageDir(ctx.run, "incubate", module)
+    cfg = recipe.stage("incubate")
+    hybrid = build_hybrid(ctx, module, cfg.drop_path)
+    manifest = ctx.base_manifest(stage)
+    manifest["meta_fingerprint"] = hybrid.fingerprint
+    if stage.finished() and stage.manifest().get("meta_fingerprint") != hybrid.fingerprint:
+        raise UserError(f"{stage.path} was incubated against another meta model; delete that folder to redo it")
+    if not begin(ctx, stage, manifest):
+        return stage.manifest()
+    target = hybrid.runner.model
+    result = fit(hybrid, target, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed + 1 + module, stage.path,
+                 ddp_attr="runner", label=f"module {module}")
+    manifest.update(result, epochs=cfg.epochs, trainable_params=trainable_params(target), world_size=ctx.dist.world)
+    return finish(ctx, stage, target.state_dict(), manifest)
