@@ -117,14 +117,14 @@ class _DDPPart:
         return holder, getattr(holder, attr)
 
 
-def _trim_metrics(path: Path, last_epoch: int) -> None:
+def _trim_metrics(path: Path, epochs_done: int) -> None:
     """After a resume, drop metric lines of epochs the checkpoint does not cover."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["epoch"] <= last_epoch:
+            if json.loads(line)["epoch"] <= epochs_done:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
@@ -186,7 +186,7 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
         start_epoch, seconds = meta["epoch"] + 1, meta["seconds"]
         num_updates, flops_per_step = meta["num_updates"], meta["flops_per_step"]
         if dist.main:
-            _trim_metrics(metrics_path, meta["epoch"])
+            _trim_metrics(metrics_path, meta["epoch"] + 1)
             print(f"[{label}] resuming after epoch {meta['epoch'] + 1}/{cfg.epochs} from {ckpt}", flush=True)
     elif dist.main:
         metrics_path.write_text("")

@@ -1,0 +1,25 @@
+# `make demo` and `make test` each set themselves up on a fresh machine (venv + install).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are pinned to a matching pair; override for another platform/CUDA build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/incubate run --recipe recipes/quickstart.yaml --out runs/quickstart
+
+test: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf runs/quickstart

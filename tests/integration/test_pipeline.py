@@ -1,0 +1,125 @@
+"""The whole method end to end on the embedded data, through the CLI."""
+import json
+import shutil
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from ..conftest import cli, write_recipe
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    recipe = write_recipe(tmp / "tiny.yaml")
+    run = tmp / "run"
+    proc = cli("run", "--recipe", recipe, "--out", run, check=True)
+    return recipe, run, proc
+
+
+def test_run_writes_the_run_directory_contract(finished_run):
+    recipe, run, proc = finished_run
+    assert (run / "recipe.yaml").exists() and (run / "report.png").stat().st_size > 1000
+    stages = ["meta", "modules/0", "modules/1", "modules/2", "modules/3", "assembled", "finetune", "e2e"]
+    for s in stages:
+        m = json.loads((run / s / "manifest.json").read_text())
+        for key in ("stage", "module", "family", "model", "division", "meta_fingerprint", "epochs",
+                    "finished", "metrics", "seconds", "flops"):
+            assert key in m, (s, key)
+        assert m["finished"] is True and 0 <= m["metrics"]["top1"] <= 100
+        assert not (run / s / "checkpoint.safetensors").exists()
+        if s not in ("assembled",):
+            lines = (run / s / "metrics.jsonl").read_text().splitlines()
+            assert len(lines) == m["epochs"] and m["flops"] > 0
+    meta_sha = json.loads((run / "meta/manifest.json").read_text())["sha256"]
+    for s in ["modules/0", "modules/3", "assembled", "finetune"]:
+        assert json.loads((run / s / "manifest.json").read_text())["meta_fingerprint"] == meta_sha
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) == {"meta", "module_0", "module_1", "module_2", "module_3", "assembled", "finetune", "e2e"}
+    assert "| **e2e** |" in proc.stdout and "| assembled |" in proc.stdout
+
+
+def test_module_files_hold_only_their_tensors_with_target_names(finished_run):
+    _, run, _ = finished_run
+    keys = [set(load_file(run / f"modules/{i}/model.safetensors")) for i in range(4)]
+    assert "cls_token" in keys[0] and "head.weight" in keys[3]
+    assert all(k.startswith("blocks.1.") for k in keys[1]) and all(k.startswith("blocks.2.") for k in keys[2])
+    assembled = set(load_file(run / "assembled/model.safetensors"))
+    assert assembled == set().union(*keys)
+
+
+@pytest.mark.parametrize("stage", ["assembled", "finetune", "e2e"])
+def test_exports_load_strictly_in_plain_timm(finished_run, stage):
+    _, run, _ = finished_run
+    m = json.loads((run / stage / "manifest.json").read_text())
+    model = timm.create_model(m["model"]["name"], **m["model"]["kwargs"])
+    model.load_state_dict(load_file(run / stage / "model.safetensors"), strict=True)
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, m["num_classes"])
+    assert m["classes"] == [str(i) for i in range(10)]
+
+
+def test_rerun_skips_finished_stages(finished_run):
+    recipe, run, _ = finished_run
+    before = (run / "finetune/model.safetensors").read_bytes()
+    proc = cli("run", "--recipe", recipe, "--out", run, check=True)
+    assert proc.stdout.count("already finished") == 8
+    assert (run / "finetune/model.safetensors").read_bytes() == before
+
+
+def test_evaluate_any_stage(finished_run):
+    recipe, run, _ = finished_run
+    for stage in ("meta", "modules/2", "finetune"):
+        proc = cli("evaluate", "--recipe", recipe, "--checkpoint", run / stage, check=True)
+        m = json.loads((run / stage / "manifest.json").read_text())
+        assert f"test top-1 {m['metrics']['top1']:.2f}%" in proc.stdout
+
+
+def _copy(run, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(run, dst)
+    shutil.rmtree(dst / "assembled")
+    shutil.rmtree(dst / "finetune")
+    return dst
+
+
+def test_assemble_refuses_a_missing_module(finished_run, tmp_path):
+    recipe, run, _ = finished_run
+    dst = _copy(run, tmp_path)
+    shutil.rmtree(dst / "modules/2")
+    proc = cli("assemble", "--recipe", recipe, "--out", dst)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "module 2 is missing" in proc.stderr and "modules/2/manifest.json" in proc.stderr
+
+
+def test_assemble_refuses_a_module_of_another_meta_model(finished_run, tmp_path):
+    recipe, run, _ = finished_run
+    dst = _copy(run, tmp_path)
+    path = dst / "modules/1/manifest.json"
+    m = json.loads(path.read_text())
+    m["meta_fingerprint"] = "0" * 64
+    path.write_text(json.dumps(m))
+    proc = cli("assemble", "--recipe", recipe, "--out", dst)
+    assert proc.returncode == 2 and "modules/1/manifest.json was incubated against another meta model" in proc.stderr
+    assert not (dst / "assembled/model.safetensors").exists()
+
+
+def test_assemble_refuses_a_module_of_another_division(finished_run, tmp_path):
+    recipe, run, _ = finished_run
+    dst = _copy(run, tmp_path)
+    path = dst / "modules/3/manifest.json"
+    m = json.loads(path.read_text())
+    m["division"] = [2, 1, 1]
+    path.write_text(json.dumps(m))
+    proc = cli("assemble", "--recipe", recipe, "--out", dst)
+    assert proc.returncode == 2 and "modules/3/manifest.json was incubated for another recipe or division" in proc.stderr
+
+
+def test_assemble_refuses_a_corrupt_module_file(finished_run, tmp_path):
+    recipe, run, _ = finished_run
+    dst = _copy(run, tmp_path)
+    f = dst / "modules/0/model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    proc = cli("assemble", "--recipe", recipe, "--out", dst)
+    assert proc.returncode == 2 and "modules/0/model.safetensors does not match the SHA-256" in proc.stderr

@@ -1,0 +1,78 @@
+"""Recipes: every shipped one validates and builds; overrides and errors are exact."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from incubate.config import load_recipe
+from incubate.errors import UserError
+from incubate.families import get_family
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_the_recipes_the_readme_names():
+    names = {p.stem for p in RECIPES}
+    assert {"quickstart", "fashion_mnist", "imagenet_vit_base", "imagenet_vit_large", "imagenet_vit_huge",
+            "cifar100_deit_tiny_32"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_validates_and_builds_on_meta_device(path):
+    recipe = load_recipe(path)
+    family = get_family(recipe.model.family)
+    classes = {"imagenet": 1000, "cifar100": 100}.get(path.stem.split("_")[0], 10)
+    chans = 1 if recipe.data.source.startswith(("idx", "digits")) else 3
+    for meta, div in ((False, recipe.model.division), (True, recipe.meta_division)):
+        kwargs = family.model_kwargs(recipe.model, classes, chans, recipe.data.img_size, sum(div))
+        with torch.device("meta"):
+            model = family.build(recipe.model.name, kwargs)
+        assert family.depth(model) == sum(div)
+        # every weight is owned by exactly one module of the division
+        owners = {family.owner(k, div) for k in model.state_dict()}
+        assert owners == set(range(len(div)))
+    for stage in ("meta", "incubate", "finetune", "e2e"):
+        assert recipe.stage(stage).epochs > 0
+
+
+def test_paper_values():
+    b = load_recipe(RECIPES[0].parent / "imagenet_vit_huge.yaml")
+    assert b.model.division == [8, 8, 8, 8] and b.meta_division == [1, 1, 1, 1]
+    assert (b.stage("meta").epochs, b.stage("incubate").epochs, b.stage("finetune").epochs) == (300, 100, 100)
+    ft = b.stage("finetune")
+    assert ft.warmup_epochs == 0 and ft.clip_grad == 1.0 and ft.drop_path == 0.6
+    assert b.train.lr == 5e-4 and b.train.lr_base_batch == 512
+
+
+def test_set_overrides_and_stage_merge(tiny_recipe):
+    r = load_recipe(tiny_recipe, ["train.lr=0.01", "finetune.clip_grad=2", "data.augment.shift=3",
+                                  "model.division=[2,2]", "model.kwargs.depth=4"])
+    assert r.train.lr == 0.01 and r.stage("meta").lr == 0.01
+    assert r.stage("finetune").clip_grad == 2.0 and r.stage("meta").clip_grad is None
+    assert r.data.augment.shift == 3 and r.model.division == [2, 2] and r.meta_division == [1, 1]
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["train.lrr=1"], r"unknown recipe key 'train.lrr'; valid keys under train: epochs, batch_size"),
+    (["finetune.bogus=1"], r"unknown recipe key 'finetune.bogus'"),
+    (["modle.name=x"], r"unknown recipe key 'modle'; valid keys: name, seed"),
+    (["train.epochs=ten"], r"'train.epochs' must be of type int, got 'ten'"),
+    (["meta.lr=fast"], r"'meta.lr' must be of type float"),
+    (["model.division=[2,1]"], r"sums to 3 blocks but model.kwargs.depth is 4"),
+    (["model.division=[1,1,1,1,1]", "model.kwargs.depth=5", "model.meta_division=[1,1]"], r"has 2 modules"),
+    (["model.division=[0,4]"], r"positive block counts"),
+    (["data.train_fraction=0"], r"train_fraction must be in"),
+    (["train.amp=fp8"], r"amp must be none, bf16 or fp16"),
+])
+def test_bad_values_are_one_clear_error(tiny_recipe, sets, match):
+    with pytest.raises(UserError, match=match):
+        load_recipe(tiny_recipe, sets)
+
+
+def test_missing_and_invalid_recipe_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(bad)
