@@ -45,6 +45,7 @@ def test_paper_values():
 
 
 def test_set_overrides_and_stage_merge(tiny_recipe):
+    assert load_recipe(tiny_recipe, ["train.lr=5e-4"]).train.lr == 5e-4     # YAML reads 5e-4 as a string
     r = load_recipe(tiny_recipe, ["train.lr=0.01", "finetune.clip_grad=2", "data.augment.shift=3",
                                   "model.division=[2,2]", "model.kwargs.depth=4"])
     assert r.train.lr == 0.01 and r.stage("meta").lr == 0.01
