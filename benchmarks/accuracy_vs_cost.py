@@ -1,0 +1,144 @@
+"""Accuracy versus training cost, ours against E2E, on Fashion-MNIST (the paper's Figure 4 shape).
+
+Studies (each point a run directory under --root; finished runs are reused, so it can be run in
+parts and rerun after a kill):
+  budget  one deep target; E2E at several epoch budgets; ours at several m+n schedules (module
+          epochs + fine-tune epochs) with the meta model trained once a seed and counted in every point
+  depth   same width, several depths, ours vs E2E at matched schedules
+  data    several class-balanced fractions of the training set
+Cost is counted two ways: process seconds summed over every job, and FLOPs (FlopCounterMode on one
+step of each stage times the steps taken). Accuracy is top-1 on the full 10k test set.
+
+  python benchmarks/accuracy_vs_cost.py --study all
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from incubate.config import load_recipe  # noqa: E402
+from incubate.stages import assemble, e2e, finetune, incubate, meta  # noqa: E402
+from incubate.stages.common import StageDir  # noqa: E402
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+RECIPE = ROOT / "recipes" / "fashion_mnist.yaml"
+
+# Every study, as (study, depth, fraction, method, budget) points. Budgets: E2E epochs, or
+# (meta epochs, module epochs, fine-tune epochs) for ours.
+STUDIES = {
+    "budget": {"depth": 32, "fraction": 0.1, "e2e": [10, 20, 40], "ours": [(40, 2, 2), (40, 4, 4), (40, 8, 8)],
+               "seeds": [0, 1]},
+    "depth": {"depths": [8, 16, 32, 64], "fraction": 0.1, "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
+    "data": {"depth": 32, "fractions": [0.1, 0.25, 1.0], "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
+}
+
+
+def ensure_data() -> None:
+    if (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        return
+    print("installing Debian's dataset-fashion-mnist ...", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=True)
+
+
+def make_recipe(depth: int, fraction: float, seed: int, sets: list[str]):
+    k = 4
+    return load_recipe(RECIPE, [f"model.kwargs.depth={depth}", f"model.division={[depth // k] * k}",
+                                f"data.train_fraction={fraction}", f"seed={seed}"] + sets)
+
+
+def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[StageDir]) -> dict:
+    ms = [s.manifest() for s in stages]
+    final = ms[-1]
+    row = {"study": study, "depth": depth, "fraction": fraction, "method": method, "budget": budget,
+           "seed": seed, "top1": final["metrics"]["top1"],
+           "seconds": sum(m.get("process_seconds", 0.0) for m in ms),
+           "flops": sum(m.get("flops", 0) for m in ms), "run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run)}
+    if method == "ours":
+        by = {(s.stage, s.module): m for s, m in zip(stages, ms)}
+        row["assembled_top1"] = by[("assembled", None)]["metrics"]["top1"]
+        row["meta_top1"] = by[("meta", None)]["metrics"]["top1"]
+        row["hybrid_top1"] = [by[("incubate", i)]["metrics"]["top1"] for i in range(4)]
+    return row
+
+
+def run_e2e(root: Path, study, depth, fraction, epochs, seed, extra) -> dict:
+    run = root / f"d{depth}_f{fraction}_s{seed}" / f"e2e_{epochs}"
+    recipe = make_recipe(depth, fraction, seed, [f"e2e.epochs={epochs}"] + extra)
+    e2e.main(recipe, run)
+    return _row(study, depth, fraction, "e2e", f"{epochs}", seed, run, [StageDir(run, "e2e")])
+
+
+def run_ours(root: Path, study, depth, fraction, schedule, seed, extra) -> dict:
+    meta_epochs, m, n = schedule
+    base = root / f"d{depth}_f{fraction}_s{seed}"
+    recipe = make_recipe(depth, fraction, seed, [f"meta.epochs={meta_epochs}", f"incubate.epochs={m}",
+                                                 f"finetune.epochs={n}"] + extra)
+    meta_run = base / f"meta_{meta_epochs}"
+    meta.main(recipe, meta_run)                     # trained once a seed, shared by every schedule
+    run = base / f"ours_{meta_epochs}_{m}+{n}"
+    if not (run / "meta").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(meta_run / "meta", run / "meta")
+    for i in range(4):
+        incubate.main(recipe, run, i)
+    assemble.main(recipe, run)
+    finetune.main(recipe, run)
+    stages = [StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(4)] + \
+             [StageDir(run, "assembled"), StageDir(run, "finetune")]
+    return _row(study, depth, fraction, "ours", f"{m}+{n}", seed, run, stages)
+
+
+def points(study: str):
+    s = STUDIES[study]
+    depths = s.get("depths", [s.get("depth")])
+    fractions = s.get("fractions", [s.get("fraction")])
+    for seed in s["seeds"]:
+        for depth in depths:
+            for fraction in fractions:
+                for sched in s["ours"]:
+                    yield ("ours", depth, fraction, sched, seed)
+                for ep in s["e2e"]:
+                    yield ("e2e", depth, fraction, ep, seed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", choices=["budget", "depth", "data", "all"], default="all")
+    ap.add_argument("--root", default=str(ROOT / "benchmarks" / "runs" / "accuracy_vs_cost"))
+    ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every run")
+    ap.add_argument("--results", default=str(ROOT / "docs" / "results.json"))
+    args = ap.parse_args()
+    ensure_data()
+    root = Path(args.root)
+    results_path = Path(args.results)
+    rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    studies = ["budget", "depth", "data"] if args.study == "all" else [args.study]
+    for study in studies:
+        for method, depth, fraction, budget, seed in points(study):
+            t0 = time.time()
+            fn = run_ours if method == "ours" else run_e2e
+            row = fn(root, study, depth, fraction, budget, seed, args.set)
+            key = lambda r: (r["study"], r["depth"], r["fraction"], r["method"], r["budget"], r["seed"])
+            rows = [r for r in rows if key(r) != key(row)] + [row]
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps(rows, indent=1) + "\n")
+            print(f"== {study} d{depth} f{fraction} {method} {row['budget']} seed {seed}: top-1 {row['top1']:.2f}% "
+                  f"({row['seconds']:.0f}s, {row['flops'] / 1e12:.2f} TFLOPs; {time.time() - t0:.0f}s now)", flush=True)
+    from benchmarks.results_report import write_report
+    write_report(rows, ROOT / "docs")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()

@@ -1,0 +1,89 @@
+"""Tables and the Figure-4-style plot for docs/results.md from docs/results.json."""
+from __future__ import annotations
+
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+
+
+def _groups(rows, study):
+    g = defaultdict(list)
+    for r in rows:
+        if r["study"] == study:
+            g[(r["depth"], r["fraction"], r["method"], r["budget"])].append(r)
+    return g
+
+
+def _stat(vals):
+    m = statistics.mean(vals)
+    return m, (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def table(rows, study) -> str:
+    out = ["| depth | data | method | budget | seeds | top-1 (%) mean ± sd | assembled (%) | hybrids (%) | "
+           "meta (%) | TFLOPs | process s |", "|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for (depth, frac, method, budget), rs in sorted(_groups(rows, study).items(),
+                                                    key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[1][0]["flops"])):
+        acc, sd = _stat([r["top1"] for r in rs])
+        asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if method == "ours" else ""
+        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if method == "ours" else ""
+        meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if method == "ours" else ""
+        out.append(f"| {depth} | {frac:g} | {method} | {budget} | {len(rs)} | {acc:.2f} ± {sd:.2f} | {asm} | {hyb} | "
+                   f"{meta} | {statistics.mean(r['flops'] for r in rs) / 1e12:.2f} | "
+                   f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
+    return "\n".join(out)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    g = _groups(rows, "budget")
+    if not g:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, unit in zip(axes, ("flops", "seconds")):
+        for method, color in (("e2e", "tab:gray"), ("ours", "tab:red")):
+            pts = []
+            for (d, f, m, b), rs in g.items():
+                if m == method:
+                    acc, sd = _stat([r["top1"] for r in rs])
+                    cost = statistics.mean(r[unit] for r in rs) / (1e12 if unit == "flops" else 1)
+                    pts.append((cost, acc, sd, b, rs))
+            pts.sort()
+            if not pts:
+                continue
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
+                        color=color, capsize=3, label="E2E" if method == "e2e" else "ours (meta+modules+fine-tune)")
+            for p in pts:
+                ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+            if method == "ours":
+                asm = [(p[0] - statistics.mean(r[unit] for r in p[4]) * 0 , statistics.mean(r["assembled_top1"] for r in p[4])) for p in pts]
+                ax.plot([a[0] for a in asm], [a[1] for a in asm], "*", ms=11, color="tab:red", alpha=0.5,
+                        label="ours assembled, before fine-tune")
+        ax.set_xlabel("training TFLOPs" if unit == "flops" else "training seconds (all processes)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    d = next(iter(g))[0]
+    fig.suptitle(f"Fashion-MNIST, ViT depth {d}, K=4: accuracy vs training cost (mean ± sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows, docs: Path) -> None:
+    docs.mkdir(parents=True, exist_ok=True)
+    plot(rows, docs / "accuracy_vs_cost.png")
+    parts = []
+    for study, title in (("budget", "Budget curve"), ("depth", "Depth study"), ("data", "Data study")):
+        if any(r["study"] == study for r in rows):
+            parts.append(f"### {title}\n\n`python benchmarks/accuracy_vs_cost.py --study {study}`\n\n{table(rows, study)}\n")
+    block = f"{BEGIN}\n" + "\n".join(parts) + f"{END}"
+    md = docs / "results.md"
+    text = md.read_text() if md.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    md.write_text(text)
