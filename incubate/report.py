@@ -72,7 +72,7 @@ def plot(run: Path, summary: dict, path: Path) -> None:
         ax.set_xlabel("training FLOPs" if unit == "flops" else "training seconds (all processes)")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="best", fontsize=8)
     fig.suptitle(f"{run.name}: accuracy vs training cost")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
