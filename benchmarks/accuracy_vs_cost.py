@@ -57,10 +57,10 @@ def make_recipe(depth: int, fraction: float, seed: int, sets: list[str]):
                                 f"data.train_fraction={fraction}", f"seed={seed}"] + sets)
 
 
-def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[StageDir]) -> dict:
+def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[StageDir], variant: str) -> dict:
     ms = [s.manifest() for s in stages]
     final = ms[-1]
-    row = {"study": study, "depth": depth, "fraction": fraction, "method": method, "budget": budget,
+    row = {"study": study, "variant": variant, "depth": depth, "fraction": fraction, "method": method, "budget": budget,
            "seed": seed, "top1": final["metrics"]["top1"],
            "seconds": sum(m.get("process_seconds", 0.0) for m in ms),
            "flops": sum(m.get("flops", 0) for m in ms), "run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run)}
@@ -72,21 +72,21 @@ def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[S
     return row
 
 
-def run_e2e(root: Path, study, depth, fraction, epochs, seed, extra) -> dict:
+def run_e2e(root: Path, study, depth, fraction, epochs, seed, extra, variant) -> dict:
     run = root / f"d{depth}_f{fraction}_s{seed}" / f"e2e_{epochs}"
     recipe = make_recipe(depth, fraction, seed, [f"e2e.epochs={epochs}"] + extra)
     e2e.main(recipe, run)
-    return _row(study, depth, fraction, "e2e", f"{epochs}", seed, run, [StageDir(run, "e2e")])
+    return _row(study, depth, fraction, "e2e", f"{epochs}", seed, run, [StageDir(run, "e2e")], "paper")
 
 
-def run_ours(root: Path, study, depth, fraction, schedule, seed, extra) -> dict:
+def run_ours(root: Path, study, depth, fraction, schedule, seed, extra, variant) -> dict:
     meta_epochs, m, n = schedule
     base = root / f"d{depth}_f{fraction}_s{seed}"
     recipe = make_recipe(depth, fraction, seed, [f"meta.epochs={meta_epochs}", f"incubate.epochs={m}",
                                                  f"finetune.epochs={n}"] + extra)
     meta_run = base / f"meta_{meta_epochs}"
     meta.main(recipe, meta_run)                     # trained once a seed, shared by every schedule
-    run = base / f"ours_{meta_epochs}_{m}+{n}"
+    run = base / ("" if variant == "paper" else variant) / f"ours_{meta_epochs}_{m}+{n}"
     if not (run / "meta").exists():
         run.mkdir(parents=True, exist_ok=True)
         shutil.copytree(meta_run / "meta", run / "meta")
@@ -96,7 +96,7 @@ def run_ours(root: Path, study, depth, fraction, schedule, seed, extra) -> dict:
     finetune.main(recipe, run)
     stages = [StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(4)] + \
              [StageDir(run, "assembled"), StageDir(run, "finetune")]
-    return _row(study, depth, fraction, "ours", f"{m}+{n}", seed, run, stages)
+    return _row(study, depth, fraction, "ours", f"{m}+{n}", seed, run, stages, variant)
 
 
 def points(study: str):
@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--study", choices=["budget", "depth", "data", "all"], default="all")
     ap.add_argument("--root", default=str(ROOT / "benchmarks" / "runs" / "accuracy_vs_cost"))
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every run")
+    ap.add_argument("--variant", default="paper", help="name of a variant of ours made by --set (E2E is shared)")
+    ap.add_argument("--methods", default="ours,e2e", help="which methods to run")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results.json"))
     args = ap.parse_args()
     ensure_data()
@@ -126,10 +128,13 @@ def main() -> None:
     studies = ["budget", "depth", "data"] if args.study == "all" else [args.study]
     for study in studies:
         for method, depth, fraction, budget, seed in points(study):
+            if method not in args.methods.split(","):
+                continue
             t0 = time.time()
             fn = run_ours if method == "ours" else run_e2e
-            row = fn(root, study, depth, fraction, budget, seed, args.set)
-            key = lambda r: (r["study"], r["depth"], r["fraction"], r["method"], r["budget"], r["seed"])
+            row = fn(root, study, depth, fraction, budget, seed, args.set, args.variant if method == "ours" else "paper")
+            key = lambda r: (r["study"], r.get("variant", "paper"), r["depth"], r["fraction"], r["method"],
+                             r["budget"], r["seed"])
             rows = [r for r in rows if key(r) != key(row)] + [row]
             results_path.parent.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(rows, indent=1) + "\n")

@@ -73,6 +73,9 @@ class TrainCfg:
     fused: bool = False             # fused AdamW (CUDA)
     compile: bool = False
     grad_checkpointing: bool = False
+    # incubate stage only: how a target module starts. random (the paper) | meta: as a copy of its
+    # meta module (extra blocks start as the identity), so hybrid and assembly start as the meta model
+    module_init: str = "random"
 
 
 @dataclass
@@ -243,6 +246,8 @@ def validate(recipe: Recipe) -> None:
         raise UserError(f"device must be auto, cpu or cuda, got {recipe.device!r}")
     for stage in STAGES:
         cfg = recipe.stage(stage)
+        if cfg.module_init not in ("random", "meta"):
+            raise UserError(f"{stage}.module_init must be random or meta, got {cfg.module_init!r}")
         if cfg.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"{stage}.amp must be none, bf16 or fp16, got {cfg.amp!r}")
         if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.accum_steps < 1:

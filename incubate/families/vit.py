@@ -76,6 +76,37 @@ class ViTFamily:
     def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.norm(x))
 
+    def init_from_meta(self, target: nn.Module, meta: nn.Module, division: list[int],
+                       meta_division: list[int], index: int) -> None:
+        """Initialise target module `index` so that it computes what meta module `index` computes.
+
+        The module's first blocks are copies of the meta module's blocks; its other blocks get
+        zero-initialised residual branches (attention and MLP output projections), so they start as
+        the identity and still train. Module 0 copies the stem, module K-1 the head.
+        """
+        start, m_start = sum(division[:index]), sum(meta_division[:index])
+        n_meta = meta_division[index]
+        if n_meta > division[index]:
+            raise UserError(f"module {index} has {division[index]} blocks, fewer than the meta module's "
+                            f"{n_meta}; module_init: meta needs division >= meta_division")
+        with torch.no_grad():
+            for j in range(division[index]):
+                blk = target.blocks[start + j]
+                if j < n_meta:
+                    blk.load_state_dict(meta.blocks[m_start + j].state_dict())
+                else:
+                    for proj in (blk.attn.proj, blk.mlp.fc2):
+                        proj.weight.zero_()
+                        if proj.bias is not None:
+                            proj.bias.zero_()
+            owned = STEM if index == 0 else ()
+            owned += HEAD if index == len(division) - 1 else ()
+            meta_state = meta.state_dict()
+            target_state = target.state_dict()
+            for key, value in meta_state.items():
+                if key.startswith(owned) and key in target_state:
+                    target_state[key].copy_(value)
+
     def keep_only(self, model: nn.Module, division: list[int], index: int) -> nn.Module:
         """Drop every part of `model` that module `index` does not own, keeping key names."""
         start = sum(division[:index])

@@ -85,3 +85,31 @@ def test_hybrid_prefix_builds_no_graph_and_suffix_passes_gradient():
     out = h(torch.randn(2, 1, 16, 16))
     assert seen["input"].grad_fn is None and not seen["input"].requires_grad   # prefix ran under no_grad
     assert out.requires_grad     # the suffix carries the gradient back to the target module
+
+
+def test_meta_init_makes_every_hybrid_and_the_assembly_compute_the_meta_model():
+    meta_div, div = [1, 2, 1], [2, 3, 2]
+    meta = vit(sum(meta_div)).eval()
+    x = torch.randn(3, 1, 16, 16)
+    expected = meta(x)
+    parts = []
+    for i in range(3):
+        target = vit(sum(div))
+        FAMILY.init_from_meta(target, meta, div, meta_div, i)
+        parts.append(split_state_dict(FAMILY, target.state_dict(), div)[i])
+        h = Hybrid(FAMILY, meta, meta_div, FAMILY.keep_only(target, div, i), div, i).eval()
+        torch.testing.assert_close(h(x), expected, rtol=1e-5, atol=1e-5)
+    assembled = vit(sum(div)).eval()
+    assembled.load_state_dict(assemble_state_dict(FAMILY, parts, div), strict=True)
+    torch.testing.assert_close(assembled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_meta_init_blocks_still_train():
+    meta_div, div = [1, 1], [3, 3]
+    meta = vit(2)
+    target = vit(6)
+    FAMILY.init_from_meta(target, meta, div, meta_div, 1)
+    h = Hybrid(FAMILY, meta, meta_div, FAMILY.keep_only(target, div, 1), div, 1)
+    torch.nn.functional.cross_entropy(h(torch.randn(4, 1, 16, 16)), torch.tensor([0, 1, 2, 3])).backward()
+    zeroed = target.blocks[4].attn.proj.weight
+    assert zeroed.abs().sum() == 0 and zeroed.grad is not None and zeroed.grad.abs().sum() > 0
