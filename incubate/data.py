@@ -334,5 +334,6 @@ class Loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def take_skipped(self) -> list[str]:
-        out, self.skipped = self.skipped, []
+        """Distinct files skipped since the last call (a batch may be drawn twice, e.g. to count FLOPs)."""
+        out, self.skipped = sorted(set(self.skipped)), []
         return out
