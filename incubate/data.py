@@ -267,7 +267,7 @@ class _ImageDataset(Dataset):
             try:
                 img = Image.open(path).convert("RGB")
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                return BadImage(str(path), str(e) or type(e).__name__)
+                return BadImage(str(path), str(e).replace(f" '{path}'", "") or type(e).__name__)
         return self.transform(img), int(self.split.labels[i])
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from .data import Loader, load_data
 from .engine import evaluate
 from .errors import UserError
 from .families import get_family
+from .modular import load_strict
 from .stages.common import StageDir, claim, finish, prepare, preprocess
 
 
@@ -46,12 +48,20 @@ def read_official(path: Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # torch raises many types here (zip, pickle, weights-only refusals)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable PyTorch checkpoint of tensors ({first}); nothing else is "
-                        f"unpickled, so re-save it as a plain state dict") from None
+        raise UserError(_load_failure(path, str(e))) from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict with 'model' or 'model_stages'")
     return obj
+
+
+def _load_failure(path: Path, msg: str) -> str:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+    if found:
+        return (f"{path} holds objects other than tensors and plain containers ({found.group(1)}); refusing to "
+                f"unpickle them: if you trust the file, re-save just its state dicts with torch.save")
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
+    reason = found.group(1).strip() if found else re.split(r"(?<=\.) ", msg.strip() or "unknown error")[0]
+    return f"{path} is not a readable PyTorch checkpoint ({reason.rstrip('.')}); check the file (a truncated copy?)"
 
 
 def _strip(state: dict, where: str) -> dict:
@@ -106,16 +116,7 @@ def fit_state(model: torch.nn.Module, state: dict, path: Path, what: str) -> Non
         warn(f"{path} has a {head.shape[0]}-class head but the data has {own_head.shape[0]} classes; "
              f"the head is re-initialised (as DeiT does when fine-tuning)")
         state["head.weight"], state["head.bias"] = own_head, own["head.bias"]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{len(l)} {name} (e.g. {l[0]})" for name, l in
-                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if l]
-        raise UserError(f"{path} is a checkpoint of another architecture than the recipe's {what}: "
-                        f"{'; '.join(parts)}; check model.name, model.kwargs and the division")
-    model.load_state_dict(state, strict=True)
+    load_strict(model, state, path, f"the recipe's {what}")
 
 
 def import_official(recipe: Recipe, ckpt, out, as_: str) -> dict:
@@ -168,10 +169,7 @@ def export(run, stage_name: str, to) -> Path:
     m = stage.require_finished(f"run `incubate {'assemble' if stage_name == 'assembled' else stage_name}` first")
     state = stage.load()
     model = get_family(m["family"]).build(m["model"]["name"], m["model"]["kwargs"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{stage.weights} does not match its manifest's model: {str(e).splitlines()[0]}") from None
+    load_strict(model, state, stage.weights, f"its manifest's model ({m['model']['name']})")
     provenance = {"run": str(run.resolve()), "stage": stage_name, "sha256": m["sha256"]}
     old = dest / "config.json"
     same = old.exists() and (read_json(old).get("deep_incubate") or {}).get("sha256") == m["sha256"]

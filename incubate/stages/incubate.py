@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..config import Recipe
 from ..engine import fit
 from ..errors import UserError
-from ..modular import Hybrid
+from ..modular import Hybrid, load_strict
 from .common import Context, StageDir, begin, finish, prepare, trainable_params
 
 
@@ -13,10 +13,7 @@ def load_meta(ctx: Context):
     stage = StageDir(ctx.run, "meta")
     manifest = stage.require_finished("run `incubate meta` first (or import a meta model)")
     meta = ctx.build(meta=True)
-    try:
-        meta.load_state_dict(stage.load(), strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{stage.weights} does not fit the recipe's meta model: {str(e).splitlines()[0]}") from None
+    load_strict(meta, stage.load(), stage.weights, "the recipe's meta model")
     return meta, manifest["sha256"]
 
 

@@ -69,7 +69,7 @@ def test_corrupt_image_stops_and_names_the_file(tmp_path, capsys):
     (data / "train/b/1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     rc, _, err = _meta(capsys, _folder_recipe(tmp_path, data), tmp_path / "run")
     line = one_error_line(err)
-    assert rc == 2 and f"image {data}/train/b/1.png is unreadable (" in line
+    assert rc == 2 and f"image {data}/train/b/1.png is unreadable (cannot identify image file)" in line
     assert line.endswith("remove or replace it, or set data.on_bad_image: skip")
 
 
@@ -135,7 +135,10 @@ def test_evaluate_checkpoint_of_another_architecture(tmp_path, capsys):
     path.write_text(json.dumps(m))
     rc, _, err = run_main(capsys, "evaluate", "--recipe", recipe, "--checkpoint", run / "meta")
     line = one_error_line(err)
-    assert rc == 2 and f"{run}/meta/model.safetensors does not match its manifest's model: " in line
+    assert rc == 2 and line == (
+        f"incubate: error: {run}/meta/model.safetensors holds weights of another architecture than its manifest's "
+        f"model (vit_tiny_patch16_224): 55 of another shape (e.g. cls_token (1, 1, 16) vs (1, 1, 32)); "
+        f"check model.name, model.kwargs and the division")
 
 
 # ---------------------------------------------------------------- non-finite loss

@@ -112,7 +112,7 @@ def test_import_refuses_another_architecture(tmp_path, capsys):
     rc, _, err = run_main(capsys, "import-official", tmp_path / "big.pth", "--recipe", recipe, "--out",
                           tmp_path / "run", "--as", "meta")
     line = one_error_line(err)
-    assert rc == 2 and "is a checkpoint of another architecture than the recipe's meta model" in line
+    assert rc == 2 and "holds weights of another architecture than the recipe's meta model: " in line
     assert "of another shape (e.g. cls_token (1, 1, 32) vs (1, 1, 16))" in line
     assert not (tmp_path / "run/meta/model.safetensors").exists()
 
@@ -137,10 +137,14 @@ def test_import_never_unpickles_code_nor_reads_garbage(tmp_path, capsys):
     evil.marker = tmp_path / "pwned"
     torch.save({"model": {}, "x": evil}, tmp_path / "evil.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
-    for name in ("evil.pth", "junk.pth"):
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "evil.pth").read_bytes()[:60])
+    expected = {"evil.pth": "holds objects other than tensors and plain containers (",
+                "junk.pth": "is not a readable PyTorch checkpoint (Unsupported operand",
+                "cut.pth": "is not a readable PyTorch checkpoint (PytorchStreamReader failed reading zip archive"}
+    for name, text in expected.items():
         rc, _, err = run_main(capsys, "import-official", tmp_path / name, "--recipe", recipe, "--out",
                               tmp_path / "run", "--as", "meta")
-        assert rc == 2 and "is not a readable PyTorch checkpoint of tensors" in one_error_line(err)
+        assert rc == 2 and f"{tmp_path / name} {text}" in one_error_line(err)
     assert not (tmp_path / "pwned").exists()
 
 
