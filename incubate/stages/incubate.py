@@ -11,7 +11,7 @@ from .common import Context, StageDir, begin, finish, prepare, trainable_params
 def load_meta(ctx: Context):
     """The finished meta model of the run, and its fingerprint (SHA-256 of its weights file)."""
     stage = StageDir(ctx.run, "meta")
-    manifest = stage.require_finished("run `incubate meta` first (or import a meta model)")
+    manifest = stage.require_finished("run `incubate meta` first, or `incubate import-official CKPT --as meta`")
     meta = ctx.build(meta=True)
     load_strict(meta, stage.load(), stage.weights, "the recipe's meta model")
     return meta, manifest["sha256"]
