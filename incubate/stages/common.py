@@ -109,6 +109,7 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
     dist = setup_dist(recipe.device)
     if recipe.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    bundle = load_data(recipe.data)     # bad data is refused before anything is written
     if dist.main:
         try:
             run.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,6 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
         except OSError as e:
             raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
     barrier(dist)
-    bundle = load_data(recipe.data)
     return Context(recipe, run, dist, bundle, get_family(recipe.model.family))
 
 

@@ -55,6 +55,7 @@ def test_empty_class_folder(tmp_path, capsys):
     (data / "train/c").mkdir()
     rc, _, err = _meta(capsys, _folder_recipe(tmp_path, data), tmp_path / "run")
     assert rc == 2 and f"class folder {data}/train/c holds no images (" in one_error_line(err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_and_val_classes_differ(tmp_path, capsys):
@@ -62,12 +63,14 @@ def test_train_and_val_classes_differ(tmp_path, capsys):
     rc, _, err = _meta(capsys, _folder_recipe(tmp_path, data), tmp_path / "run")
     assert rc == 2 and one_error_line(err) == (f"incubate: error: {data}/train and {data}/val have different classes "
                                                f"(e.g. ['b', 'z']); both need the same class folders")
+    assert not (tmp_path / "run").exists()
 
 
-def test_corrupt_image_stops_and_names_the_file(tmp_path, capsys):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_stops_and_names_the_file(tmp_path, capsys, workers):
     data = make_image_folder(tmp_path / "data")
     (data / "train/b/1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    rc, _, err = _meta(capsys, _folder_recipe(tmp_path, data), tmp_path / "run")
+    rc, _, err = _meta(capsys, _folder_recipe(tmp_path, data, data__num_workers=workers), tmp_path / "run")
     line = one_error_line(err)
     assert rc == 2 and f"image {data}/train/b/1.png is unreadable (cannot identify image file)" in line
     assert line.endswith("remove or replace it, or set data.on_bad_image: skip")
