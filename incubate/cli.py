@@ -83,6 +83,12 @@ def main(argv=None) -> int:
             raise
         print(f"incubate: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:     # disk full or permissions outside checkpoint.py's atomic writes
+        if args.debug:
+            raise
+        print(f"incubate: error: {e.filename or 'a file'}: {e.strerror or e}; checkpoints already on disk are "
+              f"intact: fix this, then rerun the same command (--debug shows where)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -115,6 +115,24 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, 
     assert rc == 0 and "resuming after epoch 1/2" in out
 
 
+def test_disk_full_while_appending_metrics(tmp_path, capsys, monkeypatch):
+    import builtins
+    recipe = write_recipe(tmp_path / "r.yaml")
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    rc, _, err = _meta(capsys, recipe, tmp_path / "run")
+    monkeypatch.undo()
+    assert rc == 2 and one_error_line(err) == (
+        f"incubate: error: {tmp_path}/run/meta/metrics.jsonl: No space left on device; checkpoints already on "
+        f"disk are intact: fix this, then rerun the same command (--debug shows where)")
+
+
 def test_corrupt_training_checkpoint_is_refused_not_deleted(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml")
     ckpt = tmp_path / "run/meta/checkpoint.safetensors"
