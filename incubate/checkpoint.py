@@ -5,9 +5,12 @@ safetensors file whose JSON metadata holds the non-tensor parts.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -31,15 +34,65 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
         pass
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+_depth = 0     # nesting of `uninterrupted` blocks in this process
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Hold Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
+
+    A write in flight when the user presses Ctrl-C is finished, so the run directory never holds
+    half of a stage's hand-off (e.g. its weights without its manifest). Re-entrant.
+    """
+    global _depth
+    if _depth or threading.current_thread() is not threading.main_thread():
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    _depth += 1
     try:
-        tmp.write_text(text)
-        _fsync_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        yield
+    finally:
+        _depth -= 1
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _tmp_name(path: Path) -> Path:
+    # one temporary name a process, so concurrent writers (parallel module jobs updating
+    # summary.json) never write into each other's temporary file
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _write_failed(path: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write {path}: {e.strerror or e}; the previous {path.name} (if any) is kept "
+                     f"intact; free disk space or fix permissions, then rerun the same command")
+
+
+def _atomic(path: Path, write) -> None:
+    """write(tmp) then fsync and rename over `path`: `path` is always the old or the new file."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    with uninterrupted():
+        try:
+            write(tmp)
+            _fsync_replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _write_failed(path, e) from e
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -71,13 +124,8 @@ def _plain(state: dict) -> dict:
 def save_weights(state: dict, path: Path, metadata: dict | None = None) -> str:
     """Write a state dict atomically; returns the file's SHA-256."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(_plain(state), str(tmp), metadata=metadata)
-        _fsync_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    plain = _plain(state)
+    _atomic(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
     return sha256_file(path)
 
 
@@ -126,9 +174,13 @@ def save_training_state(path: Path, model_state: dict, optimizer, scheduler, sca
 
 def load_training_state(path: Path) -> tuple[dict, dict, dict]:
     """Returns (model_state, optimizer_state_dict, metadata)."""
-    tensors = load_weights(path)
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["state"])
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["state"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"training checkpoint {path} is unreadable ({type(e).__name__}: {e}); it cannot be "
+                        f"resumed: move it away to restart this stage from scratch") from None
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     opt_meta = meta["optimizer"]
     state = {}

@@ -34,6 +34,14 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="every stage in order, skipping finished ones")
     _common(p)
     p.add_argument("--no-e2e", action="store_true", help="skip the E2E baseline")
+    p = sub.add_parser("import-official", help="an official Deep-Incubation checkpoint as a finished stage")
+    p.add_argument("checkpoint", help="the .pth file the official code saved")
+    _common(p)
+    p.add_argument("--as", dest="as_", required=True, choices=("meta", "assembled"), help="the stage it becomes")
+    p = sub.add_parser("export", help="a finished stage as a timm/hub folder (model.safetensors + config.json)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--stage", required=True, choices=("finetune", "assembled", "e2e"))
+    p.add_argument("--to", required=True, help="folder to write")
     p = sub.add_parser("report", help="table of every stage and report.png")
     p.add_argument("run", help="run directory")
     return ap
@@ -44,6 +52,10 @@ def dispatch(args) -> None:
         from .report import report
         report(args.run)
         return
+    if args.cmd == "export":
+        from .interop import export
+        export(args.run, args.stage, args.to)
+        return
     recipe = load_recipe(args.recipe, args.set)
     if args.cmd == "run":
         from .pipeline import run
@@ -51,6 +63,9 @@ def dispatch(args) -> None:
     elif args.cmd == "evaluate":
         from .stages import evaluate
         evaluate.main(recipe, args.checkpoint)
+    elif args.cmd == "import-official":
+        from .interop import import_official
+        import_official(recipe, args.checkpoint, args.out, args.as_)
     elif args.cmd == "incubate":
         from .stages import incubate
         incubate.main(recipe, args.out, args.module)
@@ -67,6 +82,12 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"incubate: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:     # disk full or permissions outside checkpoint.py's atomic writes
+        if args.debug:
+            raise
+        print(f"incubate: error: {e.filename or 'a file'}: {e.strerror or e}; checkpoints already on disk are "
+              f"intact: fix this, then rerun the same command (--debug shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.debug:

@@ -48,6 +48,7 @@ class DataCfg:
     pin_memory: bool = False
     persistent_workers: bool = False
     eval_batch_size: int = 256
+    on_bad_image: str = "stop"      # an unreadable image file: stop (name it) | skip (count and report)
     augment: AugmentCfg = field(default_factory=AugmentCfg)
 
 
@@ -73,6 +74,7 @@ class TrainCfg:
     fused: bool = False             # fused AdamW (CUDA)
     compile: bool = False
     grad_checkpointing: bool = False
+    max_nonfinite_skips: int = 0    # steps with a NaN/inf loss to skip (no update) before stopping
     # incubate stage only: how a target module starts. random (the paper) | meta: as a copy of its
     # meta module (extra blocks start as the identity), so hybrid and assembly start as the meta model
     module_init: str = "random"
@@ -239,6 +241,9 @@ def validate(recipe: Recipe) -> None:
         raise UserError(f"model.meta_division has {len(recipe.meta_division)} modules but "
                         f"model.division has {len(m.division)}; give both the same K")
     depth = m.kwargs.get("depth")
+    if isinstance(depth, int) and len(m.division) > depth:
+        raise UserError(f"model.division has {len(m.division)} modules but the target has only {depth} blocks "
+                        f"(model.kwargs.depth); K can be at most the depth: use fewer modules")
     if depth is not None and sum(m.division) != depth:
         raise UserError(f"model.division {m.division} sums to {sum(m.division)} blocks but "
                         f"model.kwargs.depth is {depth}; make them agree")
@@ -250,8 +255,12 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"{stage}.module_init must be random or meta, got {cfg.module_init!r}")
         if cfg.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"{stage}.amp must be none, bf16 or fp16, got {cfg.amp!r}")
+        if cfg.max_nonfinite_skips < 0:
+            raise UserError(f"{stage}.max_nonfinite_skips must be >= 0, got {cfg.max_nonfinite_skips}")
         if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.accum_steps < 1:
             raise UserError(f"{stage}: epochs >= 0, batch_size >= 1 and accum_steps >= 1 are required")
+    if recipe.data.on_bad_image not in ("stop", "skip"):
+        raise UserError(f"data.on_bad_image must be stop or skip, got {recipe.data.on_bad_image!r}")
     if not 0 < recipe.data.train_fraction <= 1:
         raise UserError(f"data.train_fraction must be in (0, 1], got {recipe.data.train_fraction}")
 

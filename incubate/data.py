@@ -13,11 +13,12 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .errors import UserError
 
@@ -236,6 +237,19 @@ def batch_augment(x: torch.Tensor, shift: int, hflip: bool) -> torch.Tensor:
     return x
 
 
+class BadImage(NamedTuple):
+    """An image file that could not be decoded: returned in place of a sample, dealt with in the
+    main process (so DataLoader workers never raise through their own traceback wrapper)."""
+    path: str
+    reason: str
+
+
+def _collate(items):
+    good = [it for it in items if not isinstance(it, BadImage)]
+    bad = [it for it in items if isinstance(it, BadImage)]
+    return (default_collate(good) if good else None), bad
+
+
 class _ImageDataset(Dataset):
     def __init__(self, split: Split, transform):
         self.split, self.transform = split, transform
@@ -252,8 +266,8 @@ class _ImageDataset(Dataset):
             path = self.split.files[i]
             try:
                 img = Image.open(path).convert("RGB")
-            except OSError as e:
-                raise UserError(f"image {path} is unreadable ({e}); remove or replace it") from None
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                return BadImage(str(path), str(e).replace(f" '{path}'", "") or type(e).__name__)
         return self.transform(img), int(self.split.labels[i])
 
 
@@ -264,6 +278,7 @@ class Loader:
                  rank: int, world: int, device):
         self.bundle, self.split, self.cfg, self.batch, self.train = bundle, split, cfg, batch, train
         self.seed, self.rank, self.world, self.device = seed, rank, world, device
+        self.skipped: list[str] = []     # unreadable files skipped since the last take_skipped()
         aug = cfg.augment
         self.per_image = split.images is None or (train and (aug.auto_augment or aug.re_prob > 0))
         if self.per_image:
@@ -307,6 +322,18 @@ class Loader:
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch * 131 + self.rank)
         loader = DataLoader(self.dataset, batch_size=self.batch, sampler=order.tolist(),
                             num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
-                            persistent_workers=False, drop_last=self.train, generator=g)
-        for x, y in loader:
+                            persistent_workers=False, drop_last=self.train, generator=g, collate_fn=_collate)
+        for batch, bad in loader:
+            if bad and self.cfg.on_bad_image != "skip":
+                raise UserError(f"image {bad[0].path} is unreadable ({bad[0].reason}); remove or replace it, "
+                                f"or set data.on_bad_image: skip")
+            self.skipped += [b.path for b in bad]
+            if batch is None:
+                continue
+            x, y = batch
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def take_skipped(self) -> list[str]:
+        """Distinct files skipped since the last call (a batch may be drawn twice, e.g. to count FLOPs)."""
+        out, self.skipped = sorted(set(self.skipped)), []
+        return out

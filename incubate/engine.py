@@ -131,6 +131,15 @@ def _trim_metrics(path: Path, epochs_done: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
+def nonfinite_message(label: str, value: float, where: str, ckpt: Path, allowed: int) -> str:
+    kept = (f"the last good checkpoint {ckpt} is kept (rerun resumes from it)" if ckpt.exists()
+            else "no epoch had finished, so no checkpoint was written")
+    skips = f" after {allowed} skipped steps" if allowed else ""
+    return (f"{label}: loss became {value} at {where}{skips}; stopped, {kept}; lower the lr, set clip_grad "
+            f"(e.g. --set train.clip_grad=1.0), use bf16 instead of fp16, or allow a few bad steps with "
+            f"--set train.max_nonfinite_skips=N")
+
+
 def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, seed: int,
         stage_dir: Path, ddp_attr: str | None = None, label: str = "") -> dict:
     """Train `trained`'s parameters through `net` (images -> logits) for cfg.epochs epochs.
@@ -201,10 +210,12 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
 
     params = [p for p in trained.parameters() if p.requires_grad]
     last = {"top1": float("nan"), "loss": float("nan")}
+    nonfinite = 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         seed_all(seed * 1_000_003 + epoch * 1009 + dist.rank)
         net.train()
+        optimizer.zero_grad(set_to_none=True)
         loss_sum, seen = 0.0, 0
         show = dist.main and sys.stderr.isatty()
         batches = train_loader.epoch(epoch)
@@ -223,8 +234,15 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                     loss = criterion(run_net(x), y)
                 value = loss.item()
                 if not math.isfinite(value):
-                    raise UserError(f"{label}: loss became {value} at epoch {epoch + 1} step {step + 1}; the "
-                                    f"last good checkpoint is kept; lower the lr, set clip_grad or use bf16")
+                    nonfinite += 1
+                    where = f"epoch {epoch + 1} step {step + 1}"
+                    if nonfinite > cfg.max_nonfinite_skips:
+                        raise UserError(nonfinite_message(label, value, where, ckpt, cfg.max_nonfinite_skips))
+                    if dist.main:
+                        print(f"[{label}] warning: loss is {value} at {where}; skipping this update "
+                              f"({nonfinite}/{cfg.max_nonfinite_skips} allowed by max_nonfinite_skips)", flush=True)
+                    optimizer.zero_grad(set_to_none=True)   # drop the whole accumulation window
+                    continue
                 loss = loss / cfg.accum_steps
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += value * len(y)
@@ -246,6 +264,11 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
         seconds += time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "test_top1": last["top1"],
                "test_loss": last["loss"], "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+        skipped = train_loader.take_skipped() + test_loader.take_skipped()
+        if skipped:
+            row["skipped_images"] = len(skipped)
+            print(f"[{label}] epoch {epoch + 1}: skipped {len(skipped)} unreadable images "
+                  f"(data.on_bad_image: skip), e.g. {skipped[0]}", flush=True)
         if dist.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -44,6 +44,22 @@ def assemble_state_dict(family, parts: list[dict], division: list[int]) -> dict:
     return state
 
 
+def load_strict(model: nn.Module, state: dict, where, what: str) -> None:
+    """load_state_dict(strict=True), refusing weights of another architecture in one line that says
+    how they differ (missing, unexpected and differently shaped tensors, with an example of each)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(keys)} {name} (e.g. {keys[0]})" for name, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
+        raise UserError(f"{where} holds weights of another architecture than {what}: {'; '.join(parts)}; "
+                        f"check model.name, model.kwargs and the division")
+    model.load_state_dict(state, strict=True)
+
+
 class ModuleRunner(nn.Module):
     """Runs one module of a (possibly pruned) model: the part that trains and that DDP wraps."""
 

@@ -47,3 +47,33 @@ def cli(*args, check=False, env=None, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"incubate {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_main(capsys, *args):
+    """The CLI in this process (cheaper than a subprocess): returns (exit code, stdout, stderr)."""
+    from incubate.cli import main
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_error_line(err: str) -> str:
+    """The single line a refused command prints; fails on tracebacks or extra lines."""
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("incubate: error: "), err
+    return lines[0]
+
+
+def make_image_folder(root: Path, train=("a", "b"), val=("a", "b"), per_class=4, size=8) -> Path:
+    """DATA/train/CLASS/*.png and DATA/val/CLASS/*.png of tiny random RGB images."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, classes, n in (("train", train, per_class), ("val", val, max(1, per_class // 2))):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root

@@ -8,12 +8,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..checkpoint import load_weights, read_json, save_weights, write_json_atomic, write_text_atomic
+from ..checkpoint import (load_weights, read_json, save_weights, uninterrupted, write_json_atomic,
+                          write_text_atomic)
 from ..config import Recipe, dump_recipe
 from ..data import DataBundle, load_data
 from ..engine import Dist, barrier, seed_all, setup_dist
 from ..errors import UserError
 from ..families import get_family
+from ..lock import hold
 
 STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", "e2e": "e2e"}
 # Parts of the recipe that must not change inside one run directory.
@@ -77,7 +79,16 @@ class Context:
                 "model": self.model_spec(meta), "division": r.meta_division if meta else r.model.division,
                 "target_division": r.model.division, "meta_division": r.meta_division,
                 "meta_fingerprint": None, "recipe": r.name, "classes": self.bundle.class_names,
-                "num_classes": self.bundle.num_classes, "data": r.data.source, "finished": False}
+                "num_classes": self.bundle.num_classes, "data": r.data.source,
+                "preprocess": preprocess(self.bundle), "finished": False}
+
+
+def preprocess(bundle: DataBundle) -> dict:
+    """How test images reach the model (what an export's pretrained_cfg must say)."""
+    from_files = bundle.train.images is None
+    return {"input_size": [bundle.in_chans, bundle.img_size, bundle.img_size], "mean": list(bundle.mean),
+            "std": list(bundle.std), "interpolation": "bicubic" if from_files else "bilinear",
+            "crop_pct": 0.875 if from_files and bundle.img_size > 64 else 1.0}
 
 
 def _check_run_recipe(run: Path, recipe: Recipe) -> None:
@@ -98,6 +109,7 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
     dist = setup_dist(recipe.device)
     if recipe.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    bundle = load_data(recipe.data)     # bad data is refused before anything is written
     if dist.main:
         try:
             run.mkdir(parents=True, exist_ok=True)
@@ -105,7 +117,6 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
         except OSError as e:
             raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
     barrier(dist)
-    bundle = load_data(recipe.data)
     return Context(recipe, run, dist, bundle, get_family(recipe.model.family))
 
 
@@ -116,29 +127,40 @@ def trainable_params(module: torch.nn.Module) -> int:
 def finish(ctx: Context, stage: StageDir, state: dict, manifest: dict) -> dict:
     """Write the stage's weights, then its finished manifest, then the run summary (rank 0)."""
     if ctx.dist.main:
-        manifest = dict(manifest, sha256=save_weights(state, stage.weights), finished=True,
-                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_json_atomic(stage.manifest_path, manifest)
-        stage.checkpoint.unlink(missing_ok=True)
-        write_summary(ctx.run)
+        with uninterrupted():     # Ctrl-C waits until weights, manifest and summary agree
+            manifest = dict(manifest, sha256=save_weights(state, stage.weights), finished=True,
+                            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            write_json_atomic(stage.manifest_path, manifest)
+            stage.checkpoint.unlink(missing_ok=True)
+            write_summary(ctx.run)
     barrier(ctx.dist)
     return manifest
 
 
 def begin(ctx: Context, stage: StageDir, manifest: dict) -> bool:
-    """Returns False when the stage already finished (then it is skipped)."""
+    """Returns False when the stage already finished (then it is skipped).
+
+    Rank 0 locks the stage folder first: a second process writing the same stage is refused.
+    """
+    if ctx.dist.main:
+        claim(stage)
     if stage.finished():
         if ctx.dist.main:
             print(f"[{stage.label}] already finished in {stage.path}; skipping", flush=True)
         return False
     if ctx.dist.main:
-        try:
-            stage.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create {stage.path}: {e.strerror}") from None
         write_json_atomic(stage.manifest_path, manifest)
     barrier(ctx.dist)
     return True
+
+
+def claim(stage: StageDir) -> None:
+    """Create the stage folder and hold its lock for the rest of this process."""
+    try:
+        stage.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {stage.path}: {e.strerror}; choose a writable --out") from None
+    hold(stage.path, f"{stage.label} of run directory {stage.run}")
 
 
 def stage_dirs(run: Path, k: int) -> list[StageDir]:

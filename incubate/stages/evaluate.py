@@ -9,7 +9,7 @@ from ..data import Loader, load_data
 from ..engine import evaluate, setup_dist
 from ..errors import UserError
 from ..families import get_family
-from ..modular import Hybrid
+from ..modular import Hybrid, load_strict
 from .common import StageDir
 
 
@@ -31,15 +31,12 @@ def main(recipe: Recipe, checkpoint) -> dict:
         meta_stage = StageDir(run, "meta")
         meta_m = meta_stage.require_finished("a module is evaluated inside its run's meta model")
         meta = family.build(meta_m["model"]["name"], meta_m["model"]["kwargs"])
-        meta.load_state_dict(meta_stage.load(), strict=True)
+        load_strict(meta, meta_stage.load(), meta_stage.weights, "its manifest's meta model")
         family.keep_only(model, m["division"], m["module"])
-        model.load_state_dict(state, strict=True)
+        load_strict(model, state, weights, f"module {m['module']} of its manifest's model")
         net = Hybrid(family, meta, meta_m["division"], model, m["division"], m["module"])
     else:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise UserError(f"{weights} does not match its manifest's model: {str(e).splitlines()[0]}") from None
+        load_strict(model, state, weights, f"its manifest's model ({m['model']['name']})")
         net = model
     bundle = load_data(recipe.data)
     if bundle.num_classes != m["num_classes"]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..config import Recipe
 from ..engine import fit
+from ..modular import load_strict
 from .common import StageDir, begin, finish, prepare, trainable_params
 
 
@@ -17,7 +18,7 @@ def main(recipe: Recipe, out) -> dict:
         return stage.manifest()
     cfg = recipe.stage("finetune")
     model = ctx.build(drop_path=cfg.drop_path)
-    model.load_state_dict(assembled.load(), strict=True)
+    load_strict(model, assembled.load(), assembled.weights, "the recipe's target model")
     result = fit(model, model, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed + 3, stage.path, label="finetune")
     manifest.update(result, epochs=cfg.epochs, trainable_params=trainable_params(model), world_size=ctx.dist.world)
     return finish(ctx, stage, model.state_dict(), manifest)

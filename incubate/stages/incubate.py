@@ -4,19 +4,16 @@ from __future__ import annotations
 from ..config import Recipe
 from ..engine import fit
 from ..errors import UserError
-from ..modular import Hybrid
+from ..modular import Hybrid, load_strict
 from .common import Context, StageDir, begin, finish, prepare, trainable_params
 
 
 def load_meta(ctx: Context):
     """The finished meta model of the run, and its fingerprint (SHA-256 of its weights file)."""
     stage = StageDir(ctx.run, "meta")
-    manifest = stage.require_finished("run `incubate meta` first (or import a meta model)")
+    manifest = stage.require_finished("run `incubate meta` first, or `incubate import-official CKPT --as meta`")
     meta = ctx.build(meta=True)
-    try:
-        meta.load_state_dict(stage.load(), strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{stage.weights} does not fit the recipe's meta model: {str(e).splitlines()[0]}") from None
+    load_strict(meta, stage.load(), stage.weights, "the recipe's meta model")
     return meta, manifest["sha256"]
 
 

@@ -123,3 +123,18 @@ def test_assemble_refuses_a_corrupt_module_file(finished_run, tmp_path):
     f.write_bytes(f.read_bytes()[:-100])
     proc = cli("assemble", "--recipe", recipe, "--out", dst)
     assert proc.returncode == 2 and "modules/0/model.safetensors does not match the SHA-256" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", ["finetune", "e2e"])
+def test_export_loads_as_a_timm_hub_folder(finished_run, stage, tmp_path):
+    _, run, _ = finished_run
+    proc = cli("export", run, "--stage", stage, "--to", tmp_path / "hub", check=True)
+    assert f"timm.create_model('local-dir:{tmp_path / 'hub'}', pretrained=True)" in proc.stdout
+    m = json.loads((run / stage / "manifest.json").read_text())
+    ours = timm.create_model(m["model"]["name"], **m["model"]["kwargs"])
+    ours.load_state_dict(load_file(run / stage / "model.safetensors"), strict=True)
+    hub = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(hub.eval()(x), ours.eval()(x))
+    cfg = hub.pretrained_cfg
+    assert list(cfg["mean"]) == m["preprocess"]["mean"] and list(cfg["input_size"]) == [1, 8, 8]

@@ -1,0 +1,52 @@
+"""One writer a stage folder: an exclusive flock held for the rest of the process's life.
+
+Different stages of one run directory may be written at once (the K module jobs are meant to run
+in parallel); two processes writing the same stage may not. The lock file holds the holder's pid
+and is never deleted (deleting a held lock file would let a third process lock a new inode).
+The kernel drops the lock when the process exits, however it exits.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+_held: dict[str, int] = {}
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+def hold(folder: Path, what: str) -> None:
+    """Lock `folder`/.lock for this process, or refuse with a line naming the process holding it."""
+    path = Path(folder) / ".lock"
+    key = str(path.resolve())
+    if key in _held:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot create the lock file {path}: {e.strerror}; choose a writable --out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{what} is being written by {_holder(path)} (lock {path}); wait for it to finish, "
+                        f"or stop it, or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = fd
+
+
+def release_all() -> None:
+    """For tests that run several commands in one process."""
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()

@@ -1,0 +1,245 @@
+"""Bad input: one line, a non-zero exit, no traceback, no good checkpoint lost (docs/errors.md)."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from incubate import checkpoint
+from incubate.checkpoint import load_training_state
+from ..conftest import ROOT, make_image_folder, one_error_line, run_main, write_recipe
+
+
+def _meta(capsys, recipe, run, *sets):
+    return run_main(capsys, "meta", "--recipe", recipe, "--out", run, *sum((["--set", s] for s in sets), []))
+
+
+# ---------------------------------------------------------------- recipe
+
+@pytest.mark.parametrize("sets, expected", [
+    (["model.division=[2,1]"], "model.division [2, 1] sums to 3 blocks but model.kwargs.depth is 4; make them agree"),
+    (["model.division=[1,1,1,1,1]"], "model.division has 5 modules but the target has only 4 blocks "
+                                     "(model.kwargs.depth); K can be at most the depth: use fewer modules"),
+    (["train.epochs=ten"], "recipe key 'train.epochs' must be of type int, got 'ten'; fix the recipe or the --set value"),
+    (["data.on_bad_image=ignore"], "data.on_bad_image must be stop or skip, got 'ignore'"),
+], ids=["division_not_depth", "k_larger_than_depth", "wrong_type", "bad_on_bad_image"])
+def test_recipe_values_refused(tmp_path, capsys, sets, expected):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    rc, _, err = _meta(capsys, recipe, tmp_path / "run", *sets)
+    assert rc == 2 and one_error_line(err) == f"incubate: error: {expected}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    (tmp_path / "file").write_text("a file, not a folder")
+    rc, _, err = _meta(capsys, recipe, tmp_path / "file/run")
+    assert rc == 2 and one_error_line(err) == (f"incubate: error: cannot write the run directory {tmp_path}/file/run: "
+                                               f"Not a directory; choose a writable --out")
+
+
+# ---------------------------------------------------------------- image folders
+
+def _folder_recipe(tmp_path, data, **changes):
+    return write_recipe(tmp_path / "r.yaml", data__source=f"imagefolder:{data}", data__train_fraction=1.0,
+                        data__augment={}, train__batch_size=4, meta__epochs=1, **changes)
+
+
+def test_empty_class_folder(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    (data / "train/c").mkdir()
+    rc, _, err = _meta(capsys, _folder_recipe(tmp_path, data), tmp_path / "run")
+    assert rc == 2 and f"class folder {data}/train/c holds no images (" in one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_and_val_classes_differ(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", val=("a", "z"))
+    rc, _, err = _meta(capsys, _folder_recipe(tmp_path, data), tmp_path / "run")
+    assert rc == 2 and one_error_line(err) == (f"incubate: error: {data}/train and {data}/val have different classes "
+                                               f"(e.g. ['b', 'z']); both need the same class folders")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_stops_and_names_the_file(tmp_path, capsys, workers):
+    data = make_image_folder(tmp_path / "data")
+    (data / "train/b/1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    rc, _, err = _meta(capsys, _folder_recipe(tmp_path, data, data__num_workers=workers), tmp_path / "run")
+    line = one_error_line(err)
+    assert rc == 2 and f"image {data}/train/b/1.png is unreadable (cannot identify image file)" in line
+    assert line.endswith("remove or replace it, or set data.on_bad_image: skip")
+
+
+def test_corrupt_image_skipped_and_counted(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    (data / "train/b/1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    recipe = _folder_recipe(tmp_path, data, data__on_bad_image="skip")
+    rc, out, err = _meta(capsys, recipe, tmp_path / "run")
+    assert rc == 0, err
+    assert f"[meta] epoch 1: skipped 1 unreadable images (data.on_bad_image: skip), e.g. {data}/train/b/1.png" in out
+    row = json.loads((tmp_path / "run/meta/metrics.jsonl").read_text().splitlines()[0])
+    assert row["skipped_images"] == 1
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    run = tmp_path / "run"
+    ckpt = run / "meta/checkpoint.safetensors"
+    real, state = checkpoint.save_file, {}
+
+    def full_disk(tensors, filename, metadata=None):
+        if ckpt.exists():     # the second epoch's checkpoint: half written, then the disk is full
+            state["before"] = ckpt.read_bytes()
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    rc, _, err = _meta(capsys, recipe, run)
+    assert rc == 2 and one_error_line(err) == (
+        f"incubate: error: cannot write {ckpt}: No space left on device; the previous checkpoint.safetensors "
+        f"(if any) is kept intact; free disk space or fix permissions, then rerun the same command")
+    assert ckpt.read_bytes() == state["before"] and load_training_state(ckpt)[2]["epoch"] == 0
+    assert not list(ckpt.parent.glob("*.tmp"))
+    monkeypatch.undo()
+    rc, out, err = _meta(capsys, recipe, run)
+    assert rc == 0 and "resuming after epoch 1/2" in out
+
+
+def test_disk_full_while_appending_metrics(tmp_path, capsys, monkeypatch):
+    import builtins
+    recipe = write_recipe(tmp_path / "r.yaml")
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    rc, _, err = _meta(capsys, recipe, tmp_path / "run")
+    monkeypatch.undo()
+    assert rc == 2 and one_error_line(err) == (
+        f"incubate: error: {tmp_path}/run/meta/metrics.jsonl: No space left on device; checkpoints already on "
+        f"disk are intact: fix this, then rerun the same command (--debug shows where)")
+
+
+def test_corrupt_training_checkpoint_is_refused_not_deleted(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    ckpt = tmp_path / "run/meta/checkpoint.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"garbage")
+    rc, _, err = _meta(capsys, recipe, tmp_path / "run")
+    line = one_error_line(err)
+    assert rc == 2 and f"training checkpoint {ckpt} is unreadable (" in line
+    assert line.endswith("it cannot be resumed: move it away to restart this stage from scratch")
+    assert ckpt.read_bytes() == b"garbage"
+
+
+def test_evaluate_checkpoint_of_another_architecture(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    run = tmp_path / "run"
+    assert _meta(capsys, recipe, run, "meta.epochs=0")[0] == 0
+    path = run / "meta/manifest.json"
+    m = json.loads(path.read_text())
+    m["model"]["kwargs"]["embed_dim"] = 32
+    m["model"]["kwargs"]["num_heads"] = 4
+    path.write_text(json.dumps(m))
+    rc, _, err = run_main(capsys, "evaluate", "--recipe", recipe, "--checkpoint", run / "meta")
+    line = one_error_line(err)
+    assert rc == 2 and line == (
+        f"incubate: error: {run}/meta/model.safetensors holds weights of another architecture than its manifest's "
+        f"model (vit_tiny_patch16_224): 55 of another shape (e.g. cls_token (1, 1, 16) vs (1, 1, 32)); "
+        f"check model.name, model.kwargs and the division")
+
+
+# ---------------------------------------------------------------- non-finite loss
+
+def _poison(monkeypatch, when):
+    """Make the training loss NaN whenever when() is true (the loss class fit() asks timm for)."""
+    import timm.loss
+
+    class Poisoned(timm.loss.LabelSmoothingCrossEntropy):
+        def forward(self, x, target):
+            loss = super().forward(x, target)
+            return loss * float("nan") if when() else loss
+
+    monkeypatch.setattr(timm.loss, "LabelSmoothingCrossEntropy", Poisoned)
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml", meta__epochs=3)
+    ckpt = tmp_path / "run/meta/checkpoint.safetensors"
+    _poison(monkeypatch, lambda: ckpt.exists())
+    rc, _, err = _meta(capsys, recipe, tmp_path / "run")
+    assert rc == 2 and one_error_line(err) == (
+        f"incubate: error: meta: loss became nan at epoch 2 step 1; stopped, the last good checkpoint {ckpt} is "
+        f"kept (rerun resumes from it); lower the lr, set clip_grad (e.g. --set train.clip_grad=1.0), use bf16 "
+        f"instead of fp16, or allow a few bad steps with --set train.max_nonfinite_skips=N")
+    assert load_training_state(ckpt)[2]["epoch"] == 0
+    assert json.loads((tmp_path / "run/meta/manifest.json").read_text())["finished"] is False
+
+
+def test_nan_loss_skipped_within_max_nonfinite_skips(tmp_path, capsys, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    seen = []
+    _poison(monkeypatch, lambda: seen.append(1) or len(seen) == 5)
+    rc, out, err = _meta(capsys, recipe, tmp_path / "run", "train.max_nonfinite_skips=1")
+    assert rc == 0, err
+    assert "[meta] warning: loss is nan at epoch 1 step 4; skipping this update (1/1 allowed" in out
+    assert json.loads((tmp_path / "run/meta/manifest.json").read_text())["finished"] is True
+
+
+# ---------------------------------------------------------------- processes
+
+def test_second_writer_refused_then_ctrl_c_exits_cleanly(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", meta__epochs=500)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "incubate.cli", "meta", "--recipe", str(recipe), "--out", str(run)],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run / "meta/metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        # two processes writing the same stage: the second is refused, naming the first
+        rc, _, err = run_main(capsys, "meta", "--recipe", recipe, "--out", run)
+        assert rc == 2 and one_error_line(err) == (
+            f"incubate: error: meta of run directory {run} is being written by process {proc.pid} "
+            f"(lock {run}/meta/.lock); wait for it to finish, or stop it, or use another --out")
+        # Ctrl-C: exit 130 with one line; the checkpoint on disk is complete
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert proc.stderr.read().strip() == ("incubate: interrupted; the last complete checkpoint is kept, "
+                                              "rerun the same command to resume")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert load_training_state(run / "meta/checkpoint.safetensors")[2]["epoch"] >= 0
+    assert not list((run / "meta").glob("*.tmp"))
+
+
+def test_ctrl_c_during_a_write_finishes_it_first(tmp_path, monkeypatch):
+    real = checkpoint.save_file
+
+    def interrupted(tensors, filename, metadata=None):
+        os.kill(os.getpid(), signal.SIGINT)     # Ctrl-C arrives in the middle of the write
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", interrupted)
+    import torch
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_weights({"w": torch.ones(3)}, tmp_path / "w.safetensors")
+    assert load_file(tmp_path / "w.safetensors")["w"].tolist() == [1.0, 1.0, 1.0]
+    assert not list(tmp_path.glob("*.tmp"))
