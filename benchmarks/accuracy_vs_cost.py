@@ -69,6 +69,8 @@ def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[S
         row["assembled_top1"] = by[("assembled", None)]["metrics"]["top1"]
         row["meta_top1"] = by[("meta", None)]["metrics"]["top1"]
         row["hybrid_top1"] = [by[("incubate", i)]["metrics"]["top1"] for i in range(4)]
+        row["finetune_flops"] = by[("finetune", None)]["flops"]
+        row["finetune_seconds"] = by[("finetune", None)]["process_seconds"]
     return row
 
 
@@ -99,11 +101,11 @@ def run_ours(root: Path, study, depth, fraction, schedule, seed, extra, variant)
     return _row(study, depth, fraction, "ours", f"{m}+{n}", seed, run, stages, variant)
 
 
-def points(study: str):
+def points(study: str, seeds=None):
     s = STUDIES[study]
     depths = s.get("depths", [s.get("depth")])
     fractions = s.get("fractions", [s.get("fraction")])
-    for seed in s["seeds"]:
+    for seed in (seeds if seeds is not None else s["seeds"]):
         for depth in depths:
             for fraction in fractions:
                 for sched in s["ours"]:
@@ -119,6 +121,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every run")
     ap.add_argument("--variant", default="paper", help="name of a variant of ours made by --set (E2E is shared)")
     ap.add_argument("--methods", default="ours,e2e", help="which methods to run")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results.json"))
     args = ap.parse_args()
     ensure_data()
@@ -127,7 +130,8 @@ def main() -> None:
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     studies = ["budget", "depth", "data"] if args.study == "all" else [args.study]
     for study in studies:
-        for method, depth, fraction, budget, seed in points(study):
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+        for method, depth, fraction, budget, seed in points(study, seeds):
             if method not in args.methods.split(","):
                 continue
             t0 = time.time()

@@ -13,8 +13,13 @@ def _groups(rows, study):
     g = defaultdict(list)
     for r in rows:
         if r["study"] == study:
-            g[(r["depth"], r["fraction"], r["method"], r["budget"])].append(r)
+            g[(r["depth"], r["fraction"], label(r), r["budget"])].append(r)
     return g
+
+
+def label(r) -> str:
+    v = r.get("variant", "paper")
+    return r["method"] if r["method"] == "e2e" or v == "paper" else f"ours-{v}"
 
 
 def _stat(vals):
@@ -28,13 +33,17 @@ def table(rows, study) -> str:
     for (depth, frac, method, budget), rs in sorted(_groups(rows, study).items(),
                                                     key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[1][0]["flops"])):
         acc, sd = _stat([r["top1"] for r in rs])
-        asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if method == "ours" else ""
-        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if method == "ours" else ""
-        meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if method == "ours" else ""
+        asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if method != "e2e" else ""
+        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if method != "e2e" else ""
+        meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if method != "e2e" else ""
         out.append(f"| {depth} | {frac:g} | {method} | {budget} | {len(rs)} | {acc:.2f} ± {sd:.2f} | {asm} | {hyb} | "
                    f"{meta} | {statistics.mean(r['flops'] for r in rs) / 1e12:.2f} | "
                    f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
     return "\n".join(out)
+
+
+def _ft_cost(r, unit) -> float:
+    return r.get("finetune_" + unit, 0.0)
 
 
 def plot(rows, path: Path) -> None:
@@ -46,7 +55,10 @@ def plot(rows, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, unit in zip(axes, ("flops", "seconds")):
-        for method, color in (("e2e", "tab:gray"), ("ours", "tab:red")):
+        methods = sorted({k[2] for k in g}, key=lambda m: (m != "e2e", m))
+        colors = dict(zip(methods, ["tab:gray", "tab:red", "tab:blue", "tab:green", "tab:purple"]))
+        for method in methods:
+            color = colors[method]
             pts = []
             for (d, f, m, b), rs in g.items():
                 if m == method:
@@ -57,13 +69,15 @@ def plot(rows, path: Path) -> None:
             if not pts:
                 continue
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
-                        color=color, capsize=3, label="E2E" if method == "e2e" else "ours (meta+modules+fine-tune)")
+                        color=color, capsize=3, label="E2E" if method == "e2e" else f"{method} (meta+modules+fine-tune)")
             for p in pts:
                 ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, -10), fontsize=8)
-            if method == "ours":
-                asm = [(p[0] - statistics.mean(r[unit] for r in p[4]) * 0 , statistics.mean(r["assembled_top1"] for r in p[4])) for p in pts]
-                ax.plot([a[0] for a in asm], [a[1] for a in asm], "*", ms=11, color="tab:red", alpha=0.5,
-                        label="ours assembled, before fine-tune")
+            if method != "e2e":
+                # the assembled model costs meta + modules: the whole point minus its fine-tune
+                asm = [(p[0] - statistics.mean(_ft_cost(r, unit) for r in p[4]) / (1e12 if unit == "flops" else 1),
+                        statistics.mean(r["assembled_top1"] for r in p[4])) for p in pts]
+                ax.plot([a[0] for a in asm], [a[1] for a in asm], "*", ms=11, color=color, alpha=0.5,
+                        label=f"{method} assembled, before fine-tune")
         ax.set_xlabel("training TFLOPs" if unit == "flops" else "training seconds (all processes)")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
