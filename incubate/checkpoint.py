@@ -31,9 +31,14 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
         pass
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name of this process: jobs running at once never write each other's."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     try:
         tmp.write_text(text)
         _fsync_replace(tmp, path)
@@ -71,7 +76,7 @@ def _plain(state: dict) -> dict:
 def save_weights(state: dict, path: Path, metadata: dict | None = None) -> str:
     """Write a state dict atomically; returns the file's SHA-256."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     try:
         save_file(_plain(state), str(tmp), metadata=metadata)
         _fsync_replace(tmp, path)

@@ -92,6 +92,18 @@ def _check_run_recipe(run: Path, recipe: Recipe) -> None:
                             f"use a new --out, or the same recipe")
 
 
+def write_run_recipe(run: Path, recipe: Recipe) -> None:
+    """RUN/recipe.yaml, refusing a run directory made with another model or data."""
+    _check_run_recipe(run, recipe)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        text, path = dump_recipe(recipe), run / "recipe.yaml"
+        if not (path.exists() and path.read_text() == text):
+            write_text_atomic(path, text)
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
+
+
 def prepare(recipe: Recipe, out: str | Path) -> Context:
     run = Path(out)
     _check_run_recipe(run, recipe)
@@ -99,11 +111,7 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
     if recipe.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if dist.main:
-        try:
-            run.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run / "recipe.yaml", dump_recipe(recipe))
-        except OSError as e:
-            raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
+        write_run_recipe(run, recipe)
     barrier(dist)
     bundle = load_data(recipe.data)
     return Context(recipe, run, dist, bundle, get_family(recipe.model.family))
@@ -136,6 +144,8 @@ def begin(ctx: Context, stage: StageDir, manifest: dict) -> bool:
             stage.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create {stage.path}: {e.strerror}") from None
+        for stale in stage.path.glob("*.tmp"):     # left by a write that was killed
+            stale.unlink(missing_ok=True)
         write_json_atomic(stage.manifest_path, manifest)
     barrier(ctx.dist)
     return True
