@@ -262,6 +262,8 @@ def run_jobs(launcher, jobs: list[Job], parallel: int, retries: int, out=sys.std
         for job, handle, _ in running.values():
             launcher.stop(handle)
         raise
+    order = {job.label: i for i, job in enumerate(jobs)}
+    result["finished"].sort(key=order.get)
     print(f"jobs: finished [{', '.join(result['finished'])}]  skipped [{', '.join(result['skipped'])}]  "
           f"failed [{', '.join(f'{k} ({v})' for k, v in result['failed'].items())}]", file=out, flush=True)
     if result["failed"]:
