@@ -68,9 +68,10 @@ def free_port() -> int:
 def command(args: list[str], procs: int) -> list[str]:
     if procs <= 1:
         return [sys.executable, "-m", "incubate.cli", *args]
-    # A fresh rendezvous port a job: jobs sharing a machine never collide.
+    # A fresh rendezvous port a job: jobs sharing a machine never collide. Static rendezvous, as
+    # gloo groups re-formed after a restart through the c10d backend fail to connect (torch 2.14).
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--nnodes=1",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "incubate.cli", *args]
+            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "incubate.cli", *args]
 
 
 def job_env(res: Resources, base: dict | None = None) -> dict:
