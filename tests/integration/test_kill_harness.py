@@ -17,6 +17,6 @@ def test_five_kills_resume_to_the_uninterrupted_weights(tmp_path):
     assert counts["kills"] >= 5 and counts["resumes"] >= 2 and counts["kills_while_writing"] >= 1
     assert counts["final_weights_equal"] and counts["rounds_equal"] == counts["rounds"] >= 1
     assert counts["finished_stages_redone"] == 0
-    assert counts["checkpoints_verified"] >= 3 and counts["weights_verified"] >= 5
+    assert counts["checkpoints_verified"] >= counts["resumes"] >= 2 and counts["weights_verified"] >= 5
     assert {"meta", "finetune"} <= set(counts["kills_by_stage"])
     assert any(s.startswith("modules/") for s in counts["kills_by_stage"])
