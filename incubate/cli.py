@@ -34,6 +34,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="every stage in order, skipping finished ones")
     _common(p)
     p.add_argument("--no-e2e", action="store_true", help="skip the E2E baseline")
+    p.add_argument("--launcher", choices=("local", "ray", "slurm"),
+                   help="run each stage as its own job and the K module jobs in parallel "
+                        "(default: every stage in this process, one after another)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="module jobs at once (with --launcher)")
+    p.add_argument("--retries", type=int, metavar="R", help="tries again a failed job R times "
+                   "(default: the recipe's launch.retries)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     p = sub.add_parser("import-official", help="an official Deep-Incubation checkpoint as a finished stage")
     p.add_argument("checkpoint", help="the .pth file the official code saved")
     _common(p)
@@ -59,7 +66,12 @@ def dispatch(args) -> None:
     recipe = load_recipe(args.recipe, args.set)
     if args.cmd == "run":
         from .pipeline import run
-        run(recipe, args.out, with_e2e=not args.no_e2e)
+        if args.launcher is None and (args.jobs != 1 or args.retries is not None or args.address):
+            raise UserError("--jobs, --retries and --address need --launcher local, ray or slurm")
+        if args.jobs < 1 or (args.retries or 0) < 0:
+            raise UserError(f"--jobs must be >= 1 and --retries >= 0, got {args.jobs} and {args.retries}")
+        run(recipe, args.out, with_e2e=not args.no_e2e, launcher=args.launcher, jobs=args.jobs,
+            retries=args.retries, address=args.address)
     elif args.cmd == "evaluate":
         from .stages import evaluate
         evaluate.main(recipe, args.checkpoint)

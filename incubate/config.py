@@ -81,6 +81,15 @@ class TrainCfg:
 
 
 @dataclass
+class LaunchCfg:
+    """How `incubate run --launcher local|ray|slurm` places each job (a stage or one module)."""
+    devices_per_job: int = 0        # GPUs (CPU: processes) a job; 0 = split the visible GPUs between running jobs; > 1 runs torchrun
+    cpus_per_job: int = 0           # CPU threads a job; 0 = split the machine's cores between running jobs
+    retries: int = 0                # extra tries of a failed job (each resumes from its checkpoint)
+    slurm: dict = field(default_factory=dict)   # submitit parameters, e.g. {slurm_partition: gpu, timeout_min: 4320}
+
+
+@dataclass
 class Recipe:
     name: str = "recipe"
     seed: int = 0
@@ -89,6 +98,7 @@ class Recipe:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    launch: LaunchCfg = field(default_factory=LaunchCfg)
     meta: dict = field(default_factory=dict)       # overrides of train for each stage
     incubate: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
@@ -261,6 +271,9 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"{stage}: epochs >= 0, batch_size >= 1 and accum_steps >= 1 are required")
     if recipe.data.on_bad_image not in ("stop", "skip"):
         raise UserError(f"data.on_bad_image must be stop or skip, got {recipe.data.on_bad_image!r}")
+    lc = recipe.launch
+    if lc.devices_per_job < 0 or lc.cpus_per_job < 0 or lc.retries < 0:
+        raise UserError("launch.devices_per_job, launch.cpus_per_job and launch.retries must be >= 0")
     if not 0 < recipe.data.train_fraction <= 1:
         raise UserError(f"data.train_fraction must be in (0, 1], got {recipe.data.train_fraction}")
 

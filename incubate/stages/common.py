@@ -103,6 +103,18 @@ def _check_run_recipe(run: Path, recipe: Recipe) -> None:
                             f"use a new --out, or the same recipe")
 
 
+def write_run_recipe(run: Path, recipe: Recipe) -> None:
+    """RUN/recipe.yaml, refusing a run directory made with another model or data."""
+    _check_run_recipe(run, recipe)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        text, path = dump_recipe(recipe), run / "recipe.yaml"
+        if not (path.exists() and path.read_text() == text):
+            write_text_atomic(path, text)
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
+
+
 def prepare(recipe: Recipe, out: str | Path) -> Context:
     run = Path(out)
     _check_run_recipe(run, recipe)
@@ -111,11 +123,7 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
         torch.use_deterministic_algorithms(True, warn_only=True)
     bundle = load_data(recipe.data)     # bad data is refused before anything is written
     if dist.main:
-        try:
-            run.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run / "recipe.yaml", dump_recipe(recipe))
-        except OSError as e:
-            raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
+        write_run_recipe(run, recipe)
     barrier(dist)
     return Context(recipe, run, dist, bundle, get_family(recipe.model.family))
 
@@ -149,6 +157,8 @@ def begin(ctx: Context, stage: StageDir, manifest: dict) -> bool:
             print(f"[{stage.label}] already finished in {stage.path}; skipping", flush=True)
         return False
     if ctx.dist.main:
+        for stale in stage.path.glob("*.tmp"):     # left by a write that was killed (the folder is locked)
+            stale.unlink(missing_ok=True)
         write_json_atomic(stage.manifest_path, manifest)
     barrier(ctx.dist)
     return True

@@ -1,0 +1,163 @@
+"""`incubate run --launcher local|ray|slurm`: module jobs in parallel, retries, reports, same weights."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ..conftest import ROOT, cli, write_recipe
+
+STAGES = ("meta", "modules/0", "modules/1", "assembled", "finetune")
+
+
+def _recipe(path, launch=None, **changes):
+    return write_recipe(path, model__division=[2, 2], deterministic=True, launch=launch or {"cpus_per_job": 1},
+                        meta__epochs=1, incubate__epochs=1, **changes)
+
+
+def _same_weights(a, b):
+    for s in STAGES:
+        x, y = load_file(a / s / "model.safetensors"), load_file(b / s / "model.safetensors")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), s
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same recipe run in one process, stage after stage."""
+    tmp = tmp_path_factory.mktemp("ref")
+    recipe = _recipe(tmp / "r.yaml")
+    cli("run", "--recipe", recipe, "--out", tmp / "run", "--no-e2e", check=True)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("local")
+    recipe = _recipe(tmp / "r.yaml")
+    proc = cli("run", "--recipe", recipe, "--out", tmp / "run", "--no-e2e", "--launcher", "local", "--jobs", "2",
+               check=True)
+    return recipe, tmp / "run", proc
+
+
+def test_local_launcher_runs_module_jobs_at_once_with_the_same_weights(local_run, reference):
+    recipe, run, proc = local_run
+    out = proc.stdout
+    # both module jobs start before either ends: they run at the same time
+    assert out.index("[module 1] started") < out.index("[module 0] finished")
+    assert "  [module 0] epoch 1/1 loss" in out and "  [meta] epoch 1/1 loss" in out   # one progress line a job
+    assert "jobs: finished [module 0, module 1]  skipped []  failed []" in out
+    for s in STAGES:
+        assert "(local, 1 process(es), 1 thread(s) each)" in (run / s / "log.txt").read_text()
+    assert "[module 1] epoch 1/1" in (run / "modules/1/log.txt").read_text()
+    _same_weights(run, reference)
+
+
+def test_local_rerun_skips_every_finished_job(local_run):
+    recipe, run, _ = local_run
+    before = {s: (run / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
+    proc = cli("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "local", "--jobs", "2", check=True)
+    assert "jobs: finished []  skipped [module 0, module 1]  failed []" in proc.stdout
+    assert proc.stdout.count("skipped: already finished") == 5
+    assert before == {s: (run / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append((int(entry), open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _copy_without_module_1(run, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(run, dst)
+    for s in ("modules/1", "assembled", "finetune"):
+        shutil.rmtree(dst / s)
+    return dst
+
+
+def test_a_failing_job_is_retried_then_reported_and_a_rerun_resumes(local_run, reference, tmp_path):
+    recipe, run, _ = local_run
+    dst = _copy_without_module_1(run, tmp_path)
+    cmd = [sys.executable, "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(dst), "--no-e2e",
+           "--launcher", "local", "--jobs", "2", "--retries", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    killed, deadline = set(), time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        for pid, cmdline in _children(proc.pid):      # SIGKILL module 1's job on every try
+            if "--module 1" in cmdline and pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and len(killed) == 2, out + err
+    assert "[module 0] skipped: already finished" in out
+    assert "[module 1] failed (killed by SIGKILL); retrying from its checkpoint" in out
+    assert "[module 1] FAILED after 2 tries: killed by SIGKILL; last lines of" in out
+    assert "modules/1/log.txt" in out and "    | --- " in out          # the log's last lines
+    assert err.strip().splitlines()[-1].startswith("incubate: error: job(s) failed: module 1: killed by SIGKILL")
+    assert not (dst / "assembled").exists()                        # nothing after a failed phase ran
+    proc = cli("run", "--recipe", recipe, "--out", dst, "--no-e2e", "--launcher", "local", check=True)
+    assert "jobs: finished [module 1]  skipped [module 0]  failed []" in proc.stdout
+    _same_weights(dst, reference)
+
+
+def test_a_user_error_in_a_job_is_not_retried_and_names_the_file(local_run, tmp_path):
+    recipe, run, _ = local_run
+    dst = _copy_without_module_1(run, tmp_path)
+    (dst / "modules/1").mkdir()
+    (dst / "modules/1/checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    proc = cli("run", "--recipe", recipe, "--out", dst, "--no-e2e", "--launcher", "local", "--retries", "3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "[module 1] FAILED after 1 tries: exit 2 (a user error: not retried)" in proc.stdout
+    assert "modules/1/checkpoint.safetensors is not a readable safetensors file" in proc.stdout
+    assert proc.stderr.count("\n") == 1
+
+
+def test_local_launcher_runs_torchrun_jobs_on_their_own_ports(tmp_path):
+    recipe = _recipe(tmp_path / "r.yaml", train__batch_size=16, launch={"cpus_per_job": 1, "devices_per_job": 2})
+    run = tmp_path / "run"
+    proc = cli("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "local", "--jobs", "2", check=True)
+    assert "jobs: finished [module 0, module 1]" in proc.stdout
+    for s in ("meta", "modules/0", "modules/1", "finetune"):
+        assert json.loads((run / s / "manifest.json").read_text())["world_size"] == 2
+        assert "(local, 2 process(es), 1 thread(s) each)" in (run / s / "log.txt").read_text()
+
+
+def test_ray_launcher(reference, tmp_path):
+    pytest.importorskip("ray")
+    recipe = _recipe(tmp_path / "r.yaml")
+    run = tmp_path / "run"
+    proc = cli("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "ray", "--jobs", "2", check=True,
+               env={"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"})
+    assert "jobs: finished [module 0, module 1]  skipped []  failed []" in proc.stdout
+    assert "(ray, 1 process(es), 1 thread(s) each)" in (run / "modules/1/log.txt").read_text()
+    _same_weights(run, reference)
+
+
+def test_slurm_launcher_with_submitits_local_executor(reference, tmp_path):
+    pytest.importorskip("submitit")
+    recipe = _recipe(tmp_path / "r.yaml", launch={"cpus_per_job": 1, "slurm": {"cluster": "local", "timeout_min": 10}})
+    run = tmp_path / "run"
+    proc = cli("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "slurm", "--jobs", "2", check=True)
+    assert "jobs: finished [module 0, module 1]  skipped []  failed []" in proc.stdout
+    assert "(slurm, 1 process(es), 1 thread(s) each)" in (run / "modules/0/log.txt").read_text()
+    assert any((run / "slurm").iterdir())          # submitit's own job folders
+    _same_weights(run, reference)
+
+
+def test_launcher_options_need_a_launcher(tiny_recipe, tmp_path):
+    proc = cli("run", "--recipe", tiny_recipe, "--out", tmp_path / "run", "--jobs", "2")
+    assert proc.returncode == 2 and "--jobs, --retries and --address need --launcher" in proc.stderr
