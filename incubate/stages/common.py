@@ -18,8 +18,10 @@ from ..families import get_family
 from ..lock import hold
 
 STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", "e2e": "e2e"}
-# Parts of the recipe that must not change inside one run directory.
-FIXED_KEYS = ("model", "data")
+# Parts of the recipe that must not change inside one run directory: what the weights and the
+# dataset are. Training settings, loader settings and augmentation may change between stages.
+FIXED_KEYS = ("model.family", "model.name", "model.kwargs", "model.division", "model.meta_division",
+              "data.source", "data.img_size", "data.train_fraction", "data.subset_seed")
 
 
 class StageDir:
@@ -97,10 +99,18 @@ def _check_run_recipe(run: Path, recipe: Recipe) -> None:
         return
     old = yaml.safe_load(saved.read_text()) or {}
     new = recipe.to_dict()
+    defaults = Recipe().to_dict()      # a key an older version did not write has its default
+
+    def get(d, dotted):
+        for part in dotted.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
     for key in FIXED_KEYS:
-        if old.get(key) != new.get(key):
-            raise UserError(f"run directory {run} was made with a different '{key}' section in recipe.yaml; "
-                            f"use a new --out, or the same recipe")
+        before = get(old, key) if get(old, key) is not None else get(defaults, key)
+        if before != get(new, key):
+            raise UserError(f"run directory {run} was made with {key}={before!r} (its recipe.yaml), not "
+                            f"{get(new, key)!r}; use a new --out, or the same recipe")
 
 
 def write_run_recipe(run: Path, recipe: Recipe) -> None:
