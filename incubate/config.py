@@ -71,8 +71,12 @@ class TrainCfg:
     drop_path: float = 0.0
     amp: str = "none"               # none | bf16 | fp16
     fused: bool = False             # fused AdamW (CUDA)
-    compile: bool = False
-    grad_checkpointing: bool = False
+    compile: bool = False           # torch.compile the whole network (trained and frozen parts)
+    grad_checkpointing: bool = False   # recompute block activations in backward (memory for time)
+    # Incubate stage only. true: meta modules after the target compute no weight gradients (ours).
+    # false: the official code's semantics, kept for ablations: they keep requires_grad, stay out of
+    # the optimizer and accumulate .grad that nobody reads. Target gradients are identical either way.
+    frozen_suffix_grads: bool = True
 
 
 @dataclass

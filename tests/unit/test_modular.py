@@ -85,3 +85,41 @@ def test_hybrid_prefix_builds_no_graph_and_suffix_passes_gradient():
     out = h(torch.randn(2, 1, 16, 16))
     assert seen["input"].grad_fn is None and not seen["input"].requires_grad   # prefix ran under no_grad
     assert out.requires_grad     # the suffix carries the gradient back to the target module
+
+
+def test_official_suffix_semantics_same_target_grads_but_wasted_suffix_grads():
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
+    for index in range(3):
+        grads, suffix = {}, {}
+        for frozen in (True, False):
+            h = Hybrid(FAMILY, vit(3), [1, 1, 1], FAMILY.keep_only(vit(6), [2, 2, 2], index), [2, 2, 2], index,
+                       frozen_suffix_grads=frozen).train()
+            for _ in range(2):     # two backwards: official suffix grads accumulate (nobody clears them)
+                torch.nn.functional.cross_entropy(h(x), y).backward()
+            grads[frozen] = {k: p.grad.clone() for k, p in h.runner.named_parameters()}
+            suffix[frozen] = h.meta_suffix_parameters()
+            owned = {id(p) for p in suffix[frozen]}
+            others = [p for p in h.meta.parameters() if id(p) not in owned]
+            assert all(p.grad is None and not p.requires_grad for p in others)   # prefix and module i
+            if frozen:
+                assert all(p.grad is None and not p.requires_grad for p in suffix[frozen])
+            else:
+                assert all(p.requires_grad for p in suffix[frozen])
+                # every weight of every later meta module got a gradient (none after the last module)
+                assert all(p.grad is not None for p in suffix[frozen])
+                assert index == 2 or any(p.grad.abs().sum() > 0 for p in suffix[frozen])
+        # the later meta blocks, plus norm.* and head.* that the last module owns
+        assert len(suffix[True]) == (2 - index) * len(list(vit(1).blocks[0].parameters())) + (4 if index < 2 else 0)
+        assert grads[True].keys() == grads[False].keys()
+        for k in grads[True]:
+            assert torch.equal(grads[True][k], grads[False][k]), k
+
+
+def test_frozen_suffix_grads_is_a_typed_incubate_setting(tiny_recipe):
+    from incubate.config import load_recipe
+    from incubate.errors import UserError
+    r = load_recipe(tiny_recipe, ["incubate.frozen_suffix_grads=false"])
+    assert r.stage("incubate").frozen_suffix_grads is False and r.stage("meta").frozen_suffix_grads is True
+    import pytest
+    with pytest.raises(UserError, match="frozen_suffix_grads' must be of type bool"):
+        load_recipe(tiny_recipe, ["incubate.frozen_suffix_grads=maybe"])
