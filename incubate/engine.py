@@ -104,6 +104,16 @@ def count_step_flops(net: nn.Module, trained: nn.Module, criterion, x, y) -> int
     return int(counter.get_total_flops())
 
 
+def enable_grad_checkpointing(net: nn.Module, trained: nn.Module) -> None:
+    """timm's set_grad_checkpointing on the network (a hybrid: target module and meta suffix)."""
+    for module in (net, trained):
+        if hasattr(module, "set_grad_checkpointing"):
+            module.set_grad_checkpointing(True)
+            return
+    raise UserError(f"train.grad_checkpointing: {type(trained).__name__} has no set_grad_checkpointing; "
+                    f"set it to false for this model family")
+
+
 class _DDPPart:
     """Wraps the trained part in DDP in place (for a hybrid only the target module's runner)."""
 
@@ -169,8 +179,8 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
         criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
-    if cfg.grad_checkpointing and hasattr(trained, "set_grad_checkpointing"):
-        trained.set_grad_checkpointing(True)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(net, trained)
 
     ckpt = stage_dir / "checkpoint.safetensors"
     metrics_path = stage_dir / "metrics.jsonl"

@@ -89,6 +89,12 @@ class Hybrid(nn.Module):
         return [p for name, p in self.meta.named_parameters()
                 if self.family.owner(name, self.meta_division) > self.index]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute blocks in backward: the target module's, and the meta suffix's (whose
+        activations backward also keeps to pass the gradient through). The no_grad prefix keeps none."""
+        for model in (self.runner.model, self.meta):
+            model.set_grad_checkpointing(enable)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.meta.eval()
