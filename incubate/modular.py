@@ -68,6 +68,9 @@ class Hybrid(nn.Module):
     the target keep requires_grad=True, so backward also computes their weight gradients, which
     nobody steps (they are not the trained part) and nobody clears (they accumulate). The target's
     gradients are the same either way; only the cost differs.
+
+    The hybrid takes `meta` over and drops meta module `index` from it (the target module replaces
+    it, so its weights would only occupy memory): a job holds the meta model less one module.
     """
 
     def __init__(self, family, meta: nn.Module, meta_division: list[int], target: nn.Module,
@@ -78,7 +81,8 @@ class Hybrid(nn.Module):
         self.family, self.index = family, index
         self.meta_division = list(meta_division)
         self.frozen_suffix_grads = frozen_suffix_grads
-        self.meta = meta.requires_grad_(False).eval()
+        keep = set(range(len(meta_division))) - {index}
+        self.meta = family.keep_modules(meta, self.meta_division, keep).requires_grad_(False).eval()
         if not frozen_suffix_grads:
             for p in self.meta_suffix_parameters():
                 p.requires_grad_(True)

@@ -123,3 +123,13 @@ def test_frozen_suffix_grads_is_a_typed_incubate_setting(tiny_recipe):
     import pytest
     with pytest.raises(UserError, match="frozen_suffix_grads' must be of type bool"):
         load_recipe(tiny_recipe, ["incubate.frozen_suffix_grads=maybe"])
+
+
+def test_hybrid_holds_the_meta_model_less_the_replaced_module():
+    meta_keys = split_state_dict(FAMILY, vit(3).state_dict(), [1, 1, 1])
+    x = torch.randn(2, 1, 16, 16)
+    for index in range(3):
+        h = _hybrid(index)
+        expected = {k for j, part in enumerate(meta_keys) if j != index for k in part}
+        assert set(h.meta.state_dict()) == expected
+        assert h(x).shape == (2, 5)        # and the hybrid still runs end to end
