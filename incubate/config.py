@@ -70,7 +70,7 @@ class TrainCfg:
     cutmix: float = 0.0
     drop_path: float = 0.0
     amp: str = "none"               # none | bf16 | fp16
-    fused: bool = False             # fused AdamW (CUDA)
+    fused: bool = False             # fused AdamW (CUDA and CPU)
     compile: bool = False           # torch.compile the whole network (trained and frozen parts)
     grad_checkpointing: bool = False   # recompute block activations in backward (memory for time)
     # Incubate stage only. true: meta modules after the target compute no weight gradients (ours).

@@ -163,7 +163,8 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                         f"processes exceeds the {len(bundle.train)} training images; lower batch_size")
     updates_per_epoch = micro_steps // cfg.accum_steps
     lr = cfg.lr * cfg.batch_size * cfg.accum_steps * dist.world / cfg.lr_base_batch
-    opt_kwargs = {"fused": True} if cfg.fused and dist.device.type == "cuda" else {}
+    # torch's fused AdamW runs on CUDA and, since torch 2.4, on CPU (measured 1.1x there: docs/performance.md)
+    opt_kwargs = {"fused": True} if cfg.fused else {}
     optimizer = create_optimizer_v2(trained, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=max(cfg.epochs, 1),
                                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,

@@ -105,3 +105,12 @@ def test_compiled_hybrid_trains_and_meta_stays_bitwise_frozen(tmp_path):
     for (k, a), b in zip(h.runner.model.state_dict().items(), eager.runner.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)
     assert abs(compiled["metrics"]["loss"] - reference["metrics"]["loss"]) < 1e-3
+
+
+def test_fused_adamw_and_grad_checkpointing_through_fit(tmp_path):
+    h = hybrid(0)
+    start = {k: v.clone() for k, v in h.runner.model.state_dict().items()}
+    result = _fit(tmp_path, h, h.runner.model, fused=True, grad_checkpointing=True)
+    assert torch.isfinite(torch.tensor(result["metrics"]["loss"]))
+    assert h.runner.model.grad_checkpointing and h.meta.grad_checkpointing
+    assert any(not torch.equal(start[k], v) for k, v in h.runner.model.state_dict().items())
