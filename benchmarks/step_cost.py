@@ -64,6 +64,7 @@ class Job:
     memory: dict = field(default_factory=dict)
     compile_s: float | None = None
     cuda_growth: int = 0
+    scaler: object = None      # fp16 only, as the engine does
 
     @property
     def key(self) -> str:
@@ -101,6 +102,8 @@ def make_job(name: str, variant: str, p: dict, amp: str, device) -> Job:
     opt = create_optimizer_v2(trained, opt="adamw", lr=1e-4, weight_decay=0.05,
                               **({"fused": True} if variant == "fused" else {}))
     job = Job(name, variant, net, trained, opt, "bf16" if variant == "bf16" else amp)
+    if job.amp == "fp16":
+        job.scaler = torch.amp.GradScaler("cuda")
     job.run = torch.compile(net) if variant == "compile" else net
     return job
 
@@ -108,8 +111,13 @@ def make_job(name: str, variant: str, p: dict, amp: str, device) -> Job:
 def step(job: Job, x, y, device) -> None:
     with _autocast(job.amp, device):
         loss = CRITERION(job.run(x), y)
-    loss.backward()
-    job.opt.step()
+    if job.scaler is not None:
+        job.scaler.scale(loss).backward()
+        job.scaler.step(job.opt)
+        job.scaler.update()
+    else:
+        loss.backward()
+        job.opt.step()
     job.opt.zero_grad(set_to_none=True)
 
 
@@ -180,6 +188,38 @@ def timed(job: Job, x, y, device) -> float:
     if device.type == "cuda":
         job.cuda_growth = max(job.cuda_growth, torch.cuda.max_memory_allocated() - start)
     return dt
+
+
+MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "scaled_dot_product", "flash_attention", "convolution", "linear")
+
+
+def profile_job(job: Job, x, y, device, steps: int = 3) -> dict:
+    """Where one step's time goes, from torch.profiler (forward+backward) and a timer (optimizer):
+    matmul-type kernels (GEMMs, attention, conv: the work FlopCounterMode counts), every other op
+    (norms, activations, softmax, adds, reductions: 0 FLOPs), Python/autograd bookkeeping (the
+    rest of forward+backward), and the optimizer."""
+    from torch.profiler import ProfilerActivity, profile
+    sums = {"matmul_s": 0.0, "other_ops_s": 0.0, "forward_backward_s": 0.0, "optimizer_s": 0.0}
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            with _autocast(job.amp, device):
+                loss = CRITERION(job.run(x), y)
+            loss.backward()
+            sync(device)
+            sums["forward_backward_s"] += time.perf_counter() - t0
+        for ev in prof.key_averages():
+            if ev.key.startswith("aten::"):
+                kind = "matmul_s" if any(m in ev.key[6:] for m in MATMUL_OPS) else "other_ops_s"
+                sums[kind] += ev.self_cpu_time_total / 1e6
+        t0 = time.perf_counter()
+        job.opt.step()
+        job.opt.zero_grad(set_to_none=True)
+        sync(device)
+        sums["optimizer_s"] += time.perf_counter() - t0
+    out = {k: v / steps for k, v in sums.items()}
+    out["bookkeeping_s"] = out["forward_backward_s"] - out["matmul_s"] - out["other_ops_s"]
+    return out
 
 
 def quantiles(xs: list) -> dict:
@@ -263,12 +303,14 @@ def run(args) -> dict:
         names += {"e2e": ["e2e"], "meta": ["meta"], "hybrid": [f"hybrid{i}" for i in range(k)],
                   "official": [f"official{i}" for i in range(k)]}[group]
     variant_names = [n for n in names if n.startswith(("e2e", "hybrid"))]
+    if args.variant_jobs:
+        variant_names = [n for n in args.variant_jobs.split(",") if n in names]
     jobs = [make_job(n, "base", p, args.amp, device) for n in names]
     for v in [v for v in args.variants.split(",") if v]:
         if v == "fused" and device.type == "cpu":
-            print("  note: fused AdamW on CPU (the engine enables it on CUDA only)", flush=True)
+            print("  note: fused AdamW on CPU (torch >= 2.4; the engine's train.fused allows it)", flush=True)
         jobs += [make_job(n, v, p, args.amp, device) for n in variant_names]
-    dtypes = {torch.float32} | ({torch.bfloat16} if any(j.amp == "bf16" for j in jobs) else set())
+    dtypes = {torch.float32} | {{"bf16": torch.bfloat16, "fp16": torch.float16}[j.amp] for j in jobs if j.amp != "none"}
     args.matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
     peaks = [matmul_job(device, dt, args.matmul_n) for dt in sorted(dtypes, key=str)]
     g = torch.Generator().manual_seed(0)
@@ -296,10 +338,14 @@ def run(args) -> dict:
             job.times.append(timed(job, x, y, device))
         print(f"  round {r + 1}/{args.steps}", end="\r", flush=True)
     load_after = os.getloadavg()
+    if args.profile:
+        for job in jobs:
+            if job.variant == "base":
+                job.memory["profile"] = profile_job(job, x, y, device)
     for job in jobs:
         if device.type == "cuda":
             state = model_state(job)
-            job.memory = dict(state, step_peak_growth=job.cuda_growth,
+            job.memory = dict(job.memory, **state, step_peak_growth=job.cuda_growth,
                               total=state["params"] + state["grads_at_rest"] + state["optimizer"] + job.cuda_growth)
     return report(args, p, device, jobs, peaks, load_before, load_after, x, y)
 
@@ -311,7 +357,7 @@ def report(args, p, device, jobs, peaks, load_before, load_after, x, y) -> dict:
     for j in jobs:
         t = quantiles(j.times)
         flops_s = j.flops / t["median"]
-        ref = peak["bfloat16" if j.amp == "bf16" else "float32"]
+        ref = peak[{"bf16": "bfloat16", "fp16": "float16"}.get(j.amp, "float32")]
         row = {"job": j.key, "step_s": t, "flops": j.flops, "flops_per_s": flops_s, "peak_fraction": flops_s / ref,
                "memory": j.memory, "compile_s": j.compile_s}
         if "e2e" in by and j.variant == "base":
@@ -404,6 +450,14 @@ def markdown(res: dict) -> str:
         if "flop_ratio" in b:
             extra = f" (FLOP ratio {b['flop_ratio']:.3f}" + (f", time ratio {b['time_ratio']:.3f}" if "time_ratio" in b else "") + ")"
         out.append(f"| {name} | {b['value']:.3f}{extra} | {'yes' if b['pass'] else 'NO'} |")
+    prof = [(r["job"], r["memory"]["profile"]) for r in res["rows"] if r["memory"].get("profile")]
+    if prof:
+        out += ["", "torch.profiler, mean of 3 steps a job after the timed rounds (profiling inflates times):", "",
+                "| job | forward+backward s | matmul-type ops s | other ops s | bookkeeping s | optimizer s |",
+                "|---|---|---|---|---|---|"]
+        for name, pr in prof:
+            out.append(f"| {name} | {pr['forward_backward_s']:.3f} | {pr['matmul_s']:.3f} | {pr['other_ops_s']:.3f} | "
+                       f"{pr['bookkeeping_s']:.3f} | {pr['optimizer_s']:.3f} |")
     if "data_wait" in res:
         out += ["", "| loader (E2E steps, in-memory images) | wait share | median wait ms | max wait ms | step s |",
                 "|---|---|---|---|---|"]
@@ -421,12 +475,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="for every job")
     ap.add_argument("--jobs", default="e2e,meta,hybrid,official", help="groups: e2e, meta, hybrid, official")
     ap.add_argument("--variants", default="", help=f"extra variants of the E2E and hybrid jobs: {', '.join(VARIANTS[1:])}")
+    ap.add_argument("--variant-jobs", default="", help="jobs the variants apply to, e.g. e2e,hybrid1 "
+                    "(default: E2E and every hybrid)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--data-steps", type=int, default=20)
     ap.add_argument("--no-data", action="store_true", help="skip the data-wait measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--matmul-n", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="also break each job's step down by op kind")
     ap.add_argument("--out", default="", help="basename for .json and .md (default benchmarks/results/...)")
     args = ap.parse_args(argv)
     bad = [v for v in args.variants.split(",") if v and v not in VARIANTS[1:]]
@@ -435,7 +492,8 @@ def main(argv=None) -> dict:
     if args.amp == "fp16" and not torch.cuda.is_available():
         ap.error("--amp fp16 needs CUDA; use bf16 on CPU")
     res = run(args)
-    tag = "_".join(filter(None, [args.preset, args.amp if args.amp != "none" else "", args.variants.replace(",", "-")]))
+    tag = "_".join(filter(None, [args.preset, args.amp if args.amp != "none" else "", args.variants.replace(",", "-"),
+                                 "profile" if args.profile else ""]))
     base = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"step_cost_{tag}"
     base.parent.mkdir(parents=True, exist_ok=True)
     base.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
