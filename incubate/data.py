@@ -237,6 +237,36 @@ def batch_augment(x: torch.Tensor, shift: int, hflip: bool) -> torch.Tensor:
     return x
 
 
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, where 0 bits kept gives a black image as in TF and older Pillow.
+
+    timm asks for 0 bits at the top magnitude of PosterizeIncreasing (rand-...-inc1 with mstd
+    reaches it on ~2% of its draws) and Pillow >= 10 refuses 0, which crashed a DataLoader within
+    a few batches of every paper recipe."""
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    from timm.data.auto_augment import posterize
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _posterize_zero_bits(transform):
+    """Point the Posterize ops of timm's (Rand/Auto/AugMix) augmentation at `_posterize`."""
+    def ops(node):
+        if isinstance(node, (list, tuple)):
+            for item in node:
+                yield from ops(item)
+        elif hasattr(node, "aug_fn") and hasattr(node, "name"):
+            yield node
+        else:
+            for attr in ("transforms", "ops", "policy"):
+                if hasattr(node, attr):
+                    yield from ops(getattr(node, attr))
+    for op in ops(transform):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return transform
+
+
 class _EpochSampler(Sampler):
     """One rank's order for the epoch set by `set_epoch`, as (index, augmentation seed) pairs.
 
@@ -322,10 +352,11 @@ class Loader:
         aug = self.cfg.augment
         size = self.bundle.img_size
         if self.train:
-            return create_transform(size, is_training=True, auto_augment=aug.auto_augment,
-                                    re_prob=aug.re_prob, re_mode="pixel", scale=tuple(aug.crop_scale),
-                                    hflip=0.5 if aug.hflip else 0.0, mean=self.bundle.mean,
-                                    std=self.bundle.std, interpolation="bicubic")
+            return _posterize_zero_bits(
+                create_transform(size, is_training=True, auto_augment=aug.auto_augment,
+                                 re_prob=aug.re_prob, re_mode="pixel", scale=tuple(aug.crop_scale),
+                                 hflip=0.5 if aug.hflip else 0.0, mean=self.bundle.mean,
+                                 std=self.bundle.std, interpolation="bicubic"))
         return create_transform(size, is_training=False, mean=self.bundle.mean, std=self.bundle.std,
                                 crop_pct=1.0 if size <= 64 else 0.875, interpolation="bicubic")
 

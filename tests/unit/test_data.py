@@ -46,3 +46,17 @@ def test_pin_memory_only_applies_on_cuda():
     assert not loader.pin            # pinning needs CUDA; on CPU it is skipped instead of failing
     x, y = next(iter(loader.epoch(0)))
     assert x.shape == (16, 1, 8, 8) and y.shape == (16,)
+
+
+def test_paper_randaugment_at_top_magnitude_posterizes_instead_of_crashing():
+    from PIL import Image
+    cfg = DataCfg(source="digits", img_size=8, train_fraction=0.1)
+    cfg.augment.auto_augment = "rand-m9-mstd0.5-inc1"     # every paper recipe's string
+    bundle = load_data(cfg)
+    transform = Loader(bundle, bundle.train, cfg, 16, True, 0, 0, 1, "cpu").dataset.transform
+    rand = [t for t in transform.transforms if hasattr(t, "ops")][0]
+    op = [o for o in rand.ops if o.name == "PosterizeIncreasing"][0]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0      # timm asks for 0 bits here
+    img = Image.fromarray((torch.arange(64, dtype=torch.uint8).view(8, 8) * 4).numpy())
+    out = op(img)
+    assert out.size == img.size and max(out.getdata()) == 0
