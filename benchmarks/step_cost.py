@@ -347,7 +347,12 @@ def run(args) -> dict:
             state = model_state(job)
             job.memory = dict(job.memory, **state, step_peak_growth=job.cuda_growth,
                               total=state["params"] + state["grads_at_rest"] + state["optimizer"] + job.cuda_growth)
-    return report(args, p, device, jobs, peaks, load_before, load_after, x, y)
+    result = report(args, p, device, jobs, peaks, load_before, load_after, x, y)
+    del jobs, everyone
+    if not args.no_data:
+        save(result, args)            # the timings are kept even if the data part fails
+        add_data_wait(result, p, args, device)
+    return result
 
 
 def report(args, p, device, jobs, peaks, load_before, load_after, x, y) -> dict:
@@ -407,12 +412,30 @@ def report(args, p, device, jobs, peaks, load_before, load_after, x, y) -> dict:
               "config": p, "amp": args.amp, "steps": args.steps, "warmup": args.warmup, "machine": machine,
               "rows": rows, "bars": bars,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if not args.no_data:
-        result["data_wait"] = data_wait(p, args, device, args.amp)
-        rows_dw = [r for r in result["data_wait"] if r["loader"].startswith("batched")]
-        result["bars"]["data-wait share (in-memory, batched)"] = {"value": rows_dw[0]["wait_share"],
-                                                                   "pass": rows_dw[0]["wait_share"] < 0.05}
     return result
+
+
+def add_data_wait(result: dict, p: dict, args, device) -> dict:
+    result["data_wait"] = data_wait(p, args, device, args.amp)
+    batched = [r for r in result["data_wait"] if r["loader"].startswith("batched")][0]
+    result["bars"]["data-wait share (in-memory, batched)"] = {"value": batched["wait_share"],
+                                                              "pass": batched["wait_share"] < 0.05}
+    return result
+
+
+def run_data_only(args) -> dict:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    p = dict(PRESETS[args.preset], **({"batch": args.batch} if args.batch else {}))
+    load_before = os.getloadavg()
+    return add_data_wait({"command": "python benchmarks/step_cost.py " + " ".join(sys.argv[1:]), "preset": args.preset,
+            "config": p, "amp": args.amp, "steps": args.data_steps, "warmup": args.warmup,
+            "machine": {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "load_avg_before": load_before, "load_after": os.getloadavg(),
+                        "matmul_peak_flops_per_s": {}},
+            "rows": [], "bars": {}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, p, args, device)
 
 
 def mib(b) -> str:
@@ -428,9 +451,11 @@ def markdown(res: dict) -> str:
            f"timed rounds; matmul peak measured in the same rounds: {peaks}. Median of {res['steps']} "
            f"interleaved steps after {res['warmup']} warm-up; ratios are medians of per-round ratios "
            f"(q25-q75 in brackets).", "",
-           "| job | step s (q25-q75) | time / E2E | FLOPs / E2E | GFLOP/step | GFLOP/s | of peak | "
-           "model state MiB | saved act. MiB | memory MiB | speedup vs base | compile s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           ]
+    if res["rows"]:
+        out += ["| job | step s (q25-q75) | time / E2E | FLOPs / E2E | GFLOP/step | GFLOP/s | of peak | "
+                "model state MiB | saved act. MiB | memory MiB | speedup vs base | compile s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         s, mem = r["step_s"], r["memory"]
         tv = r.get("time_vs_e2e")
@@ -481,6 +506,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--data-steps", type=int, default=20)
     ap.add_argument("--no-data", action="store_true", help="skip the data-wait measurement")
+    ap.add_argument("--data-only", action="store_true", help="only the data-wait measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--matmul-n", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="also break each job's step down by op kind")
@@ -491,16 +517,20 @@ def main(argv=None) -> dict:
         ap.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS[1:])}")
     if args.amp == "fp16" and not torch.cuda.is_available():
         ap.error("--amp fp16 needs CUDA; use bf16 on CPU")
-    res = run(args)
+    res = run_data_only(args) if args.data_only else run(args)
+    print("\n" + save(res, args))
+    return res
+
+
+def save(res: dict, args) -> str:
     tag = "_".join(filter(None, [args.preset, args.amp if args.amp != "none" else "", args.variants.replace(",", "-"),
-                                 "profile" if args.profile else ""]))
+                                 "profile" if args.profile else "", "data" if args.data_only else ""]))
     base = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"step_cost_{tag}"
     base.parent.mkdir(parents=True, exist_ok=True)
     base.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     md = markdown(res)
     base.with_suffix(".md").write_text(md)
-    print("\n" + md)
-    return res
+    return md
 
 
 if __name__ == "__main__":
