@@ -242,7 +242,7 @@ def _posterize(img, bits_to_keep, **kwargs):
 
     timm asks for 0 bits at the top magnitude of PosterizeIncreasing (rand-...-inc1 with mstd
     reaches it on ~2% of its draws) and Pillow >= 10 refuses 0, which crashed a DataLoader within
-    a few batches of every paper recipe."""
+    the first epoch of every paper recipe."""
     if bits_to_keep <= 0:
         return img.point(lambda _: 0)
     from timm.data.auto_augment import posterize
