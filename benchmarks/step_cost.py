@@ -76,11 +76,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def build_model(p: dict, depth: int, seed: int = 0) -> nn.Module:
+def build_model(p: dict, depth: int, device, seed: int = 0) -> nn.Module:
+    """Built (and initialised) on the device: ViT-L's CPU initialisation would eat the GPU check's time."""
     torch.manual_seed(seed)
     import timm
-    return timm.create_model(p["name"], pretrained=False, depth=depth, num_classes=p["classes"], in_chans=3,
-                             img_size=p["img"], **p["kwargs"])
+    with torch.device(device):
+        return timm.create_model(p["name"], pretrained=False, depth=depth, num_classes=p["classes"], in_chans=3,
+                                 img_size=p["img"], **p["kwargs"])
 
 
 def make_job(name: str, variant: str, p: dict, amp: str, device) -> Job:
@@ -88,12 +90,12 @@ def make_job(name: str, variant: str, p: dict, amp: str, device) -> Job:
     k, depth = p["k"], p["depth"]
     division = [depth // k] * k
     if name == "e2e" or name == "meta":
-        net = build_model(p, depth if name == "e2e" else k)
+        net = build_model(p, depth if name == "e2e" else k, device)
         trained = net
     else:
         index = int(name[-1])
-        target = FAMILY.keep_only(build_model(p, depth), division, index)
-        net = Hybrid(FAMILY, build_model(p, k, seed=1), [1] * k, target, division, index,
+        target = FAMILY.keep_only(build_model(p, depth, device), division, index)
+        net = Hybrid(FAMILY, build_model(p, k, device, seed=1), [1] * k, target, division, index,
                      frozen_suffix_grads=name.startswith("hybrid"))
         trained = target
     net.to(device).train()
