@@ -71,12 +71,16 @@ class TrainCfg:
     cutmix: float = 0.0
     drop_path: float = 0.0
     amp: str = "none"               # none | bf16 | fp16
-    fused: bool = False             # fused AdamW (CUDA)
-    compile: bool = False
-    grad_checkpointing: bool = False
+    fused: bool = False             # fused AdamW (CUDA and CPU)
+    compile: bool = False           # torch.compile the whole network (trained and frozen parts)
+    grad_checkpointing: bool = False   # recompute block activations in backward (memory for time)
+    # Incubate stage only. true: meta modules after the target compute no weight gradients (ours).
+    # false: the official code's semantics, kept for ablations: they keep requires_grad, stay out of
+    # the optimizer and accumulate .grad that nobody reads. Target gradients are identical either way.
+    frozen_suffix_grads: bool = True
     max_nonfinite_skips: int = 0    # steps with a NaN/inf loss to skip (no update) before stopping
-    # incubate stage only: how a target module starts. random (the paper) | meta: as a copy of its
-    # meta module (extra blocks start as the identity), so hybrid and assembly start as the meta model
+    # Incubate stage only: how a target module starts. random (the paper) | meta: as a copy of its
+    # meta module (extra blocks start as the identity), so hybrid and assembly start as the meta model.
     module_init: str = "random"
 
 

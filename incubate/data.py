@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from .errors import UserError
 
@@ -250,15 +251,89 @@ def _collate(items):
     return (default_collate(good) if good else None), bad
 
 
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, where 0 bits kept gives a black image as in TF and older Pillow.
+
+    timm asks for 0 bits at the top magnitude of PosterizeIncreasing (rand-...-inc1 with mstd
+    reaches it on ~2% of its draws) and Pillow >= 10 refuses 0, which crashed a DataLoader within
+    the first epoch of every paper recipe."""
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    from timm.data.auto_augment import posterize
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _posterize_zero_bits(transform):
+    """Point the Posterize ops of timm's (Rand/Auto/AugMix) augmentation at `_posterize`."""
+    def ops(node):
+        if isinstance(node, (list, tuple)):
+            for item in node:
+                yield from ops(item)
+        elif hasattr(node, "aug_fn") and hasattr(node, "name"):
+            yield node
+        else:
+            for attr in ("transforms", "ops", "policy"):
+                if hasattr(node, attr):
+                    yield from ops(getattr(node, attr))
+    for op in ops(transform):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return transform
+
+
+class _EpochSampler(Sampler):
+    """One rank's order for the epoch set by `set_epoch`, as (index, augmentation seed) pairs.
+
+    The DataLoader is built once (so persistent workers survive epochs); the order and every
+    sample's augmentation seed stay functions of (seed, epoch, rank, position), whatever the number
+    of workers and whatever epochs ran before in this process (a resumed run replays them).
+    """
+
+    def __init__(self, n: int, seed: int, rank: int, world: int, batch: int, train: bool):
+        self.n, self.seed, self.rank, self.world, self.batch, self.train = n, seed, rank, world, batch, train
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self):
+        return epoch_order(self.n, self.seed, self.epoch, self.rank, self.world, self.batch, self.train)
+
+    def __iter__(self):
+        base = (self.seed * 7919 + self.epoch * 131 + self.rank) * 1_000_003
+        for pos, i in enumerate(self._order().tolist()):
+            yield i, (base + pos) % (2 ** 63)
+
+    def __len__(self):
+        return len(self._order())
+
+
 class _ImageDataset(Dataset):
+    """Items are (index, seed): the seed fixes every random draw of that sample's transform."""
+
     def __init__(self, split: Split, transform):
         self.split, self.transform = split, transform
 
     def __len__(self):
         return len(self.split)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, seed = item
+        if get_worker_info() is not None:       # a worker's RNGs serve only its transforms
+            return self._load(i, seed)
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:                                    # in the main process: leave training's RNGs alone
+            return self._load(i, seed)
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+    def _load(self, i, seed):
         from PIL import Image
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
         if self.split.images is not None:
             arr = self.split.images[i].numpy()
             img = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0))
@@ -282,7 +357,7 @@ class Loader:
         aug = cfg.augment
         self.per_image = split.images is None or (train and (aug.auto_augment or aug.re_prob > 0))
         if self.per_image:
-            self._loader_cache = None
+            self._dataloader = None
             self.dataset = _ImageDataset(split, self._transform())
         else:
             self.tensor = _prepare(split.images, bundle.img_size, bundle.mean, bundle.std)
@@ -292,10 +367,11 @@ class Loader:
         aug = self.cfg.augment
         size = self.bundle.img_size
         if self.train:
-            return create_transform(size, is_training=True, auto_augment=aug.auto_augment,
-                                    re_prob=aug.re_prob, re_mode="pixel", scale=tuple(aug.crop_scale),
-                                    hflip=0.5 if aug.hflip else 0.0, mean=self.bundle.mean,
-                                    std=self.bundle.std, interpolation="bicubic")
+            return _posterize_zero_bits(
+                create_transform(size, is_training=True, auto_augment=aug.auto_augment,
+                                 re_prob=aug.re_prob, re_mode="pixel", scale=tuple(aug.crop_scale),
+                                 hflip=0.5 if aug.hflip else 0.0, mean=self.bundle.mean,
+                                 std=self.bundle.std, interpolation="bicubic"))
         return create_transform(size, is_training=False, mean=self.bundle.mean, std=self.bundle.std,
                                 crop_pct=1.0 if size <= 64 else 0.875, interpolation="bicubic")
 
@@ -305,24 +381,41 @@ class Loader:
             return n // (self.batch * self.world)
         return -(-len(range(self.rank, n, self.world)) // self.batch)
 
+    @property
+    def pin(self) -> bool:
+        """Pinned host memory only helps (and only works) when batches go to a CUDA device."""
+        return bool(self.cfg.pin_memory) and torch.device(self.device).type == "cuda"
+
     def epoch(self, epoch: int):
-        order = epoch_order(len(self.split), self.seed, epoch, self.rank, self.world, self.batch, self.train)
         if self.per_image:
-            yield from self._per_image(order, epoch)
+            yield from self._per_image(epoch)
             return
+        order = epoch_order(len(self.split), self.seed, epoch, self.rank, self.world, self.batch, self.train)
         aug = self.cfg.augment
         for start in range(0, len(order), self.batch):
             idx = order[start:start + self.batch]
             x, y = self.tensor[idx], self.split.labels[idx]
             if self.train:
                 x = batch_augment(x, aug.shift, aug.hflip)
+            if self.pin:        # so that non_blocking copies really overlap with compute
+                x, y = x.pin_memory(), y.pin_memory()
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _per_image(self, order, epoch):
-        g = torch.Generator().manual_seed(self.seed * 7919 + epoch * 131 + self.rank)
-        loader = DataLoader(self.dataset, batch_size=self.batch, sampler=order.tolist(),
-                            num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
-                            persistent_workers=False, drop_last=self.train, generator=g, collate_fn=_collate)
+    def dataloader(self) -> DataLoader:
+        """The per-image DataLoader, built once so that persistent workers outlive an epoch."""
+        if self._dataloader is None:
+            workers = self.cfg.num_workers
+            sampler = _EpochSampler(len(self.split), self.seed, self.rank, self.world, self.batch, self.train)
+            self._dataloader = DataLoader(self.dataset, batch_size=self.batch, sampler=sampler,
+                                          num_workers=workers, pin_memory=self.pin, drop_last=self.train,
+                                          persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,
+                                          generator=torch.Generator(),   # its seed draw is unused: spare the global RNG
+                                          collate_fn=_collate)
+        return self._dataloader
+
+    def _per_image(self, epoch):
+        loader = self.dataloader()
+        loader.sampler.set_epoch(epoch)
         for batch, bad in loader:
             if bad and self.cfg.on_bad_image != "skip":
                 raise UserError(f"image {bad[0].path} is unreadable ({bad[0].reason}); remove or replace it, "

@@ -104,6 +104,16 @@ def count_step_flops(net: nn.Module, trained: nn.Module, criterion, x, y) -> int
     return int(counter.get_total_flops())
 
 
+def enable_grad_checkpointing(net: nn.Module, trained: nn.Module) -> None:
+    """timm's set_grad_checkpointing on the network (a hybrid: target module and meta suffix)."""
+    for module in (net, trained):
+        if hasattr(module, "set_grad_checkpointing"):
+            module.set_grad_checkpointing(True)
+            return
+    raise UserError(f"train.grad_checkpointing: {type(trained).__name__} has no set_grad_checkpointing; "
+                    f"set it to false for this model family")
+
+
 class _DDPPart:
     """Wraps the trained part in DDP in place (for a hybrid only the target module's runner)."""
 
@@ -162,7 +172,8 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                         f"processes exceeds the {len(bundle.train)} training images; lower batch_size")
     updates_per_epoch = micro_steps // cfg.accum_steps
     lr = cfg.lr * cfg.batch_size * cfg.accum_steps * dist.world / cfg.lr_base_batch
-    opt_kwargs = {"fused": True} if cfg.fused and dist.device.type == "cuda" else {}
+    # torch's fused AdamW runs on CUDA and, since torch 2.4, on CPU (measured 1.1x there: docs/performance.md)
+    opt_kwargs = {"fused": True} if cfg.fused else {}
     optimizer = create_optimizer_v2(trained, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=max(cfg.epochs, 1),
                                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
@@ -178,8 +189,8 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
         criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
-    if cfg.grad_checkpointing and hasattr(trained, "set_grad_checkpointing"):
-        trained.set_grad_checkpointing(True)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(net, trained)
 
     ckpt = stage_dir / "checkpoint.safetensors"
     metrics_path = stage_dir / "metrics.jsonl"

@@ -79,17 +79,41 @@ class Hybrid(nn.Module):
     dropout: it was trained without its target-time regularisation). Meta modules before the
     target run under no_grad (no autograd graph at all); those after it pass gradients to their
     input but compute no weight gradients (their parameters do not require grad).
+
+    `frozen_suffix_grads=False` reproduces the official code for ablations: the meta modules after
+    the target keep requires_grad=True, so backward also computes their weight gradients, which
+    nobody steps (they are not the trained part) and nobody clears (they accumulate). The target's
+    gradients are the same either way; only the cost differs.
+
+    The hybrid takes `meta` over and drops meta module `index` from it (the target module replaces
+    it, so its weights would only occupy memory): a job holds the meta model less one module.
     """
 
     def __init__(self, family, meta: nn.Module, meta_division: list[int], target: nn.Module,
-                 division: list[int], index: int):
+                 division: list[int], index: int, frozen_suffix_grads: bool = True):
         super().__init__()
         if len(meta_division) != len(division):
             raise UserError(f"meta model has {len(meta_division)} modules, target {len(division)}")
         self.family, self.index = family, index
         self.meta_division = list(meta_division)
-        self.meta = meta.requires_grad_(False).eval()
+        self.frozen_suffix_grads = frozen_suffix_grads
+        keep = set(range(len(meta_division))) - {index}
+        self.meta = family.keep_modules(meta, self.meta_division, keep).requires_grad_(False).eval()
+        if not frozen_suffix_grads:
+            for p in self.meta_suffix_parameters():
+                p.requires_grad_(True)
         self.runner = ModuleRunner(family, target, division, index)
+
+    def meta_suffix_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the meta modules after the target (those backward passes through)."""
+        return [p for name, p in self.meta.named_parameters()
+                if self.family.owner(name, self.meta_division) > self.index]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute blocks in backward: the target module's, and the meta suffix's (whose
+        activations backward also keeps to pass the gradient through). The no_grad prefix keeps none."""
+        for model in (self.runner.model, self.meta):
+            model.set_grad_checkpointing(enable)
 
     def train(self, mode: bool = True):
         super().train(mode)

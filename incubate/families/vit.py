@@ -109,18 +109,20 @@ class ViTFamily:
 
     def keep_only(self, model: nn.Module, division: list[int], index: int) -> nn.Module:
         """Drop every part of `model` that module `index` does not own, keeping key names."""
-        start = sum(division[:index])
-        stop = start + division[index]
+        return self.keep_modules(model, division, {index})
+
+    def keep_modules(self, model: nn.Module, division: list[int], keep: set) -> nn.Module:
+        """Drop every part of `model` that no module in `keep` owns, keeping key names."""
         for j in range(len(model.blocks)):
-            if not start <= j < stop:
+            if self.owner(f"blocks.{j}.", division) not in keep:
                 model.blocks[j] = nn.Identity()
-        if index != 0:
+        if 0 not in keep:
             model.patch_embed = nn.Identity()
             model.norm_pre = nn.Identity()
             for token in ("cls_token", "reg_token", "pos_embed"):
                 if getattr(model, token, None) is not None:
                     setattr(model, token, None)
-        if index != len(division) - 1:
+        if len(division) - 1 not in keep:
             model.norm = nn.Identity()
             model.fc_norm = nn.Identity()
             model.head = nn.Identity()

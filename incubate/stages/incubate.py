@@ -17,7 +17,8 @@ def load_meta(ctx: Context):
     return meta, manifest["sha256"]
 
 
-def build_hybrid(ctx: Context, index: int, drop_path: float = 0.0, module_init: str = "random") -> Hybrid:
+def build_hybrid(ctx: Context, index: int, drop_path: float = 0.0, module_init: str = "random",
+                 frozen_suffix_grads: bool = True) -> Hybrid:
     k = len(ctx.recipe.model.division)
     if not 0 <= index < k:
         raise UserError(f"--module {index} is out of range: the recipe divides the target into {k} modules "
@@ -29,7 +30,8 @@ def build_hybrid(ctx: Context, index: int, drop_path: float = 0.0, module_init: 
     if module_init == "meta":
         ctx.family.init_from_meta(target, meta, ctx.recipe.model.division, ctx.recipe.meta_division, index)
     ctx.family.keep_only(target, ctx.recipe.model.division, index)
-    hybrid = Hybrid(ctx.family, meta, ctx.recipe.meta_division, target, ctx.recipe.model.division, index)
+    hybrid = Hybrid(ctx.family, meta, ctx.recipe.meta_division, target, ctx.recipe.model.division, index,
+                    frozen_suffix_grads=frozen_suffix_grads)
     hybrid.fingerprint = fingerprint
     return hybrid
 
@@ -42,7 +44,7 @@ def main(recipe: Recipe, out, module: int) -> dict:
                         f"(0..{k - 1})")
     stage = StageDir(ctx.run, "incubate", module)
     cfg = recipe.stage("incubate")
-    hybrid = build_hybrid(ctx, module, cfg.drop_path, cfg.module_init)
+    hybrid = build_hybrid(ctx, module, cfg.drop_path, cfg.module_init, cfg.frozen_suffix_grads)
     manifest = ctx.base_manifest(stage)
     manifest["meta_fingerprint"] = hybrid.fingerprint
     if stage.finished() and stage.manifest().get("meta_fingerprint") != hybrid.fingerprint:

@@ -1,4 +1,6 @@
 """Division, hybrid and assembly on a real timm ViT."""
+import copy
+
 import torch
 import timm
 
@@ -97,7 +99,7 @@ def test_meta_init_makes_every_hybrid_and_the_assembly_compute_the_meta_model():
         target = vit(sum(div))
         FAMILY.init_from_meta(target, meta, div, meta_div, i)
         parts.append(split_state_dict(FAMILY, target.state_dict(), div)[i])
-        h = Hybrid(FAMILY, meta, meta_div, FAMILY.keep_only(target, div, i), div, i).eval()
+        h = Hybrid(FAMILY, copy.deepcopy(meta), meta_div, FAMILY.keep_only(target, div, i), div, i).eval()
         torch.testing.assert_close(h(x), expected, rtol=1e-5, atol=1e-5)
     assembled = vit(sum(div)).eval()
     assembled.load_state_dict(assemble_state_dict(FAMILY, parts, div), strict=True)
@@ -113,3 +115,51 @@ def test_meta_init_blocks_still_train():
     torch.nn.functional.cross_entropy(h(torch.randn(4, 1, 16, 16)), torch.tensor([0, 1, 2, 3])).backward()
     zeroed = target.blocks[4].attn.proj.weight
     assert zeroed.abs().sum() == 0 and zeroed.grad is not None and zeroed.grad.abs().sum() > 0
+
+
+def test_official_suffix_semantics_same_target_grads_but_wasted_suffix_grads():
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
+    for index in range(3):
+        grads, suffix = {}, {}
+        for frozen in (True, False):
+            h = Hybrid(FAMILY, vit(3), [1, 1, 1], FAMILY.keep_only(vit(6), [2, 2, 2], index), [2, 2, 2], index,
+                       frozen_suffix_grads=frozen).train()
+            for _ in range(2):     # two backwards: official suffix grads accumulate (nobody clears them)
+                torch.nn.functional.cross_entropy(h(x), y).backward()
+            grads[frozen] = {k: p.grad.clone() for k, p in h.runner.named_parameters()}
+            suffix[frozen] = h.meta_suffix_parameters()
+            owned = {id(p) for p in suffix[frozen]}
+            others = [p for p in h.meta.parameters() if id(p) not in owned]
+            assert all(p.grad is None and not p.requires_grad for p in others)   # prefix and module i
+            if frozen:
+                assert all(p.grad is None and not p.requires_grad for p in suffix[frozen])
+            else:
+                assert all(p.requires_grad for p in suffix[frozen])
+                # every weight of every later meta module got a gradient (none after the last module)
+                assert all(p.grad is not None for p in suffix[frozen])
+                assert index == 2 or any(p.grad.abs().sum() > 0 for p in suffix[frozen])
+        # the later meta blocks, plus norm.* and head.* that the last module owns
+        assert len(suffix[True]) == (2 - index) * len(list(vit(1).blocks[0].parameters())) + (4 if index < 2 else 0)
+        assert grads[True].keys() == grads[False].keys()
+        for k in grads[True]:
+            assert torch.equal(grads[True][k], grads[False][k]), k
+
+
+def test_frozen_suffix_grads_is_a_typed_incubate_setting(tiny_recipe):
+    from incubate.config import load_recipe
+    from incubate.errors import UserError
+    r = load_recipe(tiny_recipe, ["incubate.frozen_suffix_grads=false"])
+    assert r.stage("incubate").frozen_suffix_grads is False and r.stage("meta").frozen_suffix_grads is True
+    import pytest
+    with pytest.raises(UserError, match="frozen_suffix_grads' must be of type bool"):
+        load_recipe(tiny_recipe, ["incubate.frozen_suffix_grads=maybe"])
+
+
+def test_hybrid_holds_the_meta_model_less_the_replaced_module():
+    meta_keys = split_state_dict(FAMILY, vit(3).state_dict(), [1, 1, 1])
+    x = torch.randn(2, 1, 16, 16)
+    for index in range(3):
+        h = _hybrid(index)
+        expected = {k for j, part in enumerate(meta_keys) if j != index for k in part}
+        assert set(h.meta.state_dict()) == expected
+        assert h(x).shape == (2, 5)        # and the hybrid still runs end to end

@@ -1,0 +1,539 @@
+"""Step cost of every stage against E2E: time, FLOPs, FLOP/s, share of matmul peak, memory.
+
+Every job (E2E, the meta model, each hybrid(i), each hybrid(i) with the official semantics, and the
+same jobs under the throughput options asked for) lives in this one process; after warm-up they are
+stepped round-robin, one step each a round (the start rotates), so a load change on the machine
+hits them alike. Times are medians over --steps rounds; ratios are medians of per-round ratios.
+A large matmul is timed in the same rounds as this machine's peak. FLOPs come from
+FlopCounterMode on one step. Memory: on CUDA the job's resident tensors plus the step's peak
+growth (max_memory_allocated); on CPU parameters + gradients + optimizer state + the tensors
+autograd saves for backward (saved_tensors_hooks, unique storages, parameters excluded), measured.
+The data-wait part runs E2E steps on the real incubate.data.Loader over in-memory images.
+
+  python benchmarks/step_cost.py --threads 1                         # CPU: DeiT-Tiny width, 32 px
+  python benchmarks/step_cost.py --threads 1 --variants compile --jobs e2e,hybrid --no-data
+  python benchmarks/step_cost.py --preset vit_b16 --amp bf16         # GPU
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from incubate.config import DataCfg  # noqa: E402
+from incubate.data import DataBundle, Loader, Split  # noqa: E402
+from incubate.engine import _autocast, count_step_flops, enable_grad_checkpointing  # noqa: E402
+from incubate.families import get_family  # noqa: E402
+from incubate.modular import Hybrid  # noqa: E402
+
+FAMILY = get_family("vit")
+PRESETS = {   # timm name, overrides, target depth, K, batch, classes, image size
+    "tiny": dict(name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, embed_dim=192, num_heads=3),
+                 depth=12, k=4, batch=64, classes=100, img=32),
+    "vit_b16": dict(name="vit_base_patch16_224", kwargs={}, depth=12, k=4, batch=64, classes=1000, img=224),
+    "vit_l16": dict(name="vit_large_patch16_224", kwargs={}, depth=24, k=4, batch=64, classes=1000, img=224),
+}
+VARIANTS = ("base", "compile", "bf16", "ckpt", "fused")
+CRITERION = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+
+@dataclass
+class Job:
+    name: str                  # e2e | meta | hybrid<i> | official<i> | matmul
+    variant: str
+    net: nn.Module | None = None
+    trained: nn.Module | None = None
+    opt: object = None
+    amp: str = "none"
+    run: object = None
+    times: list = field(default_factory=list)
+    flops: int = 0
+    memory: dict = field(default_factory=dict)
+    compile_s: float | None = None
+    cuda_growth: int = 0
+    scaler: object = None      # fp16 only, as the engine does
+
+    @property
+    def key(self) -> str:
+        return self.name if self.variant == "base" else f"{self.name}+{self.variant}"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(p: dict, depth: int, device, seed: int = 0) -> nn.Module:
+    """Built (and initialised) on the device: ViT-L's CPU initialisation would eat the GPU check's time."""
+    torch.manual_seed(seed)
+    import timm
+    with torch.device(device):
+        return timm.create_model(p["name"], pretrained=False, depth=depth, num_classes=p["classes"], in_chans=3,
+                                 img_size=p["img"], **p["kwargs"])
+
+
+def make_job(name: str, variant: str, p: dict, amp: str, device) -> Job:
+    from timm.optim import create_optimizer_v2
+    k, depth = p["k"], p["depth"]
+    division = [depth // k] * k
+    if name == "e2e" or name == "meta":
+        net = build_model(p, depth if name == "e2e" else k, device)
+        trained = net
+    else:
+        index = int(name[-1])
+        target = FAMILY.keep_only(build_model(p, depth, device), division, index)
+        net = Hybrid(FAMILY, build_model(p, k, device, seed=1), [1] * k, target, division, index,
+                     frozen_suffix_grads=name.startswith("hybrid"))
+        trained = target
+    net.to(device).train()
+    if variant == "ckpt":
+        enable_grad_checkpointing(net, trained)
+    opt = create_optimizer_v2(trained, opt="adamw", lr=1e-4, weight_decay=0.05,
+                              **({"fused": True} if variant == "fused" else {}))
+    job = Job(name, variant, net, trained, opt, "bf16" if variant == "bf16" else amp)
+    if job.amp == "fp16":
+        job.scaler = torch.amp.GradScaler("cuda")
+    job.run = torch.compile(net) if variant == "compile" else net
+    return job
+
+
+def step(job: Job, x, y, device) -> None:
+    with _autocast(job.amp, device):
+        loss = CRITERION(job.run(x), y)
+    if job.scaler is not None:
+        job.scaler.scale(loss).backward()
+        job.scaler.step(job.opt)
+        job.scaler.update()
+    else:
+        loss.backward()
+        job.opt.step()
+    job.opt.zero_grad(set_to_none=True)
+
+
+def storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def model_state(job: Job) -> dict:
+    """Bytes of parameters, gradients still held, and optimizer state, from the tensors themselves."""
+    params = list(job.net.parameters())
+    opt_state = [t for s in job.opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    return {"params": storage_bytes(params),
+            "grads_at_rest": storage_bytes([p.grad for p in params if p.grad is not None]),
+            "optimizer": storage_bytes(opt_state),
+            "trainable_params": sum(p.numel() for p in job.trained.parameters())}
+
+
+def measure_memory(job: Job, x, y, device) -> dict:
+    """One eager forward/backward, no update: saved activations and gradients measured."""
+    params = list(job.net.parameters())
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    saved: dict = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in param_ptrs:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _autocast(job.amp, device):
+            loss = CRITERION(job.net(x), y)
+    loss.backward()
+    grads = storage_bytes([p.grad for p in params if p.grad is not None])
+    job.opt.zero_grad(set_to_none=True)
+    state = model_state(job)
+    mem = dict(state, grads=grads, saved_activations=sum(saved.values()))
+    mem["model_state"] = mem["params"] + mem["grads"] + mem["optimizer"]
+    mem["total"] = mem["model_state"] + mem["saved_activations"]
+    return mem
+
+
+def matmul_job(device, dtype, n: int) -> Job:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    job = Job("matmul", str(dtype).replace("torch.", ""))
+    job.run = lambda: a @ b
+    job.flops = 2 * n ** 3
+    return job
+
+
+def timed(job: Job, x, y, device) -> float:
+    if device.type == "cuda":
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    if job.name == "matmul":
+        job.run()
+    else:
+        step(job, x, y, device)
+    sync(device)
+    dt = time.perf_counter() - t0
+    if device.type == "cuda":
+        job.cuda_growth = max(job.cuda_growth, torch.cuda.max_memory_allocated() - start)
+    return dt
+
+
+MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "scaled_dot_product", "flash_attention", "convolution", "linear")
+
+
+def profile_job(job: Job, x, y, device, steps: int = 3) -> dict:
+    """Where one step's time goes, from torch.profiler (forward+backward) and a timer (optimizer):
+    matmul-type kernels (GEMMs, attention, conv: the work FlopCounterMode counts), every other op
+    (norms, activations, softmax, adds, reductions: 0 FLOPs), Python/autograd bookkeeping (the
+    rest of forward+backward), and the optimizer."""
+    from torch.profiler import ProfilerActivity, profile
+    sums = {"matmul_s": 0.0, "other_ops_s": 0.0, "forward_backward_s": 0.0, "optimizer_s": 0.0}
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            with _autocast(job.amp, device):
+                loss = CRITERION(job.run(x), y)
+            loss.backward()
+            sync(device)
+            sums["forward_backward_s"] += time.perf_counter() - t0
+        for ev in prof.key_averages():
+            if ev.key.startswith("aten::"):
+                kind = "matmul_s" if any(m in ev.key[6:] for m in MATMUL_OPS) else "other_ops_s"
+                sums[kind] += ev.self_cpu_time_total / 1e6
+        t0 = time.perf_counter()
+        job.opt.step()
+        job.opt.zero_grad(set_to_none=True)
+        sync(device)
+        sums["optimizer_s"] += time.perf_counter() - t0
+    out = {k: v / steps for k, v in sums.items()}
+    out["bookkeeping_s"] = out["forward_backward_s"] - out["matmul_s"] - out["other_ops_s"]
+    return out
+
+
+def quantiles(xs: list) -> dict:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "q25": q[0], "q75": q[2], "min": min(xs), "max": max(xs)}
+
+
+def paired(a: Job, b: Job) -> dict:
+    return quantiles([x / y for x, y in zip(a.times, b.times)])
+
+
+# ---------------------------------------------------------------- data wait
+
+def data_wait(p: dict, args, device, amp: str) -> list:
+    """Share of E2E step time spent waiting on the real Loader, in-memory images, over epochs."""
+    n = p["batch"] * 8        # 8 steps an epoch: the run crosses epoch boundaries
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, p["img"], p["img"]), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, p["classes"], (n,), generator=g)
+    split = Split(images, labels)
+    bundle = DataBundle(split, split, [str(i) for i in range(p["classes"])], 3, p["img"], (0.5,) * 3, (0.25,) * 3,
+                        "synthetic in-memory")
+    settings = [("batched (in-memory default: shift+flip)", dict(), dict(shift=4, hflip=True))]
+    per_image = dict(auto_augment="rand-m9-mstd0.5-inc1", hflip=True)
+    for workers, persistent, pin in ((0, False, False), (2, False, False), (2, True, False), (2, True, True)):
+        if pin and device.type != "cuda":
+            continue
+        label = f"per-image (RandAugment), {workers} workers" + (", persistent" if persistent else "") + \
+            (", pinned" if pin else "")
+        settings.append((label, dict(num_workers=workers, persistent_workers=persistent, pin_memory=pin), per_image))
+    if device.type == "cuda":
+        settings.insert(1, ("batched, pinned", dict(pin_memory=True), dict(shift=4, hflip=True)))
+    rows = []
+    job = make_job("e2e", "base", p, amp, device)
+    for label, data_kw, aug_kw in settings:
+        cfg = DataCfg(source="synthetic", img_size=p["img"], **data_kw)
+        for key, value in aug_kw.items():
+            setattr(cfg.augment, key, value)
+        loader = Loader(bundle, split, cfg, p["batch"], True, 0, 0, 1, device)
+
+        def batches():
+            epoch = 0
+            while True:
+                yield from loader.epoch(epoch)
+                epoch += 1
+        it = batches()
+        waits, totals = [], []
+        for i in range(args.warmup + args.data_steps):
+            sync(device)
+            t0 = time.perf_counter()
+            x, y = next(it)
+            sync(device)
+            t1 = time.perf_counter()
+            step(job, x, y, device)
+            sync(device)
+            t2 = time.perf_counter()
+            if i >= args.warmup:
+                waits.append(t1 - t0)
+                totals.append(t2 - t0)
+        rows.append({"loader": label, "steps": len(totals), "epochs_crossed": (args.warmup + args.data_steps) // 8,
+                     "wait_share": sum(waits) / sum(totals), "median_wait_ms": 1e3 * statistics.median(waits),
+                     "max_wait_ms": 1e3 * max(waits), "median_step_s": statistics.median(totals)})
+        print(f"  data wait {label}: {100 * rows[-1]['wait_share']:.2f}%", flush=True)
+        del it, loader
+    return rows
+
+
+# ---------------------------------------------------------------- main
+
+def run(args) -> dict:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    p = dict(PRESETS[args.preset])
+    if args.batch:
+        p["batch"] = args.batch
+    k = p["k"]
+    names = []
+    for group in args.jobs.split(","):
+        names += {"e2e": ["e2e"], "meta": ["meta"], "hybrid": [f"hybrid{i}" for i in range(k)],
+                  "official": [f"official{i}" for i in range(k)]}[group]
+    variant_names = [n for n in names if n.startswith(("e2e", "hybrid"))]
+    if args.variant_jobs:
+        variant_names = [n for n in args.variant_jobs.split(",") if n in names]
+    jobs = [make_job(n, "base", p, args.amp, device) for n in names]
+    for v in [v for v in args.variants.split(",") if v]:
+        if v == "fused" and device.type == "cpu":
+            print("  note: fused AdamW on CPU (torch >= 2.4; the engine's train.fused allows it)", flush=True)
+        jobs += [make_job(n, v, p, args.amp, device) for n in variant_names]
+    dtypes = {torch.float32} | {{"bf16": torch.bfloat16, "fp16": torch.float16}[j.amp] for j in jobs if j.amp != "none"}
+    args.matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
+    peaks = [matmul_job(device, dt, args.matmul_n) for dt in sorted(dtypes, key=str)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(p["batch"], 3, p["img"], p["img"], generator=g).to(device)
+    y = torch.randint(0, p["classes"], (p["batch"],), generator=g).to(device)
+
+    for job in jobs:
+        job.flops = count_step_flops(job.net, job.trained, CRITERION, x, y)
+        if job.variant == "compile":      # compilation measured apart from the step
+            t0 = time.perf_counter()
+            timed(job, x, y, device)
+            job.compile_s = time.perf_counter() - t0
+            print(f"  compiled {job.key} in {job.compile_s:.1f}s", flush=True)
+    for r in range(args.warmup):
+        for job in jobs + peaks:
+            timed(job, x, y, device)
+    for job in jobs:
+        if device.type == "cpu" and job.variant != "compile":
+            job.memory = measure_memory(job, x, y, device)
+    everyone = jobs + peaks
+    load_before = os.getloadavg()
+    for r in range(args.steps):
+        shift = r % len(everyone)
+        for job in everyone[shift:] + everyone[:shift]:
+            job.times.append(timed(job, x, y, device))
+        print(f"  round {r + 1}/{args.steps}", end="\r", flush=True)
+    load_after = os.getloadavg()
+    if args.profile:
+        for job in jobs:
+            if job.variant == "base":
+                job.memory["profile"] = profile_job(job, x, y, device)
+    for job in jobs:
+        if device.type == "cuda":
+            state = model_state(job)
+            job.memory = dict(job.memory, **state, step_peak_growth=job.cuda_growth,
+                              total=state["params"] + state["grads_at_rest"] + state["optimizer"] + job.cuda_growth)
+    result = report(args, p, device, jobs, peaks, load_before, load_after, x, y)
+    del jobs, everyone
+    if not args.no_data:
+        save(result, args)            # the timings are kept even if the data part fails
+        add_data_wait(result, p, args, device)
+    return result
+
+
+def report(args, p, device, jobs, peaks, load_before, load_after, x, y) -> dict:
+    peak = {pk.variant: pk.flops / statistics.median(pk.times) for pk in peaks}
+    by = {j.key: j for j in jobs}
+    rows = []
+    for j in jobs:
+        t = quantiles(j.times)
+        flops_s = j.flops / t["median"]
+        ref = peak[{"bf16": "bfloat16", "fp16": "float16"}.get(j.amp, "float32")]
+        row = {"job": j.key, "step_s": t, "flops": j.flops, "flops_per_s": flops_s, "peak_fraction": flops_s / ref,
+               "memory": j.memory, "compile_s": j.compile_s}
+        if "e2e" in by and j.variant == "base":
+            row["time_vs_e2e"] = paired(j, by["e2e"])
+            row["flops_vs_e2e"] = j.flops / by["e2e"].flops
+        base = by.get(j.name)
+        if j.variant != "base" and base is not None:
+            row["speedup_vs_base"] = paired(base, j)
+        rows.append(row)
+    k = p["k"]
+    bars = {}
+    if "e2e" in by:
+        e2e = by["e2e"]
+        for i in range(k):
+            h = by.get(f"hybrid{i}")
+            if h:
+                ratio = paired(h, e2e)["median"]
+                predicted = h.flops / e2e.flops
+                bars[f"hybrid{i} time / (FLOP share x E2E time)"] = {
+                    "value": ratio / predicted, "time_ratio": ratio, "flop_ratio": predicted,
+                    "pass": ratio / predicted <= 1.10, "within_10pct_both_ways": abs(ratio / predicted - 1) <= 0.10}
+        if "meta" in by:
+            v = paired(by["meta"], e2e)["median"]
+            bars["meta / E2E step"] = {"value": v, "pass": v <= 0.36}
+        if e2e.memory and all(f"hybrid{i}" in by for i in range(k)) and "meta" in by:
+            limit = e2e.memory["model_state"] / k + by["meta"].memory["params"]
+            for i in range(k):
+                v = by[f"hybrid{i}"].memory["model_state"]
+                bars[f"hybrid{i} model state / (E2E/K + meta params)"] = {"value": v / limit, "bytes": v,
+                                                                        "limit_bytes": limit, "pass": v <= limit}
+    if all(f"hybrid{i}" in by and f"official{i}" in by for i in range(k)):
+        per_round = [sum(by[f"hybrid{i}"].times[r] for i in range(k)) / sum(by[f"official{i}"].times[r] for i in range(k))
+                     for r in range(len(jobs[0].times))]
+        v = statistics.median(per_round)
+        bars["sum hybrid / sum official"] = {"value": v, "spread": quantiles(per_round), "pass": v <= 0.9,
+                                             "flop_ratio": sum(by[f"hybrid{i}"].flops for i in range(k))
+                                             / sum(by[f"official{i}"].flops for i in range(k))}
+    for j in jobs:
+        if j.variant == "compile" and j.name in by:
+            v = paired(by[j.name], j)["median"]
+            bars[f"compile speedup {j.name}"] = {"value": v, "pass": v >= 1.2, "compile_s": j.compile_s}
+    machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "load_avg_before": load_before, "load_after": load_after,
+               "matmul_peak_flops_per_s": peak, "matmul_n": args.matmul_n}
+    result = {"command": "python benchmarks/step_cost.py " + " ".join(sys.argv[1:]), "preset": args.preset,
+              "config": p, "amp": args.amp, "steps": args.steps, "warmup": args.warmup, "machine": machine,
+              "rows": rows, "bars": bars,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return result
+
+
+def add_data_wait(result: dict, p: dict, args, device) -> dict:
+    result["data_wait"] = data_wait(p, args, device, args.amp)
+    batched = [r for r in result["data_wait"] if r["loader"].startswith("batched")][0]
+    result["bars"]["data-wait share (in-memory, batched)"] = {"value": batched["wait_share"],
+                                                              "pass": batched["wait_share"] < 0.05}
+    return result
+
+
+def run_data_only(args) -> dict:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    p = dict(PRESETS[args.preset], **({"batch": args.batch} if args.batch else {}))
+    load_before = os.getloadavg()
+    return add_data_wait({"command": "python benchmarks/step_cost.py " + " ".join(sys.argv[1:]), "preset": args.preset,
+            "config": p, "amp": args.amp, "steps": args.data_steps, "warmup": args.warmup,
+            "machine": {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "load_avg_before": load_before, "load_after": os.getloadavg(),
+                        "matmul_peak_flops_per_s": {}},
+            "rows": [], "bars": {}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, p, args, device)
+
+
+def mib(b) -> str:
+    return f"{b / 2 ** 20:.1f}" if b is not None else "-"
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in m["matmul_peak_flops_per_s"].items())
+    out = [f"`{res['command']}`", "",
+           f"{res['time']}; {m['device']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), torch "
+           f"{m['torch']}; load average {m['load_avg_before'][0]:.2f} before, {m['load_after'][0]:.2f} after the "
+           f"timed rounds; matmul peak measured in the same rounds: {peaks}. Median of {res['steps']} "
+           f"interleaved steps after {res['warmup']} warm-up; ratios are medians of per-round ratios "
+           f"(q25-q75 in brackets).", "",
+           ]
+    if res["rows"]:
+        out += ["| job | step s (q25-q75) | time / E2E | FLOPs / E2E | GFLOP/step | GFLOP/s | of peak | "
+                "model state MiB | saved act. MiB | memory MiB | speedup vs base | compile s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        s, mem = r["step_s"], r["memory"]
+        tv = r.get("time_vs_e2e")
+        sp = r.get("speedup_vs_base")
+        out.append(
+            f"| {r['job']} | {s['median']:.3f} ({s['q25']:.3f}-{s['q75']:.3f}) | "
+            + (f"{tv['median']:.3f} ({tv['q25']:.2f}-{tv['q75']:.2f})" if tv else "-") + " | "
+            + (f"{r['flops_vs_e2e']:.3f}" if "flops_vs_e2e" in r else "-")
+            + f" | {r['flops'] / 1e9:.2f} | {r['flops_per_s'] / 1e9:.1f} | {100 * r['peak_fraction']:.0f}% | "
+            + f"{mib(mem.get('model_state', (mem.get('params', 0) + mem.get('grads_at_rest', 0) + mem.get('optimizer', 0)) if mem else None))} | "
+            + f"{mib(mem.get('saved_activations')) if mem else '-'} | {mib(mem.get('total')) if mem else '-'} | "
+            + (f"{sp['median']:.2f}x ({sp['q25']:.2f}-{sp['q75']:.2f})" if sp else "-") + " | "
+            + (f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-") + " |")
+    out += ["", "| bar | value | pass |", "|---|---|---|"]
+    for name, b in res["bars"].items():
+        extra = ""
+        if "flop_ratio" in b:
+            extra = f" (FLOP ratio {b['flop_ratio']:.3f}" + (f", time ratio {b['time_ratio']:.3f}" if "time_ratio" in b else "") + ")"
+        out.append(f"| {name} | {b['value']:.3f}{extra} | {'yes' if b['pass'] else 'NO'} |")
+    prof = [(r["job"], r["memory"]["profile"]) for r in res["rows"] if r["memory"].get("profile")]
+    if prof:
+        out += ["", "torch.profiler, mean of 3 steps a job after the timed rounds (profiling inflates times):", "",
+                "| job | forward+backward s | matmul-type ops s | other ops s | bookkeeping s | optimizer s |",
+                "|---|---|---|---|---|---|"]
+        for name, pr in prof:
+            out.append(f"| {name} | {pr['forward_backward_s']:.3f} | {pr['matmul_s']:.3f} | {pr['other_ops_s']:.3f} | "
+                       f"{pr['bookkeeping_s']:.3f} | {pr['optimizer_s']:.3f} |")
+    if "data_wait" in res:
+        out += ["", "| loader (E2E steps, in-memory images) | wait share | median wait ms | max wait ms | step s |",
+                "|---|---|---|---|---|"]
+        for r in res["data_wait"]:
+            out.append(f"| {r['loader']} | {100 * r['wait_share']:.2f}% | {r['median_wait_ms']:.1f} | "
+                       f"{r['max_wait_ms']:.1f} | {r['median_step_s']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--batch", type=int, default=0, help="override the preset's batch")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="for every job")
+    ap.add_argument("--jobs", default="e2e,meta,hybrid,official", help="groups: e2e, meta, hybrid, official")
+    ap.add_argument("--variants", default="", help=f"extra variants of the E2E and hybrid jobs: {', '.join(VARIANTS[1:])}")
+    ap.add_argument("--variant-jobs", default="", help="jobs the variants apply to, e.g. e2e,hybrid1 "
+                    "(default: E2E and every hybrid)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--data-steps", type=int, default=20)
+    ap.add_argument("--no-data", action="store_true", help="skip the data-wait measurement")
+    ap.add_argument("--data-only", action="store_true", help="only the data-wait measurement")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--matmul-n", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="also break each job's step down by op kind")
+    ap.add_argument("--out", default="", help="basename for .json and .md (default benchmarks/results/...)")
+    args = ap.parse_args(argv)
+    bad = [v for v in args.variants.split(",") if v and v not in VARIANTS[1:]]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS[1:])}")
+    if args.amp == "fp16" and not torch.cuda.is_available():
+        ap.error("--amp fp16 needs CUDA; use bf16 on CPU")
+    res = run_data_only(args) if args.data_only else run(args)
+    print("\n" + save(res, args))
+    return res
+
+
+def save(res: dict, args) -> str:
+    tag = "_".join(filter(None, [args.preset, args.amp if args.amp != "none" else "", args.variants.replace(",", "-"),
+                                 "profile" if args.profile else "", "data" if args.data_only else ""]))
+    base = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"step_cost_{tag}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    md = markdown(res)
+    base.with_suffix(".md").write_text(md)
+    return md
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Throughput options of the engine: grad checkpointing, bf16 and torch.compile change speed, not results."""
+import os
+import time
+
+import pytest
+import timm
+import torch
+
+from incubate.config import DataCfg, TrainCfg
+from incubate.data import load_data
+from incubate.engine import Dist, enable_grad_checkpointing, fit
+from incubate.families import get_family
+from incubate.modular import Hybrid
+
+FAMILY = get_family("vit")
+KW = dict(img_size=8, patch_size=4, embed_dim=16, num_heads=2, in_chans=1, num_classes=10)
+
+
+def vit(depth, **kw):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", depth=depth, **dict(KW, **kw))
+
+
+def hybrid(index, div=(2, 2)):
+    target = FAMILY.keep_only(vit(sum(div), drop_path_rate=0.1), list(div), index)
+    return Hybrid(FAMILY, vit(len(div)), [1] * len(div), target, list(div), index)
+
+
+def _loss_and_grads(net, trained, x, y):
+    torch.manual_seed(1)          # same drop-path draws with and without recomputation
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in trained.named_parameters()}
+    trained.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["e2e", "hybrid0", "hybrid1"])
+def test_grad_checkpointing_gives_the_same_loss_and_grads(kind):
+    x, y = torch.randn(6, 1, 8, 8), torch.arange(6)
+    if kind == "e2e":
+        net = vit(4, drop_path_rate=0.1).train()
+        trained = net
+    else:
+        net = hybrid(int(kind[-1])).train()
+        trained = net.runner.model
+    ref_loss, ref = _loss_and_grads(net, trained, x, y)
+    seen = []
+    hook = torch.utils.checkpoint.checkpoint
+    try:         # count recomputed blocks: checkpointing must really be on
+        def counting(*args, **kwargs):
+            seen.append(1)
+            return hook(*args, **kwargs)
+        torch.utils.checkpoint.checkpoint = counting
+        import incubate.families.vit as vit_mod
+        vit_mod.checkpoint, old = counting, vit_mod.checkpoint
+        enable_grad_checkpointing(net, trained)
+        loss, grads = _loss_and_grads(net, trained, x, y)
+    finally:
+        torch.utils.checkpoint.checkpoint = hook
+        vit_mod.checkpoint = old
+    if kind != "e2e":       # the family's own checkpointing: target blocks + meta suffix blocks
+        assert len(seen) == 2 + (1 if kind == "hybrid0" else 0)
+    assert trained.grad_checkpointing
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(grads[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _fit(tmp_path, net, trained, **train):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = DataCfg(source="digits", img_size=8, train_fraction=0.2)
+    bundle = load_data(data)
+    cfg = TrainCfg(epochs=1, batch_size=32, lr=2e-3, lr_base_batch=32, **train)
+    return fit(net, trained, cfg, bundle, data, Dist(), seed=0, stage_dir=tmp_path, ddp_attr="runner",
+               label="test")
+
+
+def test_bf16_autocast_trains_a_hybrid_on_cpu(tmp_path):
+    h = hybrid(1)
+    before = {k: v.clone() for k, v in h.meta.state_dict().items()}
+    start = {k: v.clone() for k, v in h.runner.model.state_dict().items()}
+    result = _fit(tmp_path, h, h.runner.model, amp="bf16")
+    assert torch.isfinite(torch.tensor(result["metrics"]["loss"]))
+    assert all(torch.equal(before[k], v) for k, v in h.meta.state_dict().items())
+    assert any(not torch.equal(start[k], v) for k, v in h.runner.model.state_dict().items())
+    assert all(v.dtype == torch.float32 for v in h.runner.model.state_dict().values())   # master weights
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("INCUBATE_TEST_COMPILE"),
+                    reason="torch.compile on CPU takes minutes; set INCUBATE_TEST_COMPILE=1 to run")
+def test_compiled_hybrid_trains_and_meta_stays_bitwise_frozen(tmp_path):
+    h = hybrid(0)
+    eager = hybrid(0)
+    before = {k: v.clone() for k, v in h.meta.state_dict().items()}
+    t0 = time.perf_counter()
+    compiled = _fit(tmp_path / "compiled", h, h.runner.model, compile=True, drop_path=0.0)
+    print(f"compiled fit: {time.perf_counter() - t0:.1f}s")
+    reference = _fit(tmp_path / "eager", eager, eager.runner.model, drop_path=0.0)
+    assert all(torch.equal(before[k], v) for k, v in h.meta.state_dict().items())
+    assert all(p.grad is None for p in h.meta.parameters())
+    # compiled and eager training of the same hybrid end at the same weights, up to fusion rounding
+    for (k, a), b in zip(h.runner.model.state_dict().items(), eager.runner.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=k)
+    assert abs(compiled["metrics"]["loss"] - reference["metrics"]["loss"]) < 1e-3
+
+
+def test_fused_adamw_and_grad_checkpointing_through_fit(tmp_path):
+    h = hybrid(0)
+    start = {k: v.clone() for k, v in h.runner.model.state_dict().items()}
+    result = _fit(tmp_path, h, h.runner.model, fused=True, grad_checkpointing=True)
+    assert torch.isfinite(torch.tensor(result["metrics"]["loss"]))
+    assert h.runner.model.grad_checkpointing and h.meta.grad_checkpointing
+    assert any(not torch.equal(start[k], v) for k, v in h.runner.model.state_dict().items())
