@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from incubate.config import load_recipe  # noqa: E402
+from incubate.errors import UserError  # noqa: E402
 from incubate.stages import assemble, e2e, finetune, incubate, meta  # noqa: E402
 from incubate.stages.common import StageDir  # noqa: E402
 
@@ -38,8 +39,8 @@ RECIPE = ROOT / "recipes" / "fashion_mnist.yaml"
 STUDIES = {
     "budget": {"depth": 32, "fraction": 0.1, "e2e": [10, 20, 40], "ours": [(40, 2, 2), (40, 4, 4), (40, 8, 8)],
                "seeds": [0, 1]},
-    "depth": {"depths": [8, 16, 32, 64], "fraction": 0.1, "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
-    "data": {"depth": 32, "fractions": [0.1, 0.25, 1.0], "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
+    "depth": {"depths": [8, 16, 64, 32], "fraction": 0.1, "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
+    "data": {"depth": 32, "fractions": [0.25, 0.1, 1.0], "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
 }
 
 
@@ -136,7 +137,16 @@ def main() -> None:
                 continue
             t0 = time.time()
             fn = run_ours if method == "ours" else run_e2e
-            row = fn(root, study, depth, fraction, budget, seed, args.set, args.variant if method == "ours" else "paper")
+            while True:     # a point another process is training: wait for it, then reuse it
+                try:
+                    row = fn(root, study, depth, fraction, budget, seed, args.set,
+                             args.variant if method == "ours" else "paper")
+                    break
+                except UserError as e:
+                    if "is being written by" not in str(e):
+                        raise
+                    print(f"waiting: {e}", flush=True)
+                    time.sleep(30)
             key = lambda r: (r["study"], r.get("variant", "paper"), r["depth"], r["fraction"], r["method"],
                              r["budget"], r["seed"])
             rows = [r for r in rows if key(r) != key(row)] + [row]
