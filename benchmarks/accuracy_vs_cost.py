@@ -72,6 +72,8 @@ def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[S
         row["hybrid_top1"] = [by[("incubate", i)]["metrics"]["top1"] for i in range(4)]
         row["finetune_flops"] = by[("finetune", None)]["flops"]
         row["finetune_seconds"] = by[("finetune", None)]["process_seconds"]
+        row["meta_flops"] = by[("meta", None)]["flops"]
+        row["meta_seconds"] = by[("meta", None)]["process_seconds"]
     return row
 
 
@@ -124,38 +126,66 @@ def main() -> None:
     ap.add_argument("--methods", default="ours,e2e", help="which methods to run")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results.json"))
+    ap.add_argument("--collect", action="store_true", help="train nothing: gather finished runs into the results")
     args = ap.parse_args()
-    ensure_data()
     root = Path(args.root)
-    results_path = Path(args.results)
-    rows = json.loads(results_path.read_text()) if results_path.exists() else []
-    studies = ["budget", "depth", "data"] if args.study == "all" else [args.study]
-    for study in studies:
-        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
-        for method, depth, fraction, budget, seed in points(study, seeds):
-            if method not in args.methods.split(","):
-                continue
-            t0 = time.time()
-            fn = run_ours if method == "ours" else run_e2e
-            while True:     # a point another process is training: wait for it, then reuse it
-                try:
-                    row = fn(root, study, depth, fraction, budget, seed, args.set,
-                             args.variant if method == "ours" else "paper")
-                    break
-                except UserError as e:
-                    if "is being written by" not in str(e):
-                        raise
-                    print(f"waiting: {e}", flush=True)
-                    time.sleep(30)
-            key = lambda r: (r["study"], r.get("variant", "paper"), r["depth"], r["fraction"], r["method"],
-                             r["budget"], r["seed"])
-            rows = [r for r in rows if key(r) != key(row)] + [row]
-            results_path.parent.mkdir(parents=True, exist_ok=True)
-            results_path.write_text(json.dumps(rows, indent=1) + "\n")
-            print(f"== {study} d{depth} f{fraction} {method} {row['budget']} seed {seed}: top-1 {row['top1']:.2f}% "
-                  f"({row['seconds']:.0f}s, {row['flops'] / 1e12:.2f} TFLOPs; {time.time() - t0:.0f}s now)", flush=True)
+    if not args.collect:
+        ensure_data()
+        studies = ["budget", "depth", "data"] if args.study == "all" else [args.study]
+        for study in studies:
+            seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+            for method, depth, fraction, budget, seed in points(study, seeds):
+                if method in args.methods.split(","):
+                    train_point(root, study, method, depth, fraction, budget, seed, args)
+    rows = collect(root)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
     from benchmarks.results_report import write_report
     write_report(rows, ROOT / "docs")
+    print(f"{len(rows)} rows in {args.results}; tables in docs/results.md")
+
+
+def train_point(root, study, method, depth, fraction, budget, seed, args) -> None:
+    t0 = time.time()
+    fn = run_ours if method == "ours" else run_e2e
+    while True:     # a point another process is training: wait for it, then reuse it
+        try:
+            row = fn(root, study, depth, fraction, budget, seed, args.set, args.variant if method == "ours" else "paper")
+            break
+        except UserError as e:
+            if "is being written by" not in str(e):
+                raise
+            print(f"waiting: {e}", flush=True)
+            time.sleep(30)
+    print(f"== {study} d{depth} f{fraction} {method} {row['budget']} seed {seed}: top-1 {row['top1']:.2f}% "
+          f"({row['seconds']:.0f}s, {row['flops'] / 1e12:.2f} TFLOPs; {time.time() - t0:.0f}s now)", flush=True)
+
+
+def _stages(run: Path, method: str) -> list[StageDir]:
+    if method == "e2e":
+        return [StageDir(run, "e2e")]
+    return ([StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(4)]
+            + [StageDir(run, "assembled"), StageDir(run, "finetune")])
+
+
+def collect(root: Path) -> list[dict]:
+    """Every finished point of every study, read from its run directory (the only state)."""
+    rows = []
+    for study in STUDIES:
+        for method, depth, fraction, budget, seed in points(study):
+            base = root / f"d{depth}_f{fraction}_s{seed}"
+            if method == "e2e":
+                runs = [("paper", base / f"e2e_{budget}", f"{budget}")]
+            else:
+                name = f"ours_{budget[0]}_{budget[1]}+{budget[2]}"
+                extra = sorted(v.name for v in base.iterdir() if v.is_dir() and (v / name).is_dir()) if base.is_dir() else []
+                runs = [("paper", base / name, f"{budget[1]}+{budget[2]}")] + \
+                       [(v, base / v / name, f"{budget[1]}+{budget[2]}") for v in extra]
+            for variant, run, label in runs:
+                stages = _stages(run, method)
+                if all(sd.finished() for sd in stages):
+                    rows.append(_row(study, depth, fraction, method, label, seed, run, stages, variant))
+    return rows
 
 
 if __name__ == "__main__":

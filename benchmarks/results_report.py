@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
+VARIANTS = {"metainit": "--set incubate.module_init=meta"}   # how each variant of ours is made
 
 
 def _groups(rows, study):
@@ -27,15 +28,28 @@ def _stat(vals):
     return m, (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def meta_alone(rows, study) -> list[dict]:
+    """The meta model by itself (K blocks), one row a depth/data/seed: the shallow-model baseline."""
+    seen = {}
+    for r in rows:
+        if r["study"] == study and r["method"] == "ours" and "meta_flops" in r:
+            seen[(r["depth"], r["fraction"], r["seed"])] = {
+                "study": study, "variant": "paper", "depth": r["depth"], "fraction": r["fraction"],
+                "method": "meta-alone", "budget": "meta", "seed": r["seed"], "top1": r["meta_top1"],
+                "flops": r["meta_flops"], "seconds": r["meta_seconds"]}
+    return list(seen.values())
+
+
 def table(rows, study) -> str:
+    rows = rows + meta_alone(rows, study)
     out = ["| depth | data | method | budget | seeds | top-1 (%) mean ± sd | assembled (%) | hybrids (%) | "
            "meta (%) | TFLOPs | process s |", "|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for (depth, frac, method, budget), rs in sorted(_groups(rows, study).items(),
                                                     key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[1][0]["flops"])):
         acc, sd = _stat([r["top1"] for r in rs])
-        asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if method != "e2e" else ""
-        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if method != "e2e" else ""
-        meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if method != "e2e" else ""
+        asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if method.startswith("ours") else ""
+        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if method.startswith("ours") else ""
+        meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if method.startswith("ours") else ""
         out.append(f"| {depth} | {frac:g} | {method} | {budget} | {len(rs)} | {acc:.2f} ± {sd:.2f} | {asm} | {hyb} | "
                    f"{meta} | {statistics.mean(r['flops'] for r in rs) / 1e12:.2f} | "
                    f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
@@ -50,13 +64,13 @@ def plot(rows, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    g = _groups(rows, "budget")
+    g = _groups(rows + meta_alone(rows, "budget"), "budget")
     if not g:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, unit in zip(axes, ("flops", "seconds")):
         methods = sorted({k[2] for k in g}, key=lambda m: (m != "e2e", m))
-        colors = dict(zip(methods, ["tab:gray", "tab:red", "tab:blue", "tab:green", "tab:purple"]))
+        colors = dict(zip(methods, ["tab:gray", "tab:olive", "tab:red", "tab:blue", "tab:purple"]))
         for method in methods:
             color = colors[method]
             pts = []
@@ -72,7 +86,7 @@ def plot(rows, path: Path) -> None:
                         color=color, capsize=3, label="E2E" if method == "e2e" else f"{method} (meta+modules+fine-tune)")
             for p in pts:
                 ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, -10), fontsize=8)
-            if method != "e2e":
+            if method.startswith("ours"):
                 # the assembled model costs meta + modules: the whole point minus its fine-tune
                 asm = [(p[0] - statistics.mean(_ft_cost(r, unit) for r in p[4]) / (1e12 if unit == "flops" else 1),
                         statistics.mean(r["assembled_top1"] for r in p[4])) for p in pts]
@@ -95,7 +109,11 @@ def write_report(rows, docs: Path) -> None:
     parts = []
     for study, title in (("budget", "Budget curve"), ("depth", "Depth study"), ("data", "Data study")):
         if any(r["study"] == study for r in rows):
-            parts.append(f"### {title}\n\n`python benchmarks/accuracy_vs_cost.py --study {study}`\n\n{table(rows, study)}\n")
+            cmds = [f"`python benchmarks/accuracy_vs_cost.py --study {study}`"]
+            for v in sorted({r.get("variant", "paper") for r in rows if r["study"] == study} - {"paper"}):
+                cmds.append(f"`python benchmarks/accuracy_vs_cost.py --study {study} --methods ours --variant {v} "
+                            f"{VARIANTS.get(v, '')}` (ours-{v})")
+            parts.append(f"### {title}\n\n" + "  \n".join(cmds) + f"\n\n{table(rows, study)}\n")
     block = f"{BEGIN}\n" + "\n".join(parts) + f"{END}"
     md = docs / "results.md"
     text = md.read_text() if md.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
