@@ -39,8 +39,8 @@ RECIPE = ROOT / "recipes" / "fashion_mnist.yaml"
 STUDIES = {
     "budget": {"depth": 32, "fraction": 0.1, "e2e": [10, 20, 40], "ours": [(40, 2, 2), (40, 4, 4), (40, 8, 8)],
                "seeds": [0, 1]},
-    "depth": {"depths": [8, 16, 64, 32], "fraction": 0.1, "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
-    "data": {"depth": 32, "fractions": [0.25, 0.1, 1.0], "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
+    "depth": {"depths": [8, 16, 32], "fraction": 0.1, "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
+    "data": {"depth": 32, "fractions": [0.25, 0.1], "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
 }
 
 

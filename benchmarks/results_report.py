@@ -7,7 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
-VARIANTS = {"metainit": "--set incubate.module_init=meta"}   # how each variant of ours is made
+VARIANTS = {"metainit": "--set incubate.module_init=meta",   # how each variant of ours is made
+            "metainit-ftlr3e-4": "--set incubate.module_init=meta --set finetune.lr=3e-4"}
 
 
 def _groups(rows, study):
