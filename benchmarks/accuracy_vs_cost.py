@@ -52,10 +52,15 @@ def ensure_data() -> None:
     subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=True)
 
 
+# The "paper" variant: the recipe with the paper's choices (random module init, fine-tune at the
+# training lr); variants (--variant, --set) change them on top.
+PAPER = ["incubate.module_init=random", "finetune.lr=0.001"]
+
+
 def make_recipe(depth: int, fraction: float, seed: int, sets: list[str]):
     k = 4
-    return load_recipe(RECIPE, [f"model.kwargs.depth={depth}", f"model.division={[depth // k] * k}",
-                                f"data.train_fraction={fraction}", f"seed={seed}"] + sets)
+    return load_recipe(RECIPE, PAPER + [f"model.kwargs.depth={depth}", f"model.division={[depth // k] * k}",
+                                        f"data.train_fraction={fraction}", f"seed={seed}"] + sets)
 
 
 def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[StageDir], variant: str) -> dict:
