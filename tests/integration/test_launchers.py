@@ -122,7 +122,7 @@ def test_a_user_error_in_a_job_is_not_retried_and_names_the_file(local_run, tmp_
     proc = cli("run", "--recipe", recipe, "--out", dst, "--no-e2e", "--launcher", "local", "--retries", "3")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "[module 1] FAILED after 1 tries: exit 2 (a user error: not retried)" in proc.stdout
-    assert "modules/1/checkpoint.safetensors is not a readable safetensors file" in proc.stdout
+    assert "training checkpoint" in proc.stdout and "modules/1/checkpoint.safetensors is unreadable" in proc.stdout
     assert proc.stderr.count("\n") == 1
 
 
