@@ -1,4 +1,4 @@
-"""One writer a stage folder: an exclusive flock held for the rest of the process's life.
+"""One writer a stage folder: an exclusive flock held until the stage finishes or the process ends.
 
 Different stages of one run directory may be written at once (the K module jobs are meant to run
 in parallel); two processes writing the same stage may not. The lock file holds the holder's pid
@@ -43,6 +43,13 @@ def hold(folder: Path, what: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[key] = fd
+
+
+def release(folder: Path) -> None:
+    """Drop this process's lock on `folder` (its stage finished: others may read or skip it)."""
+    fd = _held.pop(str((Path(folder) / ".lock").resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def release_all() -> None:

@@ -15,7 +15,7 @@ from ..data import DataBundle, load_data
 from ..engine import Dist, barrier, seed_all, setup_dist
 from ..errors import UserError
 from ..families import get_family
-from ..lock import hold
+from ..lock import hold, release
 
 STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", "e2e": "e2e"}
 # Parts of the recipe that must not change inside one run directory: what the weights and the
@@ -151,6 +151,7 @@ def finish(ctx: Context, stage: StageDir, state: dict, manifest: dict) -> dict:
             write_json_atomic(stage.manifest_path, manifest)
             stage.checkpoint.unlink(missing_ok=True)
             write_summary(ctx.run)
+        release(stage.path)
     barrier(ctx.dist)
     return manifest
 
@@ -158,9 +159,10 @@ def finish(ctx: Context, stage: StageDir, state: dict, manifest: dict) -> dict:
 def begin(ctx: Context, stage: StageDir, manifest: dict) -> bool:
     """Returns False when the stage already finished (then it is skipped).
 
-    Rank 0 locks the stage folder first: a second process writing the same stage is refused.
+    A finished stage is skipped without its lock; otherwise rank 0 locks the stage folder, so a
+    second process writing the same stage is refused (the lock is dropped when the stage finishes).
     """
-    if ctx.dist.main:
+    if ctx.dist.main and not stage.finished():
         claim(stage)
     if stage.finished():
         if ctx.dist.main:
@@ -175,7 +177,7 @@ def begin(ctx: Context, stage: StageDir, manifest: dict) -> bool:
 
 
 def claim(stage: StageDir) -> None:
-    """Create the stage folder and hold its lock for the rest of this process."""
+    """Create the stage folder and hold its lock until the stage finishes (or the process ends)."""
     try:
         stage.path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -243,3 +243,13 @@ def test_ctrl_c_during_a_write_finishes_it_first(tmp_path, monkeypatch):
         checkpoint.save_weights({"w": torch.ones(3)}, tmp_path / "w.safetensors")
     assert load_file(tmp_path / "w.safetensors")["w"].tolist() == [1.0, 1.0, 1.0]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_finished_stage_is_released_so_another_process_can_skip_it(tmp_path, capsys):
+    from ..conftest import cli
+    recipe = write_recipe(tmp_path / "r.yaml", meta__epochs=1)
+    rc, _, err = run_main(capsys, "meta", "--recipe", recipe, "--out", tmp_path / "run")
+    assert rc == 0, err
+    # this (test) process is still alive: the finished stage must not stay locked by it
+    proc = cli("meta", "--recipe", recipe, "--out", tmp_path / "run")
+    assert proc.returncode == 0 and "[meta] already finished" in proc.stdout, proc.stderr
