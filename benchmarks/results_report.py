@@ -84,7 +84,8 @@ def plot(rows, path: Path) -> None:
             if not pts:
                 continue
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-",
-                        color=color, capsize=3, label="E2E" if method == "e2e" else f"{method} (meta+modules+fine-tune)")
+                        color=color, capsize=3, label={"e2e": "E2E", "meta-alone": "meta model alone (K blocks)"}.get(
+                            method, f"{method} (meta+modules+fine-tune)"))
             for p in pts:
                 ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, -10), fontsize=8)
             if method.startswith("ours"):
@@ -93,10 +94,10 @@ def plot(rows, path: Path) -> None:
                         statistics.mean(r["assembled_top1"] for r in p[4])) for p in pts]
                 ax.plot([a[0] for a in asm], [a[1] for a in asm], "*", ms=11, color=color, alpha=0.5,
                         label=f"{method} assembled, before fine-tune")
-        ax.set_xlabel("training TFLOPs" if unit == "flops" else "training seconds (all processes)")
+        ax.set_xlabel("training TFLOPs" if unit == "flops" else "training seconds, all processes (machine loaded: noisy)")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="lower right", fontsize=7, framealpha=0.6)
     d = next(iter(g))[0]
     fig.suptitle(f"Fashion-MNIST, ViT depth {d}, K=4: accuracy vs training cost (mean ± sd over seeds)")
     fig.tight_layout()
