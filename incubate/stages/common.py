@@ -51,7 +51,7 @@ class StageDir:
         return m
 
     def load(self) -> dict:
-        m = self.require_finished(f"run that stage first")
+        m = self.require_finished("run that stage first")
         return load_weights(self.weights, m.get("sha256"))
 
 
