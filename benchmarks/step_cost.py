@@ -291,14 +291,17 @@ def data_wait(p: dict, args, device, amp: str) -> list:
 
 # ---------------------------------------------------------------- main
 
-def run(args) -> dict:
+def _setup(args) -> tuple:
+    """The device, thread count and preset (with --batch) that every measurement shares."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
-    p = dict(PRESETS[args.preset])
-    if args.batch:
-        p["batch"] = args.batch
+    return device, dict(PRESETS[args.preset], **({"batch": args.batch} if args.batch else {}))
+
+
+def run(args) -> dict:
+    device, p = _setup(args)
     k = p["k"]
     names = []
     for group in args.jobs.split(","):
@@ -426,11 +429,7 @@ def add_data_wait(result: dict, p: dict, args, device) -> dict:
 
 
 def run_data_only(args) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    p = dict(PRESETS[args.preset], **({"batch": args.batch} if args.batch else {}))
+    device, p = _setup(args)
     load_before = os.getloadavg()
     return add_data_wait({"command": "python benchmarks/step_cost.py " + " ".join(sys.argv[1:]), "preset": args.preset,
             "config": p, "amp": args.amp, "steps": args.data_steps, "warmup": args.warmup,
