@@ -44,13 +44,14 @@ def main(recipe: Recipe, out, module: int) -> dict:
                         f"(0..{k - 1})")
     stage = StageDir(ctx.run, "incubate", module)
     cfg = recipe.stage("incubate")
-    hybrid = build_hybrid(ctx, module, cfg.drop_path, cfg.module_init, cfg.frozen_suffix_grads)
+    fingerprint = StageDir(ctx.run, "meta").require_finished("run `incubate meta` first (or import a meta model)")["sha256"]
     manifest = ctx.base_manifest(stage)
-    manifest["meta_fingerprint"] = hybrid.fingerprint
-    if stage.finished() and stage.manifest().get("meta_fingerprint") != hybrid.fingerprint:
+    manifest["meta_fingerprint"] = fingerprint
+    if stage.finished() and stage.manifest().get("meta_fingerprint") != fingerprint:
         raise UserError(f"{stage.path} was incubated against another meta model; delete that folder to redo it")
-    if not begin(ctx, stage, manifest):
+    if not begin(ctx, stage, manifest):     # finished: skipped without building any model
         return stage.manifest()
+    hybrid = build_hybrid(ctx, module, cfg.drop_path, cfg.module_init, cfg.frozen_suffix_grads)
     target = hybrid.runner.model
     result = fit(hybrid, target, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed + 1 + module, stage.path,
                  ddp_attr="runner", label=f"module {module}")
