@@ -2,8 +2,9 @@
 
 Studies (each point a run directory under --root; finished runs are reused, so it can be run in
 parts and rerun after a kill):
-  budget  one deep target; E2E at several epoch budgets; ours at several m+n schedules (module
-          epochs + fine-tune epochs) with the meta model trained once a seed and counted in every point
+  budget  one deep target; E2E at several epoch budgets; the meta model alone at several budgets;
+          ours at several M/m+n schedules (meta epochs / module epochs + fine-tune epochs) with each
+          meta model trained once a seed and counted in full in every point that uses it
   depth   same width, several depths, ours vs E2E at matched schedules
   data    several class-balanced fractions of the training set
 Cost is counted two ways: process seconds summed over every job, and FLOPs (FlopCounterMode on one
@@ -34,13 +35,16 @@ from incubate.stages.common import StageDir  # noqa: E402
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 RECIPE = ROOT / "recipes" / "fashion_mnist.yaml"
 
-# Every study, as (study, depth, fraction, method, budget) points. Budgets: E2E epochs, or
-# (meta epochs, module epochs, fine-tune epochs) for ours.
+# Every study, as (study, depth, fraction, method, budget) points. Budgets: E2E epochs; meta-model
+# epochs for the meta model alone (the K-block shallow baseline); or (meta epochs, module epochs,
+# fine-tune epochs) for ours.
 STUDIES = {
-    "budget": {"depth": 32, "fraction": 0.1, "e2e": [10, 20, 40], "ours": [(40, 2, 2), (40, 4, 4), (40, 8, 8)],
-               "seeds": [0, 1]},
-    "depth": {"depths": [8, 16, 32], "fraction": 0.1, "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
-    "data": {"depth": 32, "fractions": [0.25, 0.1], "e2e": [20], "ours": [(40, 4, 4)], "seeds": [0]},
+    "budget": {"depth": 32, "fraction": 0.1, "e2e": [10, 20, 40, 80], "meta": [40, 80, 160],
+               "ours": [(40, 2, 2), (40, 4, 4), (40, 8, 8), (80, 2, 2), (80, 4, 4)], "seeds": [0, 1]},
+    "depth": {"depths": [8, 16, 32, 64], "fraction": 0.1, "e2e": [20], "meta": [40], "ours": [(40, 4, 4)],
+              "seeds": [0]},
+    "data": {"depth": 32, "fractions": [1.0, 0.25, 0.1], "e2e": [20], "meta": [40], "ours": [(40, 4, 4)],
+             "seeds": [0]},
 }
 
 
@@ -71,6 +75,7 @@ def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[S
            "seconds": sum(m.get("process_seconds", 0.0) for m in ms),
            "flops": sum(m.get("flops", 0) for m in ms), "run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run)}
     if method == "ours":
+        row["meta_epochs"] = int(run.name.split("_")[1])
         by = {(s.stage, s.module): m for s, m in zip(stages, ms)}
         row["assembled_top1"] = by[("assembled", None)]["metrics"]["top1"]
         row["meta_top1"] = by[("meta", None)]["metrics"]["top1"]
@@ -87,6 +92,12 @@ def run_e2e(root: Path, study, depth, fraction, epochs, seed, extra, variant) ->
     recipe = make_recipe(depth, fraction, seed, [f"e2e.epochs={epochs}"] + extra)
     e2e.main(recipe, run)
     return _row(study, depth, fraction, "e2e", f"{epochs}", seed, run, [StageDir(run, "e2e")], "paper")
+
+
+def run_meta(root: Path, study, depth, fraction, epochs, seed, extra, variant) -> dict:
+    run = root / f"d{depth}_f{fraction}_s{seed}" / f"meta_{epochs}"
+    meta.main(make_recipe(depth, fraction, seed, [f"meta.epochs={epochs}"] + extra), run)
+    return _row(study, depth, fraction, "meta", f"{epochs}", seed, run, [StageDir(run, "meta")], "paper")
 
 
 def run_ours(root: Path, study, depth, fraction, schedule, seed, extra, variant) -> dict:
@@ -106,7 +117,7 @@ def run_ours(root: Path, study, depth, fraction, schedule, seed, extra, variant)
     finetune.main(recipe, run)
     stages = [StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(4)] + \
              [StageDir(run, "assembled"), StageDir(run, "finetune")]
-    return _row(study, depth, fraction, "ours", f"{m}+{n}", seed, run, stages, variant)
+    return _row(study, depth, fraction, "ours", f"{meta_epochs}/{m}+{n}", seed, run, stages, variant)
 
 
 def points(study: str, seeds=None):
@@ -116,6 +127,8 @@ def points(study: str, seeds=None):
     for seed in (seeds if seeds is not None else s["seeds"]):
         for depth in depths:
             for fraction in fractions:
+                for ep in s["meta"]:
+                    yield ("meta", depth, fraction, ep, seed)
                 for sched in s["ours"]:
                     yield ("ours", depth, fraction, sched, seed)
                 for ep in s["e2e"]:
@@ -128,7 +141,7 @@ def main() -> None:
     ap.add_argument("--root", default=str(ROOT / "benchmarks" / "runs" / "accuracy_vs_cost"))
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every run")
     ap.add_argument("--variant", default="paper", help="name of a variant of ours made by --set (E2E is shared)")
-    ap.add_argument("--methods", default="ours,e2e", help="which methods to run")
+    ap.add_argument("--methods", default="meta,ours,e2e", help="which methods to run (meta: the meta model alone)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results.json"))
     ap.add_argument("--collect", action="store_true", help="train nothing: gather finished runs into the results")
@@ -152,7 +165,7 @@ def main() -> None:
 
 def train_point(root, study, method, depth, fraction, budget, seed, args) -> None:
     t0 = time.time()
-    fn = run_ours if method == "ours" else run_e2e
+    fn = {"ours": run_ours, "e2e": run_e2e, "meta": run_meta}[method]
     while True:     # a point another process is training: wait for it, then reuse it
         try:
             row = fn(root, study, depth, fraction, budget, seed, args.set, args.variant if method == "ours" else "paper")
@@ -167,8 +180,8 @@ def train_point(root, study, method, depth, fraction, budget, seed, args) -> Non
 
 
 def _stages(run: Path, method: str) -> list[StageDir]:
-    if method == "e2e":
-        return [StageDir(run, "e2e")]
+    if method in ("e2e", "meta"):
+        return [StageDir(run, method)]
     return ([StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(4)]
             + [StageDir(run, "assembled"), StageDir(run, "finetune")])
 
@@ -176,16 +189,17 @@ def _stages(run: Path, method: str) -> list[StageDir]:
 def collect(root: Path) -> list[dict]:
     """Every finished point of every study, read from its run directory (the only state)."""
     rows = []
+    seeds = sorted({int(p.name.rsplit("_s", 1)[1]) for p in root.glob("d*_f*_s*")}) if root.is_dir() else []
     for study in STUDIES:
-        for method, depth, fraction, budget, seed in points(study):
+        for method, depth, fraction, budget, seed in points(study, seeds):
             base = root / f"d{depth}_f{fraction}_s{seed}"
-            if method == "e2e":
-                runs = [("paper", base / f"e2e_{budget}", f"{budget}")]
+            if method in ("e2e", "meta"):
+                runs = [("paper", base / f"{method}_{budget}", f"{budget}")]
             else:
                 name = f"ours_{budget[0]}_{budget[1]}+{budget[2]}"
                 extra = sorted(v.name for v in base.iterdir() if v.is_dir() and (v / name).is_dir()) if base.is_dir() else []
-                runs = [("paper", base / name, f"{budget[1]}+{budget[2]}")] + \
-                       [(v, base / v / name, f"{budget[1]}+{budget[2]}") for v in extra]
+                label = f"{budget[0]}/{budget[1]}+{budget[2]}"
+                runs = [("paper", base / name, label)] + [(v, base / v / name, label) for v in extra]
             for variant, run, label in runs:
                 stages = _stages(run, method)
                 if all(sd.finished() for sd in stages):

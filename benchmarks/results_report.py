@@ -11,17 +11,25 @@ VARIANTS = {"metainit": "--set incubate.module_init=meta",   # how each variant 
             "metainit-ftlr3e-4": "--set incubate.module_init=meta --set finetune.lr=3e-4"}
 
 
-def _groups(rows, study):
+def _groups(rows, study, key=None):
     g = defaultdict(list)
     for r in rows:
         if r["study"] == study:
-            g[(r["depth"], r["fraction"], label(r), r["budget"])].append(r)
+            g[(r["depth"], r["fraction"], (key or label)(r), r["budget"])].append(r)
     return g
 
 
 def label(r) -> str:
+    """The method as the tables name it: e2e, meta-alone, ours (the paper's recipe) or ours-VARIANT."""
     v = r.get("variant", "paper")
-    return r["method"] if r["method"] == "e2e" or v == "paper" else f"ours-{v}"
+    if r["method"] in ("e2e", "meta"):
+        return {"e2e": "e2e", "meta": "meta-alone"}[r["method"]]
+    return "ours" if v == "paper" else f"ours-{v}"
+
+
+def curve(r) -> str:
+    """The method as the figure draws it: ours is one curve per variant and meta-model budget."""
+    return label(r) + (f" (meta {r['meta_epochs']} ep)" if r["method"] == "ours" else "")
 
 
 def _stat(vals):
@@ -29,20 +37,7 @@ def _stat(vals):
     return m, (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def meta_alone(rows, study) -> list[dict]:
-    """The meta model by itself (K blocks), one row a depth/data/seed: the shallow-model baseline."""
-    seen = {}
-    for r in rows:
-        if r["study"] == study and r["method"] == "ours" and "meta_flops" in r:
-            seen[(r["depth"], r["fraction"], r["seed"])] = {
-                "study": study, "variant": "paper", "depth": r["depth"], "fraction": r["fraction"],
-                "method": "meta-alone", "budget": "meta", "seed": r["seed"], "top1": r["meta_top1"],
-                "flops": r["meta_flops"], "seconds": r["meta_seconds"]}
-    return list(seen.values())
-
-
 def table(rows, study) -> str:
-    rows = rows + meta_alone(rows, study)
     out = ["| depth | data | method | budget | seeds | top-1 (%) mean ± sd | assembled (%) | hybrids (%) | "
            "meta (%) | TFLOPs | process s |", "|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for (depth, frac, method, budget), rs in sorted(_groups(rows, study).items(),
@@ -65,13 +60,14 @@ def plot(rows, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    g = _groups(rows + meta_alone(rows, "budget"), "budget")
+    g = _groups(rows, "budget", key=curve)
     if not g:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, unit in zip(axes, ("flops", "seconds")):
-        methods = sorted({k[2] for k in g}, key=lambda m: (m != "e2e", m))
-        colors = dict(zip(methods, ["tab:gray", "tab:olive", "tab:red", "tab:blue", "tab:purple"]))
+        methods = sorted({k[2] for k in g}, key=lambda m: (m != "e2e", m != "meta-alone", m))
+        colors = dict(zip(methods, ["black", "tab:olive", "tab:red", "tab:orange", "tab:blue", "tab:purple",
+                                    "tab:green", "tab:cyan", "tab:brown", "tab:pink"]))
         for method in methods:
             color = colors[method]
             pts = []
