@@ -120,7 +120,19 @@ def run_ours(root: Path, study, depth, fraction, schedule, seed, extra, variant)
     return _row(study, depth, fraction, "ours", f"{meta_epochs}/{m}+{n}", seed, run, stages, variant)
 
 
-def points(study: str, seeds=None):
+def budget_label(method: str, budget) -> str:
+    """How tables and --budgets name a budget: E2E/meta epochs ("40"), or ours as "M/m+n"."""
+    return f"{budget[0]}/{budget[1]}+{budget[2]}" if method == "ours" else f"{budget}"
+
+
+def points(study: str, seeds=None, budgets=None):
+    """The study's (method, depth, fraction, budget, seed) points; budgets: only those labels."""
+    for p in _points(study, seeds):
+        if budgets is None or budget_label(p[0], p[3]) in budgets:
+            yield p
+
+
+def _points(study: str, seeds=None):
     s = STUDIES[study]
     depths = s.get("depths", [s.get("depth")])
     fractions = s.get("fractions", [s.get("fraction")])
@@ -143,6 +155,8 @@ def main() -> None:
     ap.add_argument("--variant", default="paper", help="name of a variant of ours made by --set (E2E is shared)")
     ap.add_argument("--methods", default="meta,ours,e2e", help="which methods to run (meta: the meta model alone)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
+    ap.add_argument("--budgets", default=None,
+                    help="comma-separated budgets to train, as the tables name them (e.g. 40,160/4+4; default: all)")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results.json"))
     ap.add_argument("--collect", action="store_true", help="train nothing: gather finished runs into the results")
     args = ap.parse_args()
@@ -152,7 +166,8 @@ def main() -> None:
         studies = ["budget", "depth", "data"] if args.study == "all" else [args.study]
         for study in studies:
             seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
-            for method, depth, fraction, budget, seed in points(study, seeds):
+            budgets = args.budgets.split(",") if args.budgets else None
+            for method, depth, fraction, budget, seed in points(study, seeds, budgets):
                 if method in args.methods.split(","):
                     train_point(root, study, method, depth, fraction, budget, seed, args)
     rows = collect(root)
@@ -198,7 +213,7 @@ def collect(root: Path) -> list[dict]:
             else:
                 name = f"ours_{budget[0]}_{budget[1]}+{budget[2]}"
                 extra = sorted(v.name for v in base.iterdir() if v.is_dir() and (v / name).is_dir()) if base.is_dir() else []
-                label = f"{budget[0]}/{budget[1]}+{budget[2]}"
+                label = budget_label(method, budget)
                 runs = [("paper", base / name, label)] + [(v, base / v / name, label) for v in extra]
             for variant, run, label in runs:
                 stages = _stages(run, method)

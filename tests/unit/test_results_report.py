@@ -62,3 +62,8 @@ def test_write_report_replaces_only_the_tables(tmp_path):
     assert text.startswith("# kept") and text.endswith("kept too\n") and "old" not in text
     assert "| 32 | 0.1 | meta-alone | 40 | 1 | 77.00 ± 0.00 |" in text
     assert (docs / "accuracy_vs_cost.png").stat().st_size > 0
+
+
+def test_budgets_select_points_by_their_table_label():
+    pts = list(avc.points("budget", [0], ["160/4+4", "80"]))
+    assert [(m, b) for m, _, _, b, _ in pts] == [("meta", 80), ("ours", (160, 4, 4)), ("e2e", 80)]
