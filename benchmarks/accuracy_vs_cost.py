@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--variant", default="paper", help="name of a variant of ours made by --set (E2E is shared)")
     ap.add_argument("--methods", default="meta,ours,e2e", help="which methods to run (meta: the meta model alone)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
+    ap.add_argument("--depths", default=None, help="comma-separated depths to train (default: the study's)")
     ap.add_argument("--budgets", default=None,
                     help="comma-separated budgets to train, as the tables name them (e.g. 40,160/4+4; default: all)")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results.json"))
@@ -167,8 +168,9 @@ def main() -> None:
         for study in studies:
             seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
             budgets = args.budgets.split(",") if args.budgets else None
+            depths = [int(x) for x in args.depths.split(",")] if args.depths else None
             for method, depth, fraction, budget, seed in points(study, seeds, budgets):
-                if method in args.methods.split(","):
+                if method in args.methods.split(",") and (depths is None or depth in depths):
                     train_point(root, study, method, depth, fraction, budget, seed, args)
     rows = collect(root)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
