@@ -39,8 +39,10 @@ RECIPE = ROOT / "recipes" / "fashion_mnist.yaml"
 # epochs for the meta model alone (the K-block shallow baseline); or (meta epochs, module epochs,
 # fine-tune epochs) for ours.
 STUDIES = {
-    "budget": {"depth": 32, "fraction": 0.1, "e2e": [10, 20, 40, 80], "meta": [40, 80, 160],
-               "ours": [(40, 2, 2), (40, 4, 4), (40, 8, 8), (80, 2, 2), (80, 4, 4), (160, 2, 2), (160, 4, 4)], "seeds": [0, 1]},
+    "budget": {"depth": 32, "fraction": 0.1, "e2e": [10, 20, 40, 80], "meta": [40, 80, 160, 240],
+               "ours": [(40, 2, 2), (40, 4, 4), (40, 8, 8), (80, 2, 2), (80, 4, 4), (160, 2, 2), (160, 4, 4),
+                        (240, 2, 2)],
+               "seeds": [0, 1]},
     "depth": {"depths": [8, 16, 32, 64], "fraction": 0.1, "e2e": [20], "meta": [40], "ours": [(40, 4, 4)],
               "seeds": [0]},
     "data": {"depth": 32, "fractions": [1.0, 0.25, 0.1], "e2e": [20], "meta": [40], "ours": [(40, 4, 4)],
