@@ -8,7 +8,11 @@ from pathlib import Path
 
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 VARIANTS = {"metainit": "--set incubate.module_init=meta",   # how each variant of ours is made
-            "metainit-ftlr3e-4": "--set incubate.module_init=meta --set finetune.lr=3e-4"}
+            "metainit-ftlr3e-4": "--set incubate.module_init=meta --set finetune.lr=3e-4",
+            # learning-rate probes, one point each
+            "metainit-inclr3e-4-ftlr3e-4": "--set incubate.module_init=meta --set incubate.lr=3e-4 "
+                                           "--set finetune.lr=3e-4 --budgets 160/4+4 --seeds 0",
+            "metainit-ftlr1e-4": "--set incubate.module_init=meta --set finetune.lr=1e-4 --budgets 160/4+4 --seeds 0"}
 
 
 def _groups(rows, study, key=None):
