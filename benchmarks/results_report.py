@@ -44,8 +44,11 @@ def _stat(vals):
 def table(rows, study) -> str:
     out = ["| depth | data | method | budget | seeds | top-1 (%) mean ± sd | assembled (%) | hybrids (%) | "
            "meta (%) | TFLOPs | process s |", "|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
-    for (depth, frac, method, budget), rs in sorted(_groups(rows, study).items(),
-                                                    key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[1][0]["flops"])):
+    def order(kv):   # depth, data, method, then ours by meta budget, then cost
+        (depth, frac, method, _), rs = kv
+        return depth, frac, method, rs[0].get("meta_epochs", 0), rs[0]["flops"]
+
+    for (depth, frac, method, budget), rs in sorted(_groups(rows, study).items(), key=order):
         acc, sd = _stat([r["top1"] for r in rs])
         asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if method.startswith("ours") else ""
         hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if method.startswith("ours") else ""
