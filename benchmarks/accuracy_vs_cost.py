@@ -127,10 +127,12 @@ def budget_label(method: str, budget) -> str:
     return f"{budget[0]}/{budget[1]}+{budget[2]}" if method == "ours" else f"{budget}"
 
 
-def points(study: str, seeds=None, budgets=None):
-    """The study's (method, depth, fraction, budget, seed) points; budgets: only those labels."""
+def points(study: str, seeds=None, budgets=None, depths=None, fractions=None):
+    """The study's (method, depth, fraction, budget, seed) points; budgets (labels), depths and
+    fractions, where given, keep only those."""
     for p in _points(study, seeds):
-        if budgets is None or budget_label(p[0], p[3]) in budgets:
+        if ((budgets is None or budget_label(p[0], p[3]) in budgets) and (depths is None or p[1] in depths)
+                and (fractions is None or p[2] in fractions)):
             yield p
 
 
@@ -158,6 +160,7 @@ def main() -> None:
     ap.add_argument("--methods", default="meta,ours,e2e", help="which methods to run (meta: the meta model alone)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
     ap.add_argument("--depths", default=None, help="comma-separated depths to train (default: the study's)")
+    ap.add_argument("--fractions", default=None, help="comma-separated data fractions to train (default: the study's)")
     ap.add_argument("--budgets", default=None,
                     help="comma-separated budgets to train, as the tables name them (e.g. 40,160/4+4; default: all)")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results.json"))
@@ -171,8 +174,9 @@ def main() -> None:
             seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
             budgets = args.budgets.split(",") if args.budgets else None
             depths = [int(x) for x in args.depths.split(",")] if args.depths else None
-            for method, depth, fraction, budget, seed in points(study, seeds, budgets):
-                if method in args.methods.split(",") and (depths is None or depth in depths):
+            fractions = [float(x) for x in args.fractions.split(",")] if args.fractions else None
+            for method, depth, fraction, budget, seed in points(study, seeds, budgets, depths, fractions):
+                if method in args.methods.split(","):
                     train_point(root, study, method, depth, fraction, budget, seed, args)
     rows = collect(root)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

@@ -67,3 +67,9 @@ def test_write_report_replaces_only_the_tables(tmp_path):
 def test_budgets_select_points_by_their_table_label():
     pts = list(avc.points("budget", [0], ["160/4+4", "80"]))
     assert [(m, b) for m, _, _, b, _ in pts] == [("meta", 80), ("ours", (160, 4, 4)), ("e2e", 80)]
+
+
+def test_depths_and_fractions_select_points():
+    pts = list(avc.points("data", [1], ["40", "20"], fractions=[0.25]))
+    assert [(m, f, b) for m, _, f, b, _ in pts] == [("meta", 0.25, 40), ("e2e", 0.25, 20)]
+    assert {d for _, d, _, _, _ in avc.points("depth", [0], depths=[8, 64])} == {8, 64}
