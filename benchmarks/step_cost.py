@@ -17,8 +17,6 @@ The data-wait part runs E2E steps on the real incubate.data.Loader over in-memor
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
 import platform
 import statistics
@@ -38,6 +36,7 @@ from incubate.data import DataBundle, Loader, Split  # noqa: E402
 from incubate.engine import _autocast, count_step_flops, enable_grad_checkpointing  # noqa: E402
 from incubate.families import get_family  # noqa: E402
 from incubate.modular import Hybrid  # noqa: E402
+from benchmarks.step_cost_report import save  # noqa: E402
 
 FAMILY = get_family("vit")
 PRESETS = {   # timm name, overrides, target depth, K, batch, classes, image size
@@ -439,60 +438,6 @@ def run_data_only(args) -> dict:
             "rows": [], "bars": {}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, p, args, device)
 
 
-def mib(b) -> str:
-    return f"{b / 2 ** 20:.1f}" if b is not None else "-"
-
-
-def markdown(res: dict) -> str:
-    m = res["machine"]
-    peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in m["matmul_peak_flops_per_s"].items())
-    out = [f"`{res['command']}`", "",
-           f"{res['time']}; {m['device']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), torch "
-           f"{m['torch']}; load average {m['load_avg_before'][0]:.2f} before, {m['load_after'][0]:.2f} after the "
-           f"timed rounds; matmul peak measured in the same rounds: {peaks}. Median of {res['steps']} "
-           f"interleaved steps after {res['warmup']} warm-up; ratios are medians of per-round ratios "
-           f"(q25-q75 in brackets).", "",
-           ]
-    if res["rows"]:
-        out += ["| job | step s (q25-q75) | time / E2E | FLOPs / E2E | GFLOP/step | GFLOP/s | of peak | "
-                "model state MiB | saved act. MiB | memory MiB | speedup vs base | compile s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        s, mem = r["step_s"], r["memory"]
-        tv = r.get("time_vs_e2e")
-        sp = r.get("speedup_vs_base")
-        out.append(
-            f"| {r['job']} | {s['median']:.3f} ({s['q25']:.3f}-{s['q75']:.3f}) | "
-            + (f"{tv['median']:.3f} ({tv['q25']:.2f}-{tv['q75']:.2f})" if tv else "-") + " | "
-            + (f"{r['flops_vs_e2e']:.3f}" if "flops_vs_e2e" in r else "-")
-            + f" | {r['flops'] / 1e9:.2f} | {r['flops_per_s'] / 1e9:.1f} | {100 * r['peak_fraction']:.0f}% | "
-            + f"{mib(mem.get('model_state', (mem.get('params', 0) + mem.get('grads_at_rest', 0) + mem.get('optimizer', 0)) if mem else None))} | "
-            + f"{mib(mem.get('saved_activations')) if mem else '-'} | {mib(mem.get('total')) if mem else '-'} | "
-            + (f"{sp['median']:.2f}x ({sp['q25']:.2f}-{sp['q75']:.2f})" if sp else "-") + " | "
-            + (f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-") + " |")
-    out += ["", "| bar | value | pass |", "|---|---|---|"]
-    for name, b in res["bars"].items():
-        extra = ""
-        if "flop_ratio" in b:
-            extra = f" (FLOP ratio {b['flop_ratio']:.3f}" + (f", time ratio {b['time_ratio']:.3f}" if "time_ratio" in b else "") + ")"
-        out.append(f"| {name} | {b['value']:.3f}{extra} | {'yes' if b['pass'] else 'NO'} |")
-    prof = [(r["job"], r["memory"]["profile"]) for r in res["rows"] if r["memory"].get("profile")]
-    if prof:
-        out += ["", "torch.profiler, mean of 3 steps a job after the timed rounds (profiling inflates times):", "",
-                "| job | forward+backward s | matmul-type ops s | other ops s | bookkeeping s | optimizer s |",
-                "|---|---|---|---|---|---|"]
-        for name, pr in prof:
-            out.append(f"| {name} | {pr['forward_backward_s']:.3f} | {pr['matmul_s']:.3f} | {pr['other_ops_s']:.3f} | "
-                       f"{pr['bookkeeping_s']:.3f} | {pr['optimizer_s']:.3f} |")
-    if "data_wait" in res:
-        out += ["", "| loader (E2E steps, in-memory images) | wait share | median wait ms | max wait ms | step s |",
-                "|---|---|---|---|---|"]
-        for r in res["data_wait"]:
-            out.append(f"| {r['loader']} | {100 * r['wait_share']:.2f}% | {r['median_wait_ms']:.1f} | "
-                       f"{r['max_wait_ms']:.1f} | {r['median_step_s']:.3f} |")
-    return "\n".join(out) + "\n"
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -521,17 +466,6 @@ def main(argv=None) -> dict:
     res = run_data_only(args) if args.data_only else run(args)
     print("\n" + save(res, args))
     return res
-
-
-def save(res: dict, args) -> str:
-    tag = "_".join(filter(None, [args.preset, args.amp if args.amp != "none" else "", args.variants.replace(",", "-"),
-                                 "profile" if args.profile else "", "data" if args.data_only else ""]))
-    base = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"step_cost_{tag}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    base.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-    md = markdown(res)
-    base.with_suffix(".md").write_text(md)
-    return md
 
 
 if __name__ == "__main__":
