@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -117,9 +116,7 @@ def run_ours(root: Path, study, depth, fraction, schedule, seed, extra, variant)
         incubate.main(recipe, run, i)
     assemble.main(recipe, run)
     finetune.main(recipe, run)
-    stages = [StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(4)] + \
-             [StageDir(run, "assembled"), StageDir(run, "finetune")]
-    return _row(study, depth, fraction, "ours", f"{meta_epochs}/{m}+{n}", seed, run, stages, variant)
+    return _row(study, depth, fraction, "ours", budget_label("ours", schedule), seed, run, _stages(run, "ours"), variant)
 
 
 def budget_label(method: str, budget) -> str:
