@@ -31,9 +31,9 @@ def label(r) -> str:
     return "ours" if v == "paper" else f"ours-{v}"
 
 
-def curve(r) -> str:
-    """The method as the figure draws it: ours is one curve per variant and meta-model budget."""
-    return label(r) + (f" (meta {r['meta_epochs']} ep)" if r["method"] == "ours" else "")
+def curve(r) -> tuple:
+    """The curve the figure draws a row on: (method as the tables name it, meta-model budget for ours)."""
+    return label(r), r.get("meta_epochs")
 
 
 def _stat(vals):
@@ -50,9 +50,10 @@ def table(rows, study) -> str:
 
     for (depth, frac, method, budget), rs in sorted(_groups(rows, study).items(), key=order):
         acc, sd = _stat([r["top1"] for r in rs])
-        asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if method.startswith("ours") else ""
-        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if method.startswith("ours") else ""
-        meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if method.startswith("ours") else ""
+        ours = method.startswith("ours")
+        asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if ours else ""
+        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if ours else ""
+        meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if ours else ""
         out.append(f"| {depth} | {frac:g} | {method} | {budget} | {len(rs)} | {acc:.2f} ± {sd:.2f} | {asm} | {hyb} | "
                    f"{meta} | {statistics.mean(r['flops'] for r in rs) / 1e12:.2f} | "
                    f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
@@ -79,17 +80,16 @@ def plot(rows, path: Path) -> None:
     if not g:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
-    curves = sorted({k[2] for k in g}, key=lambda c: (list(PLOTTED).index(c.split(" (")[0]), len(c), c))
-    meta_budgets = sorted({r["meta_epochs"] for r in rows if "meta_epochs" in r})
+    curves = sorted({k[2] for k in g}, key=lambda c: (list(PLOTTED).index(c[0]), c[1] or 0))
+    meta_budgets = sorted({c[1] for c in curves if c[1]})
     for ax, unit in zip(axes, ("flops", "seconds")):
         scale = 1e12 if unit == "flops" else 1
         named = set()
         for c in curves:
-            method = c.split(" (")[0]
+            method, meta_ep = c
             name, color = PLOTTED[method]
             pts = sorted((statistics.mean(r[unit] for r in rs) / scale, *_stat([r["top1"] for r in rs]), b, rs)
                          for (d, f, m, b), rs in g.items() if m == c)
-            meta_ep = pts[0][4][0].get("meta_epochs")
             marker = MARKERS[meta_budgets.index(meta_ep) % len(MARKERS)] if meta_ep else "o"
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=marker + "-",
                         color=color, capsize=3, ms=5, label=None if method in named else name)
