@@ -80,8 +80,12 @@ class TrainCfg:
     frozen_suffix_grads: bool = True
     max_nonfinite_skips: int = 0    # steps with a NaN/inf loss to skip (no update) before stopping
     # Incubate stage only: how a target module starts. random (the paper) | meta: as a copy of its
-    # meta module (extra blocks start as the identity), so hybrid and assembly start as the meta model.
+    # meta module (extra blocks start as the identity), so hybrid and assembly start as the meta model
+    # | stack: every block a copy of its meta module's block (depthwise stacking).
     module_init: str = "random"
+    # Incubate stage only. false: each module job its own data order and augmentation draws (ours);
+    # true: every module job the same ones (the official code, whose jobs share one seed).
+    shared_data_order: bool = False
 
 
 @dataclass
@@ -265,8 +269,8 @@ def validate(recipe: Recipe) -> None:
         raise UserError(f"device must be auto, cpu or cuda, got {recipe.device!r}")
     for stage in STAGES:
         cfg = recipe.stage(stage)
-        if cfg.module_init not in ("random", "meta"):
-            raise UserError(f"{stage}.module_init must be random or meta, got {cfg.module_init!r}")
+        if cfg.module_init not in ("random", "meta", "stack"):
+            raise UserError(f"{stage}.module_init must be random, meta or stack, got {cfg.module_init!r}")
         if cfg.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"{stage}.amp must be none, bf16 or fp16, got {cfg.amp!r}")
         if cfg.max_nonfinite_skips < 0:

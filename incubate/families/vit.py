@@ -77,23 +77,30 @@ class ViTFamily:
         return model.forward_head(model.norm(x))
 
     def init_from_meta(self, target: nn.Module, meta: nn.Module, division: list[int],
-                       meta_division: list[int], index: int) -> None:
-        """Initialise target module `index` so that it computes what meta module `index` computes.
+                       meta_division: list[int], index: int, mode: str = "meta") -> None:
+        """Initialise target module `index` from meta module `index`.
 
-        The module's first blocks are copies of the meta module's blocks; its other blocks get
-        zero-initialised residual branches (attention and MLP output projections), so they start as
-        the identity and still train. Module 0 copies the stem, module K-1 the head.
+        mode "meta": the module computes exactly what the meta module computes. Its first blocks are
+        copies of the meta module's blocks; its other blocks get zero-initialised residual branches
+        (attention and MLP output projections), so they start as the identity and still train.
+        mode "stack": depthwise stacking (as in LLM growth work): every block of the module is a copy
+        of a meta block, cycling through the meta module's blocks (with one meta block a module,
+        every block copies it). The module then applies the meta block several times, so the
+        assembly does not start as the meta model.
+        Module 0 copies the stem and module K-1 the head in both modes.
         """
         start, m_start = sum(division[:index]), sum(meta_division[:index])
         n_meta = meta_division[index]
+        if mode not in ("meta", "stack"):
+            raise UserError(f"module_init '{mode}' is not one the ViT adapter knows; use random, meta or stack")
         if n_meta > division[index]:
             raise UserError(f"module {index} has {division[index]} blocks, fewer than the meta module's "
-                            f"{n_meta}; module_init: meta needs division >= meta_division")
+                            f"{n_meta}; module_init: {mode} needs division >= meta_division")
         with torch.no_grad():
             for j in range(division[index]):
                 blk = target.blocks[start + j]
-                if j < n_meta:
-                    blk.load_state_dict(meta.blocks[m_start + j].state_dict())
+                if mode == "stack" or j < n_meta:
+                    blk.load_state_dict(meta.blocks[m_start + j % n_meta].state_dict())
                 else:
                     for proj in (blk.attn.proj, blk.mlp.fc2):
                         proj.weight.zero_()

@@ -27,8 +27,9 @@ def build_hybrid(ctx: Context, index: int, drop_path: float = 0.0, module_init: 
     # The whole target is built from the recipe's seed, so module I starts from the same weights
     # E2E starts from; everything module I does not own is dropped before training.
     target = ctx.build(drop_path=drop_path)
-    if module_init == "meta":
-        ctx.family.init_from_meta(target, meta, ctx.recipe.model.division, ctx.recipe.meta_division, index)
+    if module_init != "random":
+        ctx.family.init_from_meta(target, meta, ctx.recipe.model.division, ctx.recipe.meta_division, index,
+                                  mode=module_init)
     ctx.family.keep_only(target, ctx.recipe.model.division, index)
     hybrid = Hybrid(ctx.family, meta, ctx.recipe.meta_division, target, ctx.recipe.model.division, index,
                     frozen_suffix_grads=frozen_suffix_grads)
@@ -53,7 +54,10 @@ def main(recipe: Recipe, out, module: int) -> dict:
         return stage.manifest()
     hybrid = build_hybrid(ctx, module, cfg.drop_path, cfg.module_init, cfg.frozen_suffix_grads)
     target = hybrid.runner.model
-    result = fit(hybrid, target, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed + 1 + module, stage.path,
+    # Each job its own data order (ours), or, with shared_data_order, every job the same one (the
+    # official code's: all its module jobs run with the same seed).
+    seed = recipe.seed + 1 + (0 if cfg.shared_data_order else module)
+    result = fit(hybrid, target, cfg, ctx.bundle, recipe.data, ctx.dist, seed, stage.path,
                  ddp_attr="runner", label=f"module {module}")
     manifest.update(result, epochs=cfg.epochs, trainable_params=trainable_params(target), world_size=ctx.dist.world)
     return finish(ctx, stage, target.state_dict(), manifest)

@@ -64,7 +64,7 @@ def test_set_overrides_and_stage_merge(tiny_recipe):
     (["model.division=[0,4]"], r"positive block counts"),
     (["data.train_fraction=0"], r"train_fraction must be in"),
     (["train.amp=fp8"], r"amp must be none, bf16 or fp16"),
-    (["incubate.module_init=copy"], r"incubate.module_init must be random or meta"),
+    (["incubate.module_init=copy"], r"incubate.module_init must be random, meta or stack"),
 ])
 def test_bad_values_are_one_clear_error(tiny_recipe, sets, match):
     with pytest.raises(UserError, match=match):

@@ -117,6 +117,38 @@ def test_meta_init_blocks_still_train():
     assert zeroed.abs().sum() == 0 and zeroed.grad is not None and zeroed.grad.abs().sum() > 0
 
 
+def test_stack_init_copies_the_meta_block_into_every_block_of_the_module():
+    meta_div, div = [1, 2, 1], [3, 4, 2]
+    meta = vit(sum(meta_div)).eval()
+    target = vit(sum(div)).eval()
+    FAMILY.init_from_meta(target, meta, div, meta_div, 1, mode="stack")
+    for j, m in zip(range(3, 7), (1, 2, 1, 2)):       # module 1's blocks cycle through meta blocks 1, 2
+        for (name, a), b in zip(target.blocks[j].state_dict().items(), meta.blocks[m].state_dict().values()):
+            assert torch.equal(a, b), (j, name)
+    untouched = vit(sum(div))
+    for j in (0, 1, 2, 7, 8):                          # other modules keep their own initialisation
+        assert all(torch.equal(a, b) for a, b in zip(target.blocks[j].state_dict().values(),
+                                                      untouched.blocks[j].state_dict().values()))
+    # the hybrid applies meta block 1 and 2 twice each, so it no longer computes the meta model
+    x = torch.randn(2, 1, 16, 16)
+    h = Hybrid(FAMILY, copy.deepcopy(meta), meta_div, FAMILY.keep_only(target, div, 1), div, 1).eval()
+    tokens = meta.norm_pre(meta._pos_embed(meta.patch_embed(x)))
+    tokens = meta.blocks[0](tokens)
+    for m in (1, 2, 1, 2, 3):
+        tokens = meta.blocks[m](tokens)
+    torch.testing.assert_close(h(x), meta.forward_head(meta.norm(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_stack_init_copies_stem_and_head():
+    meta_div, div = [1, 1], [2, 2]
+    meta = vit(2)
+    target = vit(4)
+    FAMILY.init_from_meta(target, meta, div, meta_div, 0, mode="stack")
+    FAMILY.init_from_meta(target, meta, div, meta_div, 1, mode="stack")
+    for key in ("pos_embed", "cls_token", "patch_embed.proj.weight", "norm.weight", "head.weight"):
+        assert torch.equal(target.state_dict()[key], meta.state_dict()[key]), key
+
+
 def test_official_suffix_semantics_same_target_grads_but_wasted_suffix_grads():
     x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
     for index in range(3):
@@ -163,3 +195,28 @@ def test_hybrid_holds_the_meta_model_less_the_replaced_module():
         expected = {k for j, part in enumerate(meta_keys) if j != index for k in part}
         assert set(h.meta.state_dict()) == expected
         assert h(x).shape == (2, 5)        # and the hybrid still runs end to end
+
+
+def test_shared_data_order_gives_every_module_job_the_same_seed(tiny_recipe, tmp_path, monkeypatch):
+    """Ours: each module job its own data order (seed + 1 + module); shared_data_order: the official
+    code's single order (seed + 1 for every job)."""
+    from incubate.config import load_recipe
+    from incubate.stages import incubate, meta
+    run = tmp_path / "run"
+    meta.main(load_recipe(tiny_recipe), run)
+    seen = {}
+
+    def fake_fit(net, trained, cfg, bundle, data_cfg, dist, seed, stage_dir, **kw):
+        seen.setdefault(cfg.shared_data_order, []).append(seed)
+        raise RuntimeError("stop after the seed is known")
+
+    monkeypatch.setattr(incubate, "fit", fake_fit)
+    import pytest
+    for shared in (False, True):
+        for module in (0, 2):
+            with pytest.raises(RuntimeError, match="stop after"):
+                incubate.main(load_recipe(tiny_recipe, [f"incubate.shared_data_order={str(shared).lower()}"]),
+                              run, module)
+            from incubate.lock import release
+            release(run / "modules" / str(module))
+    assert seen == {False: [1, 3], True: [1, 1]}
