@@ -7,6 +7,8 @@ parts and rerun after a kill):
           meta model trained once a seed and counted in full in every point that uses it
   depth   same width, several depths, ours vs E2E at matched schedules
   data    several class-balanced fractions of the training set
+  regime  the over-parameterised regime: a DeiT-Tiny-width ViT (embed 192) of depth 12 and 24 on
+          10% and 25% of the data; regime_reg the same with the paper's DeiT regularisation
 Cost is counted two ways: process seconds summed over every job, and FLOPs (FlopCounterMode on one
 step of each stage times the steps taken). Accuracy is top-1 on the full 10k test set.
 
@@ -36,7 +38,13 @@ RECIPE = ROOT / "recipes" / "fashion_mnist.yaml"
 
 # Every study, as (study, depth, fraction, method, budget) points. Budgets: E2E epochs; meta-model
 # epochs for the meta model alone (the K-block shallow baseline); or (meta epochs, module epochs,
-# fine-tune epochs) for ours.
+# fine-tune epochs) for ours. A study may change the recipe for every method (`sets`); its run
+# directories then carry a `prefix`, so that they never mix with another study's.
+WIDE = ["model.kwargs.embed_dim=192", "model.kwargs.num_heads=3"]     # DeiT-Tiny width
+# The paper's DeiT regularisation (RandAugment, mixup 0.8, cutmix 1.0, random erasing 0.25,
+# drop-path), with a gentler crop than ImageNet's 0.08 for 28 px images.
+DEIT = ["data.augment.auto_augment=rand-m9-mstd0.5-inc1", "data.augment.re_prob=0.25", "data.augment.hflip=true",
+        "data.augment.crop_scale=[0.25,1.0]", "train.mixup=0.8", "train.cutmix=1.0", "train.drop_path=0.1"]
 STUDIES = {
     "budget": {"depth": 32, "fraction": 0.1, "e2e": [10, 20, 40, 80], "meta": [40, 80, 160, 240],
                "ours": [(40, 2, 2), (40, 4, 4), (40, 8, 8), (80, 2, 2), (80, 4, 4), (160, 2, 2), (160, 4, 4),
@@ -46,6 +54,11 @@ STUDIES = {
               "seeds": [0]},
     "data": {"depth": 32, "fractions": [1.0, 0.25, 0.1], "e2e": [20], "meta": [40], "ours": [(40, 4, 4)],
              "seeds": [0]},
+    # The over-parameterised regime (issue 10): millions of parameters on thousands of images.
+    "regime": {"depths": [12, 24], "fractions": [0.1, 0.25], "prefix": "w192_", "sets": WIDE,
+               "e2e": [10, 30], "meta": [30, 90], "ours": [(30, 2, 2)], "seeds": [0, 1]},
+    "regime_reg": {"depths": [12, 24], "fractions": [0.1, 0.25], "prefix": "w192reg_", "sets": WIDE + DEIT,
+                   "e2e": [10, 30], "meta": [30, 90], "ours": [(30, 2, 2)], "seeds": [0, 1]},
 }
 
 
@@ -62,10 +75,24 @@ def ensure_data() -> None:
 PAPER = ["incubate.module_init=random", "finetune.lr=0.001"]
 
 
-def make_recipe(depth: int, fraction: float, seed: int, sets: list[str]):
+def make_recipe(depth: int, fraction: float, seed: int, sets: list[str], study: str = "budget"):
     k = 4
-    return load_recipe(RECIPE, PAPER + [f"model.kwargs.depth={depth}", f"model.division={[depth // k] * k}",
-                                        f"data.train_fraction={fraction}", f"seed={seed}"] + sets)
+    return load_recipe(RECIPE, PAPER + STUDIES[study].get("sets", []) + [
+        f"model.kwargs.depth={depth}", f"model.division={[depth // k] * k}", f"data.train_fraction={fraction}",
+        f"seed={seed}"] + sets)
+
+
+def base_dir(root: Path, study: str, depth: int, fraction: float, seed: int) -> Path:
+    """A (depth, data, seed) cell's folder: E2E, the meta model alone and every ours of the cell."""
+    return root / f"{STUDIES[study].get('prefix', '')}d{depth}_f{fraction}_s{seed}"
+
+
+def _curve(stage: StageDir) -> list:
+    """[epoch, train loss, test top-1] after every epoch of a stage (its metrics.jsonl)."""
+    if not stage.metrics.exists():
+        return []
+    rows = [json.loads(line) for line in stage.metrics.read_text().splitlines() if line.strip()]
+    return [[r["epoch"], round(r["train_loss"], 4), round(r["test_top1"], 2)] for r in rows]
 
 
 def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[StageDir], variant: str) -> dict:
@@ -75,6 +102,10 @@ def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[S
            "seed": seed, "top1": final["metrics"]["top1"],
            "seconds": sum(m.get("process_seconds", 0.0) for m in ms),
            "flops": sum(m.get("flops", 0) for m in ms), "run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run)}
+    curve = _curve(stages[-1])
+    if curve:      # the paper's table puts the training loss beside the accuracy: so do we
+        row["train_loss"] = curve[-1][1]
+        row["curve"] = curve
     if method == "ours":
         row["meta_epochs"] = int(run.name.split("_")[1])
         by = {(s.stage, s.module): m for s, m in zip(stages, ms)}
@@ -89,23 +120,23 @@ def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[S
 
 
 def run_e2e(root: Path, study, depth, fraction, epochs, seed, extra, variant) -> dict:
-    run = root / f"d{depth}_f{fraction}_s{seed}" / f"e2e_{epochs}"
-    recipe = make_recipe(depth, fraction, seed, [f"e2e.epochs={epochs}"] + extra)
+    run = base_dir(root, study, depth, fraction, seed) / f"e2e_{epochs}"
+    recipe = make_recipe(depth, fraction, seed, [f"e2e.epochs={epochs}"] + extra, study)
     e2e.main(recipe, run)
     return _row(study, depth, fraction, "e2e", f"{epochs}", seed, run, [StageDir(run, "e2e")], "paper")
 
 
 def run_meta(root: Path, study, depth, fraction, epochs, seed, extra, variant) -> dict:
-    run = root / f"d{depth}_f{fraction}_s{seed}" / f"meta_{epochs}"
-    meta.main(make_recipe(depth, fraction, seed, [f"meta.epochs={epochs}"] + extra), run)
+    run = base_dir(root, study, depth, fraction, seed) / f"meta_{epochs}"
+    meta.main(make_recipe(depth, fraction, seed, [f"meta.epochs={epochs}"] + extra, study), run)
     return _row(study, depth, fraction, "meta", f"{epochs}", seed, run, [StageDir(run, "meta")], "paper")
 
 
 def run_ours(root: Path, study, depth, fraction, schedule, seed, extra, variant) -> dict:
     meta_epochs, m, n = schedule
-    base = root / f"d{depth}_f{fraction}_s{seed}"
+    base = base_dir(root, study, depth, fraction, seed)
     recipe = make_recipe(depth, fraction, seed, [f"meta.epochs={meta_epochs}", f"incubate.epochs={m}",
-                                                 f"finetune.epochs={n}"] + extra)
+                                                 f"finetune.epochs={n}"] + extra, study)
     meta_run = base / f"meta_{meta_epochs}"
     meta.main(recipe, meta_run)                     # trained once a seed, shared by every schedule
     run = base / ("" if variant == "paper" else variant) / f"ours_{meta_epochs}_{m}+{n}"
@@ -150,7 +181,8 @@ def _points(study: str, seeds=None):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--study", choices=["budget", "depth", "data", "all"], default="all")
+    ap.add_argument("--study", choices=list(STUDIES) + ["all"], default="all",
+                    help="all: budget, depth and data (the regime studies are run by name)")
     ap.add_argument("--root", default=str(ROOT / "benchmarks" / "runs" / "accuracy_vs_cost"))
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every run")
     ap.add_argument("--variant", default="paper", help="name of a variant of ours made by --set (E2E is shared)")
@@ -175,7 +207,8 @@ def main() -> None:
             for method, depth, fraction, budget, seed in points(study, seeds, budgets, depths, fractions):
                 if method in args.methods.split(","):
                     train_point(root, study, method, depth, fraction, budget, seed, args)
-    rows = collect(root)
+    old = json.loads(Path(args.results).read_text()) if Path(args.results).exists() else []
+    rows = merge(old, collect(root))
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
     from benchmarks.results_report import write_report
@@ -209,10 +242,11 @@ def _stages(run: Path, method: str) -> list[StageDir]:
 def collect(root: Path) -> list[dict]:
     """Every finished point of every study, read from its run directory (the only state)."""
     rows = []
-    seeds = sorted({int(p.name.rsplit("_s", 1)[1]) for p in root.glob("d*_f*_s*")}) if root.is_dir() else []
     for study in STUDIES:
+        pattern = f"{STUDIES[study].get('prefix', '')}d*_f*_s*"
+        seeds = sorted({int(p.name.rsplit("_s", 1)[1]) for p in root.glob(pattern)}) if root.is_dir() else []
         for method, depth, fraction, budget, seed in points(study, seeds):
-            base = root / f"d{depth}_f{fraction}_s{seed}"
+            base = base_dir(root, study, depth, fraction, seed)
             if method in ("e2e", "meta"):
                 runs = [("paper", base / f"{method}_{budget}", f"{budget}")]
             else:
@@ -225,6 +259,18 @@ def collect(root: Path) -> list[dict]:
                 if all(sd.finished() for sd in stages):
                     rows.append(_row(study, depth, fraction, method, label, seed, run, stages, variant))
     return rows
+
+
+def row_key(r: dict) -> tuple:
+    return (r["study"], r.get("variant", "paper"), r["depth"], r["fraction"], r["method"], r["budget"], r["seed"])
+
+
+def merge(old: list[dict], found: list[dict]) -> list[dict]:
+    """The rows found on disk, plus earlier rows (docs/results.json) whose run directories are not
+    on this machine: a run directory is the only state, but one session's machine does not hold
+    every earlier session's runs."""
+    keys = {row_key(r) for r in found}
+    return [r for r in old if row_key(r) not in keys] + found
 
 
 if __name__ == "__main__":
