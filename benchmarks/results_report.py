@@ -12,7 +12,15 @@ VARIANTS = {"metainit": "--set incubate.module_init=meta",   # how each variant 
             # learning-rate probes, one point each
             "metainit-inclr3e-4-ftlr3e-4": "--set incubate.module_init=meta --set incubate.lr=3e-4 "
                                            "--set finetune.lr=3e-4 --budgets 160/4+4 --seeds 0",
-            "metainit-ftlr1e-4": "--set incubate.module_init=meta --set finetune.lr=1e-4 --budgets 160/4+4 --seeds 0"}
+            "metainit-ftlr1e-4": "--set incubate.module_init=meta --set finetune.lr=1e-4 --budgets 160/4+4 --seeds 0",
+            # the regime studies: depthwise stacking, and the official code's one data order for every job
+            "stack-ftlr3e-4": "--set incubate.module_init=stack --set finetune.lr=3e-4",
+            "shared": "--set incubate.shared_data_order=true",
+            "stack-shared-ftlr3e-4": "--set incubate.module_init=stack --set incubate.shared_data_order=true "
+                                     "--set finetune.lr=3e-4"}
+STUDY_TITLES = (("budget", "Budget curve"), ("depth", "Depth study"), ("data", "Data study"),
+                ("regime", "Regime study: ViT embed 192, the plain recipe"),
+                ("regime_reg", "Regime study: ViT embed 192, the paper's DeiT regularisation"))
 
 
 def _groups(rows, study, key=None):
@@ -42,8 +50,8 @@ def _stat(vals):
 
 
 def table(rows, study) -> str:
-    out = ["| depth | data | method | budget | seeds | top-1 (%) mean ± sd | assembled (%) | hybrids (%) | "
-           "meta (%) | TFLOPs | process s |", "|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    out = ["| depth | data | method | budget | seeds | top-1 (%) mean ± sd | train loss | assembled (%) | hybrids (%) | "
+           "meta (%) | TFLOPs | process s |", "|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     def order(kv):   # depth, data, method, then ours by meta budget, then cost
         (depth, frac, method, _), rs = kv
         return depth, frac, method, rs[0].get("meta_epochs", 0), rs[0]["flops"]
@@ -54,7 +62,9 @@ def table(rows, study) -> str:
         asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if ours else ""
         hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if ours else ""
         meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if ours else ""
-        out.append(f"| {depth} | {frac:g} | {method} | {budget} | {len(rs)} | {acc:.2f} ± {sd:.2f} | {asm} | {hyb} | "
+        losses = [r["train_loss"] for r in rs if "train_loss" in r]
+        loss = f"{statistics.mean(losses):.3f}" if len(losses) == len(rs) else ""
+        out.append(f"| {depth} | {frac:g} | {method} | {budget} | {len(rs)} | {acc:.2f} ± {sd:.2f} | {loss} | {asm} | {hyb} | "
                    f"{meta} | {statistics.mean(r['flops'] for r in rs) / 1e12:.2f} | "
                    f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
     return "\n".join(out)
@@ -118,11 +128,62 @@ def plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
+REGIME_PLOTTED = {"e2e": ("E2E", "black"), "meta-alone": ("meta model alone (K blocks)", "tab:olive"),
+                  "ours": ("ours, random init (the paper)", "tab:red"),
+                  "ours-metainit-ftlr3e-4": ("ours, meta init", "tab:blue"),
+                  "ours-stack-ftlr3e-4": ("ours, stack init", "tab:green"),
+                  "ours-shared": ("ours, random init, one data order", "tab:pink"),
+                  "ours-stack-shared-ftlr3e-4": ("ours, stack init, one data order", "tab:cyan")}
+
+
+def regime_points(rows, study: str, depth: int, fraction: float) -> dict:
+    """{method: [(mean TFLOPs, mean top-1, sd, budget), ...] sorted by cost} for one regime cell."""
+    out = defaultdict(list)
+    for (d, f, method, budget), rs in _groups(rows, study).items():
+        if d == depth and f == fraction and method in REGIME_PLOTTED:
+            out[method].append((statistics.mean(r["flops"] for r in rs) / 1e12, *_stat([r["top1"] for r in rs]),
+                                budget))
+    return {m: sorted(p) for m, p in out.items()}
+
+
+def plot_regime(rows, path: Path) -> None:
+    """One panel a (study, depth, data) cell of the regime studies: top-1 against training FLOPs."""
+    cells = sorted({(r["study"], r["depth"], r["fraction"]) for r in rows if r["study"].startswith("regime")})
+    if not cells:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 5), squeeze=False)
+    named = set()
+    for ax, (study, depth, fraction) in zip(axes[0], cells):
+        for method, pts in sorted(regime_points(rows, study, depth, fraction).items(),
+                                  key=lambda kv: list(REGIME_PLOTTED).index(kv[0])):
+            name, color = REGIME_PLOTTED[method]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", color=color,
+                        capsize=3, ms=5, label=None if method in named else name)
+            named.add(method)
+            for p in pts:
+                ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
+        reg = "DeiT regularisation" if study == "regime_reg" else "plain recipe"
+        ax.set_title(f"depth {depth}, {fraction:g} of the data, {reg}", fontsize=9)
+        ax.set_xlabel("training TFLOPs")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle("Fashion-MNIST, ViT embed 192, K=4: accuracy vs training FLOPs (mean ± sd over seeds); "
+                 "labels: epochs, or meta/modules+fine-tune epochs", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(rows, docs: Path) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     plot(rows, docs / "accuracy_vs_cost.png")
     parts = []
-    for study, title in (("budget", "Budget curve"), ("depth", "Depth study"), ("data", "Data study")):
+    plot_regime(rows, docs / "regime.png")
+    for study, title in STUDY_TITLES:
         if any(r["study"] == study for r in rows):
             cmds = [f"`python benchmarks/accuracy_vs_cost.py --study {study}`"]
             for v in sorted({r.get("variant", "paper") for r in rows if r["study"] == study} - {"paper"}):

@@ -4,6 +4,8 @@ Finished stages are faked (a manifest and an empty weights file): no training he
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import accuracy_vs_cost as avc
 from benchmarks import results_report as rr
 
@@ -48,7 +50,7 @@ def test_collect_reads_meta_alone_e2e_and_ours_per_meta_budget(tmp_path):
     table = rr.table(rows, "budget")
     assert "| 32 | 0.1 | meta-alone | 80 | 3 | 80.00 ± 0.00 |" in table
     assert "| 32 | 0.1 | e2e | 40 | 3 | 81.33 ± 1.53 |" in table
-    assert "| 32 | 0.1 | ours-metainit | 80/2+2 | 3 | 81.00 ± 0.00 | 60.00 |" in table
+    assert "| 32 | 0.1 | ours-metainit | 80/2+2 | 3 | 81.00 ± 0.00 |  | 60.00 |" in table   # no metrics.jsonl: no loss
 
 
 def test_write_report_replaces_only_the_tables(tmp_path):
@@ -73,3 +75,41 @@ def test_depths_and_fractions_select_points():
     pts = list(avc.points("data", [1], ["40", "20"], fractions=[0.25]))
     assert [(m, f, b) for m, _, f, b, _ in pts] == [("meta", 0.25, 40), ("e2e", 0.25, 20)]
     assert {d for _, d, _, _, _ in avc.points("depth", [0], depths=[8, 64])} == {8, 64}
+
+
+def _metrics(stage: Path, rows) -> None:
+    stage.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "train_loss": loss, "test_top1": top1}) + "\n" for e, loss, top1 in rows))
+
+
+def test_regime_cells_have_their_own_folders_train_loss_and_curve(tmp_path):
+    base = tmp_path / "w192_d12_f0.1_s1"        # a regime cell; a plain d12 folder would be another study
+    _stage(base / "e2e_10" / "e2e", 78.0, 33e12)
+    _metrics(base / "e2e_10" / "e2e", [(1, 1.9, 60.0), (2, 0.95, 78.0)])
+    _ours(base / "stack-ftlr3e-4" / "ours_30_2+2", 83.0, 84.0)
+    _metrics(base / "stack-ftlr3e-4" / "ours_30_2+2" / "finetune", [(1, 0.8, 83.5), (2, 0.75, 84.0)])
+    _stage(tmp_path / "d12_f0.1_s1" / "e2e_10" / "e2e", 50.0, 1e12)   # not the regime's: no regime row
+    rows = [r for r in avc.collect(tmp_path) if r["study"] == "regime"]
+    by = {(rr.label(r), r["budget"]): r for r in rows}
+    assert set(by) == {("e2e", "10"), ("ours-stack-ftlr3e-4", "30/2+2")}
+    assert by[("e2e", "10")]["top1"] == 78.0 and by[("e2e", "10")]["train_loss"] == 0.95
+    assert by[("e2e", "10")]["curve"] == [[1, 1.9, 60.0], [2, 0.95, 78.0]]
+    assert by[("ours-stack-ftlr3e-4", "30/2+2")]["train_loss"] == 0.75     # the fine-tune's last epoch
+    table = rr.table(rows, "regime")
+    assert "| 12 | 0.1 | e2e | 10 | 1 | 78.00 ± 0.00 | 0.950 |" in table
+    pts = rr.regime_points(rows, "regime", 12, 0.1)
+    assert pts["ours-stack-ftlr3e-4"] == [(pytest.approx(1 + 0.4 + 2), 84.0, 0.0, "30/2+2")]
+    docs = tmp_path / "docs"
+    rr.write_report(rows, docs)
+    assert (docs / "regime.png").stat().st_size > 0
+    assert "### Regime study: ViT embed 192, the plain recipe" in (docs / "results.md").read_text()
+
+
+def test_collect_merge_keeps_earlier_rows_whose_runs_are_not_on_this_machine():
+    old = [{"study": "budget", "variant": "paper", "depth": 32, "fraction": 0.1, "method": "e2e", "budget": "80",
+            "seed": 0, "top1": 83.0},
+           {"study": "budget", "variant": "paper", "depth": 32, "fraction": 0.1, "method": "e2e", "budget": "10",
+            "seed": 0, "top1": 70.0}]
+    found = [dict(old[1], top1=71.0)]
+    merged = avc.merge(old, found)
+    assert sorted((r["budget"], r["top1"]) for r in merged) == [("10", 71.0), ("80", 83.0)]
