@@ -36,6 +36,15 @@ class AugmentCfg:
     auto_augment: Optional[str] = None   # timm string, e.g. rand-m9-mstd0.5-inc1 (per-image path)
     re_prob: float = 0.0            # random erasing probability (per-image path)
     crop_scale: list = field(default_factory=lambda: [0.08, 1.0])   # RandomResizedCrop (images)
+    # The per-image path's other timm transforms. Defaults are what it always did, so no recipe
+    # changes meaning. color_jitter: brightness/contrast/saturation strength of timm's ColorJitter;
+    # unset = timm's choice (0.4, or none when auto_augment is set: RandAugment does colour itself,
+    # as in DeiT); 0 = off; a value > 0 with auto_augment is refused (timm would ignore it).
+    color_jitter: Optional[float] = None
+    interpolation: str = "bicubic"  # resize filter, train crop and eval resize: bicubic | bilinear | nearest
+    re_mode: str = "pixel"          # random erasing fill: pixel (per-pixel noise, DeiT) | rand | const
+    re_count: int = 1               # random erasing: at most this many boxes an image
+    crop_pct: Optional[float] = None   # eval: resize to img_size / crop_pct, center-crop; unset = 1.0 up to 64 px, else 0.875
 
 
 @dataclass
@@ -49,6 +58,10 @@ class DataCfg:
     persistent_workers: bool = False
     eval_batch_size: int = 256
     on_bad_image: str = "stop"      # an unreadable image file: stop (name it) | skip (count and report)
+    # Repeated augmentation (DeiT's RASampler, the paper's ImageNet recipe): each training image in
+    # this many augmented copies an epoch, the copies on different ranks; the epoch keeps the
+    # dataset's length (so it sees about 1/repeated_aug of the images). 1 = off.
+    repeated_aug: int = 1
     augment: AugmentCfg = field(default_factory=AugmentCfg)
 
 
@@ -79,6 +92,8 @@ class TrainCfg:
     # the optimizer and accumulate .grad that nobody reads. Target gradients are identical either way.
     frozen_suffix_grads: bool = True
     max_nonfinite_skips: int = 0    # steps with a NaN/inf loss to skip (no update) before stopping
+    tensorboard: bool = True        # event files in RUN/tensorboard/<stage> (rank 0): per-update loss, lr,
+                                    # samples/s, gradient norm, FLOPs so far; per-epoch evaluation
     # Incubate stage only: how a target module starts. random (the paper) | meta: as a copy of its
     # meta module (extra blocks start as the identity), so hybrid and assembly start as the meta model
     # | stack: every block a copy of its meta module's block (depthwise stacking).
@@ -279,11 +294,31 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"{stage}: epochs >= 0, batch_size >= 1 and accum_steps >= 1 are required")
     if recipe.data.on_bad_image not in ("stop", "skip"):
         raise UserError(f"data.on_bad_image must be stop or skip, got {recipe.data.on_bad_image!r}")
+    _validate_augment(recipe.data)
     lc = recipe.launch
     if lc.devices_per_job < 0 or lc.cpus_per_job < 0 or lc.retries < 0:
         raise UserError("launch.devices_per_job, launch.cpus_per_job and launch.retries must be >= 0")
     if not 0 < recipe.data.train_fraction <= 1:
         raise UserError(f"data.train_fraction must be in (0, 1], got {recipe.data.train_fraction}")
+
+
+def _validate_augment(data: DataCfg) -> None:
+    aug = data.augment
+    if data.repeated_aug < 1:
+        raise UserError(f"data.repeated_aug must be >= 1 (1 = off, 3 = DeiT), got {data.repeated_aug}")
+    if aug.color_jitter is not None and aug.color_jitter < 0:
+        raise UserError(f"data.augment.color_jitter must be >= 0 (0 = off), got {aug.color_jitter}")
+    if aug.color_jitter and aug.auto_augment:
+        raise UserError(f"data.augment.color_jitter {aug.color_jitter} with auto_augment {aug.auto_augment!r}: "
+                        f"timm leaves ColorJitter out when auto_augment is set; drop one of the two keys")
+    if aug.interpolation not in ("bicubic", "bilinear", "nearest"):
+        raise UserError(f"data.augment.interpolation must be bicubic, bilinear or nearest, got {aug.interpolation!r}")
+    if aug.re_mode not in ("pixel", "rand", "const"):
+        raise UserError(f"data.augment.re_mode must be pixel, rand or const, got {aug.re_mode!r}")
+    if aug.re_count < 1:
+        raise UserError(f"data.augment.re_count must be >= 1, got {aug.re_count}")
+    if aug.crop_pct is not None and not 0 < aug.crop_pct <= 1:
+        raise UserError(f"data.augment.crop_pct must be in (0, 1] (or unset), got {aug.crop_pct}")
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -65,12 +65,23 @@ def load_data(cfg) -> DataBundle:
 
 # ---------------------------------------------------------------- loaders
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, batch: int, train: bool):
-    """Indices this rank sees in this epoch: a seeded permutation (train) or a strided shard (eval)."""
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int, batch: int, train: bool,
+                repeats: int = 1):
+    """Indices this rank sees in this epoch: a seeded permutation (train) or a strided shard (eval).
+
+    With `repeats` > 1 (repeated augmentation, DeiT's RASampler) every index of the permutation
+    stands `repeats` times in a row before the list is dealt out rank by rank, so the copies of an
+    image go to different ranks (to one rank, in one batch, when world < repeats) and each copy
+    gets its own augmentation draw. As in DeiT the epoch keeps the dataset's length: it is cut to
+    the same number of samples as without repeats, so an epoch sees about n / repeats distinct
+    images and costs the same as before.
+    """
     if not train:
         return torch.arange(rank, n, world)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g)
+    if repeats > 1:
+        perm = perm.repeat_interleave(repeats)
     usable = (n // (batch * world)) * batch * world
     return perm[:usable][rank::world]
 
@@ -152,15 +163,17 @@ class _EpochSampler(Sampler):
     of workers and whatever epochs ran before in this process (a resumed run replays them).
     """
 
-    def __init__(self, n: int, seed: int, rank: int, world: int, batch: int, train: bool):
+    def __init__(self, n: int, seed: int, rank: int, world: int, batch: int, train: bool, repeats: int = 1):
         self.n, self.seed, self.rank, self.world, self.batch, self.train = n, seed, rank, world, batch, train
+        self.repeats = repeats
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _order(self):
-        return epoch_order(self.n, self.seed, self.epoch, self.rank, self.world, self.batch, self.train)
+        return epoch_order(self.n, self.seed, self.epoch, self.rank, self.world, self.batch, self.train,
+                           self.repeats)
 
     def __iter__(self):
         base = (self.seed * 7919 + self.epoch * 131 + self.rank) * 1_000_003
@@ -217,6 +230,7 @@ class Loader:
         self.bundle, self.split, self.cfg, self.batch, self.train = bundle, split, cfg, batch, train
         self.seed, self.rank, self.world, self.device = seed, rank, world, device
         self.skipped: list[str] = []     # unreadable files skipped since the last take_skipped()
+        self.repeats = cfg.repeated_aug if train else 1
         aug = cfg.augment
         self.per_image = split.images is None or (train and (aug.auto_augment or aug.re_prob > 0))
         if self.per_image:
@@ -230,13 +244,17 @@ class Loader:
         aug = self.cfg.augment
         size = self.bundle.img_size
         if self.train:
+            # color_jitter None: timm's own choice, ColorJitter(0.4) unless auto_augment is set (as
+            # before these keys existed); 0 leaves the op out of the transform altogether.
+            jitter = 0.4 if aug.color_jitter is None else (aug.color_jitter or None)
             return _posterize_zero_bits(
-                create_transform(size, is_training=True, auto_augment=aug.auto_augment,
-                                 re_prob=aug.re_prob, re_mode="pixel", scale=tuple(aug.crop_scale),
-                                 hflip=0.5 if aug.hflip else 0.0, mean=self.bundle.mean,
-                                 std=self.bundle.std, interpolation="bicubic"))
+                create_transform(size, is_training=True, auto_augment=aug.auto_augment, color_jitter=jitter,
+                                 re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count,
+                                 scale=tuple(aug.crop_scale), hflip=0.5 if aug.hflip else 0.0,
+                                 mean=self.bundle.mean, std=self.bundle.std, interpolation=aug.interpolation))
+        crop_pct = aug.crop_pct if aug.crop_pct is not None else (1.0 if size <= 64 else 0.875)
         return create_transform(size, is_training=False, mean=self.bundle.mean, std=self.bundle.std,
-                                crop_pct=1.0 if size <= 64 else 0.875, interpolation="bicubic")
+                                crop_pct=crop_pct, interpolation=aug.interpolation)
 
     def __len__(self):
         n = len(self.split)
@@ -253,7 +271,8 @@ class Loader:
         if self.per_image:
             yield from self._per_image(epoch)
             return
-        order = epoch_order(len(self.split), self.seed, epoch, self.rank, self.world, self.batch, self.train)
+        order = epoch_order(len(self.split), self.seed, epoch, self.rank, self.world, self.batch, self.train,
+                            self.repeats)
         aug = self.cfg.augment
         for start in range(0, len(order), self.batch):
             idx = order[start:start + self.batch]
@@ -268,7 +287,8 @@ class Loader:
         """The per-image DataLoader, built once so that persistent workers outlive an epoch."""
         if self._dataloader is None:
             workers = self.cfg.num_workers
-            sampler = _EpochSampler(len(self.split), self.seed, self.rank, self.world, self.batch, self.train)
+            sampler = _EpochSampler(len(self.split), self.seed, self.rank, self.world, self.batch, self.train,
+                                    self.repeats)
             self._dataloader = DataLoader(self.dataset, batch_size=self.batch, sampler=sampler,
                                           num_workers=workers, pin_memory=self.pin, drop_last=self.train,
                                           persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,
