@@ -112,6 +112,12 @@ def batch_augment(x: torch.Tensor, shift: int, hflip: bool) -> torch.Tensor:
     return x
 
 
+def eval_crop_pct(aug, size: int) -> float:
+    """Image files at eval: resized to size / crop_pct, then center-cropped (unset: whole image up to
+    64 px, where a crop would cut the object, else ImageNet's 0.875)."""
+    return aug.crop_pct if aug.crop_pct is not None else (1.0 if size <= 64 else 0.875)
+
+
 class BadImage(NamedTuple):
     """An image file that could not be decoded: returned in place of a sample, dealt with in the
     main process (so DataLoader workers never raise through their own traceback wrapper)."""
@@ -252,9 +258,8 @@ class Loader:
                                  re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count,
                                  scale=tuple(aug.crop_scale), hflip=0.5 if aug.hflip else 0.0,
                                  mean=self.bundle.mean, std=self.bundle.std, interpolation=aug.interpolation))
-        crop_pct = aug.crop_pct if aug.crop_pct is not None else (1.0 if size <= 64 else 0.875)
         return create_transform(size, is_training=False, mean=self.bundle.mean, std=self.bundle.std,
-                                crop_pct=crop_pct, interpolation=aug.interpolation)
+                                crop_pct=eval_crop_pct(aug, size), interpolation=aug.interpolation)
 
     def __len__(self):
         n = len(self.split)

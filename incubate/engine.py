@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .checkpoint import load_training_state, save_training_state
 from .data import Loader
 from .errors import UserError
+from .tblog import Events
 
 
 @dataclass
@@ -218,6 +219,8 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
         net, _ = _DDPPart.wrap(net, ddp_attr, dist)
     ddp_module = (getattr(net, ddp_attr) if ddp_attr else net) if dist.world > 1 else None
     run_net = torch.compile(net) if cfg.compile else net
+    tb = Events(stage_dir, cfg.tensorboard and dist.main, num_updates, dist.world,
+                flops_per_step * cfg.accum_steps * dist.world)
 
     params = [p for p in trained.parameters() if p.requires_grad]
     last = {"top1": float("nan"), "loss": float("nan")}
@@ -261,8 +264,8 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
             if sync:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad
+                             else tb.grad_norm(params))
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -271,6 +274,7 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                 optimizer.zero_grad(set_to_none=True)
                 num_updates += 1
                 scheduler.step_update(num_updates=num_updates)
+                tb.update(num_updates, loss_sum, seen, t0, grad_norm, optimizer.param_groups[0]["lr"])
         last = evaluate(run_net, test_loader, dist, cfg.amp)
         seconds += time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "test_top1": last["top1"],
@@ -283,12 +287,14 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
         if dist.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            tb.epoch(num_updates, row)
             print(f"[{label}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
                   f"test top-1 {last['top1']:.2f}% ({seconds:.1f}s)", flush=True)
             state = {k: v for k, v in trained.state_dict().items()}
             save_training_state(ckpt, state, optimizer, scheduler, scaler, epoch,
                                 {"seconds": seconds, "num_updates": num_updates, "flops_per_step": flops_per_step})
         barrier(dist)
+    tb.close()
     if cfg.epochs == 0 or start_epoch >= cfg.epochs:
         last = evaluate(run_net, test_loader, dist, cfg.amp)
     steps = micro_steps * cfg.epochs * dist.world

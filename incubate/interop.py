@@ -155,7 +155,8 @@ def _manifest_preprocess(run: Path, m: dict) -> dict:
     if m.get("preprocess"):
         return m["preprocess"]
     from .config import load_recipe     # runs from before manifests recorded it
-    return preprocess(load_data(load_recipe(run / "recipe.yaml").data))
+    data = load_recipe(run / "recipe.yaml").data
+    return preprocess(load_data(data), data.augment)
 
 
 def export(run, stage_name: str, to) -> Path:

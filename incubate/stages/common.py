@@ -11,7 +11,7 @@ import yaml
 from ..checkpoint import (load_weights, read_json, save_weights, uninterrupted, write_json_atomic,
                           write_text_atomic)
 from ..config import Recipe, dump_recipe
-from ..data import DataBundle, load_data
+from ..data import DataBundle, eval_crop_pct, load_data
 from ..engine import Dist, barrier, seed_all, setup_dist
 from ..errors import UserError
 from ..families import get_family
@@ -82,15 +82,16 @@ class Context:
                 "target_division": r.model.division, "meta_division": r.meta_division,
                 "meta_fingerprint": None, "recipe": r.name, "classes": self.bundle.class_names,
                 "num_classes": self.bundle.num_classes, "data": r.data.source,
-                "preprocess": preprocess(self.bundle), "finished": False}
+                "preprocess": preprocess(self.bundle, r.data.augment), "finished": False}
 
 
-def preprocess(bundle: DataBundle) -> dict:
-    """How test images reach the model (what an export's pretrained_cfg must say)."""
+def preprocess(bundle: DataBundle, augment) -> dict:
+    """How test images reach the model (what an export's pretrained_cfg must say): image files
+    through timm's eval transform as data.augment sets it, in-memory data resized bilinearly."""
     from_files = bundle.train.images is None
     return {"input_size": [bundle.in_chans, bundle.img_size, bundle.img_size], "mean": list(bundle.mean),
-            "std": list(bundle.std), "interpolation": "bicubic" if from_files else "bilinear",
-            "crop_pct": 0.875 if from_files and bundle.img_size > 64 else 1.0}
+            "std": list(bundle.std), "interpolation": augment.interpolation if from_files else "bilinear",
+            "crop_pct": eval_crop_pct(augment, bundle.img_size) if from_files else 1.0}
 
 
 def _check_run_recipe(run: Path, recipe: Recipe) -> None:

@@ -39,6 +39,9 @@ def test_run_writes_the_run_directory_contract(finished_run):
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) == {"meta", "module_0", "module_1", "module_2", "module_3", "assembled", "finetune", "e2e"}
     assert "| **e2e** |" in proc.stdout and "| assembled |" in proc.stdout
+    # `tensorboard --logdir RUN/tensorboard`: one run a trained stage (assembling trains nothing)
+    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == [
+        "e2e", "finetune", "meta", "module_0", "module_1", "module_2", "module_3"]
 
 
 def test_module_files_hold_only_their_tensors_with_target_names(finished_run):

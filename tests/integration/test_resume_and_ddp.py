@@ -61,3 +61,5 @@ def test_torchrun_two_processes_runs_every_stage(tmp_path):
         m = json.loads((tmp_path / "run" / stage / "manifest.json").read_text())
         assert m["finished"] and m["world_size"] == 2
     assert proc.stdout.count("| **e2e** |") == 1      # only rank 0 reports
+    for stage in ("meta", "module_1", "finetune", "e2e"):  # and only rank 0 writes event files
+        assert len(list((tmp_path / "run/tensorboard" / stage).glob("events.out.tfevents.*"))) == 1

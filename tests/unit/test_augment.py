@@ -8,6 +8,7 @@ import torch
 from incubate.config import DataCfg, load_recipe
 from incubate.data import Loader, epoch_order, load_data
 from incubate.errors import UserError
+from incubate.stages.common import preprocess
 
 from ..conftest import make_image_folder
 
@@ -102,7 +103,7 @@ def _folder_transforms(tmp_path, **aug):
     bundle = load_data(cfg)
     train = Loader(bundle, bundle.train, cfg, 2, True, 0, 0, 1, "cpu").dataset.transform
     test = Loader(bundle, bundle.test, cfg, 2, False, 0, 0, 1, "cpu").dataset.transform
-    return train.transforms, test.transforms
+    return train.transforms, test.transforms, preprocess(bundle, cfg.augment)
 
 
 def _one(transforms, name):
@@ -111,17 +112,18 @@ def _one(transforms, name):
 
 
 def test_default_image_folder_transform_is_unchanged(tmp_path):
-    train, test = _folder_transforms(tmp_path)
+    train, test, pre = _folder_transforms(tmp_path)
     jitter = _one(train, "ColorJitter")
     assert jitter is not None and jitter.brightness == (0.6, 1.4) and jitter.saturation == (0.6, 1.4)
     assert _one(train, "RandomHorizontalFlip") is None                 # hflip stays off unless asked
     assert _one(train, "RandomResizedCropAndInterpolation").interpolation.value == "bicubic"
     resize = _one(test, "Resize")
     assert resize.size == 8 and resize.interpolation.value == "bicubic"   # crop_pct 1.0 up to 64 px
+    assert (pre["interpolation"], pre["crop_pct"]) == ("bicubic", 1.0)     # what manifests and exports say
 
 
 def test_augment_keys_reach_timms_transform(tmp_path):
-    train, test = _folder_transforms(tmp_path, color_jitter=0.2, hflip=True, interpolation="bilinear",
+    train, test, pre = _folder_transforms(tmp_path, color_jitter=0.2, hflip=True, interpolation="bilinear",
                                      re_prob=0.5, re_mode="const", re_count=2, crop_pct=0.5)
     assert _one(train, "ColorJitter").brightness == pytest.approx((0.8, 1.2))
     assert _one(train, "RandomHorizontalFlip").p == 0.5
@@ -130,12 +132,13 @@ def test_augment_keys_reach_timms_transform(tmp_path):
     assert erasing.mode == "const" and erasing.max_count == 2 and erasing.probability == 0.5
     resize = _one(test, "Resize")
     assert resize.size == 16 and resize.interpolation.value == "bilinear"   # 8 px / crop_pct 0.5
-    off, _ = _folder_transforms(tmp_path / "b", color_jitter=0.0)
+    assert (pre["interpolation"], pre["crop_pct"]) == ("bilinear", 0.5)    # an export's pretrained_cfg
+    off, _, _ = _folder_transforms(tmp_path / "b", color_jitter=0.0)
     assert _one(off, "ColorJitter") is None
 
 
 def test_randaugment_recipes_keep_timms_no_jitter(tmp_path):
-    train, _ = _folder_transforms(tmp_path, auto_augment="rand-m9-mstd0.5-inc1")
+    train, _, _ = _folder_transforms(tmp_path, auto_augment="rand-m9-mstd0.5-inc1")
     assert _one(train, "ColorJitter") is None and _one(train, "RandAugment") is not None
 
 
