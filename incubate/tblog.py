@@ -50,7 +50,8 @@ class Events:
         _wait_for_a_later_file_name(folder)
         # Steps after the checkpoint's last update (all of them on a fresh start) belong to an
         # attempt that was killed or is being redone: purge_step hides them in TensorBoard.
-        self.writer = SummaryWriter(str(folder), purge_step=num_updates + 1)
+        # max_queue: the default 10 makes add_scalar wait on the writer thread every few updates
+        self.writer = SummaryWriter(str(folder), purge_step=num_updates + 1, max_queue=1000)
         self.world, self.flops_per_update = world, flops_per_update
         self.epoch_start, self.last = None, (0.0, 0, 0.0)     # (loss sum, samples, time) at the last update
 
