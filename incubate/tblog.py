@@ -10,7 +10,7 @@ fit TensorBoard's int64 step anyway. So FLOPs so far is a scalar, `train/flops`.
 """
 from __future__ import annotations
 
-import math
+import atexit
 import time
 from pathlib import Path
 
@@ -54,6 +54,9 @@ class Events:
         self.writer = SummaryWriter(str(folder), purge_step=num_updates + 1, max_queue=1000)
         self.world, self.flops_per_update = world, flops_per_update
         self.epoch_start, self.last = None, (0.0, 0, 0.0)     # (loss sum, samples, time) at the last update
+        # A stage stopped by an error (e.g. a NaN loss) still gets its last steps on disk: they are
+        # what one looks at to see why.
+        atexit.register(self.close)
 
     def grad_norm(self, params):
         """When clipping is off: the global L2 norm clip_grad_norm_ would report, without its
@@ -84,8 +87,7 @@ class Events:
         if d_time > 0:
             w.add_scalar("train/samples_per_s", d_seen * self.world / d_time, num_updates)
         if grad_norm is not None:
-            value = float(grad_norm)
-            w.add_scalar("train/grad_norm", value if math.isfinite(value) else float("nan"), num_updates)
+            w.add_scalar("train/grad_norm", float(grad_norm), num_updates)
         w.add_scalar("train/flops", float(num_updates * self.flops_per_update), num_updates)
 
     def epoch(self, num_updates: int, row: dict):
@@ -102,3 +104,4 @@ class Events:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            atexit.unregister(self.close)

@@ -3,6 +3,8 @@ after a resume that replays steps the killed attempt had already logged."""
 import json
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,15 @@ def test_a_resumed_writer_in_the_same_second_sorts_after_the_stale_file(tmp_path
         resumed.writer.add_scalar("train/lr", 2.0, step)
     resumed.close()
     assert _scalars(folder)["train/lr"] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
+
+
+def test_a_stage_stopped_by_an_error_keeps_its_last_steps(tmp_path):
+    # as when fit raises (a NaN loss): the process exits without closing the writer
+    stage = tmp_path / "run" / "meta"
+    code = ("import sys, time; from incubate.tblog import Events\n"
+            f"ev = Events({str(stage)!r}, True, 0, 1, 10)\n"
+            "for step in (1, 2, 3): ev.update(step, float(step), 32 * step, 0.0, None, 0.1)\n"
+            "raise SystemExit(2)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert [s for s, _ in _scalars(tensorboard_dir(stage))["train/lr"]] == [1, 2, 3]
