@@ -49,8 +49,10 @@ class AugmentCfg:
 
 @dataclass
 class DataCfg:
-    source: str = "digits"          # digits | idx:PATH | imagefolder:PATH | cifar10:PATH | cifar100:PATH
+    source: str = "digits"          # digits | idx:PATH | imagefolder:PATH | cifar10:PATH | cifar100:PATH | text:PATH
     img_size: int = 32
+    context: int = 256              # text: tokens a window (the model's context)
+    val_fraction: float = 0.1       # text: share of the bytes held out (whole files of a folder, else a tail)
     train_fraction: float = 1.0     # class-balanced subset of the training split
     subset_seed: int = 0
     num_workers: int = 0

@@ -38,15 +38,19 @@ class DataBundle:
         return len(self.class_names)
 
 
-def load_data(cfg) -> DataBundle:
-    """Read the recipe's data source; in-memory images are resized to `img_size` and normalised."""
+def load_data(cfg):
+    """Read the recipe's data source; in-memory images are resized to `img_size` and normalised.
+    `text:PATH` gives a text_data.TextBundle (token windows for a language model)."""
     kind, _, arg = cfg.source.partition(":")
+    if kind == "text":
+        from .text_data import load_text
+        return load_text(cfg, arg)
     readers = {"digits": lambda: _digits(), "idx": lambda: _idx(Path(arg)),
                "imagefolder": lambda: _imagefolder(Path(arg)),
                "cifar10": lambda: _cifar(Path(arg), "cifar10"), "cifar100": lambda: _cifar(Path(arg), "cifar100")}
     if kind not in readers:
         raise UserError(f"unknown data.source '{cfg.source}'; use digits, idx:PATH, imagefolder:PATH, "
-                        f"cifar10:PATH or cifar100:PATH")
+                        f"cifar10:PATH, cifar100:PATH or text:PATH")
     if kind != "digits":
         if not arg:
             raise UserError(f"data.source '{cfg.source}' needs a path, e.g. {kind}:/data/{kind}")
@@ -226,6 +230,13 @@ class _ImageDataset(Dataset):
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 return BadImage(str(path), str(e).replace(f" '{path}'", "") or type(e).__name__)
         return self.transform(img), int(self.split.labels[i])
+
+
+def make_loader(bundle, split, cfg, batch: int, train: bool, seed: int, rank: int, world: int, device):
+    """The loader of a bundle's split: images (Loader) or text windows (text_data.TextLoader)."""
+    from .text_data import TextBundle, TextLoader
+    cls = TextLoader if isinstance(bundle, TextBundle) else Loader
+    return cls(bundle, split, cfg, batch, train, seed, rank, world, device)
 
 
 class Loader:

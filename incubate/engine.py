@@ -1,8 +1,9 @@
 """The one training loop every stage uses, and evaluation.
 
-timm builds the optimizer, schedule, mixup and losses; this file wires them with AMP, gradient
-accumulation and clipping, DDP (only the trained part is wrapped), per-epoch evaluation,
-metrics.jsonl and an atomic checkpoint after every epoch from which a killed stage resumes.
+timm builds the optimizer and schedule; the task (incubate/tasks: image classification or causal
+language modelling) gives the batch transform, the losses and the metrics. This file wires them
+with AMP, gradient accumulation and clipping, DDP (only the trained part is wrapped), per-epoch
+evaluation, metrics.jsonl and an atomic checkpoint after every epoch from which a killed stage resumes.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoint import load_training_state, save_training_state
-from .data import Loader
+from .data import make_loader
 from .errors import UserError
+from .tasks import get_task
 from .tblog import Events
 
 
@@ -79,22 +80,20 @@ def _autocast(amp: str, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader: Loader, dist: Dist, amp: str = "none") -> dict:
-    """Top-1 accuracy and cross-entropy on a split, summed over every rank."""
+def evaluate(net: nn.Module, loader, dist: Dist, amp: str = "none", task=None) -> dict:
+    """The task's metrics on a split (classification: top-1 and loss), summed over every rank."""
+    task = task or get_task("classification")
     was_training = net.training
     net.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
     for x, y in loader.epoch(0):
         with _autocast(amp, dist.device):
-            logits = net(x)
-        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        sums[1] += (logits.argmax(-1) == y).sum()
-        sums[2] += len(y)
+            out = net(x)
+        sums += task.eval_sums(out, y)
     if dist.world > 1:
         tdist.all_reduce(sums)
     net.train(was_training)
-    n = max(sums[2].item(), 1.0)
-    return {"top1": 100.0 * sums[1].item() / n, "loss": sums[0].item() / n, "n": int(sums[2].item())}
+    return task.metrics(sums, loader.bundle)
 
 
 def count_step_flops(net: nn.Module, trained: nn.Module, criterion, x, y) -> int:
@@ -152,21 +151,21 @@ def nonfinite_message(label: str, value: float, where: str, ckpt: Path, allowed:
 
 
 def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, seed: int,
-        stage_dir: Path, ddp_attr: str | None = None, label: str = "") -> dict:
-    """Train `trained`'s parameters through `net` (images -> logits) for cfg.epochs epochs.
+        stage_dir: Path, ddp_attr: str | None = None, label: str = "", task=None) -> dict:
+    """Train `trained`'s parameters through `net` (inputs -> logits) for cfg.epochs epochs.
 
     `ddp_attr` names the attribute of `net` that holds the trained part when they differ (a
-    hybrid); DDP wraps only that part. Returns final metrics and costs; resumes from
-    stage_dir/checkpoint.safetensors when it exists.
+    hybrid); DDP wraps only that part. `task` (default classification) gives the losses and
+    metrics. Returns final metrics and costs; resumes from stage_dir/checkpoint.safetensors when
+    it exists.
     """
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
+    task = task or get_task("classification")
     net.to(dist.device)
-    train_loader = Loader(bundle, bundle.train, data_cfg, cfg.batch_size, True, seed, dist.rank, dist.world, dist.device)
-    test_loader = Loader(bundle, bundle.test, data_cfg, data_cfg.eval_batch_size, False, seed, dist.rank, dist.world, dist.device)
+    train_loader = make_loader(bundle, bundle.train, data_cfg, cfg.batch_size, True, seed, dist.rank, dist.world, dist.device)
+    test_loader = make_loader(bundle, bundle.test, data_cfg, data_cfg.eval_batch_size, False, seed, dist.rank, dist.world, dist.device)
     micro_steps = (len(train_loader) // cfg.accum_steps) * cfg.accum_steps
     if micro_steps == 0:
         raise UserError(f"{label}: batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} x {dist.world} "
@@ -181,15 +180,7 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                                        min_lr=cfg.min_lr, step_on_epochs=False,
                                        updates_per_epoch=updates_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                      num_classes=bundle.num_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif cfg.label_smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+    mixup, criterion, flops_criterion = task.criteria(cfg, bundle)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(net, trained)
 
@@ -214,7 +205,7 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
 
     if flops_per_step is None:
         x, y = next(iter(train_loader.epoch(0)))
-        flops_per_step = count_step_flops(net, trained, criterion if mixup is None else nn.CrossEntropyLoss(), x, y)
+        flops_per_step = count_step_flops(net, trained, flops_criterion, x, y)
     if dist.world > 1:
         net, _ = _DDPPart.wrap(net, ddp_attr, dist)
     ddp_module = (getattr(net, ddp_attr) if ddp_attr else net) if dist.world > 1 else None
@@ -223,7 +214,7 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                 flops_per_step * cfg.accum_steps * dist.world)
 
     params = [p for p in trained.parameters() if p.requires_grad]
-    last = {"top1": float("nan"), "loss": float("nan")}
+    last = task.empty()
     nonfinite = 0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -275,10 +266,10 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                 num_updates += 1
                 scheduler.step_update(num_updates=num_updates)
                 tb.update(num_updates, loss_sum, seen, t0, grad_norm, optimizer.param_groups[0]["lr"])
-        last = evaluate(run_net, test_loader, dist, cfg.amp)
+        last = evaluate(run_net, test_loader, dist, cfg.amp, task)
         seconds += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "test_top1": last["top1"],
-               "test_loss": last["loss"], "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), **task.row(last),
+               "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
         skipped = train_loader.take_skipped() + test_loader.take_skipped()
         if skipped:
             row["skipped_images"] = len(skipped)
@@ -289,15 +280,15 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                 f.write(json.dumps(row) + "\n")
             tb.epoch(num_updates, row)
             print(f"[{label}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
-                  f"test top-1 {last['top1']:.2f}% ({seconds:.1f}s)", flush=True)
+                  f"{task.text(last)} ({seconds:.1f}s)", flush=True)
             state = {k: v for k, v in trained.state_dict().items()}
             save_training_state(ckpt, state, optimizer, scheduler, scaler, epoch,
                                 {"seconds": seconds, "num_updates": num_updates, "flops_per_step": flops_per_step})
         barrier(dist)
     tb.close()
     if cfg.epochs == 0 or start_epoch >= cfg.epochs:
-        last = evaluate(run_net, test_loader, dist, cfg.amp)
+        last = evaluate(run_net, test_loader, dist, cfg.amp, task)
     steps = micro_steps * cfg.epochs * dist.world
-    return {"metrics": {"top1": last["top1"], "loss": last["loss"]}, "seconds": seconds,
+    return {"metrics": task.final(last), "seconds": seconds,
             "process_seconds": seconds * dist.world, "flops_per_step": flops_per_step,
             "steps": steps, "flops": flops_per_step * steps, "lr": lr, "train": asdict(cfg)}

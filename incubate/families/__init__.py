@@ -3,9 +3,10 @@ in the code knows which family it trains."""
 from __future__ import annotations
 
 from ..errors import UserError
+from .causal_lm import CausalLMFamily
 from .vit import ViTFamily
 
-FAMILIES = {"vit": ViTFamily()}
+FAMILIES = {"vit": ViTFamily(), "causal_lm": CausalLMFamily()}
 
 
 def get_family(name: str):

@@ -19,6 +19,7 @@ HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.")
 
 class ViTFamily:
     name = "vit"
+    task = "classification"     # incubate/tasks
 
     def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, depth: int) -> dict:
         """The timm keyword arguments that fix the architecture (saved in manifests)."""

@@ -5,7 +5,7 @@ import time
 
 from ..checkpoint import load_weights
 from ..config import Recipe
-from ..data import Loader
+from ..data import make_loader
 from ..engine import evaluate
 from ..errors import UserError
 from ..modular import assemble_state_dict
@@ -48,13 +48,13 @@ def main(recipe: Recipe, out) -> dict:
     model = ctx.build()
     model.load_state_dict(assemble_state_dict(ctx.family, parts, recipe.model.division), strict=True)
     model.to(ctx.dist.device)
-    loader = Loader(ctx.bundle, ctx.bundle.test, recipe.data, recipe.data.eval_batch_size, False,
+    loader = make_loader(ctx.bundle, ctx.bundle.test, recipe.data, recipe.data.eval_batch_size, False,
                     recipe.seed, ctx.dist.rank, ctx.dist.world, ctx.dist.device)
-    metrics = evaluate(model, loader, ctx.dist)
+    metrics = evaluate(model, loader, ctx.dist, task=ctx.task)
     if ctx.dist.main:
-        print(f"[assembled] test top-1 {metrics['top1']:.2f}% before fine-tuning", flush=True)
+        print(f"[assembled] {ctx.task.text(metrics)} before fine-tuning", flush=True)
     seconds = time.perf_counter() - t0
-    manifest.update(metrics={"top1": metrics["top1"], "loss": metrics["loss"]}, epochs=0, seconds=seconds,
+    manifest.update(metrics=ctx.task.final(metrics), epochs=0, seconds=seconds,
                     process_seconds=seconds * ctx.dist.world, flops=0, steps=0, trainable_params=0,
                     world_size=ctx.dist.world)
     return finish(ctx, stage, model.state_dict(), manifest)

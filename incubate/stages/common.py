@@ -16,12 +16,14 @@ from ..engine import Dist, barrier, seed_all, setup_dist
 from ..errors import UserError
 from ..families import get_family
 from ..lock import hold, release
+from ..tasks import task_of
 
 STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", "e2e": "e2e"}
 # Parts of the recipe that must not change inside one run directory: what the weights and the
 # dataset are. Training settings, loader settings and augmentation may change between stages.
 FIXED_KEYS = ("model.family", "model.name", "model.kwargs", "model.division", "model.meta_division",
-              "data.source", "data.img_size", "data.train_fraction", "data.subset_seed")
+              "data.source", "data.img_size", "data.train_fraction", "data.subset_seed", "data.context",
+              "data.val_fraction")
 
 
 class StageDir:
@@ -63,6 +65,11 @@ class Context:
     bundle: DataBundle
     family: object
 
+    @property
+    def task(self):
+        """What a batch is, the loss and the metrics: implied by the family (incubate/tasks)."""
+        return task_of(self.family)
+
     def model_spec(self, meta: bool = False) -> dict:
         div = self.recipe.meta_division if meta else self.recipe.model.division
         kwargs = self.family.model_kwargs(self.recipe.model, self.bundle.num_classes, self.bundle.in_chans,
@@ -88,6 +95,8 @@ class Context:
 def preprocess(bundle: DataBundle, augment) -> dict:
     """How test images reach the model (what an export's pretrained_cfg must say): image files
     through timm's eval transform as data.augment sets it, in-memory data resized bilinearly."""
+    if hasattr(bundle, "describe"):    # text: the tokenizer and the split
+        return bundle.describe()
     from_files = bundle.train.images is None
     return {"input_size": [bundle.in_chans, bundle.img_size, bundle.img_size], "mean": list(bundle.mean),
             "std": list(bundle.std), "interpolation": augment.interpolation if from_files else "bilinear",
@@ -132,11 +141,13 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
     dist = setup_dist(recipe.device)
     if recipe.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    family = get_family(recipe.model.family)
     bundle = load_data(recipe.data)     # bad data is refused before anything is written
+    task_of(family).check_data(bundle, recipe.model.family)
     if dist.main:
         write_run_recipe(run, recipe)
     barrier(dist)
-    return Context(recipe, run, dist, bundle, get_family(recipe.model.family))
+    return Context(recipe, run, dist, bundle, family)
 
 
 def trainable_params(module: torch.nn.Module) -> int:
@@ -192,7 +203,8 @@ def stage_dirs(run: Path, k: int) -> list[StageDir]:
 
 
 def write_summary(run: Path) -> dict:
-    """RUN/summary.json: one entry a finished stage (accuracy, seconds, FLOPs, trainable params)."""
+    """RUN/summary.json: one entry a finished stage (the task's metrics, e.g. top1 and loss, or bpb,
+    loss and acc; seconds, FLOPs, trainable params)."""
     k = len(yaml.safe_load((run / "recipe.yaml").read_text())["model"]["division"])
     summary = {}
     for sd in stage_dirs(run, k):
@@ -200,8 +212,7 @@ def write_summary(run: Path) -> dict:
         if not m or not m.get("finished"):
             continue
         key = f"module_{sd.module}" if sd.stage == "incubate" else sd.stage
-        summary[key] = {"stage": sd.stage, "module": sd.module, "top1": m["metrics"]["top1"],
-                        "loss": m["metrics"]["loss"], "seconds": m.get("process_seconds", m.get("seconds", 0.0)),
+        summary[key] = {"stage": sd.stage, "module": sd.module, **m["metrics"], "seconds": m.get("process_seconds", m.get("seconds", 0.0)),
                         "flops": m.get("flops", 0), "trainable_params": m.get("trainable_params", 0),
                         "epochs": m.get("epochs", 0)}
     write_json_atomic(run / "summary.json", summary)

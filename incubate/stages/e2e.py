@@ -14,6 +14,7 @@ def main(recipe: Recipe, out) -> dict:
         return stage.manifest()
     cfg = recipe.stage("e2e")
     model = ctx.build(drop_path=cfg.drop_path)
-    result = fit(model, model, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed, stage.path, label="e2e")
+    result = fit(model, model, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed, stage.path, label="e2e",
+                 task=ctx.task)
     manifest.update(result, epochs=cfg.epochs, trainable_params=trainable_params(model), world_size=ctx.dist.world)
     return finish(ctx, stage, model.state_dict(), manifest)

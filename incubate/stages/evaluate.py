@@ -5,11 +5,12 @@ from pathlib import Path
 
 from ..checkpoint import load_weights, read_json
 from ..config import Recipe
-from ..data import Loader, load_data
+from ..data import load_data, make_loader
 from ..engine import evaluate, setup_dist
 from ..errors import UserError
 from ..families import get_family
 from ..modular import Hybrid, load_strict
+from ..tasks import task_of
 from .common import StageDir
 
 
@@ -43,10 +44,13 @@ def main(recipe: Recipe, checkpoint) -> dict:
         raise UserError(f"{weights} predicts {m['num_classes']} classes but {recipe.data.source} has "
                         f"{bundle.num_classes}; evaluate on the data it was trained on")
     net.to(dist.device)
-    loader = Loader(bundle, bundle.test, recipe.data, recipe.data.eval_batch_size, False, recipe.seed,
+    loader = make_loader(bundle, bundle.test, recipe.data, recipe.data.eval_batch_size, False, recipe.seed,
                     dist.rank, dist.world, dist.device)
-    result = evaluate(net, loader, dist)
+    task = task_of(family)
+    task.check_data(bundle, m["family"])
+    result = evaluate(net, loader, dist, task=task)
     if dist.main:
         label = f"module {m['module']}" if m["stage"] == "incubate" else m["stage"]
-        print(f"{label}: test top-1 {result['top1']:.2f}%  loss {result['loss']:.4f}  ({result['n']} images)")
+        unit = "images" if task.name == "classification" else "tokens"
+        print(f"{label}: {task.text(result)}  loss {result['loss']:.4f}  ({result['n']} {unit})")
     return result

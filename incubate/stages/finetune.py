@@ -19,6 +19,7 @@ def main(recipe: Recipe, out) -> dict:
     cfg = recipe.stage("finetune")
     model = ctx.build(drop_path=cfg.drop_path)
     load_strict(model, assembled.load(), assembled.weights, "the recipe's target model")
-    result = fit(model, model, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed + 3, stage.path, label="finetune")
+    result = fit(model, model, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed + 3, stage.path, label="finetune",
+                 task=ctx.task)
     manifest.update(result, epochs=cfg.epochs, trainable_params=trainable_params(model), world_size=ctx.dist.world)
     return finish(ctx, stage, model.state_dict(), manifest)

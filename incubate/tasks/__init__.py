@@ -1,0 +1,26 @@
+"""Tasks: what a batch is, the loss, the metrics, the headline metric and what the report plots.
+
+The one training loop (engine.fit, engine.evaluate) calls a task; it never knows which one it
+serves. The task is implied by the model family (each adapter names its `task`): a ViT classifies
+images (`classification`), a `causal_lm` model predicts the next token (`causal_lm`). A recipe
+therefore never names a task, and a family cannot be paired with another task's data.
+"""
+from __future__ import annotations
+
+from ..errors import UserError
+from .causal_lm import CausalLMTask
+from .classification import ClassificationTask
+
+TASKS = {"classification": ClassificationTask(), "causal_lm": CausalLMTask()}
+
+
+def get_task(name: str):
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise UserError(f"unknown task '{name}'; valid: {', '.join(TASKS)}") from None
+
+
+def task_of(family) -> object:
+    """The task a model family trains for (ViT: classification)."""
+    return get_task(getattr(family, "task", "classification"))

@@ -1,0 +1,72 @@
+"""Causal language modelling: a batch is (input tokens, the same tokens shifted by one); loss
+next-token cross-entropy; metrics validation loss (nats a token), bits per byte and next-token
+accuracy; headline bits per byte, lower is better.
+
+Bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted held-out text: unlike loss a
+token, it compares models whatever their tokenizer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+
+def logits_of(out) -> torch.Tensor:
+    """A Hugging Face model returns an output object, a module (hybrid) the logits themselves."""
+    return getattr(out, "logits", out)
+
+
+class _NextTokenLoss:
+    def __init__(self, label_smoothing: float):
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, out, y):
+        logits = logits_of(out)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+                               label_smoothing=self.label_smoothing)
+
+
+class CausalLMTask:
+    name = "causal_lm"
+    headline = "bpb"
+    higher_is_better = False
+    headline_label = "validation bits per byte"
+
+    def check_data(self, bundle, family: str) -> None:
+        if not hasattr(bundle, "vocab_size"):
+            raise UserError(f"model.family '{family}' is a language model but data.source '{bundle.source}' "
+                            f"holds images; use text:PATH (a UTF-8 file or a folder of them)")
+
+    def criteria(self, cfg, bundle):
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            raise UserError("mixup and cutmix mix images; set train.mixup and train.cutmix to 0 for a language model")
+        loss = _NextTokenLoss(cfg.label_smoothing)
+        return None, loss, loss
+
+    def eval_sums(self, out, y) -> torch.Tensor:
+        logits = logits_of(out).float()
+        nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+        return torch.stack([nats.double(), (logits.argmax(-1) == y).sum().double(),
+                            torch.tensor(float(y.numel()), dtype=torch.float64, device=logits.device)])
+
+    def metrics(self, sums: torch.Tensor, bundle) -> dict:
+        n = max(sums[2].item(), 1.0)
+        nats = sums[0].item()
+        return {"bpb": nats / math.log(2) / max(bundle.test_bytes, 1), "loss": nats / n,
+                "acc": 100.0 * sums[1].item() / n, "n": int(sums[2].item())}
+
+    def row(self, m: dict) -> dict:
+        return {"test_bpb": m["bpb"], "test_loss": m["loss"], "test_acc": m["acc"]}
+
+    def final(self, m: dict) -> dict:
+        return {"bpb": m["bpb"], "loss": m["loss"], "acc": m["acc"]}
+
+    def text(self, m: dict) -> str:
+        return f"val bits/byte {m['bpb']:.4f} next-token acc {m['acc']:.2f}%"
+
+    def empty(self) -> dict:
+        return {"bpb": float("nan"), "loss": float("nan"), "acc": float("nan")}

@@ -1,0 +1,60 @@
+"""Image classification: a batch is (images, labels); loss cross-entropy (timm's mixup/cutmix and
+label smoothing in training); metrics top-1 accuracy and loss; headline top-1, higher is better."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+
+class ClassificationTask:
+    name = "classification"
+    headline = "top1"               # the metric a run is judged by
+    higher_is_better = True
+    headline_label = "test top-1 (%)"
+
+    def check_data(self, bundle, family: str) -> None:
+        if not hasattr(bundle, "mean"):
+            raise UserError(f"model.family '{family}' classifies images but data.source '{bundle.source}' is "
+                            f"text; use an image source (digits, idx:, imagefolder:, cifar10:, cifar100:)")
+
+    def criteria(self, cfg, bundle):
+        """(batch transform or None, training loss, loss for counting FLOPs): timm's mixup/cutmix and
+        label smoothing. FLOPs are counted with plain cross-entropy on hard labels."""
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                          num_classes=bundle.num_classes)
+            return mixup, SoftTargetCrossEntropy(), nn.CrossEntropyLoss()
+        if cfg.label_smoothing > 0:
+            criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
+        return None, criterion, criterion
+
+    def eval_sums(self, out, y) -> torch.Tensor:
+        """Summed loss, correct predictions and samples of one batch (float64, summed over ranks)."""
+        return torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
+                            (out.argmax(-1) == y).sum().double(), torch.tensor(float(len(y)), dtype=torch.float64,
+                                                                             device=out.device)])
+
+    def metrics(self, sums: torch.Tensor, bundle) -> dict:
+        n = max(sums[2].item(), 1.0)
+        return {"top1": 100.0 * sums[1].item() / n, "loss": sums[0].item() / n, "n": int(sums[2].item())}
+
+    def row(self, m: dict) -> dict:
+        """metrics.jsonl columns of an evaluation."""
+        return {"test_top1": m["top1"], "test_loss": m["loss"]}
+
+    def final(self, m: dict) -> dict:
+        """What a manifest's `metrics` holds."""
+        return {"top1": m["top1"], "loss": m["loss"]}
+
+    def text(self, m: dict) -> str:
+        return f"test top-1 {m['top1']:.2f}%"
+
+    def empty(self) -> dict:
+        return {"top1": float("nan"), "loss": float("nan")}
