@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision are pinned to a matching pair; override for another platform/CUDA build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv clean
+.PHONY: demo demo-lm test venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,11 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/incubate run --recipe recipes/quickstart.yaml --out runs/quickstart
 
+demo-lm: venv
+	$(VENV)/bin/incubate run --recipe recipes/quickstart_lm.yaml --out runs/quickstart_lm
+
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 clean:
-	rm -rf runs/quickstart
+	rm -rf runs/quickstart runs/quickstart_lm

@@ -45,10 +45,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="the .pth file the official code saved")
     _common(p)
     p.add_argument("--as", dest="as_", required=True, choices=("meta", "assembled"), help="the stage it becomes")
-    p = sub.add_parser("export", help="a finished stage as a timm/hub folder (model.safetensors + config.json)")
+    p = sub.add_parser("export", help="a finished stage as a timm/hub folder, or a transformers folder for a "
+                       "language model (model.safetensors + config.json)")
     p.add_argument("run", help="run directory")
     p.add_argument("--stage", required=True, choices=("finetune", "assembled", "e2e"))
     p.add_argument("--to", required=True, help="folder to write")
+    p = sub.add_parser("sample", help="a language model's continuation of a prompt")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--stage", default="finetune", choices=("meta", "assembled", "finetune", "e2e"))
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens (bytes) to write")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: seeded sampling")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p = sub.add_parser("report", help="table of every stage and report.png")
     p.add_argument("run", help="run directory")
     return ap
@@ -58,6 +66,10 @@ def dispatch(args) -> None:
     if args.cmd == "report":
         from .report import report
         report(args.run)
+        return
+    if args.cmd == "sample":
+        from .lm_tools import sample
+        print(args.prompt + sample(args.run, args.stage, args.prompt, args.tokens, args.temperature, args.seed))
         return
     if args.cmd == "export":
         from .interop import export

@@ -162,6 +162,10 @@ def _manifest_preprocess(run: Path, m: dict) -> dict:
 def export(run, stage_name: str, to) -> Path:
     from timm.models._hub import save_config_for_hf
     run, dest = Path(run), Path(to)
+    m = StageDir(run, stage_name).manifest() if run.is_dir() and stage_name in ("finetune", "assembled", "e2e") else None
+    if m and m.get("family") == "causal_lm":       # a language model: a transformers folder
+        from .lm_tools import export_lm
+        return export_lm(run, stage_name, to)
     if stage_name not in ("finetune", "assembled", "e2e"):
         raise UserError(f"--stage must be finetune, assembled or e2e, got {stage_name!r}")
     if not run.is_dir():

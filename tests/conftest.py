@@ -20,9 +20,36 @@ TINY = {
 }
 
 
-def write_recipe(path: Path, **changes) -> Path:
+# A tiny language model: 4 decoder layers of width 16 on byte tokens, 16-token windows.
+TINY_LM = {
+    "name": "tiny_lm",
+    "seed": 0,
+    "device": "cpu",
+    "model": {"family": "causal_lm", "name": "llama",
+              "kwargs": {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 2,
+                         "intermediate_size": 32},
+              "division": [1, 1, 1, 1]},
+    "data": {"source": "text:CORPUS", "context": 16, "val_fraction": 0.2, "eval_batch_size": 64},
+    "train": {"batch_size": 16, "lr": 3e-3, "lr_base_batch": 16, "epochs": 2, "warmup_epochs": 0,
+              "label_smoothing": 0.0},
+    "meta": {"epochs": 2}, "incubate": {"epochs": 1, "module_init": "meta"}, "finetune": {"epochs": 1},
+    "e2e": {"epochs": 1},
+}
+
+
+def make_corpus(root: Path, files: int = 3, chars: int = 2500) -> Path:
+    """A folder of real UTF-8 text nobody wrote for the tests: slices of Python's own json package."""
+    import json as stdlib_json
+    src = sorted(Path(stdlib_json.__file__).parent.glob("*.py"))
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (root / f"part{i}.txt").write_text(src[i % len(src)].read_text(encoding="utf-8")[:chars], encoding="utf-8")
+    return root
+
+
+def write_recipe(path: Path, base: dict | None = None, **changes) -> Path:
     import copy
-    raw = copy.deepcopy(TINY)
+    raw = copy.deepcopy(base or TINY)
     for key, value in changes.items():
         node = raw
         parts = key.split("__")

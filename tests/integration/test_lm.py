@@ -1,0 +1,93 @@
+"""A tiny language model through every stage of `incubate run`, export to transformers, sampling,
+evaluation and the report; and kill-and-resume of an LM stage."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ..conftest import ROOT, TINY_LM, cli, make_corpus, write_recipe
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lm")
+    recipe = write_recipe(tmp / "lm.yaml", TINY_LM, data__source=f"text:{make_corpus(tmp / 'corpus')}")
+    run = tmp / "run"
+    proc = cli("run", "--recipe", recipe, "--out", run, check=True)
+    return recipe, run, proc
+
+
+def test_lm_run_writes_every_stage_with_bits_per_byte(lm_run):
+    recipe, run, proc = lm_run
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) == {"meta", "module_0", "module_1", "module_2", "module_3", "assembled", "finetune", "e2e"}
+    for key, entry in summary.items():
+        assert 0 < entry["bpb"] < 8.5 and 0 <= entry["acc"] <= 100, key     # 8 bits a byte: chance
+        if key != "assembled":
+            assert entry["flops"] > 0
+    rows = [json.loads(l) for l in (run / "meta/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and {"test_bpb", "test_acc", "test_loss"} <= set(rows[0])
+    assert rows[-1]["test_bpb"] < rows[0]["test_bpb"]                       # it learns
+    assert "| **e2e** |" in proc.stdout and "val bits/byte" in proc.stdout
+    assert (run / "report.png").stat().st_size > 1000
+    m = json.loads((run / "meta/manifest.json").read_text())
+    assert m["preprocess"]["tokenizer"] == "byte" and m["model"]["kwargs"]["tie_word_embeddings"] is False
+    keys = set(load_file(run / "modules/0/model.safetensors"))
+    assert keys == {k for k in load_file(run / "assembled/model.safetensors") if not k.startswith(
+        ("model.layers.1.", "model.layers.2.", "model.layers.3.", "model.norm.", "lm_head."))}
+
+
+def test_lm_export_loads_in_transformers_with_no_code_of_ours(lm_run, tmp_path):
+    _, run, _ = lm_run
+    cli("export", run, "--stage", "finetune", "--to", tmp_path / "hf", check=True)
+    code = ("import sys, torch, transformers; from safetensors.torch import load_file\n"
+            "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+            "sd = load_file(sys.argv[2]); own = m.state_dict()\n"
+            "assert all(torch.equal(own[k], v) for k, v in sd.items()) and own.keys() == sd.keys()\n"
+            "print(type(m).__name__, tuple(m(torch.tensor([list(b'def ')])).logits.shape))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf"), str(run / "finetune/model.safetensors")],
+                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LlamaForCausalLM (1, 4, 256)" in proc.stdout
+
+
+def test_sample_evaluate_and_refusals(lm_run, tmp_path):
+    recipe, run, _ = lm_run
+    greedy = [cli("sample", run, "--prompt", "def ", "--tokens", "20", check=True).stdout for _ in range(2)]
+    assert greedy[0] == greedy[1] and greedy[0].startswith("def ") and len(greedy[0].rstrip("\n")) > 4
+    seeded = [cli("sample", run, "--prompt", "import", "--tokens", "20", "--temperature", "1.0", "--seed", str(s),
+                  check=True).stdout for s in (7, 7)]
+    assert seeded[0] == seeded[1]
+    proc = cli("evaluate", "--recipe", recipe, "--checkpoint", run / "modules/2", check=True)
+    bpb = json.loads((run / "modules/2/manifest.json").read_text())["metrics"]["bpb"]
+    assert f"val bits/byte {bpb:.4f}" in proc.stdout
+    proc = cli("sample", run, "--stage", "finetune", "--prompt", "x", "--tokens", "0")
+    assert proc.returncode == 2 and "--tokens must be >= 1" in proc.stderr
+
+
+def test_lm_kill_and_resume_equals_uninterrupted(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", files=3, chars=6000)
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}", meta__epochs=8,
+                          deterministic=True)
+    cli("meta", "--recipe", recipe, "--out", tmp_path / "a", check=True)
+    run_b = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "incubate.cli", "meta", "--recipe", str(recipe), "--out", str(run_b)],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ckpt = run_b / "meta/checkpoint.safetensors"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
+        time.sleep(0.005)
+    assert proc.poll() is None, "the stage finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = cli("meta", "--recipe", recipe, "--out", run_b, check=True)
+    assert "resuming after epoch" in resumed.stdout
+    a, b = load_file(tmp_path / "a/meta/model.safetensors"), load_file(run_b / "meta/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
