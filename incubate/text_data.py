@@ -129,6 +129,9 @@ def load_text(cfg, path: str) -> TextBundle:
         raise UserError(f"data path {path} (from data.source '{cfg.source}') does not exist")
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if getattr(cfg, "train_fraction", 1.0) < 1.0:
+        raise UserError(f"data.train_fraction {cfg.train_fraction} takes a class-balanced subset of images; "
+                        f"text has no classes: remove it (or give fewer files in text:PATH)")
     if cfg.context < 1:
         raise UserError(f"data.context must be >= 1 token, got {cfg.context}")
     train, test, train_files, test_files = split_corpus(root, cfg.val_fraction, cfg.subset_seed)

@@ -75,6 +75,13 @@ def test_families_refuse_the_other_tasks_data(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source="digits")
     rc, _, err = run_main(capsys, "meta", "--recipe", recipe, "--out", tmp_path / "run")
     assert rc == 2 and "is a language model but data.source 'digits' holds images" in one_error_line(err)
-    recipe = write_recipe(tmp_path / "v.yaml", data__source=f"text:{make_corpus(tmp_path / 'c')}")
+    recipe = write_recipe(tmp_path / "v.yaml", data__source=f"text:{make_corpus(tmp_path / 'c')}",
+                          data__train_fraction=1.0)
     rc, _, err = run_main(capsys, "meta", "--recipe", recipe, "--out", tmp_path / "run2")
     assert rc == 2 and "classifies images but data.source" in one_error_line(err)
+
+
+def test_text_refuses_a_class_balanced_subset(tmp_path):
+    cfg = SimpleNamespace(source="text:x", context=16, val_fraction=0.2, subset_seed=0, train_fraction=0.5)
+    with pytest.raises(UserError, match="text has no classes"):
+        load_text(cfg, str(make_corpus(tmp_path / "c")))
