@@ -9,6 +9,10 @@ parts and rerun after a kill):
   data    several class-balanced fractions of the training set
   regime  the over-parameterised regime: a DeiT-Tiny-width ViT (embed 192) of depth 12 and 24 on
           10% and 25% of the data; regime_reg the same with the paper's DeiT regularisation
+  lm      a 16-layer Llama-architecture language model (K=4) on the reStructuredText sources of the
+          Python tutorial (Debian's python3.11-doc, pinned), in validation bits per byte
+          (recipes/lm_python_tutorial.yaml); inits as variants, e.g. --variant stack
+          --set incubate.module_init=stack
 Cost is counted two ways: process seconds summed over every job, and FLOPs (FlopCounterMode on one
 step of each stage times the steps taken). Accuracy is top-1 on the full 10k test set.
 
@@ -35,6 +39,9 @@ from incubate.stages.common import StageDir  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 RECIPE = ROOT / "recipes" / "fashion_mnist.yaml"
+# The LM study's corpus: text nobody here wrote, from a Debian package pinned by version.
+PYDOC = Path("/usr/share/doc/python3.11/html/_sources/tutorial")
+PYDOC_PACKAGE = "python3.11-doc=3.11.2-6+deb12u8"
 
 # Every study, as (study, depth, fraction, method, budget) points. Budgets: E2E epochs; meta-model
 # epochs for the meta model alone (the K-block shallow baseline); or (meta epochs, module epochs,
@@ -59,15 +66,22 @@ STUDIES = {
                "e2e": [10, 30], "meta": [30, 90], "ours": [(30, 2, 2)], "seeds": [0, 1]},
     "regime_reg": {"depths": [12, 24], "fractions": [0.1, 0.25], "prefix": "w192reg_", "sets": WIDE + DEIT,
                    "e2e": [10, 30], "meta": [30, 90], "ours": [(30, 2, 2)], "seeds": [0, 1]},
+    # Language models (issue 12): a study with its own recipe and metric (bits per byte, lower is
+    # better); the fraction is always all of the text.
+    "lm": {"recipe": ROOT / "recipes" / "lm_python_tutorial.yaml", "metric": "bpb", "prefix": "lm_",
+           "depth": 16, "fraction": 1.0, "e2e": [4, 8, 16, 32], "meta": [8, 16, 32],
+           "ours": [(16, 2, 2), (16, 4, 4), (32, 4, 4)], "seeds": [0, 1]},
 }
 
 
-def ensure_data() -> None:
-    if (FMNIST / "train-images-idx3-ubyte.gz").exists():
+def ensure_data(study: str = "budget") -> None:
+    path, package = (PYDOC, PYDOC_PACKAGE) if "recipe" in STUDIES[study] else \
+        (FMNIST / "train-images-idx3-ubyte.gz", "dataset-fashion-mnist")
+    if path.exists():
         return
-    print("installing Debian's dataset-fashion-mnist ...", flush=True)
+    print(f"installing Debian's {package} ...", flush=True)
     subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True)
 
 
 # The "paper" variant: the recipe with the paper's choices (random module init, fine-tune at the
@@ -77,6 +91,9 @@ PAPER = ["incubate.module_init=random", "finetune.lr=0.001"]
 
 def make_recipe(depth: int, fraction: float, seed: int, sets: list[str], study: str = "budget"):
     k = 4
+    if "recipe" in STUDIES[study]:      # a study with its own recipe (the LM): the depth is the division's
+        return load_recipe(STUDIES[study]["recipe"], PAPER + STUDIES[study].get("sets", []) + [
+            f"model.division={[depth // k] * k}", f"seed={seed}"] + sets)
     return load_recipe(RECIPE, PAPER + STUDIES[study].get("sets", []) + [
         f"model.kwargs.depth={depth}", f"model.division={[depth // k] * k}", f"data.train_fraction={fraction}",
         f"seed={seed}"] + sets)
@@ -87,31 +104,33 @@ def base_dir(root: Path, study: str, depth: int, fraction: float, seed: int) -> 
     return root / f"{STUDIES[study].get('prefix', '')}d{depth}_f{fraction}_s{seed}"
 
 
-def _curve(stage: StageDir) -> list:
-    """[epoch, train loss, test top-1] after every epoch of a stage (its metrics.jsonl)."""
+def _curve(stage: StageDir, metric: str = "top1") -> list:
+    """[epoch, train loss, test top-1 (or the study's metric)] after every epoch of a stage (its metrics.jsonl)."""
     if not stage.metrics.exists():
         return []
     rows = [json.loads(line) for line in stage.metrics.read_text().splitlines() if line.strip()]
-    return [[r["epoch"], round(r["train_loss"], 4), round(r["test_top1"], 2)] for r in rows]
+    return [[r["epoch"], round(r["train_loss"], 4), round(r[f"test_{metric}"], 4 if metric == "bpb" else 2)]
+            for r in rows]
 
 
 def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[StageDir], variant: str) -> dict:
     ms = [s.manifest() for s in stages]
     final = ms[-1]
+    metric = STUDIES[study].get("metric", "top1")
     row = {"study": study, "variant": variant, "depth": depth, "fraction": fraction, "method": method, "budget": budget,
-           "seed": seed, "top1": final["metrics"]["top1"],
+           "seed": seed, metric: final["metrics"][metric],
            "seconds": sum(m.get("process_seconds", 0.0) for m in ms),
            "flops": sum(m.get("flops", 0) for m in ms), "run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run)}
-    curve = _curve(stages[-1])
+    curve = _curve(stages[-1], metric)
     if curve:      # the paper's table puts the training loss beside the accuracy: so do we
         row["train_loss"] = curve[-1][1]
         row["curve"] = curve
     if method == "ours":
         row["meta_epochs"] = int(run.name.split("_")[1])
         by = {(s.stage, s.module): m for s, m in zip(stages, ms)}
-        row["assembled_top1"] = by[("assembled", None)]["metrics"]["top1"]
-        row["meta_top1"] = by[("meta", None)]["metrics"]["top1"]
-        row["hybrid_top1"] = [by[("incubate", i)]["metrics"]["top1"] for i in range(4)]
+        row[f"assembled_{metric}"] = by[("assembled", None)]["metrics"][metric]
+        row[f"meta_{metric}"] = by[("meta", None)]["metrics"][metric]
+        row[f"hybrid_{metric}"] = [by[("incubate", i)]["metrics"][metric] for i in range(4)]
         row["finetune_flops"] = by[("finetune", None)]["flops"]
         row["finetune_seconds"] = by[("finetune", None)]["process_seconds"]
         row["meta_flops"] = by[("meta", None)]["flops"]
@@ -197,9 +216,9 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.root)
     if not args.collect:
-        ensure_data()
         studies = ["budget", "depth", "data"] if args.study == "all" else [args.study]
         for study in studies:
+            ensure_data(study)
             seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
             budgets = args.budgets.split(",") if args.budgets else None
             depths = [int(x) for x in args.depths.split(",")] if args.depths else None
@@ -212,7 +231,7 @@ def main() -> None:
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
     from benchmarks.results_report import write_report
-    write_report(rows, ROOT / "docs")
+    write_report([r for r in rows if "top1" in r], ROOT / "docs")     # the LM study's rows: bpb, no report yet
     print(f"{len(rows)} rows in {args.results}; tables in docs/results.md")
 
 
@@ -228,7 +247,8 @@ def train_point(root, study, method, depth, fraction, budget, seed, args) -> Non
                 raise
             print(f"waiting: {e}", flush=True)
             time.sleep(30)
-    print(f"== {study} d{depth} f{fraction} {method} {row['budget']} seed {seed}: top-1 {row['top1']:.2f}% "
+    score = f"top-1 {row['top1']:.2f}%" if "top1" in row else f"bits/byte {row['bpb']:.4f}"
+    print(f"== {study} d{depth} f{fraction} {method} {row['budget']} seed {seed}: {score} "
           f"({row['seconds']:.0f}s, {row['flops'] / 1e12:.2f} TFLOPs; {time.time() - t0:.0f}s now)", flush=True)
 
 

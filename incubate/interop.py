@@ -122,6 +122,9 @@ def fit_state(model: torch.nn.Module, state: dict, path: Path, what: str) -> Non
 def import_official(recipe: Recipe, ckpt, out, as_: str) -> dict:
     """Write an official checkpoint as RUN/meta (then `incubate incubate` works) or RUN/assembled."""
     ckpt = Path(ckpt)
+    if recipe.model.family != "vit":
+        raise UserError(f"import-official reads the official code's ViT checkpoints; the recipe's model.family is "
+                        f"'{recipe.model.family}': use a vit recipe")
     meta = as_ == "meta"
     ctx = prepare(recipe, out)
     stage = StageDir(ctx.run, "meta" if meta else "assembled")
