@@ -164,12 +164,15 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
 
     task = task or get_task("classification")
     net.to(dist.device)
-    train_loader = make_loader(bundle, bundle.train, data_cfg, cfg.batch_size, True, seed, dist.rank, dist.world, dist.device)
-    test_loader = make_loader(bundle, bundle.test, data_cfg, data_cfg.eval_batch_size, False, seed, dist.rank, dist.world, dist.device)
+    train_loader = make_loader(bundle, bundle.train, data_cfg, cfg.batch_size, True, seed, dist.rank, dist.world,
+                               dist.device)
+    test_loader = make_loader(bundle, bundle.test, data_cfg, data_cfg.eval_batch_size, False, seed, dist.rank,
+                              dist.world, dist.device)
     micro_steps = (len(train_loader) // cfg.accum_steps) * cfg.accum_steps
     if micro_steps == 0:
         raise UserError(f"{label}: batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} x {dist.world} "
-                        f"processes exceeds the {len(bundle.train)} training samples (images or text windows); lower batch_size")
+                        f"processes exceeds the {len(bundle.train)} training samples (images or text windows); "
+                        f"lower batch_size")
     updates_per_epoch = micro_steps // cfg.accum_steps
     lr = cfg.lr * cfg.batch_size * cfg.accum_steps * dist.world / cfg.lr_base_batch
     # torch's fused AdamW runs on CUDA and, since torch 2.4, on CPU (measured 1.1x there: docs/performance.md)

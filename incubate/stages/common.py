@@ -212,7 +212,8 @@ def write_summary(run: Path) -> dict:
         if not m or not m.get("finished"):
             continue
         key = f"module_{sd.module}" if sd.stage == "incubate" else sd.stage
-        summary[key] = {"stage": sd.stage, "module": sd.module, **m["metrics"], "seconds": m.get("process_seconds", m.get("seconds", 0.0)),
+        summary[key] = {"stage": sd.stage, "module": sd.module, **m["metrics"],
+                        "seconds": m.get("process_seconds", m.get("seconds", 0.0)),
                         "flops": m.get("flops", 0), "trainable_params": m.get("trainable_params", 0),
                         "epochs": m.get("epochs", 0)}
     write_json_atomic(run / "summary.json", summary)

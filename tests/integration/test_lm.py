@@ -84,7 +84,8 @@ def test_lm_kill_and_resume_equals_uninterrupted(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}", meta__epochs=8)
     assert run_main(capsys, "meta", "--recipe", recipe, "--out", tmp_path / "a")[0] == 0
     run_b = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "incubate.cli", "meta", "--recipe", str(recipe), "--out", str(run_b)],
+    proc = subprocess.Popen([sys.executable, "-m", "incubate.cli", "meta", "--recipe", str(recipe), "--out",
+                             str(run_b)],
                             cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     ckpt = run_b / "meta/checkpoint.safetensors"
