@@ -96,8 +96,9 @@ class Events:
         if self.writer is None:
             return
         self.writer.add_scalar("train/epoch_loss", row["train_loss"], num_updates)
-        self.writer.add_scalar("eval/top1", row["test_top1"], num_updates)
-        self.writer.add_scalar("eval/loss", row["test_loss"], num_updates)
+        for key, value in row.items():      # the task's metrics: eval/top1, eval/loss (or eval/bpb, eval/acc)
+            if key.startswith("test_"):
+                self.writer.add_scalar(f"eval/{key[5:]}", value, num_updates)
         self.writer.flush()
 
     def close(self):

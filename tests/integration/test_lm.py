@@ -22,7 +22,8 @@ from ..conftest import ROOT, TINY_LM, make_corpus, run_main, write_recipe
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lm")
-    recipe = write_recipe(tmp / "lm.yaml", TINY_LM, data__source=f"text:{make_corpus(tmp / 'corpus')}")
+    recipe = write_recipe(tmp / "lm.yaml", TINY_LM, data__source=f"text:{make_corpus(tmp / 'corpus')}",
+                          meta__tensorboard=True)
     run = tmp / "run"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):      # in this process: one start of Python and torch fewer
@@ -43,6 +44,9 @@ def test_lm_run_writes_every_stage_with_bits_per_byte(lm_run):
     assert rows[-1]["test_bpb"] < rows[0]["test_bpb"]                       # it learns
     assert "| **e2e** |" in proc.stdout and "val bits/byte" in proc.stdout
     assert (run / "report.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard/meta")).Reload()
+    assert [e.value for e in events.Scalars("eval/bpb")] == pytest.approx([r["test_bpb"] for r in rows], rel=1e-6)
     m = json.loads((run / "meta/manifest.json").read_text())
     assert m["preprocess"]["tokenizer"] == "byte" and m["model"]["kwargs"]["tie_word_embeddings"] is False
     keys = set(load_file(run / "modules/0/model.safetensors"))
