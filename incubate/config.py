@@ -286,6 +286,9 @@ def validate(recipe: Recipe) -> None:
         raise UserError(f"device must be auto, cpu or cuda, got {recipe.device!r}")
     for stage in STAGES:
         cfg = recipe.stage(stage)
+        if cfg.grad_checkpointing and m.family == "causal_lm":
+            raise UserError(f"{stage}.grad_checkpointing: the causal_lm family does not recompute layers yet; "
+                            f"set it to false")
         if cfg.module_init not in ("random", "meta", "stack"):
             raise UserError(f"{stage}.module_init must be random, meta or stack, got {cfg.module_init!r}")
         if cfg.amp not in ("none", "bf16", "fp16"):

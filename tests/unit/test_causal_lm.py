@@ -84,3 +84,11 @@ def test_bits_per_byte_is_total_nats_over_ln2_over_bytes():
     assert m["acc"] == pytest.approx(100 * (logits.argmax(-1) == y).float().mean().item())
     with pytest.raises(UserError, match="mixup and cutmix mix images"):
         task.criteria(SimpleNamespace(mixup=0.8, cutmix=0.0, label_smoothing=0.0), None)
+
+
+def test_grad_checkpointing_is_refused_for_a_language_model(tmp_path):
+    from incubate.config import load_recipe
+    from ..conftest import TINY_LM, write_recipe
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, incubate__grad_checkpointing=True)
+    with pytest.raises(UserError, match="incubate.grad_checkpointing: the causal_lm family"):
+        load_recipe(recipe)
