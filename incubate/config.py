@@ -78,6 +78,7 @@ class TrainCfg:
     weight_decay: float = 0.05
     opt: str = "adamw"              # any timm optimizer name
     sched: str = "cosine"           # any timm scheduler name
+    decay_milestones: Optional[list] = None   # sched multistep: epochs at which the lr is divided by 10
     clip_grad: Optional[float] = None
     label_smoothing: float = 0.1
     mixup: float = 0.0
@@ -286,6 +287,9 @@ def validate(recipe: Recipe) -> None:
         cfg = recipe.stage(stage)
         if cfg.module_init not in ("random", "meta", "stack"):
             raise UserError(f"{stage}.module_init must be random, meta or stack, got {cfg.module_init!r}")
+        if cfg.decay_milestones is not None and not all(
+                isinstance(e, int) and not isinstance(e, bool) and 0 < e for e in cfg.decay_milestones):
+            raise UserError(f"{stage}.decay_milestones must be a list of positive epochs, got {cfg.decay_milestones}")
         if cfg.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"{stage}.amp must be none, bf16 or fp16, got {cfg.amp!r}")
         if cfg.max_nonfinite_skips < 0:

@@ -123,6 +123,9 @@ def import_official(recipe: Recipe, ckpt, out, as_: str) -> dict:
     """Write an official checkpoint as RUN/meta (then `incubate incubate` works) or RUN/assembled."""
     ckpt = Path(ckpt)
     meta = as_ == "meta"
+    if not getattr(get_family(recipe.model.family), "imports_official", False):
+        raise UserError(f"import-official reads the official code's ViT checkpoints; model.family "
+                        f"'{recipe.model.family}' has none to import: train its meta model with `incubate meta`")
     ctx = prepare(recipe, out)
     stage = StageDir(ctx.run, "meta" if meta else "assembled")
     claim(stage)
@@ -160,7 +163,6 @@ def _manifest_preprocess(run: Path, m: dict) -> dict:
 
 
 def export(run, stage_name: str, to) -> Path:
-    from timm.models._hub import save_config_for_hf
     run, dest = Path(run), Path(to)
     if stage_name not in ("finetune", "assembled", "e2e"):
         raise UserError(f"--stage must be finetune, assembled or e2e, got {stage_name!r}")
@@ -169,7 +171,8 @@ def export(run, stage_name: str, to) -> Path:
     stage = StageDir(run, stage_name)
     m = stage.require_finished(f"run `incubate {'assemble' if stage_name == 'assembled' else stage_name}` first")
     state = stage.load()
-    model = get_family(m["family"]).build(m["model"]["name"], m["model"]["kwargs"])
+    family = get_family(m["family"])
+    model = family.build(m["model"]["name"], m["model"]["kwargs"])
     load_strict(model, state, stage.weights, f"its manifest's model ({m['model']['name']})")
     provenance = {"run": str(run.resolve()), "stage": stage_name, "sha256": m["sha256"]}
     old = dest / "config.json"
@@ -184,18 +187,11 @@ def export(run, stage_name: str, to) -> Path:
     data_config = {"input_size": tuple(p["input_size"]), "mean": tuple(p["mean"]), "std": tuple(p["std"]),
                    "crop_pct": p["crop_pct"], "interpolation": p["interpolation"]}
     save_weights(state, dest / "model.safetensors", metadata={"format": "pt"})
-    scratch = dest / f".config.{os.getpid()}.json"
-    try:
-        save_config_for_hf(model, scratch, model_config={"label_names": list(m.get("classes") or [])},
-                           model_args=dict(m["model"]["kwargs"]), data_config=data_config)
-        config = json.loads(scratch.read_text())
-    finally:
-        scratch.unlink(missing_ok=True)
-    # the source cfg's tag and licence describe timm's released weights, not these
-    config["pretrained_cfg"].pop("license", None)
-    config["pretrained_cfg"]["tag"] = f"deep_incubate_{stage_name}"
-    config["deep_incubate"] = provenance
+    config = family.export_config(model, m["model"], data_config, list(m.get("classes") or []))
+    config.setdefault("pretrained_cfg", {})["tag"] = f"deep_incubate_{stage_name}"
+    config["deep_incubate"] = dict(config.get("deep_incubate") or {}, **provenance)
     write_json_atomic(dest / "config.json", config)
-    print(f"exported {stage.path} to {dest}: load it with timm.create_model('local-dir:{dest}', pretrained=True)")
+    how = config["deep_incubate"].get("rebuild") or f"timm.create_model('local-dir:{dest}', pretrained=True)"
+    print(f"exported {stage.path} to {dest}: load it with {how}")
     return dest
 
