@@ -14,7 +14,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 def test_there_are_the_recipes_the_readme_names():
     names = {p.stem for p in RECIPES}
     assert {"quickstart", "fashion_mnist", "imagenet_vit_base", "imagenet_vit_large", "imagenet_vit_huge",
-            "cifar100_deit_tiny_32"} <= names
+            "cifar100_deit_tiny_32", "cifar100_resnet110", "fashion_mnist_resnet"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
