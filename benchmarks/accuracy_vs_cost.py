@@ -9,6 +9,10 @@ parts and rerun after a kill):
   data    several class-balanced fractions of the training set
   regime  the over-parameterised regime: a DeiT-Tiny-width ViT (embed 192) of depth 12 and 24 on
           10% and 25% of the data; regime_reg the same with the paper's DeiT regularisation
+  resnet  the CIFAR-style ResNet-56 of He et al. (recipes/fashion_mnist_resnet.yaml, K=3): E2E and
+          the meta model alone at several budgets, ours with the paper's random module init, and
+          ours with meta init as the variant `--study resnet --methods ours --variant metainit
+          --set incubate.module_init=meta`
 Cost is counted two ways: process seconds summed over every job, and FLOPs (FlopCounterMode on one
 step of each stage times the steps taken). Accuracy is top-1 on the full 10k test set.
 
@@ -35,6 +39,7 @@ from incubate.stages.common import StageDir  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 RECIPE = ROOT / "recipes" / "fashion_mnist.yaml"
+RESNET_RECIPE = ROOT / "recipes" / "fashion_mnist_resnet.yaml"
 
 # Every study, as (study, depth, fraction, method, budget) points. Budgets: E2E epochs; meta-model
 # epochs for the meta model alone (the K-block shallow baseline); or (meta epochs, module epochs,
@@ -59,6 +64,11 @@ STUDIES = {
                "e2e": [10, 30], "meta": [30, 90], "ours": [(30, 2, 2)], "seeds": [0, 1]},
     "regime_reg": {"depths": [12, 24], "fractions": [0.1, 0.25], "prefix": "w192reg_", "sets": WIDE + DEIT,
                    "e2e": [10, 30], "meta": [30, 90], "ours": [(30, 2, 2)], "seeds": [0, 1]},
+    # The paper's CNN row (issue 11): a CIFAR-style ResNet (depth 6n+2), one stage a module. One E2E
+    # epoch of ResNet-56 on 10% of the data: 3.4 TFLOPs; its meta model (a ResNet-8): 0.33.
+    "resnet": {"family": "resnet", "k": 3, "depth": 56, "fraction": 0.1, "prefix": "resnet_",
+               "e2e": [5, 10, 20, 40], "meta": [20, 40, 80], "ours": [(40, 2, 2), (40, 4, 4), (80, 2, 2), (80, 4, 4)],
+               "seeds": [0, 1]},
 }
 
 
@@ -76,6 +86,12 @@ PAPER = ["incubate.module_init=random", "finetune.lr=0.001"]
 
 
 def make_recipe(depth: int, fraction: float, seed: int, sets: list[str], study: str = "budget"):
+    if STUDIES[study].get("family") == "resnet":   # one stage a module; the paper fine-tunes at the training lr
+        n = (depth - 2) // 6
+        return load_recipe(RESNET_RECIPE, ["incubate.module_init=random", "finetune.lr=0.1"]
+                           + STUDIES[study].get("sets", []) + [
+            f"model.name=cifar_resnet{depth}", f"model.division={[n] * 3}", f"data.train_fraction={fraction}",
+            f"seed={seed}"] + sets)
     k = 4
     return load_recipe(RECIPE, PAPER + STUDIES[study].get("sets", []) + [
         f"model.kwargs.depth={depth}", f"model.division={[depth // k] * k}", f"data.train_fraction={fraction}",
@@ -111,7 +127,7 @@ def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[S
         by = {(s.stage, s.module): m for s, m in zip(stages, ms)}
         row["assembled_top1"] = by[("assembled", None)]["metrics"]["top1"]
         row["meta_top1"] = by[("meta", None)]["metrics"]["top1"]
-        row["hybrid_top1"] = [by[("incubate", i)]["metrics"]["top1"] for i in range(4)]
+        row["hybrid_top1"] = [by[("incubate", i)]["metrics"]["top1"] for i in range(len(stages) - 3)]
         row["finetune_flops"] = by[("finetune", None)]["flops"]
         row["finetune_seconds"] = by[("finetune", None)]["process_seconds"]
         row["meta_flops"] = by[("meta", None)]["flops"]
@@ -143,11 +159,13 @@ def run_ours(root: Path, study, depth, fraction, schedule, seed, extra, variant)
     if not (run / "meta").exists():
         run.mkdir(parents=True, exist_ok=True)
         shutil.copytree(meta_run / "meta", run / "meta")
-    for i in range(4):
+    k = len(recipe.model.division)
+    for i in range(k):
         incubate.main(recipe, run, i)
     assemble.main(recipe, run)
     finetune.main(recipe, run)
-    return _row(study, depth, fraction, "ours", budget_label("ours", schedule), seed, run, _stages(run, "ours"), variant)
+    return _row(study, depth, fraction, "ours", budget_label("ours", schedule), seed, run, _stages(run, "ours", k),
+                variant)
 
 
 def budget_label(method: str, budget) -> str:
@@ -232,10 +250,10 @@ def train_point(root, study, method, depth, fraction, budget, seed, args) -> Non
           f"({row['seconds']:.0f}s, {row['flops'] / 1e12:.2f} TFLOPs; {time.time() - t0:.0f}s now)", flush=True)
 
 
-def _stages(run: Path, method: str) -> list[StageDir]:
+def _stages(run: Path, method: str, k: int = 4) -> list[StageDir]:
     if method in ("e2e", "meta"):
         return [StageDir(run, method)]
-    return ([StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(4)]
+    return ([StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(k)]
             + [StageDir(run, "assembled"), StageDir(run, "finetune")])
 
 
@@ -255,7 +273,7 @@ def collect(root: Path) -> list[dict]:
                 label = budget_label(method, budget)
                 runs = [("paper", base / name, label)] + [(v, base / v / name, label) for v in extra]
             for variant, run, label in runs:
-                stages = _stages(run, method)
+                stages = _stages(run, method, STUDIES[study].get("k", 4))
                 if all(sd.finished() for sd in stages):
                     rows.append(_row(study, depth, fraction, method, label, seed, run, stages, variant))
     return rows

@@ -20,7 +20,8 @@ VARIANTS = {"metainit": "--set incubate.module_init=meta",   # how each variant 
                                      "--set finetune.lr=3e-4"}
 STUDY_TITLES = (("budget", "Budget curve"), ("depth", "Depth study"), ("data", "Data study"),
                 ("regime", "Regime study: ViT embed 192, the plain recipe"),
-                ("regime_reg", "Regime study: ViT embed 192, the paper's DeiT regularisation"))
+                ("regime_reg", "Regime study: ViT embed 192, the paper's DeiT regularisation"),
+                ("resnet", "ResNet study: CIFAR-style ResNet, K=3"))
 
 
 def _groups(rows, study, key=None):
@@ -60,7 +61,8 @@ def table(rows, study) -> str:
         acc, sd = _stat([r["top1"] for r in rs])
         ours = method.startswith("ours")
         asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if ours else ""
-        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if ours else ""
+        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}"
+                       for i in range(len(rs[0]["hybrid_top1"]))) if ours else ""
         meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if ours else ""
         losses = [r["train_loss"] for r in rs if "train_loss" in r]
         loss = f"{statistics.mean(losses):.3f}" if len(losses) == len(rs) else ""
