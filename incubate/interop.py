@@ -14,8 +14,6 @@ same folder pushed to a hub, 'hf-hub:user/repo') loads it with no code of ours.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import time
