@@ -283,8 +283,13 @@ def validate(recipe: Recipe) -> None:
                         f"model.kwargs.depth is {depth}; make them agree")
     if recipe.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device must be auto, cpu or cuda, got {recipe.device!r}")
+    from .families import get_family      # here, not at the top: the adapters import timm
+    family = get_family(m.family)
     for stage in STAGES:
         cfg = recipe.stage(stage)
+        if cfg.grad_checkpointing and getattr(family, "no_grad_checkpointing", None):
+            raise UserError(f"{stage}.grad_checkpointing: not for model.family {m.family}: "
+                            f"{family.no_grad_checkpointing}; set it to false")
         if cfg.module_init not in ("random", "meta", "stack"):
             raise UserError(f"{stage}.module_init must be random, meta or stack, got {cfg.module_init!r}")
         if cfg.decay_milestones is not None and not all(

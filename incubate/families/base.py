@@ -50,7 +50,9 @@ class Family(Protocol):
         """Output of the last block -> the model's output (logits)."""
 
     def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
-        """Make `blocks` recompute activations in backward."""
+        """Make `blocks` recompute activations in backward. A family that cannot (ResNet: its
+        BatchNorm statistics) says why in a `no_grad_checkpointing` attribute, which the recipe's
+        validation turns into a one-line refusal, and raises UserError here."""
 
     def init_from_meta(self, target: nn.Module, meta: nn.Module, division: list[int],
                        meta_division: list[int], index: int, mode: str = "meta") -> None:

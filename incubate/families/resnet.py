@@ -24,7 +24,6 @@ import re
 import timm
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from .base import timm_export_config
@@ -91,6 +90,9 @@ def _signature(block: nn.Module) -> tuple:
 
 class ResNetFamily:
     name = "resnet"
+    # torch's checkpointing reruns each block's forward in backward, and a training BatchNorm
+    # updates its running statistics on every forward (measured: twice a step, not once)
+    no_grad_checkpointing = "BatchNorm would update its running statistics twice a step (again when a block is recomputed)"
 
     def _layers(self, name: str, kwargs: dict) -> list[int]:
         if "layers" in kwargs:
@@ -163,16 +165,18 @@ class ResNetFamily:
         return model.maxpool(model.act1(model.bn1(model.conv1(x))))
 
     def blocks(self, model: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        use_ckpt = getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled()
         for _, blk in flat_blocks(model)[start:stop]:
-            x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
+            x = blk(x)
         return x
 
     def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(x)
 
     def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
-        model.set_grad_checkpointing(enable)
+        if enable:
+            raise UserError(f"train.grad_checkpointing: not for model.family resnet: {self.no_grad_checkpointing}; "
+                            f"set it to false")
+        model.set_grad_checkpointing(False)
 
     def init_from_meta(self, target: nn.Module, meta: nn.Module, division: list[int],
                        meta_division: list[int], index: int, mode: str = "meta") -> None:

@@ -105,3 +105,17 @@ def test_import_official_is_refused_for_resnets(tmp_path):
     with pytest.raises(UserError, match="import-official reads the official code's ViT checkpoints"):
         import_official(recipe, tmp_path / "x.pth", tmp_path / "run", "meta")
     assert not (tmp_path / "run").exists()
+
+
+def test_grad_checkpointing_is_refused_as_it_would_update_batchnorm_twice(tmp_path):
+    from incubate.config import load_recipe
+    torch.manual_seed(0)
+    model = FAMILY.build("cifar_resnet20", {"num_classes": 10, "in_chans": 1}).train()
+    model.set_grad_checkpointing(True)        # what timm's own flag does to a training BatchNorm
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 12, 12)), torch.tensor([0, 1, 2, 3])).backward()
+    assert model.layer2[0].bn1.num_batches_tracked.item() == 2       # one step, two updates
+    recipe = Path(__file__).resolve().parents[2] / "recipes/fashion_mnist_resnet.yaml"
+    with pytest.raises(UserError, match="e2e.grad_checkpointing: not for model.family resnet: BatchNorm"):
+        load_recipe(recipe, ["e2e.grad_checkpointing=true"])
+    with pytest.raises(UserError, match="not for model.family resnet"):
+        FAMILY.set_grad_checkpointing(model, True)
