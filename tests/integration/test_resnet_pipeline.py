@@ -111,3 +111,11 @@ def test_a_division_the_adapter_cannot_honour_is_one_line(tmp_path, capsys):
     rc, _, err = run_main(capsys, "meta", "--recipe", recipe, "--out", tmp_path / "run")
     assert rc == 2 and "across 2 stage changes" in one_error_line(err)
     assert not (tmp_path / "run/meta/model.safetensors").exists()
+
+
+def test_evaluate_a_module_inside_its_hybrid_gives_its_recorded_accuracy(resnet_run, capsys):
+    from ..conftest import run_main
+    recipe, run, _ = resnet_run
+    rc, out, _ = run_main(capsys, "evaluate", "--recipe", recipe, "--checkpoint", run / "modules/1")
+    m = json.loads((run / "modules/1/manifest.json").read_text())
+    assert rc == 0 and f"test top-1 {m['metrics']['top1']:.2f}%" in out
