@@ -274,17 +274,11 @@ def validate(recipe: Recipe) -> None:
     if len(recipe.meta_division) != len(m.division):
         raise UserError(f"model.meta_division has {len(recipe.meta_division)} modules but "
                         f"model.division has {len(m.division)}; give both the same K")
-    depth = m.kwargs.get("depth")
-    if isinstance(depth, int) and len(m.division) > depth:
-        raise UserError(f"model.division has {len(m.division)} modules but the target has only {depth} blocks "
-                        f"(model.kwargs.depth); K can be at most the depth: use fewer modules")
-    if depth is not None and sum(m.division) != depth:
-        raise UserError(f"model.division {m.division} sums to {sum(m.division)} blocks but "
-                        f"model.kwargs.depth is {depth}; make them agree")
-    if recipe.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"device must be auto, cpu or cuda, got {recipe.device!r}")
     from .families import get_family      # here, not at the top: the adapters import timm
     family = get_family(m.family)
+    family.validate(m)
+    if recipe.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda, got {recipe.device!r}")
     for stage in STAGES:
         cfg = recipe.stage(stage)
         if cfg.grad_checkpointing and getattr(family, "no_grad_checkpointing", None):

@@ -22,6 +22,10 @@ from torch import nn
 class Family(Protocol):
     name: str
 
+    def validate(self, cfg) -> None:
+        """Refuse, when the recipe is loaded (UserError, one line), a model section (ModelCfg:
+        name, kwargs, division) the family cannot honour, e.g. a division of the wrong length."""
+
     def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
                      meta: bool = False) -> dict:
         """The keyword arguments that, with `cfg.name`, fix the architecture (saved in manifests).

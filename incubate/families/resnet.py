@@ -103,6 +103,9 @@ class ResNetFamily:
         with torch.device("meta"):      # only the layout is wanted: no memory, no initialisation cost
             return layout(self.build(name, kwargs))
 
+    def validate(self, cfg) -> None:
+        check_division(cfg.name, self._layers(cfg.name, dict(cfg.kwargs)), list(cfg.division))
+
     def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
                      meta: bool = False) -> dict:
         """timm's keyword arguments (saved in manifests). ResNets take any image size, so img_size

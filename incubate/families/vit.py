@@ -36,6 +36,15 @@ class ViTFamily:
         kwargs.update(num_classes=num_classes, depth=sum(division))
         return kwargs
 
+    def validate(self, cfg) -> None:
+        depth = cfg.kwargs.get("depth")
+        if isinstance(depth, int) and len(cfg.division) > depth:
+            raise UserError(f"model.division has {len(cfg.division)} modules but the target has only {depth} "
+                            f"blocks (model.kwargs.depth); K can be at most the depth: use fewer modules")
+        if depth is not None and sum(cfg.division) != depth:
+            raise UserError(f"model.division {cfg.division} sums to {sum(cfg.division)} blocks but "
+                            f"model.kwargs.depth is {depth}; make them agree")
+
     def build(self, name: str, kwargs: dict, drop_path: float = 0.0) -> nn.Module:
         try:
             model = timm.create_model(name, pretrained=False, drop_path_rate=drop_path, **kwargs)

@@ -110,7 +110,7 @@ def test_a_division_the_adapter_cannot_honour_is_one_line(tmp_path, capsys):
     recipe = resnet_recipe(tmp_path / "r.yaml", model={**RESNET["model"], "division": [1, 4, 1]})
     rc, _, err = run_main(capsys, "meta", "--recipe", recipe, "--out", tmp_path / "run")
     assert rc == 2 and "across 2 stage changes" in one_error_line(err)
-    assert not (tmp_path / "run/meta/model.safetensors").exists()
+    assert not (tmp_path / "run").exists()        # refused when the recipe is read: nothing written
 
 
 def test_evaluate_a_module_inside_its_hybrid_gives_its_recorded_accuracy(resnet_run, capsys):
