@@ -65,7 +65,8 @@ STUDIES = {
     "regime_reg": {"depths": [12, 24], "fractions": [0.1, 0.25], "prefix": "w192reg_", "sets": WIDE + DEIT,
                    "e2e": [10, 30], "meta": [30, 90], "ours": [(30, 2, 2)], "seeds": [0, 1]},
     # The paper's CNN row (issue 11): a CIFAR-style ResNet (depth 6n+2), one stage a module. One E2E
-    # epoch of ResNet-56 on 10% of the data: 3.4 TFLOPs; its meta model (a ResNet-8): 0.33.
+    # epoch of ResNet-56 on 10% of the data is 46 steps, 3.39 TFLOPs (`incubate e2e --recipe
+    # recipes/fashion_mnist_resnet.yaml --set e2e.epochs=1`; docs/resnet.md); its ResNet-8 meta model's ~0.33.
     "resnet": {"family": "resnet", "k": 3, "depth": 56, "fraction": 0.1, "prefix": "resnet_",
                "e2e": [5, 10, 20, 40], "meta": [20, 40, 80], "ours": [(40, 2, 2), (40, 4, 4), (80, 2, 2), (80, 4, 4)],
                "seeds": [0, 1]},

@@ -157,7 +157,7 @@ def plot_regime(rows, path: Path, prefix: str = "regime", title: str = "Fashion-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(cells), figsize=(max(6 * len(cells), 11), 5), squeeze=False)
     named = set()
     for ax, (study, depth, fraction) in zip(axes[0], cells):
         for method, pts in sorted(regime_points(rows, study, depth, fraction).items(),
