@@ -9,6 +9,10 @@ Words: the model's *blocks* are its repeated units, flattened in forward order a
 splits them contiguously into K *modules*; module 0 also owns the *stem* (everything before the
 first block) and module K-1 the *head* (everything after the last block). Every weight (state-dict
 key) belongs to exactly one module, and keeps the model's own key name in module files.
+
+Optional attributes: `imports_official = True` where `incubate import-official` can read the
+official code's checkpoints of the family (ViT); `no_grad_checkpointing = "why"` where
+train.grad_checkpointing must be refused (ResNet).
 """
 from __future__ import annotations
 

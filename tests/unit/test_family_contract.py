@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from incubate.config import ModelCfg
-from incubate.families import FAMILIES
+from incubate.families import FAMILIES, Family
 from incubate.modular import Hybrid, assemble_state_dict, run_module, split_state_dict
 
 
@@ -56,8 +56,9 @@ def x_batch():
     return torch.randn(3, IN_CHANS, IMG, IMG, generator=torch.Generator().manual_seed(1))
 
 
-def test_every_registered_family_has_a_tiny_config():
+def test_every_registered_family_has_a_tiny_config_and_implements_the_protocol():
     assert {c["family"] for c in TINY} == set(FAMILIES)
+    assert all(isinstance(f, Family) and f.name == name for name, f in FAMILIES.items())
 
 
 @pytest.mark.parametrize("c", TINY, ids=IDS)
