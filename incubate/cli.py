@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="folder to write")
     p = sub.add_parser("report", help="table of every stage and report.png")
     p.add_argument("run", help="run directory")
+    p = sub.add_parser("status", help="which stages finished, which are running (where, which epoch), which not "
+                                      "started; read-only, safe while the run goes on")
+    p.add_argument("run", help="run directory")
     return ap
 
 
@@ -58,6 +61,10 @@ def dispatch(args) -> None:
     if args.cmd == "report":
         from .report import report
         report(args.run)
+        return
+    if args.cmd == "status":
+        from .status import status
+        status(args.run)
         return
     if args.cmd == "export":
         from .interop import export

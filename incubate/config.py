@@ -104,6 +104,18 @@ class TrainCfg:
     shared_data_order: bool = False
 
 
+LAUNCH_STAGES = ("meta", "incubate", "assemble", "finetune", "e2e")
+
+
+@dataclass
+class StageShape:
+    """Where one stage's jobs run (`launch.stages.<stage>`); 0 takes the launch-wide default."""
+    nodes: int = 1                  # > 1: one job over several nodes (--launcher slurm only)
+    devices_per_node: int = 0       # GPUs (CPU: processes) a node, one process each; 0 = launch.devices_per_job
+    cpus_per_task: int = 0          # CPU threads a process; 0 = launch.cpus_per_job
+    time_min: int = 0               # SLURM time limit of the job in minutes; 0 = launch.slurm's timeout_min
+
+
 @dataclass
 class LaunchCfg:
     """How `incubate run --launcher local|ray|slurm` places each job (a stage or one module)."""
@@ -111,6 +123,28 @@ class LaunchCfg:
     cpus_per_job: int = 0           # CPU threads a job; 0 = split the machine's cores between running jobs
     retries: int = 0                # extra tries of a failed job (each resumes from its checkpoint)
     slurm: dict = field(default_factory=dict)   # submitit parameters, e.g. {slurm_partition: gpu, timeout_min: 4320}
+    # Per-stage shapes, e.g. {meta: {nodes: 4, devices_per_node: 8}, incubate: {devices_per_node: 8}};
+    # a stage left out gets one node with devices_per_job devices.
+    stages: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        shapes = {}
+        for name, value in (self.stages or {}).items():
+            if name not in LAUNCH_STAGES:
+                raise UserError(f"unknown stage 'launch.stages.{name}'; valid stages: {', '.join(LAUNCH_STAGES)}")
+            shape = value if isinstance(value, StageShape) else _coerce(value, StageShape, f"launch.stages.{name}")
+            for key in ("nodes", "devices_per_node", "cpus_per_task", "time_min"):
+                least = 1 if key == "nodes" else 0
+                if getattr(shape, key) < least:
+                    raise UserError(f"launch.stages.{name}.{key} must be >= {least}, got {getattr(shape, key)}")
+            shapes[name] = shape
+        self.stages = shapes
+
+    def shape(self, stage: str) -> StageShape:
+        """The stage's shape with the launch-wide defaults filled in (`stage` as the CLI names it)."""
+        s = self.stages.get(stage, StageShape())
+        return StageShape(s.nodes, s.devices_per_node or self.devices_per_job, s.cpus_per_task or self.cpus_per_job,
+                          s.time_min)
 
 
 @dataclass
