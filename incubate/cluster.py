@@ -114,8 +114,8 @@ class SlurmLauncher:
     def plan(self, stage: str, n_jobs: int, parallel: int) -> tuple[int, Resources]:
         shape = self.launch.shape(stage)
         procs = max(1, shape.devices_per_node)
-        res = Resources(procs=procs, threads=shape.cpus_per_task or 1, gpus=_gpus(self.recipe, procs),
-                        nodes=shape.nodes)
+        res = Resources(procs=procs, threads=shape.cpus_per_task or 1, nodes=shape.nodes,
+                        gpus=_gpus(self.recipe, shape.devices_per_node))
         # One task a rank: a job of one process runs the stage itself, a bigger one runs execute_rank.
         self.task = execute if shape.nodes * procs == 1 else execute_rank
         params = {"timeout_min": 60 * 24 * 3, **self.params, "nodes": shape.nodes, "tasks_per_node": procs,

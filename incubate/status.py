@@ -79,6 +79,14 @@ def last_epoch(sd: StageDir) -> dict | None:
     return None
 
 
+def _metric(values: dict, prefix: str = "") -> str:
+    """The stage's headline metric: top-1 where the task has one, else the test loss."""
+    if values.get(f"{prefix}top1") is not None:
+        return f"top-1 {values[f'{prefix}top1']:.2f}%"
+    loss = values.get(f"{prefix}loss")
+    return f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "no metric"
+
+
 def _stamp(t: float, now: float) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(t))} ({max(0, now - t):.0f}s ago)"
 
@@ -90,12 +98,12 @@ def stage_status(sd: StageDir, epochs: int | None, now: float) -> dict:
         met = m.get("metrics", {})
         return dict(row, state="finished", top1=met.get("top1"), loss=met.get("loss"), epochs=m.get("epochs"),
                     finished_at=m.get("finished_at"),
-                    detail=f"top-1 {met.get('top1', float('nan')):.2f}% after {m.get('epochs', 0)} epoch(s), "
-                           f"finished {m.get('finished_at', '?')}")
+                    detail=f"{_metric(met)}" + (f" after {m['epochs']} epoch(s)" if m.get("epochs") else "")
+                           + f", finished {m.get('finished_at', '?')}")
     last, h = last_epoch(sd), holder(sd)
     of = f"/{epochs}" if epochs is not None else ""
-    progress = ("no epoch finished yet" if last is None else
-                f"epoch {last['epoch']}{of} test top-1 {last['test_top1']:.2f}%, written {_stamp(last['written'], now)}")
+    progress = "no epoch finished yet" if last is None else (
+        f"epoch {last['epoch']}{of} test {_metric(last, 'test_')}, written {_stamp(last['written'], now)}")
     row.update(epoch=last["epoch"] if last else 0, epochs=epochs, written=last["written"] if last else None)
     if h is not None:
         who = f"pid {h['pid']} on {h['host']}, started {h['started'] or '?'}"

@@ -128,13 +128,15 @@ def test_a_user_error_in_a_job_is_not_retried_and_names_the_file(local_run, tmp_
 
 
 def test_local_launcher_runs_torchrun_jobs_on_their_own_ports(tmp_path):
-    recipe = _recipe(tmp_path / "r.yaml", train__batch_size=16, launch={"cpus_per_job": 1, "devices_per_job": 2})
+    """launch.devices_per_job 2 (torchrun) for every stage but the module jobs: launch.stages.incubate gives them 1."""
+    recipe = _recipe(tmp_path / "r.yaml", train__batch_size=16, launch={
+        "cpus_per_job": 1, "devices_per_job": 2, "stages": {"incubate": {"devices_per_node": 1}}})
     run = tmp_path / "run"
     proc = cli("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "local", "--jobs", "2", check=True)
     assert "jobs: finished [module 0, module 1]" in proc.stdout
-    for s in ("meta", "modules/0", "modules/1", "finetune"):
-        assert json.loads((run / s / "manifest.json").read_text())["world_size"] == 2
-        assert "(local, 2 process(es), 1 thread(s) each)" in (run / s / "log.txt").read_text()
+    for s, world in (("meta", 2), ("modules/0", 1), ("modules/1", 1), ("finetune", 2)):
+        assert json.loads((run / s / "manifest.json").read_text())["world_size"] == world
+        assert f"(local, {world} process(es), 1 thread(s) each)" in (run / s / "log.txt").read_text()
 
 
 def test_ray_launcher(reference, tmp_path):
@@ -223,4 +225,14 @@ def test_ray_refuses_a_multi_node_stage_in_one_line(tmp_path, capsys):
     assert rc == 2 and one_error_line(err) == (
         "incubate: error: launch.stages.finetune.nodes is 4 but --launcher ray runs each job on one node (a Ray "
         "task cannot span nodes here); use --launcher slurm, or set it to 1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_slurm_size_in_launch_slurm_is_refused(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    recipe = _recipe(tmp_path / "r.yaml", launch={"slurm": {"cluster": "local", "nodes": 2}})
+    rc, _, err = run_main(capsys, "run", "--recipe", recipe, "--out", tmp_path / "run", "--launcher", "slurm")
+    assert rc == 2 and one_error_line(err) == (
+        "incubate: error: launch.slurm.nodes: a job's shape is set per stage, launch.stages.<stage>.nodes "
+        "(or launch.devices_per_job / launch.cpus_per_job for every stage)")
     assert not (tmp_path / "run").exists()
