@@ -3,8 +3,8 @@
 Every job is the same command, `python -m incubate.cli STAGE --recipe RUN/recipe.yaml --out RUN`
 (under `torchrun` when it gets more than one device; on SLURM, one task a rank), writing
 RUN/<stage>/log.txt. Each stage has its own shape (`launch.stages.<stage>`: nodes, devices a
-node, CPUs, time), so the meta model can train on several nodes while each module job gets one. The run
-directory is the only hand-off: a job that dies is rerun and resumes from its checkpoint, a job
+node, CPUs, time), so the meta model can train on several nodes while each module job gets one.
+The run directory is the only hand-off: a job that dies is rerun and resumes from its checkpoint, a job
 whose stage already finished is skipped. One scheduler (`run_jobs`) drives every launcher; a
 launcher only knows how to start a job, ask whether it ended and stop it.
 """
