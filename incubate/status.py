@@ -22,7 +22,7 @@ from .stages.common import StageDir, stage_dirs
 
 
 def _flock_holders(path: Path) -> set[int] | None:
-    """Pids holding an flock on `path` per /proc/locks (None: no /proc/locks to read)."""
+    """Pids holding a lock on `path` per the kernel's lock table, /proc/locks (None: none to read)."""
     try:
         ino = path.stat().st_ino
         text = Path("/proc/locks").read_text()
@@ -33,7 +33,8 @@ def _flock_holders(path: Path) -> set[int] | None:
         parts = line.split()
         if "->" in parts:          # a process waiting for the lock, not holding it
             continue
-        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(ino):
+        # any lock type: on NFS the kernel emulates flock with a POSIX lock
+        if len(parts) >= 6 and parts[5].rsplit(":", 1)[-1] == str(ino) and parts[4].lstrip("-").isdigit():
             pids.add(int(parts[4]))
     return pids
 
