@@ -13,6 +13,10 @@ parts and rerun after a kill):
           Python tutorial (Debian's python3.11-doc, pinned), in validation bits per byte
           (recipes/lm_python_tutorial.yaml); inits as variants, e.g. --variant stack
           --set incubate.module_init=stack
+  resnet  the CIFAR-style ResNet-56 of He et al. (recipes/fashion_mnist_resnet.yaml, K=3): E2E and
+          the meta model alone at several budgets, ours with the paper's random module init, and
+          ours with meta init as the variant `--study resnet --methods ours --variant metainit
+          --set incubate.module_init=meta`
 Cost is counted two ways: process seconds summed over every job, and FLOPs (FlopCounterMode on one
 step of each stage times the steps taken). Accuracy is top-1 on the full 10k test set.
 
@@ -42,6 +46,7 @@ RECIPE = ROOT / "recipes" / "fashion_mnist.yaml"
 # The LM study's corpus: text nobody here wrote, from a Debian package pinned by version.
 PYDOC = Path("/usr/share/doc/python3.11/html/_sources/tutorial")
 PYDOC_PACKAGE = "python3.11-doc=3.11.2-6+deb12u8"
+RESNET_RECIPE = ROOT / "recipes" / "fashion_mnist_resnet.yaml"
 
 # Every study, as (study, depth, fraction, method, budget) points. Budgets: E2E epochs; meta-model
 # epochs for the meta model alone (the K-block shallow baseline); or (meta epochs, module epochs,
@@ -71,6 +76,12 @@ STUDIES = {
     "lm": {"recipe": ROOT / "recipes" / "lm_python_tutorial.yaml", "metric": "bpb", "prefix": "lm_",
            "depth": 16, "fraction": 1.0, "e2e": [4, 8, 16, 32], "meta": [8, 16, 32],
            "ours": [(16, 2, 2), (16, 4, 4), (32, 4, 4)], "seeds": [0, 1]},
+    # The paper's CNN row (issue 11): a CIFAR-style ResNet (depth 6n+2), one stage a module. One E2E
+    # epoch of ResNet-56 on 10% of the data is 46 steps, 3.39 TFLOPs (`incubate e2e --recipe
+    # recipes/fashion_mnist_resnet.yaml --set e2e.epochs=1`; docs/resnet.md); its ResNet-8 meta model's ~0.33.
+    "resnet": {"family": "resnet", "k": 3, "depth": 56, "fraction": 0.1, "prefix": "resnet_",
+               "e2e": [5, 10, 20, 40], "meta": [20, 40, 80], "ours": [(40, 2, 2), (40, 4, 4), (80, 2, 2), (80, 4, 4)],
+               "seeds": [0, 1]},
 }
 
 
@@ -90,6 +101,12 @@ PAPER = ["incubate.module_init=random", "finetune.lr=0.001"]
 
 
 def make_recipe(depth: int, fraction: float, seed: int, sets: list[str], study: str = "budget"):
+    if STUDIES[study].get("family") == "resnet":   # one stage a module; the paper fine-tunes at the training lr
+        n = (depth - 2) // 6
+        return load_recipe(RESNET_RECIPE, ["incubate.module_init=random", "finetune.lr=0.1"]
+                           + STUDIES[study].get("sets", []) + [
+            f"model.name=cifar_resnet{depth}", f"model.division={[n] * 3}", f"data.train_fraction={fraction}",
+            f"seed={seed}"] + sets)
     k = 4
     if "recipe" in STUDIES[study]:      # a study with its own recipe (the LM): the depth is the division's
         return load_recipe(STUDIES[study]["recipe"], PAPER + STUDIES[study].get("sets", []) + [
@@ -130,7 +147,7 @@ def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[S
         by = {(s.stage, s.module): m for s, m in zip(stages, ms)}
         row[f"assembled_{metric}"] = by[("assembled", None)]["metrics"][metric]
         row[f"meta_{metric}"] = by[("meta", None)]["metrics"][metric]
-        row[f"hybrid_{metric}"] = [by[("incubate", i)]["metrics"][metric] for i in range(4)]
+        row[f"hybrid_{metric}"] = [by[("incubate", i)]["metrics"][metric] for i in range(len(stages) - 3)]
         row["finetune_flops"] = by[("finetune", None)]["flops"]
         row["finetune_seconds"] = by[("finetune", None)]["process_seconds"]
         row["meta_flops"] = by[("meta", None)]["flops"]
@@ -162,11 +179,13 @@ def run_ours(root: Path, study, depth, fraction, schedule, seed, extra, variant)
     if not (run / "meta").exists():
         run.mkdir(parents=True, exist_ok=True)
         shutil.copytree(meta_run / "meta", run / "meta")
-    for i in range(4):
+    k = len(recipe.model.division)
+    for i in range(k):
         incubate.main(recipe, run, i)
     assemble.main(recipe, run)
     finetune.main(recipe, run)
-    return _row(study, depth, fraction, "ours", budget_label("ours", schedule), seed, run, _stages(run, "ours"), variant)
+    return _row(study, depth, fraction, "ours", budget_label("ours", schedule), seed, run, _stages(run, "ours", k),
+                variant)
 
 
 def budget_label(method: str, budget) -> str:
@@ -252,10 +271,10 @@ def train_point(root, study, method, depth, fraction, budget, seed, args) -> Non
           f"({row['seconds']:.0f}s, {row['flops'] / 1e12:.2f} TFLOPs; {time.time() - t0:.0f}s now)", flush=True)
 
 
-def _stages(run: Path, method: str) -> list[StageDir]:
+def _stages(run: Path, method: str, k: int = 4) -> list[StageDir]:
     if method in ("e2e", "meta"):
         return [StageDir(run, method)]
-    return ([StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(4)]
+    return ([StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(k)]
             + [StageDir(run, "assembled"), StageDir(run, "finetune")])
 
 
@@ -275,7 +294,7 @@ def collect(root: Path) -> list[dict]:
                 label = budget_label(method, budget)
                 runs = [("paper", base / name, label)] + [(v, base / v / name, label) for v in extra]
             for variant, run, label in runs:
-                stages = _stages(run, method)
+                stages = _stages(run, method, STUDIES[study].get("k", 4))
                 if all(sd.finished() for sd in stages):
                     rows.append(_row(study, depth, fraction, method, label, seed, run, stages, variant))
     return rows

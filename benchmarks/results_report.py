@@ -20,7 +20,8 @@ VARIANTS = {"metainit": "--set incubate.module_init=meta",   # how each variant 
                                      "--set finetune.lr=3e-4"}
 STUDY_TITLES = (("budget", "Budget curve"), ("depth", "Depth study"), ("data", "Data study"),
                 ("regime", "Regime study: ViT embed 192, the plain recipe"),
-                ("regime_reg", "Regime study: ViT embed 192, the paper's DeiT regularisation"))
+                ("regime_reg", "Regime study: ViT embed 192, the paper's DeiT regularisation"),
+                ("resnet", "ResNet study: CIFAR-style ResNet, K=3"))
 
 
 def _groups(rows, study, key=None):
@@ -60,7 +61,8 @@ def table(rows, study) -> str:
         acc, sd = _stat([r["top1"] for r in rs])
         ours = method.startswith("ours")
         asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if ours else ""
-        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}" for i in range(4)) if ours else ""
+        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}"
+                       for i in range(len(rs[0]["hybrid_top1"]))) if ours else ""
         meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if ours else ""
         losses = [r["train_loss"] for r in rs if "train_loss" in r]
         loss = f"{statistics.mean(losses):.3f}" if len(losses) == len(rs) else ""
@@ -131,6 +133,7 @@ def plot(rows, path: Path) -> None:
 REGIME_PLOTTED = {"e2e": ("E2E", "black"), "meta-alone": ("meta model alone (K blocks)", "tab:olive"),
                   "ours": ("ours, random init (the paper)", "tab:red"),
                   "ours-metainit-ftlr3e-4": ("ours, meta init", "tab:blue"),
+                  "ours-metainit": ("ours, meta init", "tab:blue"),
                   "ours-stack-ftlr3e-4": ("ours, stack init", "tab:green"),
                   "ours-shared": ("ours, random init, one data order", "tab:pink"),
                   "ours-stack-shared-ftlr3e-4": ("ours, stack init, one data order", "tab:cyan")}
@@ -146,15 +149,15 @@ def regime_points(rows, study: str, depth: int, fraction: float) -> dict:
     return {m: sorted(p) for m, p in out.items()}
 
 
-def plot_regime(rows, path: Path) -> None:
-    """One panel a (study, depth, data) cell of the regime studies: top-1 against training FLOPs."""
-    cells = sorted({(r["study"], r["depth"], r["fraction"]) for r in rows if r["study"].startswith("regime")})
+def plot_regime(rows, path: Path, prefix: str = "regime", title: str = "Fashion-MNIST, ViT embed 192, K=4") -> None:
+    """One panel a (study, depth, data) cell of the studies named `prefix`*: top-1 against training FLOPs."""
+    cells = sorted({(r["study"], r["depth"], r["fraction"]) for r in rows if r["study"].startswith(prefix)})
     if not cells:
         return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(cells), figsize=(max(6 * len(cells), 11), 5), squeeze=False)
     named = set()
     for ax, (study, depth, fraction) in zip(axes[0], cells):
         for method, pts in sorted(regime_points(rows, study, depth, fraction).items(),
@@ -165,13 +168,13 @@ def plot_regime(rows, path: Path) -> None:
             named.add(method)
             for p in pts:
                 ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
-        reg = "DeiT regularisation" if study == "regime_reg" else "plain recipe"
-        ax.set_title(f"depth {depth}, {fraction:g} of the data, {reg}", fontsize=9)
+        reg = {"regime_reg": ", DeiT regularisation", "regime": ", plain recipe"}.get(study, "")
+        ax.set_title(f"depth {depth}, {fraction:g} of the data{reg}", fontsize=9)
         ax.set_xlabel("training TFLOPs")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle("Fashion-MNIST, ViT embed 192, K=4: accuracy vs training FLOPs (mean ± sd over seeds); "
+    fig.suptitle(f"{title}: accuracy vs training FLOPs (mean ± sd over seeds); "
                  "labels: epochs, or meta/modules+fine-tune epochs", fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
@@ -183,6 +186,7 @@ def write_report(rows, docs: Path) -> None:
     plot(rows, docs / "accuracy_vs_cost.png")
     parts = []
     plot_regime(rows, docs / "regime.png")
+    plot_regime(rows, docs / "resnet.png", "resnet", "Fashion-MNIST, CIFAR-style ResNet, K=3")
     for study, title in STUDY_TITLES:
         if any(r["study"] == study for r in rows):
             cmds = [f"`python benchmarks/accuracy_vs_cost.py --study {study}`"]

@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p = sub.add_parser("report", help="table of every stage and report.png")
     p.add_argument("run", help="run directory")
+    p = sub.add_parser("status", help="which stages finished, which are running (where, which epoch), which not "
+                                      "started; read-only, safe while the run goes on")
+    p.add_argument("run", help="run directory")
     return ap
 
 
@@ -70,6 +73,10 @@ def dispatch(args) -> None:
     if args.cmd == "sample":
         from .lm_tools import sample
         print(args.prompt + sample(args.run, args.stage, args.prompt, args.tokens, args.temperature, args.seed))
+        return
+    if args.cmd == "status":
+        from .status import status
+        status(args.run)
         return
     if args.cmd == "export":
         from .interop import export

@@ -1,20 +1,39 @@
-"""Launchers on cluster engines: each job a Ray task, or a task of a SLURM job array (submitit).
+"""Launchers on cluster engines: each job a Ray task, or a SLURM job of an array (submitit).
 
-Both run `launchers.execute` where the engine places the job: it starts the same stage command
-as the local launcher, with the devices the engine gave it, and returns its exit code. Ray and
-submitit are optional extras (`pip install 'deep-incubate[ray]'` / `'deep-incubate[slurm]'`).
+Ray runs `launchers.execute` where it places a job: the same stage command as the local launcher
+(torchrun inside the task when the job has several devices), on one node. SLURM runs a job of
+`nodes` x `devices_per_node` tasks, one task a rank (`execute_rank`: submitit tells each task its
+rank, the world and the master's address, exported as torch.distributed's env:// variables), so
+the meta model and the fine-tune can span nodes while the K module jobs take one node each. Ray
+and submitit are optional extras (`pip install 'deep-incubate[ray]'` / `'deep-incubate[slurm]'`).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import UserError
 from .launchers import Job, Resources, execute
 
 
-def _wants_gpus(recipe) -> int:
-    """GPUs a job asks for: launch.devices_per_job unless the recipe runs on CPU."""
-    return recipe.launch.devices_per_job if recipe.device != "cpu" else 0
+def _gpus(recipe, devices: int) -> int:
+    """GPUs a node of a job asks for: its devices unless the recipe runs on CPU."""
+    return devices if recipe.device != "cpu" else 0
+
+
+def execute_rank(args: list[str], res: Resources, log: str) -> int:
+    """One rank of a multi-task SLURM job: join the job's process group through env://, run the stage.
+
+    submitit's TorchDistributedEnvironment reads the task's place (SLURM_PROCID, the job's first
+    host, a port drawn from the job id: the same in every task) and exports RANK, WORLD_SIZE,
+    LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, which setup_dist's init_process_group
+    reads. Every task of a node sees the node's GPUs; LOCAL_RANK picks one (setup_dist).
+    """
+    from submitit.helpers import TorchDistributedEnvironment
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)      # inherited from the submitting shell: export() refuses to overwrite
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return execute(args, Resources(procs=1, threads=res.threads), log)
 
 
 class RayLauncher:
@@ -26,7 +45,7 @@ class RayLauncher:
             import ray
         except ImportError:
             raise UserError("--launcher ray needs Ray: pip install 'deep-incubate[ray]'") from None
-        self.ray, self.launch, self.gpus = ray, recipe.launch, _wants_gpus(recipe)
+        self.ray, self.recipe, self.launch = ray, recipe, recipe.launch
         if not ray.is_initialized():
             # address=None starts a local instance unless RAY_ADDRESS names a cluster.
             try:
@@ -37,10 +56,11 @@ class RayLauncher:
                                 f"`ray start --head` or drop --address for a local instance") from None
         self.task = ray.remote(execute)
 
-    def plan(self, n_jobs: int, parallel: int) -> tuple[int, Resources]:
-        procs = max(1, self.launch.devices_per_job)
-        return max(1, min(parallel, n_jobs)), Resources(procs=procs, threads=self.launch.cpus_per_job or 1,
-                                                        gpus=self.gpus)
+    def plan(self, stage: str, n_jobs: int, parallel: int) -> tuple[int, Resources]:
+        shape = self.launch.shape(stage)        # nodes > 1 was refused by make_launcher
+        procs = max(1, shape.devices_per_node)
+        return max(1, min(parallel, n_jobs)), Resources(procs=procs, threads=shape.cpus_per_task or 1,
+                                                        gpus=_gpus(self.recipe, shape.devices_per_node))
 
     def submit(self, job: Job, res: Resources):
         # max_retries=0: retries are the scheduler's, the same for every launcher.
@@ -62,10 +82,12 @@ class RayLauncher:
 
 
 class SlurmLauncher:
-    """Jobs go to SLURM as one job array (`map_array`), at most --jobs running at once.
+    """The jobs of a phase go to SLURM as one job array (`map_array`), at most --jobs running at once.
 
-    `launch.slurm` holds submitit parameters (slurm_partition, timeout_min, slurm_account, ...);
-    its key `cluster` picks the executor (default: SLURM when `srun` exists; `local` for tests).
+    A job has the stage's shape (`launch.stages.<stage>`): `nodes` x `devices_per_node` tasks, one
+    a rank. `launch.slurm` holds submitit parameters (slurm_partition, timeout_min, slurm_account,
+    ...); its key `cluster` picks the executor (default: SLURM when `srun` exists; `local`, one
+    node only, for tests).
     """
     name = "slurm"
 
@@ -76,23 +98,35 @@ class SlurmLauncher:
             raise UserError("--launcher slurm needs submitit: pip install 'deep-incubate[slurm]'") from None
         params = dict(recipe.launch.slurm)
         cluster = params.pop("cluster", None)
+        for key, shape_key in (("nodes", "nodes"), ("tasks_per_node", "devices_per_node"),
+                               ("gpus_per_node", "devices_per_node"), ("cpus_per_task", "cpus_per_task")):
+            if key in params:       # one place for a job's shape: launch.stages (or the launch-wide defaults)
+                raise UserError(f"launch.slurm.{key}: a job's shape is set per stage, launch.stages.<stage>."
+                                f"{shape_key} (or launch.devices_per_job / launch.cpus_per_job for every stage)")
         try:
             self.executor = submitit.AutoExecutor(folder=Path(run) / "slurm" / "%j", cluster=cluster)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"--launcher slurm: {e}; run on a SLURM login node or set launch.slurm.cluster") from None
-        self.launch, self.gpus, self.params = recipe.launch, _wants_gpus(recipe), params
+        self.recipe, self.launch, self.params = recipe, recipe.launch, params
         self.batch: list = []        # jobs submitted since the last poll: they go out as one array
+        self.task = execute
 
-    def plan(self, n_jobs: int, parallel: int) -> tuple[int, Resources]:
-        procs = max(1, self.launch.devices_per_job)
-        res = Resources(procs=procs, threads=self.launch.cpus_per_job or 1, gpus=self.gpus)
-        defaults = {"timeout_min": 60 * 24 * 3, "nodes": 1, "tasks_per_node": 1,
-                    "cpus_per_task": res.threads * procs, "gpus_per_node": res.gpus,
-                    "slurm_array_parallelism": max(1, parallel)}
+    def plan(self, stage: str, n_jobs: int, parallel: int) -> tuple[int, Resources]:
+        shape = self.launch.shape(stage)
+        procs = max(1, shape.devices_per_node)
+        res = Resources(procs=procs, threads=shape.cpus_per_task or 1, nodes=shape.nodes,
+                        gpus=_gpus(self.recipe, shape.devices_per_node))
+        # One task a rank: a job of one process runs the stage itself, a bigger one runs execute_rank.
+        self.task = execute if shape.nodes * procs == 1 else execute_rank
+        params = {"timeout_min": 60 * 24 * 3, **self.params, "nodes": shape.nodes, "tasks_per_node": procs,
+                  "cpus_per_task": res.threads, "gpus_per_node": res.gpus,
+                  "slurm_array_parallelism": max(1, parallel)}
+        if shape.time_min:
+            params["timeout_min"] = shape.time_min
         try:
-            self.executor.update_parameters(**{**defaults, **self.params})
+            self.executor.update_parameters(**params)
         except (ValueError, TypeError) as e:
-            raise UserError(f"launch.slurm: {e}") from None
+            raise UserError(f"launch.slurm or launch.stages.{stage}: {e}") from None
         return max(1, n_jobs), res
 
     def submit(self, job: Job, res: Resources):
@@ -105,7 +139,7 @@ class SlurmLauncher:
         if not self.batch:
             return
         batch, self.batch = self.batch, []
-        jobs = self.executor.map_array(execute, [j.args() for j, _, _ in batch], [r for _, r, _ in batch],
+        jobs = self.executor.map_array(self.task, [j.args() for j, _, _ in batch], [r for _, r, _ in batch],
                                        [str(j.log) for j, _, _ in batch])
         for (_, _, handle), sj in zip(batch, jobs):
             handle["job"] = sj
@@ -116,7 +150,8 @@ class SlurmLauncher:
         if not sj.done():
             return None, ""
         try:
-            return sj.result(), ""
+            codes = sj.results()       # one exit code a task (rank)
+            return next((c for c in codes if c != 0), 0), ""
         except Exception as e:       # submitit raises the task's failure (timeout, node failure, preemption)
             return 1, f"SLURM task {sj.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
 

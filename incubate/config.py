@@ -80,6 +80,7 @@ class TrainCfg:
     weight_decay: float = 0.05
     opt: str = "adamw"              # any timm optimizer name
     sched: str = "cosine"           # any timm scheduler name
+    decay_milestones: Optional[list] = None   # sched multistep: epochs at which the lr is divided by 10
     clip_grad: Optional[float] = None
     label_smoothing: float = 0.1
     mixup: float = 0.0
@@ -105,6 +106,18 @@ class TrainCfg:
     shared_data_order: bool = False
 
 
+LAUNCH_STAGES = ("meta", "incubate", "assemble", "finetune", "e2e")
+
+
+@dataclass
+class StageShape:
+    """Where one stage's jobs run (`launch.stages.<stage>`); 0 takes the launch-wide default."""
+    nodes: int = 1                  # > 1: one job over several nodes (--launcher slurm only)
+    devices_per_node: int = 0       # GPUs (CPU: processes) a node, one process each; 0 = launch.devices_per_job
+    cpus_per_task: int = 0          # CPU threads a process; 0 = launch.cpus_per_job
+    time_min: int = 0               # SLURM time limit of the job in minutes; 0 = launch.slurm's timeout_min
+
+
 @dataclass
 class LaunchCfg:
     """How `incubate run --launcher local|ray|slurm` places each job (a stage or one module)."""
@@ -112,6 +125,28 @@ class LaunchCfg:
     cpus_per_job: int = 0           # CPU threads a job; 0 = split the machine's cores between running jobs
     retries: int = 0                # extra tries of a failed job (each resumes from its checkpoint)
     slurm: dict = field(default_factory=dict)   # submitit parameters, e.g. {slurm_partition: gpu, timeout_min: 4320}
+    # Per-stage shapes, e.g. {meta: {nodes: 4, devices_per_node: 8}, incubate: {devices_per_node: 8}};
+    # a stage left out gets one node with devices_per_job devices.
+    stages: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        shapes = {}
+        for name, value in (self.stages or {}).items():
+            if name not in LAUNCH_STAGES:
+                raise UserError(f"unknown stage 'launch.stages.{name}'; valid stages: {', '.join(LAUNCH_STAGES)}")
+            shape = value if isinstance(value, StageShape) else _coerce(value, StageShape, f"launch.stages.{name}")
+            for key in ("nodes", "devices_per_node", "cpus_per_task", "time_min"):
+                least = 1 if key == "nodes" else 0
+                if getattr(shape, key) < least:
+                    raise UserError(f"launch.stages.{name}.{key} must be >= {least}, got {getattr(shape, key)}")
+            shapes[name] = shape
+        self.stages = shapes
+
+    def shape(self, stage: str) -> StageShape:
+        """The stage's shape with the launch-wide defaults filled in (`stage` as the CLI names it)."""
+        s = self.stages.get(stage, StageShape())
+        return StageShape(s.nodes, s.devices_per_node or self.devices_per_job, s.cpus_per_task or self.cpus_per_job,
+                          s.time_min)
 
 
 @dataclass
@@ -275,22 +310,21 @@ def validate(recipe: Recipe) -> None:
     if len(recipe.meta_division) != len(m.division):
         raise UserError(f"model.meta_division has {len(recipe.meta_division)} modules but "
                         f"model.division has {len(m.division)}; give both the same K")
-    depth = m.kwargs.get("depth")
-    if isinstance(depth, int) and len(m.division) > depth:
-        raise UserError(f"model.division has {len(m.division)} modules but the target has only {depth} blocks "
-                        f"(model.kwargs.depth); K can be at most the depth: use fewer modules")
-    if depth is not None and sum(m.division) != depth:
-        raise UserError(f"model.division {m.division} sums to {sum(m.division)} blocks but "
-                        f"model.kwargs.depth is {depth}; make them agree")
+    from .families import get_family      # here, not at the top: the adapters import timm
+    family = get_family(m.family)
+    family.validate(m)
     if recipe.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device must be auto, cpu or cuda, got {recipe.device!r}")
     for stage in STAGES:
         cfg = recipe.stage(stage)
-        if cfg.grad_checkpointing and m.family == "causal_lm":
-            raise UserError(f"{stage}.grad_checkpointing: the causal_lm family does not recompute layers yet; "
-                            f"set it to false")
+        if cfg.grad_checkpointing and getattr(family, "no_grad_checkpointing", None):
+            raise UserError(f"{stage}.grad_checkpointing: not for model.family {m.family}: "
+                            f"{family.no_grad_checkpointing}; set it to false")
         if cfg.module_init not in ("random", "meta", "stack"):
             raise UserError(f"{stage}.module_init must be random, meta or stack, got {cfg.module_init!r}")
+        if cfg.decay_milestones is not None and not all(
+                isinstance(e, int) and not isinstance(e, bool) and 0 < e for e in cfg.decay_milestones):
+            raise UserError(f"{stage}.decay_milestones must be a list of positive epochs, got {cfg.decay_milestones}")
         if cfg.amp not in ("none", "bf16", "fp16"):
             raise UserError(f"{stage}.amp must be none, bf16 or fp16, got {cfg.amp!r}")
         if cfg.max_nonfinite_skips < 0:

@@ -178,10 +178,11 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
     # torch's fused AdamW runs on CUDA and, since torch 2.4, on CPU (measured 1.1x there: docs/performance.md)
     opt_kwargs = {"fused": True} if cfg.fused else {}
     optimizer = create_optimizer_v2(trained, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
+    milestones = {} if cfg.decay_milestones is None else {"decay_milestones": cfg.decay_milestones}
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=max(cfg.epochs, 1),
                                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
                                        min_lr=cfg.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch)
+                                       updates_per_epoch=updates_per_epoch, **milestones)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     mixup, criterion, flops_criterion = task.criteria(cfg, bundle)
     if cfg.grad_checkpointing:

@@ -14,8 +14,6 @@ same folder pushed to a hub, 'hf-hub:user/repo') loads it with no code of ours.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import time
@@ -126,6 +124,9 @@ def import_official(recipe: Recipe, ckpt, out, as_: str) -> dict:
         raise UserError(f"import-official reads the official code's ViT checkpoints; the recipe's model.family is "
                         f"'{recipe.model.family}': use a vit recipe")
     meta = as_ == "meta"
+    if not getattr(get_family(recipe.model.family), "imports_official", False):
+        raise UserError(f"import-official reads the official code's ViT checkpoints; model.family "
+                        f"'{recipe.model.family}' has none to import: train its meta model with `incubate meta`")
     ctx = prepare(recipe, out)
     stage = StageDir(ctx.run, "meta" if meta else "assembled")
     claim(stage)
@@ -163,7 +164,6 @@ def _manifest_preprocess(run: Path, m: dict) -> dict:
 
 
 def export(run, stage_name: str, to) -> Path:
-    from timm.models._hub import save_config_for_hf
     run, dest = Path(run), Path(to)
     m = StageDir(run, stage_name).manifest() if run.is_dir() and stage_name in ("finetune", "assembled", "e2e") else None
     if m and m.get("family") == "causal_lm":       # a language model: a transformers folder
@@ -176,7 +176,8 @@ def export(run, stage_name: str, to) -> Path:
     stage = StageDir(run, stage_name)
     m = stage.require_finished(f"run `incubate {'assemble' if stage_name == 'assembled' else stage_name}` first")
     state = stage.load()
-    model = get_family(m["family"]).build(m["model"]["name"], m["model"]["kwargs"])
+    family = get_family(m["family"])
+    model = family.build(m["model"]["name"], m["model"]["kwargs"])
     load_strict(model, state, stage.weights, f"its manifest's model ({m['model']['name']})")
     provenance = {"run": str(run.resolve()), "stage": stage_name, "sha256": m["sha256"]}
     old = dest / "config.json"
@@ -191,18 +192,11 @@ def export(run, stage_name: str, to) -> Path:
     data_config = {"input_size": tuple(p["input_size"]), "mean": tuple(p["mean"]), "std": tuple(p["std"]),
                    "crop_pct": p["crop_pct"], "interpolation": p["interpolation"]}
     save_weights(state, dest / "model.safetensors", metadata={"format": "pt"})
-    scratch = dest / f".config.{os.getpid()}.json"
-    try:
-        save_config_for_hf(model, scratch, model_config={"label_names": list(m.get("classes") or [])},
-                           model_args=dict(m["model"]["kwargs"]), data_config=data_config)
-        config = json.loads(scratch.read_text())
-    finally:
-        scratch.unlink(missing_ok=True)
-    # the source cfg's tag and licence describe timm's released weights, not these
-    config["pretrained_cfg"].pop("license", None)
-    config["pretrained_cfg"]["tag"] = f"deep_incubate_{stage_name}"
-    config["deep_incubate"] = provenance
+    config = family.export_config(model, m["model"], data_config, list(m.get("classes") or []))
+    config.setdefault("pretrained_cfg", {})["tag"] = f"deep_incubate_{stage_name}"
+    config["deep_incubate"] = dict(config.get("deep_incubate") or {}, **provenance)
     write_json_atomic(dest / "config.json", config)
-    print(f"exported {stage.path} to {dest}: load it with timm.create_model('local-dir:{dest}', pretrained=True)")
+    how = config["deep_incubate"].get("rebuild") or f"timm.create_model('local-dir:{dest}', pretrained=True)"
+    print(f"exported {stage.path} to {dest}: load it with {how}")
     return dest
 

@@ -1,8 +1,10 @@
 """Run jobs (a stage, or one module) as separate processes: here (local), on Ray, or on SLURM.
 
 Every job is the same command, `python -m incubate.cli STAGE --recipe RUN/recipe.yaml --out RUN`
-(under `torchrun` when it gets more than one device), writing RUN/<stage>/log.txt. The run
-directory is the only hand-off: a job that dies is rerun and resumes from its checkpoint, a job
+(under `torchrun` when it gets more than one device; on SLURM, one task a rank), writing
+RUN/<stage>/log.txt. Each stage has its own shape (`launch.stages.<stage>`: nodes, devices a
+node, CPUs, time), so the meta model can train on several nodes while each module job gets one.
+The run directory is the only hand-off: a job that dies is rerun and resumes from its checkpoint, a job
 whose stage already finished is skipped. One scheduler (`run_jobs`) drives every launcher; a
 launcher only knows how to start a job, ask whether it ended and stop it.
 """
@@ -53,10 +55,24 @@ class Job:
 
 @dataclass
 class Resources:
-    procs: int = 1                       # processes of the job (torchrun when > 1)
+    procs: int = 1                       # processes of the job a node (torchrun when > 1, SLURM: tasks)
     threads: int = 1                     # CPU threads a process
-    gpus: int = 0                        # GPUs the job asks its engine for (ray, slurm)
+    gpus: int = 0                        # GPUs a node the job asks its engine for (ray, slurm)
     gpu_ids: list = field(default_factory=list)   # GPUs of this machine it gets (local)
+    nodes: int = 1                       # nodes of the job (slurm)
+
+    def describe(self, launcher: str) -> str:
+        nodes = f"{self.nodes} node(s) x " if self.nodes > 1 else ""
+        return f"({launcher}, {nodes}{self.procs} process(es), {self.threads} thread(s) each)"
+
+
+def one_node_only(recipe, launcher: str) -> None:
+    """Refuse, before any job starts, a stage shape over several nodes on a launcher that cannot run one."""
+    for stage, shape in recipe.launch.stages.items():
+        if shape.nodes > 1:
+            raise UserError(f"launch.stages.{stage}.nodes is {shape.nodes} but --launcher {launcher} runs each job "
+                            f"on one node{' (a Ray task cannot span nodes here)' if launcher == 'ray' else ''}; "
+                            f"use --launcher slurm, or set it to 1")
 
 
 def free_port() -> int:
@@ -127,17 +143,19 @@ class LocalLauncher:
             gpus = torch.cuda.device_count()
         self.free_gpus = list(range(gpus))
 
-    def plan(self, n_jobs: int, parallel: int) -> tuple[int, Resources]:
+    def plan(self, stage: str, n_jobs: int, parallel: int) -> tuple[int, Resources]:
         slots = max(1, min(parallel, n_jobs))
-        g = self.launch.devices_per_job
+        shape = self.launch.shape(stage)
+        g = shape.devices_per_node
         if self.free_gpus:
             total = len(self.free_gpus)
             g = g or max(1, total // slots)
             if g > total:
-                raise UserError(f"launch.devices_per_job is {g} but this machine shows {total} GPUs; lower it")
+                raise UserError(f"{stage} jobs want {g} GPUs (launch.devices_per_job or launch.stages.{stage}."
+                                f"devices_per_node) but this machine shows {total}; lower it")
             slots = min(slots, total // g)
         procs = max(1, g)
-        threads = self.launch.cpus_per_job or max(1, cpu_count() // (slots * procs))
+        threads = shape.cpus_per_task or max(1, cpu_count() // (slots * procs))
         return slots, Resources(procs=procs, threads=threads, gpus=g if self.free_gpus else 0)
 
     def submit(self, job: Job, res: Resources):
@@ -208,7 +226,8 @@ class _Tail:
 
 
 def run_jobs(launcher, jobs: list[Job], parallel: int, retries: int, out=sys.stdout) -> dict:
-    """Run `jobs`, at most `parallel` at once, each retried up to `retries` times; report every job.
+    """Run `jobs` (one phase: one stage), at most `parallel` at once, each retried up to `retries`
+    times, in that stage's shape; report every job.
 
     Returns {"finished": [...], "skipped": [...], "failed": {label: reason}}; raises UserError
     naming each failed job once every job has ended.
@@ -221,7 +240,7 @@ def run_jobs(launcher, jobs: list[Job], parallel: int, retries: int, out=sys.std
             result["skipped"].append(job.label)
         else:
             pending.append(job)
-    slots, res = launcher.plan(len(pending), parallel)
+    slots, res = launcher.plan(jobs[0].stage, len(pending), parallel) if jobs else (1, Resources())
     tries, running, tail = {}, {}, _Tail()
     try:
         while pending or running:
@@ -231,7 +250,7 @@ def run_jobs(launcher, jobs: list[Job], parallel: int, retries: int, out=sys.std
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 with open(job.log, "a") as f:
                     f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} try {tries[job.label]}/{retries + 1} "
-                            f"({launcher.name}, {res.procs} process(es), {res.threads} thread(s) each)\n")
+                            f"{res.describe(launcher.name)}\n")
                 tail.start(job.log)
                 running[job.label] = (job, launcher.submit(job, res), time.perf_counter())
                 print(f"[{job.label}] started, try {tries[job.label]}/{retries + 1}; log {job.log}",
@@ -274,6 +293,8 @@ def run_jobs(launcher, jobs: list[Job], parallel: int, retries: int, out=sys.std
 
 
 def make_launcher(name: str, recipe, run: Path, address: str | None = None):
+    if name in ("local", "ray"):
+        one_node_only(recipe, name)
     if name == "local":
         return LocalLauncher(recipe)
     if name == "ray":

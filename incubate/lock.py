@@ -1,14 +1,17 @@
 """One writer a stage folder: an exclusive flock held until the stage finishes or the process ends.
 
 Different stages of one run directory may be written at once (the K module jobs are meant to run
-in parallel); two processes writing the same stage may not. The lock file holds the holder's pid
-and is never deleted (deleting a held lock file would let a third process lock a new inode).
+in parallel); two processes writing the same stage may not. The lock file holds the holder's pid,
+host and start time, one a line (what `incubate status` shows from any node), and is never
+deleted (deleting a held lock file would let a third process lock a new inode).
 The kernel drops the lock when the process exits, however it exits.
 """
 from __future__ import annotations
 
 import fcntl
 import os
+import socket
+import time
 from pathlib import Path
 
 from .errors import UserError
@@ -16,12 +19,26 @@ from .errors import UserError
 _held: dict[str, int] = {}
 
 
-def _holder(path: Path) -> str:
+def read_holder(path: Path) -> dict:
+    """What the lock file says of its last holder: {pid, host, started} (missing items are None).
+
+    Only reads: the holder may still be writing its stage (`incubate status` calls this)."""
     try:
-        pid = path.read_text().strip()
+        lines = Path(path).read_text().splitlines()
     except OSError:
-        pid = ""
-    return f"process {pid}" if pid.isdigit() else "another process"
+        lines = []
+    lines += [""] * 3
+    pid = lines[0].strip()
+    return {"pid": int(pid) if pid.isdigit() else None, "host": lines[1].strip() or None,
+            "started": lines[2].strip() or None}
+
+
+def _holder(path: Path) -> str:
+    h = read_holder(path)
+    if h["pid"] is None:
+        return "another process"
+    return f"process {h['pid']}" + (f" on {h['host']}" if h["host"] else "") + (
+        f" (since {h['started']})" if h["started"] else "")
 
 
 def hold(folder: Path, what: str) -> None:
@@ -41,7 +58,7 @@ def hold(folder: Path, what: str) -> None:
         raise UserError(f"{what} is being written by {_holder(path)} (lock {path}); wait for it to finish, "
                         f"or stop it, or use another --out") from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{os.getpid()}\n{socket.gethostname()}\n{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
     _held[key] = fd
 
 

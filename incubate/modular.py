@@ -23,20 +23,21 @@ def run_module(family, model: nn.Module, division: list[int], index: int, x: tor
     return x
 
 
-def split_state_dict(family, state: dict, division: list[int]) -> list[dict]:
-    """One state dict a module, each with the model's own key names."""
+def split_state_dict(family, state: dict, division: list[int], model: nn.Module) -> list[dict]:
+    """One state dict a module, each with the model's own key names (`model`: the architecture the
+    state belongs to, which tells the family how its blocks are laid out)."""
     parts: list[dict] = [{} for _ in division]
     for key, value in state.items():
-        parts[family.owner(key, division)][key] = value
+        parts[family.owner(key, division, model)][key] = value
     return parts
 
 
-def assemble_state_dict(family, parts: list[dict], division: list[int]) -> dict:
+def assemble_state_dict(family, parts: list[dict], division: list[int], model: nn.Module) -> dict:
     """Stitch module state dicts back into one; every key must sit in the module that owns it."""
     state: dict = {}
     for index, part in enumerate(parts):
         for key, value in part.items():
-            owner = family.owner(key, division)
+            owner = family.owner(key, division, model)
             if owner != index:
                 raise UserError(f"module {index} holds weight '{key}' that belongs to module {owner}; "
                                 f"it was divided with another division")
@@ -107,13 +108,13 @@ class Hybrid(nn.Module):
     def meta_suffix_parameters(self) -> list[nn.Parameter]:
         """Parameters of the meta modules after the target (those backward passes through)."""
         return [p for name, p in self.meta.named_parameters()
-                if self.family.owner(name, self.meta_division) > self.index]
+                if self.family.owner(name, self.meta_division, self.meta) > self.index]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute blocks in backward: the target module's, and the meta suffix's (whose
         activations backward also keeps to pass the gradient through). The no_grad prefix keeps none."""
         for model in (self.runner.model, self.meta):
-            model.set_grad_checkpointing(enable)
+            self.family.set_grad_checkpointing(model, enable)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -1,8 +1,9 @@
 """`incubate run`: the stage graph in order, skipping stages already finished.
 
 Without a launcher every stage runs in this process (which may itself be one rank of torchrun).
-With one (`local`, `ray`, `slurm`), every stage is a job of its own and the K module jobs run at
-the same time: they need only the meta model's weights, handed over through the run directory.
+With one (`local`, `ray`, `slurm`), every stage is a job of its own, in its own shape
+(`launch.stages`), and the K module jobs run at the same time: they need only the meta model's
+weights, handed over through the run directory.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def run(recipe: Recipe, out, with_e2e: bool = True, launcher: str | None = None,
     else:
         from .launchers import make_launcher, run_jobs
         from .stages.common import write_run_recipe
+        engine = make_launcher(launcher, recipe, Path(out), address)   # refuses a shape it cannot run first
         write_run_recipe(Path(out), recipe)      # the jobs read the run's recipe.yaml, nothing else
-        engine = make_launcher(launcher, recipe, Path(out), address)
         for phase in phases(recipe, out, with_e2e):
             run_jobs(engine, phase, jobs, recipe.launch.retries if retries is None else retries)
     if setup_dist(recipe.device).main:

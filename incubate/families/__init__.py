@@ -1,12 +1,15 @@
-"""Model families. An adapter says how a family is built and divided into modules; nothing else
-in the code knows which family it trains."""
+"""Model families. An adapter (implementing base.Family) says how a family is built, divided into
+modules, initialised from the meta model and exported; nothing else in the code knows which family
+it trains."""
 from __future__ import annotations
 
 from ..errors import UserError
+from .base import Family
 from .causal_lm import CausalLMFamily
+from .resnet import ResNetFamily
 from .vit import ViTFamily
 
-FAMILIES = {"vit": ViTFamily(), "causal_lm": CausalLMFamily()}
+FAMILIES: dict[str, Family] = {"vit": ViTFamily(), "resnet": ResNetFamily(), "causal_lm": CausalLMFamily()}
 
 
 def get_family(name: str):

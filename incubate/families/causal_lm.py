@@ -30,13 +30,15 @@ class CausalLMFamily:
     name = "causal_lm"
     task = "causal_lm"
 
-    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, depth: int) -> dict:
-        """The LlamaConfig arguments that fix the architecture (saved in manifests). For a text
-        bundle `num_classes` is the vocabulary and `img_size` the context (data.TextBundle)."""
-        kwargs = dict(cfg.kwargs)
+    # the recipe's validation turns this into a one-line refusal of train.grad_checkpointing
+    no_grad_checkpointing = "its decoder layers are not recomputed in backward yet"
+
+    def validate(self, cfg) -> None:
+        """Refuse, when the recipe is read, a model section this adapter cannot honour."""
         if cfg.name != "llama":
             raise UserError(f"model.name '{cfg.name}' is not an architecture the causal_lm family builds; "
                             f"use model.name: llama")
+        kwargs = cfg.kwargs or {}
         for key in DERIVED:
             if key in kwargs:
                 raise UserError(f"model.kwargs.{key} is set by deep-incubate (layers: model.division; vocabulary: "
@@ -44,7 +46,15 @@ class CausalLMFamily:
         if kwargs.get("tie_word_embeddings"):
             raise UserError("model.kwargs.tie_word_embeddings: true would share one tensor between module 0 "
                             "(embedding) and module K-1 (lm_head); deep-incubate trains them untied: remove it")
-        kwargs.update(num_hidden_layers=depth, vocab_size=num_classes, max_position_embeddings=img_size,
+
+    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
+                     meta: bool = False) -> dict:
+        """The LlamaConfig arguments that fix the architecture (saved in manifests): the recipe's,
+        with one layer a block of the division. For a text bundle `num_classes` is the vocabulary and
+        `img_size` the context (data.TextBundle)."""
+        self.validate(cfg)
+        kwargs = dict(cfg.kwargs)
+        kwargs.update(num_hidden_layers=sum(division), vocab_size=num_classes, max_position_embeddings=img_size,
                       tie_word_embeddings=False)
         return kwargs
 
@@ -63,8 +73,8 @@ class CausalLMFamily:
     def depth(self, model: nn.Module) -> int:
         return len(model.model.layers)
 
-    def owner(self, key: str, division: list[int]) -> int:
-        """Index of the module that owns a state-dict key."""
+    def owner(self, key: str, division: list[int], model: nn.Module = None) -> int:
+        """Index of the module that owns a state-dict key (the layout is fixed: `model` is not needed)."""
         if key.startswith(LAYERS):
             layer = int(key.split(".")[2])
             end = 0
@@ -101,6 +111,20 @@ class CausalLMFamily:
 
     def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.lm_head(model.model.norm(x))
+
+    def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
+        if enable:
+            raise UserError(f"train.grad_checkpointing: not for model.family causal_lm: {self.no_grad_checkpointing}; "
+                            f"set it to false")
+
+    def export_config(self, model: nn.Module, spec: dict, data_config: dict, label_names: list) -> dict:
+        """The config.json that transformers' save_pretrained writes for `model`, so that
+        `AutoModelForCausalLM.from_pretrained(DIR)` rebuilds it (`incubate export` of a language model
+        writes its folder with save_pretrained itself: incubate/lm_tools.py)."""
+        config = model.config.to_dict()
+        config["architectures"] = [type(model).__name__]
+        config["deep_incubate"] = {"rebuild": "transformers.AutoModelForCausalLM.from_pretrained(DIR)"}
+        return config
 
     def init_from_meta(self, target: nn.Module, meta: nn.Module, division: list[int],
                        meta_division: list[int], index: int, mode: str = "meta") -> None:
@@ -144,7 +168,7 @@ class CausalLMFamily:
         """Drop every part of `model` that no module in `keep` owns, keeping key names. The rotary
         embedding (no weights) stays: every module needs it."""
         for j in range(len(model.model.layers)):
-            if self.owner(f"{LAYERS}{j}.", division) not in keep:
+            if self.owner(f"{LAYERS}{j}.", division, model) not in keep:
                 model.model.layers[j] = nn.Identity()
         if 0 not in keep:
             model.model.embed_tokens = nn.Identity()

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from .base import timm_export_config
 
 STEM = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")
 HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.")
@@ -20,9 +21,12 @@ HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.")
 class ViTFamily:
     name = "vit"
     task = "classification"     # incubate/tasks
+    imports_official = True      # the official code released ViT checkpoints (incubate/interop.py)
 
-    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, depth: int) -> dict:
-        """The timm keyword arguments that fix the architecture (saved in manifests)."""
+    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
+                     meta: bool = False) -> dict:
+        """The timm keyword arguments that fix the architecture (saved in manifests): the recipe's,
+        with depth = the division's blocks (the meta model is the target at depth K)."""
         kwargs = dict(cfg.kwargs)
         for key, value in (("in_chans", in_chans), ("img_size", img_size)):
             if key in kwargs and kwargs[key] != value:
@@ -30,8 +34,17 @@ class ViTFamily:
                                 f"remove it from model.kwargs or change data.img_size")
             kwargs[key] = value
         kwargs.pop("drop_path_rate", None)
-        kwargs.update(num_classes=num_classes, depth=depth)
+        kwargs.update(num_classes=num_classes, depth=sum(division))
         return kwargs
+
+    def validate(self, cfg) -> None:
+        depth = cfg.kwargs.get("depth")
+        if isinstance(depth, int) and len(cfg.division) > depth:
+            raise UserError(f"model.division has {len(cfg.division)} modules but the target has only {depth} "
+                            f"blocks (model.kwargs.depth); K can be at most the depth: use fewer modules")
+        if depth is not None and sum(cfg.division) != depth:
+            raise UserError(f"model.division {cfg.division} sums to {sum(cfg.division)} blocks but "
+                            f"model.kwargs.depth is {depth}; make them agree")
 
     def build(self, name: str, kwargs: dict, drop_path: float = 0.0) -> nn.Module:
         try:
@@ -46,8 +59,9 @@ class ViTFamily:
     def depth(self, model: nn.Module) -> int:
         return len(model.blocks)
 
-    def owner(self, key: str, division: list[int]) -> int:
-        """Index of the module that owns a state-dict key."""
+    def owner(self, key: str, division: list[int], model: nn.Module | None = None) -> int:
+        """Index of the module that owns a state-dict key (block keys number blocks globally, so
+        the model is not needed)."""
         if key.startswith("blocks."):
             block = int(key.split(".")[1])
             end = 0
@@ -76,6 +90,12 @@ class ViTFamily:
 
     def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.forward_head(model.norm(x))
+
+    def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
+        model.set_grad_checkpointing(enable)
+
+    def export_config(self, model: nn.Module, spec: dict, data_config: dict, label_names: list) -> dict:
+        return timm_export_config(model, spec["kwargs"], data_config, label_names)
 
     def init_from_meta(self, target: nn.Module, meta: nn.Module, division: list[int],
                        meta_division: list[int], index: int, mode: str = "meta") -> None:

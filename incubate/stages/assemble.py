@@ -46,7 +46,7 @@ def main(recipe: Recipe, out) -> dict:
     begin(ctx, stage, manifest)
     t0 = time.perf_counter()
     model = ctx.build()
-    model.load_state_dict(assemble_state_dict(ctx.family, parts, recipe.model.division), strict=True)
+    model.load_state_dict(assemble_state_dict(ctx.family, parts, recipe.model.division, model), strict=True)
     model.to(ctx.dist.device)
     loader = make_loader(ctx.bundle, ctx.bundle.test, recipe.data, recipe.data.eval_batch_size, False,
                     recipe.seed, ctx.dist.rank, ctx.dist.world, ctx.dist.device)

@@ -73,7 +73,7 @@ class Context:
     def model_spec(self, meta: bool = False) -> dict:
         div = self.recipe.meta_division if meta else self.recipe.model.division
         kwargs = self.family.model_kwargs(self.recipe.model, self.bundle.num_classes, self.bundle.in_chans,
-                                          self.bundle.img_size, sum(div))
+                                          self.bundle.img_size, div, meta=meta)
         return {"name": self.recipe.model.name, "kwargs": kwargs}
 
     def build(self, meta: bool = False, drop_path: float = 0.0, seed_offset: int = 0):

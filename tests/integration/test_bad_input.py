@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from incubate import checkpoint
 from incubate.checkpoint import load_training_state
+from incubate.lock import read_holder
 from ..conftest import ROOT, make_image_folder, one_error_line, run_main, write_recipe
 
 
@@ -215,9 +217,12 @@ def test_second_writer_refused_then_ctrl_c_exits_cleanly(tmp_path, capsys):
         assert proc.poll() is None, proc.stderr.read()
         # two processes writing the same stage: the second is refused, naming the first
         rc, _, err = run_main(capsys, "meta", "--recipe", recipe, "--out", run)
+        holder = read_holder(run / "meta/.lock")
+        assert holder["pid"] == proc.pid and holder["host"] == socket.gethostname()
         assert rc == 2 and one_error_line(err) == (
-            f"incubate: error: meta of run directory {run} is being written by process {proc.pid} "
-            f"(lock {run}/meta/.lock); wait for it to finish, or stop it, or use another --out")
+            f"incubate: error: meta of run directory {run} is being written by process {proc.pid} on "
+            f"{holder['host']} (since {holder['started']}) (lock {run}/meta/.lock); wait for it to finish, "
+            f"or stop it, or use another --out")
         # Ctrl-C: exit 130 with one line; the checkpoint on disk is complete
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130

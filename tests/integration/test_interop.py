@@ -24,7 +24,7 @@ def official_checkpoint(path, division, num_classes=10, img_size=8, embed_dim=16
     family = get_family("vit")
     parts = [{} for _ in division]
     for key, value in full.items():
-        i = family.owner(key, division)
+        i = family.owner(key, division, None)
         if key.startswith("blocks."):
             _, n, rest = key.split(".", 2)
             key = f"blocks.{int(n) - sum(division[:i])}.{rest}"

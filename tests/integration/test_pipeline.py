@@ -141,3 +141,61 @@ def test_export_loads_as_a_timm_hub_folder(finished_run, stage, tmp_path):
     assert torch.equal(hub.eval()(x), ours.eval()(x))
     cfg = hub.pretrained_cfg
     assert list(cfg["mean"]) == m["preprocess"]["mean"] and list(cfg["input_size"]) == [1, 8, 8]
+
+
+def _metrics(run, stage):
+    return [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_report_figure_plots_meta_e2e_and_ours_from_their_metrics(finished_run, tmp_path):
+    from incubate.report import plot
+    _, run, _ = finished_run
+    summary = json.loads((run / "summary.json").read_text())
+    data = plot(run, summary, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert set(data) == {"meta", "e2e", "assembled", "ours"}
+    for name, stage in (("meta", "meta"), ("e2e", "e2e"), ("ours", "finetune")):
+        rows, m = _metrics(run, stage), json.loads((run / stage / "manifest.json").read_text())
+        assert data[name]["top1"] == [r["test_top1"] for r in rows]       # one point an epoch, in order
+        assert data[name]["epoch"] == list(range(1, m["epochs"] + 1))
+        per_epoch = m["flops_per_step"] * m["steps"] / m["epochs"]
+        assert data[name]["flops"][0] == pytest.approx(data[name]["flops"][-1] - per_epoch * (m["epochs"] - 1))
+        assert data[name]["seconds"][-1] - data[name]["seconds"][0] == pytest.approx(
+            (rows[-1]["seconds"] - rows[0]["seconds"]) * m["world_size"])
+    # the meta model and E2E start from nothing and end at their own total cost
+    assert data["meta"]["flops"][-1] == pytest.approx(summary["meta"]["flops"])
+    assert data["e2e"]["flops"][-1] == pytest.approx(summary["e2e"]["flops"])
+    # ours: the fine-tune's epochs after the meta model and every module
+    before = summary["meta"]["flops"] + sum(summary[f"module_{i}"]["flops"] for i in range(4))
+    assert data["assembled"]["flops"] == [pytest.approx(before)]
+    assert data["ours"]["flops"][-1] == pytest.approx(before + summary["finetune"]["flops"])
+    assert data["assembled"]["top1"] == [summary["assembled"]["top1"]]
+
+
+def test_report_table_gives_each_stages_share_of_ours(finished_run):
+    from incubate.report import shares, table
+    _, run, _ = finished_run
+    summary = json.loads((run / "summary.json").read_text())
+    ours = ["meta", "module_0", "module_1", "module_2", "module_3", "finetune"]
+    got = shares(summary)
+    for unit in ("flops", "seconds"):
+        total = sum(summary[k][unit] for k in ours)
+        assert sum(got[k][unit] for k in ours) == pytest.approx(100.0)
+        for k in ours + ["e2e"]:
+            assert got[k][unit] == pytest.approx(100.0 * summary[k][unit] / total)
+    assert got["assembled"]["flops"] == 0.0
+    meta_row = next(r for r in table(summary).splitlines() if r.startswith("| meta |"))
+    assert f"| {got['meta']['flops']:.1f} | {got['meta']['seconds']:.1f} |" in meta_row
+
+
+def test_status_of_a_finished_run(finished_run, capsys):
+    from incubate.status import status
+    _, run, _ = finished_run
+    rows = status(run)
+    out = capsys.readouterr().out
+    assert [r["stage"] for r in rows] == ["meta", "module 0", "module 1", "module 2", "module 3", "assembled",
+                                          "finetune", "e2e"]
+    assert all(r["state"] == "finished" for r in rows)
+    m = json.loads((run / "finetune/manifest.json").read_text())
+    assert rows[6]["top1"] == m["metrics"]["top1"] and rows[6]["finished_at"] == m["finished_at"]
+    assert f"  finetune   finished     top-1 {m['metrics']['top1']:.2f}% after 1 epoch(s), finished " in out

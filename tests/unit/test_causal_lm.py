@@ -18,7 +18,7 @@ KW = {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "in
 def _model(depth, seed=0, **kw):
     cfg = SimpleNamespace(name="llama", kwargs=dict(KW, **kw))
     torch.manual_seed(seed)
-    return FAM.build("llama", FAM.model_kwargs(cfg, 256, 1, 24, depth)).eval()
+    return FAM.build("llama", FAM.model_kwargs(cfg, 256, 1, 24, [depth])).eval()
 
 
 @pytest.mark.parametrize("division", [[1, 1, 1, 1], [2, 1, 3], [6]])
@@ -33,10 +33,10 @@ def test_stem_blocks_head_is_exactly_the_models_logits(division):
 
 def test_modules_own_disjoint_weights_and_assemble_back():
     model = _model(4)
-    parts = split_state_dict(FAM, model.state_dict(), [2, 1, 1])
+    parts = split_state_dict(FAM, model.state_dict(), [2, 1, 1], model)
     assert "model.embed_tokens.weight" in parts[0] and {"lm_head.weight", "model.norm.weight"} <= set(parts[2])
     assert all(k.startswith("model.layers.2.") for k in parts[1])
-    assert assemble_state_dict(FAM, parts, [2, 1, 1]).keys() == model.state_dict().keys()
+    assert assemble_state_dict(FAM, parts, [2, 1, 1], model).keys() == model.state_dict().keys()
 
 
 def test_meta_init_makes_hybrid_and_assembly_start_as_the_meta_model():
@@ -68,9 +68,9 @@ def test_stack_init_copies_meta_layers_into_every_layer():
 ])
 def test_refused_kwargs(kwargs, expected):
     with pytest.raises(UserError, match=expected):
-        FAM.model_kwargs(SimpleNamespace(name="llama", kwargs=dict(KW, **kwargs)), 256, 1, 16, 4)
+        FAM.model_kwargs(SimpleNamespace(name="llama", kwargs=dict(KW, **kwargs)), 256, 1, 16, [4])
     with pytest.raises(UserError, match="use model.name: llama"):
-        FAM.model_kwargs(SimpleNamespace(name="gpt2", kwargs=KW), 256, 1, 16, 4)
+        FAM.model_kwargs(SimpleNamespace(name="gpt2", kwargs=KW), 256, 1, 16, [4])
 
 
 def test_bits_per_byte_is_total_nats_over_ln2_over_bytes():
@@ -90,5 +90,5 @@ def test_grad_checkpointing_is_refused_for_a_language_model(tmp_path):
     from incubate.config import load_recipe
     from ..conftest import TINY_LM, write_recipe
     recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, incubate__grad_checkpointing=True)
-    with pytest.raises(UserError, match="incubate.grad_checkpointing: the causal_lm family"):
+    with pytest.raises(UserError, match="incubate.grad_checkpointing: not for model.family causal_lm: its decoder layers"):
         load_recipe(recipe)

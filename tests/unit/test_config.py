@@ -14,7 +14,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 def test_there_are_the_recipes_the_readme_names():
     names = {p.stem for p in RECIPES}
     assert {"quickstart", "fashion_mnist", "imagenet_vit_base", "imagenet_vit_large", "imagenet_vit_huge",
-            "cifar100_deit_tiny_32"} <= names
+            "cifar100_deit_tiny_32", "cifar100_resnet110", "fashion_mnist_resnet"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -24,12 +24,12 @@ def test_recipe_validates_and_builds_on_meta_device(path):
     classes = {"imagenet": 1000, "cifar100": 100}.get(path.stem.split("_")[0], 10)
     chans = 1 if recipe.data.source.startswith(("idx", "digits")) else 3
     for meta, div in ((False, recipe.model.division), (True, recipe.meta_division)):
-        kwargs = family.model_kwargs(recipe.model, classes, chans, recipe.data.img_size, sum(div))
+        kwargs = family.model_kwargs(recipe.model, classes, chans, recipe.data.img_size, div, meta=meta)
         with torch.device("meta"):
             model = family.build(recipe.model.name, kwargs)
         assert family.depth(model) == sum(div)
         # every weight is owned by exactly one module of the division
-        owners = {family.owner(k, div) for k in model.state_dict()}
+        owners = {family.owner(k, div, model) for k in model.state_dict()}
         assert owners == set(range(len(div)))
     for stage in ("meta", "incubate", "finetune", "e2e"):
         assert recipe.stage(stage).epochs > 0

@@ -1,4 +1,5 @@
 """Throughput options of the engine: grad checkpointing, bf16 and torch.compile change speed, not results."""
+import json
 import os
 import time
 
@@ -114,3 +115,15 @@ def test_fused_adamw_and_grad_checkpointing_through_fit(tmp_path):
     assert torch.isfinite(torch.tensor(result["metrics"]["loss"]))
     assert h.runner.model.grad_checkpointing and h.meta.grad_checkpointing
     assert any(not torch.equal(start[k], v) for k, v in h.runner.model.state_dict().items())
+
+
+def test_multistep_schedule_divides_the_lr_by_10_at_each_milestone(tmp_path):
+    """The CIFAR ResNet recipe's schedule (He et al. 2016): SGD with momentum, lr / 10 at given epochs."""
+    h = hybrid(1)
+    data = DataCfg(source="digits", img_size=8, train_fraction=0.1)
+    cfg = TrainCfg(epochs=4, batch_size=32, lr=0.1, lr_base_batch=32, opt="momentum", sched="multistep",
+                   decay_milestones=[2, 3], weight_decay=1e-4, label_smoothing=0.0)
+    fit(h, h.runner.model, cfg, load_data(data), data, Dist(), seed=0, stage_dir=tmp_path, ddp_attr="runner",
+        label="test")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.1, 0.01, 0.001, 0.001])

@@ -17,9 +17,9 @@ def _stage(path: Path, top1: float, flops: float, seconds: float = 1.0) -> None:
         {"finished": True, "metrics": {"top1": top1}, "flops": flops, "process_seconds": seconds}))
 
 
-def _ours(run: Path, meta_top1: float, top1: float) -> None:
+def _ours(run: Path, meta_top1: float, top1: float, k: int = 4) -> None:
     _stage(run / "meta", meta_top1, 1e12)
-    for i in range(4):
+    for i in range(k):
         _stage(run / "modules" / str(i), 70.0 + i, 1e11)
     _stage(run / "assembled", 60.0, 0)
     _stage(run / "finetune", top1, 2e12)
@@ -113,3 +113,21 @@ def test_collect_merge_keeps_earlier_rows_whose_runs_are_not_on_this_machine():
     found = [dict(old[1], top1=71.0)]
     merged = avc.merge(old, found)
     assert sorted((r["budget"], r["top1"]) for r in merged) == [("10", 71.0), ("80", 83.0)]
+
+
+def test_resnet_study_points_have_their_own_folders_recipe_and_three_modules(tmp_path):
+    base = tmp_path / "resnet_d56_f0.1_s0"
+    _stage(base / "e2e_20" / "e2e", 85.0, 6.8e13)
+    _ours(base / "ours_40_2+2", 80.0, 86.0, k=3)
+    rows = avc.collect(tmp_path)
+    assert {r["study"] for r in rows} == {"resnet"}      # not read as a ViT of depth 56
+    ours = next(r for r in rows if r["method"] == "ours")
+    assert ours["hybrid_top1"] == [70.0, 71.0, 72.0] and ours["flops"] == 1e12 + 3 * 1e11 + 2e12
+    assert "| 56 | 0.1 | ours | 40/2+2 | 1 | 86.00 ± 0.00 |  | 60.00 | 70.0/71.0/72.0 |" in rr.table(rows, "resnet")
+    recipe = avc.make_recipe(56, 0.1, 1, ["finetune.epochs=3"], "resnet")
+    assert (recipe.model.family, recipe.model.name, recipe.model.division) == ("resnet", "cifar_resnet56", [9, 9, 9])
+    assert recipe.stage("incubate").module_init == "random" and recipe.stage("finetune").lr == 0.1
+    assert recipe.seed == 1 and recipe.stage("finetune").epochs == 3
+    rr.write_report(rows, tmp_path / "docs")
+    assert (tmp_path / "docs/resnet.png").stat().st_size > 1000 and not (tmp_path / "docs/regime.png").exists()
+    assert "### ResNet study" in (tmp_path / "docs/results.md").read_text()

@@ -1,0 +1,100 @@
+"""The family interface: what an adapter must say about one kind of network so that the rest of the
+code (modular.py, the stages, interop.py) can divide, incubate, assemble and export it without
+knowing which kind it is. A new family is one new file implementing `Family`, registered in
+`FAMILIES` (incubate/families/__init__.py), plus a tiny test configuration in
+tests/unit/test_family_contract.py, whose tests every registered family must pass.
+
+Words: the model's *blocks* are its repeated units, flattened in forward order and numbered from 0
+(ViT: blocks.0, blocks.1, ...; ResNet: layer1.0, ..., layer4.N). A *division* [n_0, ..., n_{K-1}]
+splits them contiguously into K *modules*; module 0 also owns the *stem* (everything before the
+first block) and module K-1 the *head* (everything after the last block). Every weight (state-dict
+key) belongs to exactly one module, and keeps the model's own key name in module files.
+
+Optional attributes: `imports_official = True` where `incubate import-official` can read the
+official code's checkpoints of the family (ViT); `no_grad_checkpointing = "why"` where
+train.grad_checkpointing must be refused (ResNet).
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class Family(Protocol):
+    name: str
+
+    def validate(self, cfg) -> None:
+        """Refuse, when the recipe is loaded (UserError, one line), a model section (ModelCfg:
+        name, kwargs, division) the family cannot honour, e.g. a division of the wrong length."""
+
+    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
+                     meta: bool = False) -> dict:
+        """The keyword arguments that, with `cfg.name`, fix the architecture (saved in manifests).
+        `cfg` is the recipe's ModelCfg; `division` the division of the model being built (the meta
+        division when `meta`). The meta model has the division's blocks and must produce, at every
+        module boundary, the tensor shape the target produces there; refuse (UserError, one line)
+        a division that cannot be honoured."""
+
+    def build(self, name: str, kwargs: dict, drop_path: float = 0.0) -> nn.Module:
+        """A freshly initialised model (random weights from the current torch seed)."""
+
+    def depth(self, model: nn.Module) -> int:
+        """Number of blocks."""
+
+    def owner(self, key: str, division: list[int], model: nn.Module) -> int:
+        """The module that owns state-dict key `key` of `model` (which may be pruned by
+        keep_modules: it still tells how blocks are laid out)."""
+
+    def stem(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Model input -> input of block 0."""
+
+    def blocks(self, model: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks start..stop-1 in order (recomputed in backward when grad checkpointing is on)."""
+
+    def head(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Output of the last block -> the model's output (logits)."""
+
+    def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
+        """Make `blocks` recompute activations in backward. A family that cannot (ResNet: its
+        BatchNorm statistics) says why in a `no_grad_checkpointing` attribute, which the recipe's
+        validation turns into a one-line refusal, and raises UserError here."""
+
+    def init_from_meta(self, target: nn.Module, meta: nn.Module, division: list[int],
+                       meta_division: list[int], index: int, mode: str = "meta") -> None:
+        """Initialise target module `index` from meta module `index`. mode "meta": the module then
+        computes exactly what the meta module computes (in eval mode); mode "stack": its blocks
+        are copies of the meta module's blocks (depthwise stacking). Module 0 copies the stem and
+        module K-1 the head. Refuse (UserError, one line) what the family cannot honour."""
+
+    def keep_modules(self, model: nn.Module, division: list[int], keep: set) -> nn.Module:
+        """Drop every part of `model` that no module in `keep` owns, keeping key names; the
+        kept modules still run through stem/blocks/head."""
+
+    def keep_only(self, model: nn.Module, division: list[int], index: int) -> nn.Module:
+        """keep_modules with one module."""
+
+    def export_config(self, model: nn.Module, spec: dict, data_config: dict, label_names: list) -> dict:
+        """The config.json written beside model.safetensors by `incubate export`, such that the
+        family's own library rebuilds the model from it (spec: the manifest's {"name", "kwargs"})."""
+
+
+def timm_export_config(model: nn.Module, model_args: dict, data_config: dict, label_names: list) -> dict:
+    """config.json in the layout timm's save_for_hf/push_to_hub writes (timm families), so that
+    `timm.create_model('local-dir:DIR', pretrained=True)` rebuilds `model` from `model_args`."""
+    import json
+    import os
+    import tempfile
+
+    from timm.models._hub import save_config_for_hf
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.json")
+        save_config_for_hf(model, path, model_config={"label_names": list(label_names)},
+                           model_args=dict(model_args), data_config=data_config)
+        with open(path) as f:
+            config = json.load(f)
+    # the source cfg's licence describes timm's released weights, not these
+    config["pretrained_cfg"].pop("license", None)
+    return config

@@ -1,0 +1,144 @@
+"""`incubate status RUN`: which stages finished, which are running, which have not started.
+
+Read-only by design: it takes no lock and writes nothing, so it can watch a run from another
+terminal or node while the run's jobs write it. A running stage is one whose lock is held
+(lock.py): on the holder's own host the kernel's lock table says so for certain; from another host
+only the lock file (pid, host, start time) and the age of the last metrics line can.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import yaml
+
+from .config import load_recipe
+from .errors import UserError
+from .lock import read_holder
+from .stages.common import StageDir, stage_dirs
+
+
+def _flock_holders(path: Path) -> set[int] | None:
+    """Pids holding a lock on `path` per the kernel's lock table, /proc/locks (None: none to read)."""
+    try:
+        ino = path.stat().st_ino
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    pids = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if "->" in parts:          # a process waiting for the lock, not holding it
+            continue
+        # any lock type: on NFS the kernel emulates flock with a POSIX lock
+        if len(parts) >= 6 and parts[5].rsplit(":", 1)[-1] == str(ino) and parts[4].lstrip("-").isdigit():
+            pids.add(int(parts[4]))
+    return pids
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def holder(sd: StageDir) -> dict | None:
+    """The process writing this stage now, or None. `checked` is False when it runs on another host
+    (then only its lock file and its last metrics line vouch for it)."""
+    lock = sd.path / ".lock"
+    if not lock.exists():
+        return None
+    h = read_holder(lock)
+    if h["pid"] is None:
+        return None
+    if h["host"] not in (None, socket.gethostname()):
+        return dict(h, checked=False)
+    held = _flock_holders(lock)
+    alive = h["pid"] in held if held is not None else _pid_alive(h["pid"])
+    return dict(h, host=h["host"] or socket.gethostname(), checked=True) if alive else None
+
+
+def last_epoch(sd: StageDir) -> dict | None:
+    """The stage's last metrics line, with `written`: when the file was last written (epoch seconds)."""
+    try:
+        lines = [line for line in sd.metrics.read_text().splitlines() if line.strip()]
+        written = sd.metrics.stat().st_mtime
+    except OSError:
+        return None
+    for line in reversed(lines):     # the writer may be half-way through the last line
+        try:
+            return dict(json.loads(line), written=written)
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
+def _metric(values: dict, prefix: str = "") -> str:
+    """The stage's headline metric: top-1 where the task has one, bits per byte for a language
+    model, else the test loss."""
+    if values.get(f"{prefix}top1") is not None:
+        return f"top-1 {values[f'{prefix}top1']:.2f}%"
+    if values.get(f"{prefix}bpb") is not None:
+        return f"bits/byte {values[f'{prefix}bpb']:.4f}"
+    loss = values.get(f"{prefix}loss")
+    return f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "no metric"
+
+
+def _stamp(t: float, now: float) -> str:
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(t))} ({max(0, now - t):.0f}s ago)"
+
+
+def stage_status(sd: StageDir, epochs: int | None, now: float) -> dict:
+    m = sd.manifest() if sd.manifest_path.exists() else None
+    row = {"stage": sd.label, "path": str(sd.path)}
+    if sd.finished():
+        met = m.get("metrics", {})
+        return dict(row, state="finished", top1=met.get("top1"), loss=met.get("loss"), epochs=m.get("epochs"),
+                    finished_at=m.get("finished_at"),
+                    detail=f"{_metric(met)}" + (f" after {m['epochs']} epoch(s)" if m.get("epochs") else "")
+                           + f", finished {m.get('finished_at', '?')}")
+    last, h = last_epoch(sd), holder(sd)
+    of = f"/{epochs}" if epochs is not None else ""
+    progress = "no epoch finished yet" if last is None else (
+        f"epoch {last['epoch']}{of} test {_metric(last, 'test_')}, written {_stamp(last['written'], now)}")
+    row.update(epoch=last["epoch"] if last else 0, epochs=epochs, written=last["written"] if last else None)
+    if h is not None:
+        who = f"pid {h['pid']} on {h['host']}, started {h['started'] or '?'}"
+        if not h["checked"]:
+            who += " (another host: not checked from here; see how recent the last epoch is)"
+        return dict(row, state="running", pid=h["pid"], host=h["host"], started=h["started"],
+                    detail=f"{progress}; {who}")
+    if last is not None or sd.checkpoint.exists():
+        return dict(row, state="stopped", detail=f"{progress}; no process holds it: rerun to resume")
+    return dict(row, state="not started", detail="")
+
+
+def status(run, out=None) -> list[dict]:
+    """Print and return one row a stage of run directory `run`."""
+    run = Path(run)
+    if not (run / "recipe.yaml").is_file():
+        raise UserError(f"{run} is not a run directory (no recipe.yaml); pass the --out of a run")
+    try:
+        recipe = load_recipe(run / "recipe.yaml")
+        k = len(recipe.model.division)
+    except UserError:        # a recipe of another version: K from the file, no epoch totals
+        recipe, k = None, len((yaml.safe_load((run / "recipe.yaml").read_text()) or {})["model"]["division"])
+    now = time.time()
+    rows = []
+    for sd in stage_dirs(run, k):
+        cfg = "incubate" if sd.stage == "incubate" else sd.stage
+        epochs = recipe.stage(cfg).epochs if recipe is not None and cfg != "assembled" else None
+        rows.append(stage_status(sd, epochs, now))
+    print(f"run {run} (recipe {recipe.name if recipe else '?'}, K={k}), as of {_stamp(now, now).split(' ')[0]}",
+          file=out, flush=True)
+    width = max(len(r["stage"]) for r in rows)
+    for r in rows:
+        print(f"  {r['stage']:<{width}}  {r['state']:<11}  {r['detail']}".rstrip(), file=out, flush=True)
+    return rows

@@ -1,0 +1,185 @@
+"""The family contract: every registered family (incubate.families.FAMILIES) must pass these tests,
+each with the tiny configurations it gives in TINY (a new family adds its entries here)."""
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from incubate.config import ModelCfg
+from incubate.families import FAMILIES, Family
+from incubate.modular import Hybrid, assemble_state_dict, run_module, split_state_dict
+
+
+def _load_timm_hub_folder(folder, config):
+    """What a timm user does with an exported folder: no code of ours."""
+    return timm.create_model(f"local-dir:{folder}", pretrained=True, pretrained_strict=True)
+
+
+def _load_cifar_resnet(folder, config):
+    """The rebuild docs/interop.md gives for a CIFAR ResNet: timm, then the 3x3 stem, then a strict load."""
+    m = timm.create_model(config["architecture"], **config["model_args"])
+    m.conv1 = torch.nn.Conv2d(config["model_args"]["in_chans"], 16, 3, padding=1, bias=False)
+    m.maxpool = torch.nn.Identity()
+    m.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    return m
+
+
+def _load_transformers_folder(folder, config):
+    """What a transformers user does with an exported language model: no code of ours."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+# division / meta_division: a target and meta model whose modules meta-init can honour (ResNet:
+# module 0 crosses into layer2, so its meta block is strided and widening); stack: a division
+# pair stack init can honour.
+TINY = [
+    dict(family="vit", name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, embed_dim=32, num_heads=2),
+         division=[2, 3, 2], meta_division=[1, 2, 1], stack=([3, 4, 2], [1, 2, 1]), load=_load_timm_hub_folder),
+    dict(family="resnet", name="cifar_resnet20", kwargs={}, division=[4, 3, 2], meta_division=[1, 1, 1],
+         stack=([3, 3, 3], [1, 2, 2]), load=_load_cifar_resnet),
+    dict(family="resnet", name="resnet18", kwargs=dict(channels=[64, 32, 32, 32]), division=[3, 2, 2, 1],
+         meta_division=[1, 1, 1, 1], stack=([2, 2, 2, 2], [1, 2, 2, 2]), load=_load_timm_hub_folder),
+    # a language model: token ids in (vocabulary CLASSES, context IMG), next-token logits out
+    dict(family="causal_lm", name="llama",
+         kwargs=dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32),
+         division=[2, 3, 2], meta_division=[1, 2, 1], stack=([3, 4, 2], [1, 2, 1]), load=_load_transformers_folder,
+         tokens=True),
+]
+IDS = [f"{c['family']}-{c['name']}" for c in TINY]
+IN_CHANS, IMG, CLASSES = 1, 16, 5
+
+
+def build(c, division=None, meta=False, seed=0, meta_division=None):
+    family = FAMILIES[c["family"]]
+    division = division or c["division"]
+    cfg = ModelCfg(family=c["family"], name=c["name"], kwargs=dict(c["kwargs"]), division=list(division))
+    div = (meta_division or c["meta_division"]) if meta else division
+    kwargs = family.model_kwargs(cfg, CLASSES, IN_CHANS, IMG, list(div), meta=meta)
+    torch.manual_seed(seed)
+    return family.build(c["name"], kwargs), {"name": c["name"], "kwargs": kwargs}
+
+
+def x_batch(c):
+    g = torch.Generator().manual_seed(1)
+    if c.get("tokens"):
+        return torch.randint(0, CLASSES, (3, IMG), generator=g)
+    return torch.randn(3, IN_CHANS, IMG, IMG, generator=g)
+
+
+def out(model, x):
+    """The model's output tensor (a transformers model returns an output object holding logits)."""
+    y = model(x)
+    return y.logits if hasattr(y, "logits") else y
+
+
+def loss(c, y):
+    """A training loss of output y: classes 0, 1, 2 of the three images, or the next tokens."""
+    if c.get("tokens"):
+        return torch.nn.functional.cross_entropy(y.flatten(0, 1), x_batch(c).flatten())
+    return torch.nn.functional.cross_entropy(y, torch.tensor([0, 1, 2]))
+
+
+def test_every_registered_family_has_a_tiny_config_and_implements_the_protocol():
+    assert {c["family"] for c in TINY} == set(FAMILIES)
+    assert all(isinstance(f, Family) and f.name == name for name, f in FAMILIES.items())
+
+
+@pytest.mark.parametrize("c", TINY, ids=IDS)
+def test_split_assemble_round_trip(c):
+    family, div = FAMILIES[c["family"]], c["division"]
+    model, _ = build(c)
+    state = model.state_dict()
+    parts = split_state_dict(family, state, div, model)
+    assert sum(len(p) for p in parts) == len(state) and all(parts)
+    back = assemble_state_dict(family, parts, div, model)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    for i in range(len(div)):     # a pruned module model holds exactly its part
+        assert set(family.keep_only(build(c)[0], div, i).state_dict()) == set(parts[i])
+
+
+@pytest.mark.parametrize("c", TINY, ids=IDS)
+def test_modules_in_sequence_equal_the_model_and_meta_shapes_match_at_every_boundary(c):
+    family, div, mdiv = FAMILIES[c["family"]], c["division"], c["meta_division"]
+    model, meta = build(c)[0].eval(), build(c, meta=True)[0].eval()
+    assert family.depth(model) == sum(div) and family.depth(meta) == sum(mdiv)
+    h = hm = x_batch(c)
+    for i in range(len(div)):
+        h, hm = run_module(family, model, div, i, h), run_module(family, meta, mdiv, i, hm)
+        assert h.shape == hm.shape, i
+    torch.testing.assert_close(h, out(model, x_batch(c)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("c", TINY, ids=IDS)
+def test_hybrid_trains_only_its_module_and_leaves_the_meta_model_bitwise(c):
+    family, div, mdiv = FAMILIES[c["family"]], c["division"], c["meta_division"]
+    for index in range(len(div)):
+        h = Hybrid(family, build(c, meta=True)[0], mdiv, family.keep_only(build(c)[0], div, index), div, index)
+        before = {k: v.clone() for k, v in h.meta.state_dict().items()}     # BatchNorm buffers too
+        opt = torch.optim.SGD([p for p in h.parameters() if p.requires_grad], lr=0.1)
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in h.runner.parameters()}
+        h.train()
+        assert not h.meta.training and all(not m.training for m in h.meta.modules()) and h.runner.training
+        for _ in range(2):
+            loss(c, h(x_batch(c))).backward()
+            assert all(p.grad is None for p in h.meta.parameters())
+            assert all(p.grad is not None for p in h.runner.parameters())
+            opt.step()
+            opt.zero_grad()
+        after = h.meta.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), index
+
+
+@pytest.mark.parametrize("c", TINY, ids=IDS)
+def test_meta_init_makes_every_hybrid_and_the_assembly_compute_the_meta_model(c):
+    family, div, mdiv = FAMILIES[c["family"]], c["division"], c["meta_division"]
+    meta = build(c, meta=True, seed=3)[0]
+    with torch.no_grad():         # trained-looking BatchNorm statistics, so eval mode matters
+        meta.train()(x_batch(c) if c.get("tokens") else x_batch(c) * 2 + 1)
+    meta.eval()
+    expected = out(meta, x_batch(c))
+    parts = []
+    for i in range(len(div)):
+        target = build(c)[0]
+        family.init_from_meta(target, meta, div, mdiv, i, mode="meta")
+        parts.append(split_state_dict(family, target.state_dict(), div, target)[i])
+        h = Hybrid(family, copy.deepcopy(meta), mdiv, family.keep_only(target, div, i), div, i).eval()
+        torch.testing.assert_close(h(x_batch(c)), expected, rtol=1e-5, atol=1e-5)
+    assembled = build(c)[0].eval()
+    assembled.load_state_dict(assemble_state_dict(family, parts, div, assembled), strict=True)
+    torch.testing.assert_close(out(assembled, x_batch(c)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("c", TINY, ids=IDS)
+def test_stack_init_makes_every_block_a_copy_of_a_meta_block_of_its_module(c):
+    family = FAMILIES[c["family"]]
+    div, mdiv = c["stack"]
+    meta = build(c, division=div, meta=True, meta_division=mdiv, seed=3)[0]
+    parts_meta = split_state_dict(family, meta.state_dict(), mdiv, meta)
+    for i in range(len(div)):
+        target, _ = build(c, division=div)
+        family.init_from_meta(target, meta, div, mdiv, i, mode="stack")
+        part = split_state_dict(family, target.state_dict(), div, target)[i]
+        meta_values = [v for v in parts_meta[i].values()]
+        # every tensor of the module equals some tensor of its meta module (block copies, stem, head)
+        for key, value in part.items():
+            assert any(v.shape == value.shape and torch.equal(v, value) for v in meta_values), (i, key)
+
+
+@pytest.mark.parametrize("c", TINY, ids=IDS)
+def test_export_loads_in_the_familys_own_library(c, tmp_path):
+    """timm for the image families, transformers for causal_lm: the export's config.json and weights
+    rebuild the model with no code of ours."""
+    family = FAMILIES[c["family"]]
+    model, spec = build(c)
+    model.eval()
+    data_config = {"input_size": (IN_CHANS, IMG, IMG), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
+                   "interpolation": "bilinear"}
+    config = family.export_config(model, spec, data_config, [str(i) for i in range(CLASSES)])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plain = c["load"](tmp_path, json.loads((tmp_path / "config.json").read_text())).eval()
+    torch.testing.assert_close(out(plain, x_batch(c)), out(model, x_batch(c)), rtol=0, atol=0)
