@@ -44,7 +44,7 @@ PART3 = [
     Entry("vit", "gpu",
           # meta init (the recipe's), the paper's random init (acc.PAPER), depthwise stacking
           variants=["metainit-ftlr3e-4", "paper", "stack-ftlr3e-4"],
-          smoke={"depth": 4, "e2e": [1, 2], "meta": [2], "ours": [(1, 1, 1)],
+          smoke={"depth": 8, "e2e": [1, 2], "meta": [2], "ours": [(1, 1, 1)],
                  "sets": ["model.kwargs.embed_dim=16", "model.kwargs.num_heads=2", "model.kwargs.patch_size=7",
                           "train.amp=bf16", "train.batch_size=32", "train.warmup_epochs=0",
                           "incubate.warmup_epochs=0", "data.eval_batch_size=100"]}),

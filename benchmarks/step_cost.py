@@ -22,6 +22,7 @@ listed as skipped), and the timed rounds are as many as fit in what is left (at 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -54,7 +55,7 @@ PRESETS = {   # timm name, overrides, target depth, K, batch, classes, image siz
                      depth=32, k=4, batch=64, classes=100, img=32),
     # seconds on a CPU: what benchmarks/gpu_run.sh --smoke runs
     "smoke": dict(name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, embed_dim=16, num_heads=2),
-                  depth=4, k=4, batch=4, classes=10, img=8),
+                  depth=8, k=4, batch=4, classes=10, img=8),
 }
 COMPILE_SHARE = 0.7      # of --time-limit, for compiling; the rest for the timed rounds
 VARIANTS = ("base", "compile", "bf16", "ckpt", "fused")
@@ -150,6 +151,17 @@ def model_state(job: Job) -> dict:
             "grads_at_rest": storage_bytes([p.grad for p in params if p.grad is not None]),
             "optimizer": storage_bytes(opt_state),
             "trainable_params": sum(p.numel() for p in job.trained.parameters())}
+
+
+def cuda_memory(job: Job) -> dict:
+    """On CUDA: the job's resident tensors plus the step's peak growth (max_memory_allocated), and
+    model_state as on the CPU (parameters + the gradients of the trained ones + optimizer state),
+    the gradients counted from their parameters since none is held between steps."""
+    state = model_state(job)
+    grads = sum(p.numel() * p.element_size() for p in job.trained.parameters() if p.requires_grad)
+    return dict(job.memory, **state, grads=grads, step_peak_growth=job.cuda_growth,
+                model_state=state["params"] + grads + state["optimizer"],
+                total=state["params"] + state["grads_at_rest"] + state["optimizer"] + job.cuda_growth)
 
 
 def measure_memory(job: Job, x, y, device) -> dict:
@@ -360,9 +372,7 @@ def run(args) -> dict:
                 job.memory["profile"] = profile_job(job, x, y, device)
     for job in jobs:
         if device.type == "cuda":
-            state = model_state(job)
-            job.memory = dict(job.memory, **state, step_peak_growth=job.cuda_growth,
-                              total=state["params"] + state["grads_at_rest"] + state["optimizer"] + job.cuda_growth)
+            job.memory = cuda_memory(job)
     result = report(args, p, device, jobs, peaks, load_before, load_after, x, y)
     result["skipped"] = skipped
     del jobs, everyone
@@ -390,6 +400,9 @@ def prepare_jobs(jobs: list, x, y, device, args) -> tuple[list, list]:
             job.compile_s = time.perf_counter() - t0
             longest = max(longest, job.compile_s)
             print(f"  compiled {job.key} in {job.compile_s:.1f}s", flush=True)
+            if args.out:      # kept if the run is killed before its result
+                Path(f"{args.out}.compiled.json").write_text(json.dumps(
+                    {j.key: j.compile_s for j in kept + [job] if j.compile_s is not None}))
         kept.append(job)
     return kept, skipped
 

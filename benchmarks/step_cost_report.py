@@ -78,13 +78,13 @@ def summary(runs: list) -> str:
     """One line a job of several runs (benchmarks/gpu_run.sh): step time, MFU against the matmul peak
     measured in the same rounds, peak memory, compile time and speed-up; then each run's sum of hybrid
     steps against the official semantics."""
-    out = ["| model | batch | job | step ms | TFLOP/s | MFU (of measured matmul peak) | peak memory GiB | "
-           "compile s | compile speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | run | batch | job | step ms | TFLOP/s | MFU (of measured matmul peak) | peak memory GiB | "
+           "compile s | compile speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for res in runs:
         for r in res["rows"]:
             mem, sp = r["memory"].get("total"), r.get("speedup_vs_base")
-            out.append(f"| {res['preset']} | {res['config']['batch']} | {r['job']} | {1e3 * r['step_s']['median']:.1f} | "
+            out.append(f"| {res['preset']} | {res.get('mode', '')} | {res['config']['batch']} | {r['job']} | {1e3 * r['step_s']['median']:.1f} | "
                        f"{r['flops_per_s'] / 1e12:.2f} | {100 * r['peak_fraction']:.1f}% | "
                        + (f"{mem / 2 ** 30:.2f}" if mem else "-") + " | "
                        + (f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-") + " | "

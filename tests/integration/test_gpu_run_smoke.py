@@ -65,7 +65,7 @@ def test_smoke_run_writes_every_file_with_its_content(tmp_path):
     for job in ("e2e", "meta", "hybrid0", "hybrid3"):
         assert compiled[f"{job}+compile"]["compile_s"] > 0 and compiled[f"{job}+compile"]["speedup_vs_base"]
     md = (out / "2_step_cost.md").read_text()
-    assert "MFU" in md and "| smoke | 4 | e2e+compile |" in md and "sum of hybrid steps" in md
+    assert "MFU" in md and "| smoke | compile | 4 | e2e+compile |" in md and "sum of hybrid steps" in md
 
     acc = json.loads((out / "3_accuracy.json").read_text())
     assert not acc["errors"] and acc["running"] is None and acc["run"]["rc"] == 0
