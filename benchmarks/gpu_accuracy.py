@@ -7,8 +7,7 @@ Points run in levels (the first budget of every method, then the second, ...), s
 cheapest complete comparison comes first, and each point runs only if its estimate fits in the time
 left. The estimate counts block passes (E2E epoch = 3 x depth; meta epoch = 3 x K; module i epoch =
 3 x its blocks + the meta blocks before it + 2 x those after it; fine-tune epoch = E2E epoch) and
-prices them at the seconds a block pass took in the points measured so far (the first point runs
-unpriced; its seconds price the rest). Results go to OUT.json and OUT.md after every point.
+prices them at the slowest seconds a block pass of the same method took so far (pass_seconds). Results go to OUT.json and OUT.md after every point.
 
   python benchmarks/gpu_accuracy.py --out OUTDIR/3_accuracy --root /tmp/runs --time-limit 250
 """
@@ -95,13 +94,19 @@ def block_passes(method: str, budget, depth: int, k: int, meta_done: bool) -> fl
     return (0 if meta_done else 3 * k * meta_epochs) + m * modules + n * 3 * depth
 
 
+def pass_seconds(rates: dict, method: str) -> float:
+    """Seconds a block pass of this method: measured, else 1.5x the slowest measured (a shallow model's
+    pass costs more: its steps are bound by kernel launches), else 0 (the first point runs unpriced)."""
+    return rates.get(method, 1.5 * max(rates.values(), default=0.0))
+
+
 def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> None:
     s = acc.STUDIES[entry.study]
     k = 4
     folders = [x.split("idx:", 1)[1] for x in s.get("sets", []) + report["extra_sets"]
                if x.startswith("data.source=idx:")]
     acc.ensure_data(Path(folders[-1]) if folders else acc.FMNIST)     # the last one set wins, as in the recipe
-    per_pass = None       # measured seconds a block pass
+    rates: dict = {}      # method -> the slowest seconds a block pass took so far
     rows = report["rows"]
     for method, depth, fraction, budget, seed, variant in plan(entry):
         label = f"{method} {acc.budget_label(method, budget)}" + (f" ({variant})" if method == "ours" else "")
@@ -109,13 +114,13 @@ def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> 
                                           / f"meta_{budget[0]}" / "meta" / "manifest.json").exists()
         passes = block_passes(method, budget, depth, k, meta_done)
         left = deadline - time.time()
-        estimate = passes * per_pass if per_pass else None
-        if estimate is not None and estimate > left:
+        estimate = passes * pass_seconds(rates, method)
+        if estimate > left:
             report["skipped"].append({"family": entry.family, "point": label,
                                       "why": f"needs ~{estimate:.0f}s, {left:.0f}s left"})
             print(f"== skipped {label}: needs ~{estimate:.0f}s, {left:.0f}s left", flush=True)
             continue
-        report["running"] = f"{entry.family}: {label} (estimate {estimate or 0:.0f}s, {left:.0f}s left)"
+        report["running"] = f"{entry.family}: {label} (estimate {estimate:.0f}s, {left:.0f}s left)"
         save(report)
         t0 = time.time()
         sets = variant_sets(variant) if method == "ours" else []
@@ -130,7 +135,7 @@ def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> 
         full = block_passes(method, budget, depth, k, False)    # a shared meta model counted in full
         row.update(family=entry.family, wall_s=wall, e2e_epochs=full / (3 * depth), estimate_s=estimate)
         rows.append(row)
-        per_pass = wall / passes if per_pass is None else max(per_pass, wall / passes)   # the slowest so far
+        rates[method] = max(rates.get(method, 0.0), wall / max(passes, 1))
         report["running"] = None
         save(report)
 

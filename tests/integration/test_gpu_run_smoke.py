@@ -82,15 +82,21 @@ def test_smoke_run_writes_every_file_with_its_content(tmp_path):
 def test_plan_runs_the_cheapest_whole_comparison_first():
     entry = gpu_accuracy.PART3[0]
     order = [(m, b, v) for m, _, _, b, _, v in gpu_accuracy.plan(entry)]
-    assert order[:5] == [("e2e", 10, "paper"), ("meta", 80, "paper"), ("ours", (40, 2, 2), "metainit-ftlr3e-4"),
-                         ("ours", (40, 2, 2), "paper"), ("ours", (40, 2, 2), "stack-ftlr3e-4")]
+    level0 = [("e2e", 10, "paper"), ("meta", 40, "paper"), ("ours", (40, 2, 2), "metainit-ftlr3e-4"),
+              ("ours", (40, 2, 2), "paper"), ("ours", (40, 2, 2), "stack-ftlr3e-4")]
+    assert order[:5] == level0 and order[5:7] == [("e2e", 20, "paper"), ("meta", 80, "paper")]
     assert gpu_accuracy.variant_sets("stack-ftlr3e-4") == ["incubate.module_init=stack", "finetune.lr=3e-4"]
-    assert order[5:] == [("e2e", 20, "paper"), ("meta", 160, "paper"), ("e2e", 40, "paper")]
+    assert [p[2] for p in order[7:10]] == [v for _, _, v in level0[2:]] and order[10:] == [
+        ("e2e", 40, "paper"), ("meta", 160, "paper")]
     # equal FLOPs: the meta model alone at 80 epochs costs what E2E does at 10 (depth 32, K = 4)
     assert gpu_accuracy.block_passes("meta", 80, 32, 4, False) == gpu_accuracy.block_passes("e2e", 10, 32, 4, False)
     ours = gpu_accuracy.block_passes("ours", (40, 2, 2), 32, 4, False)
     assert ours == 3 * 4 * 40 + 2 * (4 * 24 + 18) + 2 * 96
     assert gpu_accuracy.block_passes("ours", (40, 2, 2), 32, 4, True) == ours - 3 * 4 * 40
+    # unmeasured methods are priced at 1.5x the slowest measured pass; nothing measured: unpriced
+    assert gpu_accuracy.pass_seconds({}, "meta") == 0
+    assert gpu_accuracy.pass_seconds({"e2e": 2.0, "ours": 1.0}, "meta") == 3.0
+    assert gpu_accuracy.pass_seconds({"e2e": 2.0, "meta": 4.0}, "meta") == 4.0
 
 
 def test_a_failed_part_writes_its_error_and_the_next_parts_run(tmp_path, monkeypatch):
