@@ -130,6 +130,8 @@ def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> 
         except Exception as e:        # one failed point is reported; the study goes on
             report["errors"].append({"family": entry.family, "point": label, "error": f"{type(e).__name__}: {e}",
                                      "traceback": traceback.format_exc()[-2000:]})
+            report["running"] = None
+            save(report)
             continue
         wall = time.time() - t0
         full = block_passes(method, budget, depth, k, False)    # a shared meta model counted in full

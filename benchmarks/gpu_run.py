@@ -216,6 +216,8 @@ def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> d
 
 def part_accuracy(args, out: Path, work: Path, limit: float) -> dict:
     base = out / "3_accuracy"
+    for old in (base.with_suffix(".json"), base.with_suffix(".md")):     # an earlier run's, in the same OUTDIR
+        old.unlink(missing_ok=True)
     cmd = [args.python, "benchmarks/gpu_accuracy.py", "--out", base, "--root", work / "accuracy",
            "--time-limit", f"{max(limit - 15, 1):.0f}"] + (["--data", args.data] if args.data else []) \
         + (["--smoke"] if args.smoke else [])
