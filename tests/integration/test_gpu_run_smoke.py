@@ -135,3 +135,24 @@ def test_the_gpu_run_refuses_without_cuda(tmp_path):
     run = json.loads((tmp_path / "out/run.json").read_text())
     assert rc == 2 and run["parts"][0]["status"] == "not run" and "--smoke" in run["parts"][0]["note"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json", "run.md"]
+
+
+def test_points_that_do_not_fit_in_the_time_left_are_skipped(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_point(root, study, method, depth, fraction, budget, seed, args):
+        time.sleep(0.4)
+        ran.append((method, budget, args.variant))
+        return {"method": method, "budget": str(budget), "variant": args.variant, "top1": 50.0, "flops": 1,
+                "seconds": 0.4}
+    monkeypatch.setattr(gpu_accuracy.acc, "train_point", fake_point)
+    monkeypatch.setattr(gpu_accuracy.acc, "ensure_data", lambda path: None)
+    report = {"rows": [], "skipped": [], "errors": [], "running": None, "extra_sets": []}
+    saved = []
+    gpu_accuracy.run_entry(gpu_accuracy.PART3[0], tmp_path, time.time() + 0.6, report, saved.append)
+    # the first point runs unpriced; priced by it, none of the others fits in the 0.2 s left
+    assert ran == [("e2e", 10, "paper")] and report["running"] is None and saved
+    assert len(report["skipped"]) == len(gpu_accuracy.plan(gpu_accuracy.PART3[0])) - 1
+    assert all("needs ~" in s["why"] for s in report["skipped"])
+    md = gpu_accuracy.markdown(dict(report, command="c", mode="full", time="t"))
+    assert "| vit | e2e | - | 10 | 10.0 | 50.00 |" in md and "Skipped vit meta 40: needs ~" in md
