@@ -45,7 +45,7 @@ PACKAGES = [("torch", "torch", "2.4", "everything"), ("timm", "timm", "1.0", "ev
             ("numpy", "numpy", None, "data"), ("sklearn", "scikit-learn", None, "the digits data"),
             ("PIL", "pillow", None, "image data"), ("matplotlib", "matplotlib", None, "report.png"),
             ("tqdm", "tqdm", None, "progress bars"), ("pytest", "pytest", None, "part 1"),
-            ("tensorboard", "tensorboard", None, "optional: TensorBoard logs"),
+            ("tensorboard", "tensorboard", None, "train.tensorboard, on by default"),
             ("transformers", "transformers", None, "optional: the causal-LM family"),
             ("tokenizers", "tokenizers", None, "optional: the causal-LM family")]
 # (preset, batch on a >= 100 GiB GPU, mode); mode compile also re-times eager E2E/meta/hybrids to pair with
