@@ -6,6 +6,32 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU_TESTS_ON = "INCUBATE_GPU_TESTS_ON"
+
+
+def gpu_test_device():
+    """Where tests marked `gpu` run: CUDA when torch sees it; else the CPU when INCUBATE_GPU_TESTS_ON=cpu
+    (the smoke run of benchmarks/gpu_run.sh sets it, so their code runs before a GPU meets it);
+    else None, and they are skipped."""
+    import os
+    import torch
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu") if os.environ.get(GPU_TESTS_ON) == "cpu" else None
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_test_device() is not None:
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA device ({GPU_TESTS_ON}=cpu runs it on the CPU)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gpu_device():
+    return gpu_test_device()
 
 TINY = {
     "name": "tiny",
