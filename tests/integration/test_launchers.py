@@ -129,7 +129,7 @@ def test_a_user_error_in_a_job_is_not_retried_and_names_the_file(local_run, tmp_
         lock.release(dst / "modules/1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "[module 1] FAILED after 1 tries: exit 2 (a user error: not retried)" in proc.stdout
-    assert f"is being written by process {os.getpid()} (lock {dst}/modules/1/.lock)" in proc.stdout
+    assert f"is being written by process {os.getpid()} on " in proc.stdout and f"(lock {dst}/modules/1/.lock)" in proc.stdout
     assert proc.stderr.count("\n") == 1
 
 
