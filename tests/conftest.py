@@ -64,6 +64,16 @@ def tiny_recipe(tmp_path) -> Path:
     return write_recipe(tmp_path / "tiny.yaml")
 
 
+def default_signals() -> None:
+    """preexec_fn for a child the test will signal: SIGINT and SIGTERM back to their defaults.
+
+    A shell starts a background job (`make test &` in a script, nohup ... &) with SIGINT ignored,
+    and children inherit an ignored signal: a Ctrl-C the test sends would then do nothing."""
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def cli(*args, check=False, env=None, timeout=600):
     """Run the CLI in a fresh process; returns CompletedProcess."""
     import os
