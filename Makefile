@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch and torchvision are pinned to a matching pair; override for another platform/CUDA build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo demo-lm test venv clean
+.PHONY: demo demo-lm test venv clean gpu-data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ demo-lm: venv
 
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+# Fashion-MNIST into data/fashion-mnist (git-ignored, 30 MiB) for benchmarks/gpu_run.sh to carry to a
+# GPU machine; from Debian's dataset-fashion-mnist, installed if missing (as root).
+FMNIST := /usr/share/datasets/fashion-mnist
+gpu-data:
+	test -f $(FMNIST)/train-images-idx3-ubyte.gz || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	mkdir -p data/fashion-mnist && cp $(FMNIST)/*-ubyte.gz data/fashion-mnist/
 
 clean:
 	rm -rf runs/quickstart runs/quickstart_lm

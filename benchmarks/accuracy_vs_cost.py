@@ -42,6 +42,7 @@ from incubate.stages import assemble, e2e, finetune, incubate, meta  # noqa: E40
 from incubate.stages.common import StageDir  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+DATA = ROOT / "data" / "fashion-mnist"      # a git-ignored copy that travels to a GPU machine (make gpu-data)
 RECIPE = ROOT / "recipes" / "fashion_mnist.yaml"
 # The LM study's corpus: text nobody here wrote, from a Debian package pinned by version.
 PYDOC = Path("/usr/share/doc/python3.11/html/_sources/tutorial")
@@ -82,14 +83,27 @@ STUDIES = {
     "resnet": {"family": "resnet", "k": 3, "depth": 56, "fraction": 0.1, "prefix": "resnet_",
                "e2e": [5, 10, 20, 40], "meta": [20, 40, 80], "ours": [(40, 2, 2), (40, 4, 4), (80, 2, 2), (80, 4, 4)],
                "seeds": [0, 1]},
+    # benchmarks/gpu_run.sh on one GPU: all 60,000 images, the paper's DeiT-T-32 shape (patch 4: 49
+    # tokens), bf16, batch 1024 (lr x2 through lr_base_batch 512); benchmarks/gpu_accuracy.py sizes it.
+    # Ours at 40/2+2 and 80/4+4 costs about E2E at 10 and 20 epochs, and so does the meta model at 80, 160.
+    "gpu": {"depth": 32, "fraction": 1.0, "prefix": "gpu_", "e2e": [10, 20, 40], "meta": [40, 80, 160],
+            "ours": [(40, 2, 2), (80, 4, 4)], "seeds": [0],
+            "sets": WIDE + [f"data.source=idx:{DATA}", "model.kwargs.patch_size=4", "train.amp=bf16",
+                            "train.batch_size=1024", "train.lr_base_batch=512", "data.eval_batch_size=1000"]},
 }
 
 
-def ensure_data(study: str = "budget") -> None:
-    path, package = (PYDOC, PYDOC_PACKAGE) if "recipe" in STUDIES[study] else \
-        (FMNIST / "train-images-idx3-ubyte.gz", "dataset-fashion-mnist")
-    if path.exists():
-        return
+def ensure_data(path: Path = FMNIST, study: str = "budget") -> None:
+    if "recipe" in STUDIES.get(study, {}):      # a study with its own corpus (the LM)
+        path, package = PYDOC, PYDOC_PACKAGE
+        if path.exists():
+            return
+    else:
+        if (path / "train-images-idx3-ubyte.gz").exists():
+            return
+        if path != FMNIST:
+            raise UserError(f"no Fashion-MNIST in {path}; fill it with `make gpu-data`")
+        package = "dataset-fashion-mnist"
     print(f"installing Debian's {package} ...", flush=True)
     subprocess.run(["apt-get", "update", "-qq"], check=True)
     subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True)
@@ -237,7 +251,7 @@ def main() -> None:
     if not args.collect:
         studies = ["budget", "depth", "data"] if args.study == "all" else [args.study]
         for study in studies:
-            ensure_data(study)
+            ensure_data(study=study)
             seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
             budgets = args.budgets.split(",") if args.budgets else None
             depths = [int(x) for x in args.depths.split(",")] if args.depths else None
@@ -269,6 +283,7 @@ def train_point(root, study, method, depth, fraction, budget, seed, args) -> Non
     score = f"top-1 {row['top1']:.2f}%" if "top1" in row else f"bits/byte {row['bpb']:.4f}"
     print(f"== {study} d{depth} f{fraction} {method} {row['budget']} seed {seed}: {score} "
           f"({row['seconds']:.0f}s, {row['flops'] / 1e12:.2f} TFLOPs; {time.time() - t0:.0f}s now)", flush=True)
+    return row
 
 
 def _stages(run: Path, method: str, k: int = 4) -> list[StageDir]:

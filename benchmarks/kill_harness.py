@@ -1,8 +1,9 @@
 """Fault-tolerance harness: SIGKILL `incubate run` (or one of its jobs) at random moments, go on, check.
 
-Each kill targets a stage (meta, a module, fine-tune, in turn) and lands either while a weights or
-checkpoint file is being written (the harness watches for the temporary file and kills at once)
-or during training steps (a random delay after a checkpoint changed). After each kill:
+Each kill targets a stage (meta, a module, fine-tune, in turn) and lands, in turn, while a weights
+or checkpoint file is being written (the harness watches for the temporary file and kills at
+once), during training steps (a random delay after a checkpoint changed), or inside an epoch (at
+most 30 ms after a mid-epoch checkpoint, train.checkpoint_every, appeared). After each kill:
 
 - every checkpoint and weights file on disk must load (weights against their manifest's SHA-256);
 - every stage that had finished must be untouched (model.safetensors mtime, size and SHA-256);
@@ -37,12 +38,15 @@ from safetensors.torch import load_file  # noqa: E402
 
 from incubate.checkpoint import load_training_state, load_weights, sha256_file  # noqa: E402
 
+MODES = ("write", "step", "mid")
+
 RECIPE = {
     "name": "kill-harness", "seed": 0, "device": "cpu", "deterministic": True,
     "model": {"name": "vit_tiny_patch16_224",
               "kwargs": {"patch_size": 4, "embed_dim": 16, "depth": 4, "num_heads": 2}, "division": [2, 2]},
     "data": {"source": "digits", "img_size": 8, "train_fraction": 0.7, "augment": {"shift": 1}},
-    "train": {"batch_size": 32, "lr": 2e-3, "lr_base_batch": 32, "epochs": 3, "warmup_epochs": 0},
+    "train": {"batch_size": 32, "lr": 2e-3, "lr_base_batch": 32, "epochs": 3, "warmup_epochs": 0,
+              "checkpoint_every": 5},     # mid-epoch checkpoints: kills inside an epoch resume there
     "launch": {"cpus_per_job": 1},
     "meta": {"epochs": 3}, "incubate": {"epochs": 2}, "finetune": {"epochs": 2},
 }
@@ -111,7 +115,7 @@ def finished(run: Path) -> dict:
 
 def verify(run: Path, done_before: dict, counts: dict) -> dict:
     """Every file on disk loads; no finished stage changed. Returns the stages finished now."""
-    for p in run.rglob("checkpoint.safetensors"):
+    for p in [*run.rglob("checkpoint.safetensors"), *run.rglob("checkpoint.prev.safetensors")]:
         load_training_state(p)
         counts["checkpoints_verified"] += 1
     for p in run.rglob("model.safetensors"):
@@ -126,10 +130,20 @@ def verify(run: Path, done_before: dict, counts: dict) -> dict:
     return now
 
 
+def mid_epoch(path: Path) -> bool:
+    """Whether the checkpoint at `path` was saved inside an epoch (resuming continues there)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["state"]).get("step") is not None
+    except Exception:      # noqa: BLE001 -- being replaced, or gone: not a mid-epoch one now
+        return False
+
+
 def wait_and_kill(proc, run: Path, target: str, mode: str, launcher: str, rng: random.Random) -> dict | None:
     """Wait for a checkpoint event in a `target` stage, then SIGKILL the run or that stage's job."""
     before = snapshot(run)
-    delay = rng.uniform(0.0, 0.25) if mode == "step" else 0.0
+    delay = {"step": rng.uniform(0.0, 0.25), "mid": rng.uniform(0.0, 0.03)}.get(mode, 0.0)
     polls = 0
     while proc.poll() is None:
         polls += 1
@@ -138,7 +152,8 @@ def wait_and_kill(proc, run: Path, target: str, mode: str, launcher: str, rng: r
 
         now = snapshot(run)
         hits = [p for p, t in now.items() if stage_of(p, run).startswith(target) and before.get(p) != t
-                and (mode == "step" or p.name.endswith(".tmp"))]
+                and {"write": p.name.endswith(".tmp"), "step": True,
+                     "mid": p.name == "checkpoint.safetensors" and mid_epoch(p)}[mode]]
         before = now
         if hits:
             time.sleep(delay)
@@ -156,7 +171,8 @@ def wait_and_kill(proc, run: Path, target: str, mode: str, launcher: str, rng: r
                 proc.wait()
             # A temporary file still there after the kill is a write the kill interrupted.
             writing = [str(p.relative_to(run)) for p in (run / stage).glob("*.safetensors*.tmp")]
-            return {"stage": stage, "mode": mode, "what": what, "writing": writing}
+            inside = mid_epoch(run / stage / "checkpoint.safetensors")
+            return {"stage": stage, "mode": mode, "what": what, "writing": writing, "mid_epoch": inside}
         time.sleep(0.001)
     return None
 
@@ -181,7 +197,8 @@ def harness(kills: int, launcher: str, work: Path, seed: int = 0) -> dict:
     if start(run_command(recipe, ref, launcher), work / "reference.log").wait() != 0:
         raise SystemExit(f"the reference run failed; see {work / 'reference.log'}")
     reference = weights(ref)
-    counts = {"kills": 0, "kills_whole_run": 0, "kills_one_job": 0, "kills_while_writing": 0, "resumes": 0,
+    counts = {"kills": 0, "kills_whole_run": 0, "kills_one_job": 0, "kills_while_writing": 0, "kills_mid_epoch": 0,
+              "resumes": 0, "resumes_mid_epoch": 0,
               "skips_of_finished_stages": 0, "checkpoints_verified": 0, "weights_verified": 0,
               "finished_stages_redone": 0, "rounds": 0, "rounds_equal": 0,
               "kills_by_stage": {}, "reference_seconds": round(time.perf_counter() - t0, 1)}
@@ -195,7 +212,7 @@ def harness(kills: int, launcher: str, work: Path, seed: int = 0) -> dict:
         proc = start(run_command(recipe, run, launcher), log)
         while True:
             target = plan.pop(0) if plan and counts["kills"] < kills else None
-            mode = ("write", "step")[counts["kills"] % 2]
+            mode = MODES[counts["kills"] % len(MODES)]
             event = wait_and_kill(proc, run, target, mode, launcher, rng) if target else None
             if event is None and target is not None and proc.poll() is None:
                 continue        # the target stage finished before a kill: aim at the next one
@@ -205,10 +222,12 @@ def harness(kills: int, launcher: str, work: Path, seed: int = 0) -> dict:
             counts["kills"] += 1
             counts["kills_whole_run" if event["what"] == "run" else "kills_one_job"] += 1
             counts["kills_while_writing"] += bool(event["writing"])
+            counts["kills_mid_epoch"] += event["mid_epoch"]     # the next start resumes inside an epoch
             counts["kills_by_stage"][event["stage"]] = counts["kills_by_stage"].get(event["stage"], 0) + 1
             log_kills.append(event)
             print(f"kill {counts['kills']}: {event['what']} in {event['stage']} ({event['mode']}"
-                  f"{', writing ' + ', '.join(event['writing']) if event['writing'] else ''})", flush=True)
+                  f"{', writing ' + ', '.join(event['writing']) if event['writing'] else ''}"
+                  f"{', inside an epoch' if event['mid_epoch'] else ''})", flush=True)
             done = verify(run, done, counts)
             if event["what"] == "run":
                 proc = start(run_command(recipe, run, launcher), log)
@@ -216,7 +235,8 @@ def harness(kills: int, launcher: str, work: Path, seed: int = 0) -> dict:
             raise SystemExit(f"round {counts['rounds']} ended with exit {proc.returncode}; see {log}")
         verify(run, done, counts)
         text = log.read_text()
-        counts["resumes"] += text.count("resuming after epoch")
+        counts["resumes"] += text.count("] resuming ")
+        counts["resumes_mid_epoch"] += text.count("] resuming in epoch")
         counts["skips_of_finished_stages"] += text.count("already finished")
         same = equal(weights(run), reference)
         counts["rounds_equal"] += same

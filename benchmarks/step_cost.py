@@ -13,10 +13,16 @@ The data-wait part runs E2E steps on the real incubate.data.Loader over in-memor
   python benchmarks/step_cost.py --threads 1                         # CPU: DeiT-Tiny width, 32 px
   python benchmarks/step_cost.py --threads 1 --variants compile --jobs e2e,hybrid --no-data
   python benchmarks/step_cost.py --preset vit_b16 --amp bf16         # GPU
+  python benchmarks/step_cost.py --preset deit_t32 --amp bf16 --variants compile --time-limit 60   # GPU
+
+--time-limit S keeps a run inside S seconds (benchmarks/gpu_run.sh): compile variants are compiled
+one after another while the longest compilation so far still fits in 70% of S (the others are
+listed as skipped), and the timed rounds are as many as fit in what is left (at least 2).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -44,7 +50,14 @@ PRESETS = {   # timm name, overrides, target depth, K, batch, classes, image siz
                  depth=12, k=4, batch=64, classes=100, img=32),
     "vit_b16": dict(name="vit_base_patch16_224", kwargs={}, depth=12, k=4, batch=64, classes=1000, img=224),
     "vit_l16": dict(name="vit_large_patch16_224", kwargs={}, depth=24, k=4, batch=64, classes=1000, img=224),
+    # the paper's DeiT-T-32 shape (CIFAR-100 table) at 32 px
+    "deit_t32": dict(name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, embed_dim=192, num_heads=3),
+                     depth=32, k=4, batch=64, classes=100, img=32),
+    # seconds on a CPU: what benchmarks/gpu_run.sh --smoke runs
+    "smoke": dict(name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, embed_dim=16, num_heads=2),
+                  depth=8, k=4, batch=4, classes=10, img=8),
 }
+COMPILE_SHARE = 0.7      # of --time-limit, for compiling; the rest for the timed rounds
 VARIANTS = ("base", "compile", "bf16", "ckpt", "fused")
 CRITERION = nn.CrossEntropyLoss(label_smoothing=0.1)
 
@@ -84,7 +97,7 @@ def build_model(p: dict, depth: int, device, seed: int = 0) -> nn.Module:
                                  img_size=p["img"], **p["kwargs"])
 
 
-def make_job(name: str, variant: str, p: dict, amp: str, device) -> Job:
+def make_job(name: str, variant: str, p: dict, amp: str, device, backend: str = "inductor") -> Job:
     from timm.optim import create_optimizer_v2
     k, depth = p["k"], p["depth"]
     division = [depth // k] * k
@@ -105,7 +118,7 @@ def make_job(name: str, variant: str, p: dict, amp: str, device) -> Job:
     job = Job(name, variant, net, trained, opt, "bf16" if variant == "bf16" else amp)
     if job.amp == "fp16":
         job.scaler = torch.amp.GradScaler("cuda")
-    job.run = torch.compile(net) if variant == "compile" else net
+    job.run = torch.compile(net, backend=backend) if variant == "compile" else net
     return job
 
 
@@ -138,6 +151,17 @@ def model_state(job: Job) -> dict:
             "grads_at_rest": storage_bytes([p.grad for p in params if p.grad is not None]),
             "optimizer": storage_bytes(opt_state),
             "trainable_params": sum(p.numel() for p in job.trained.parameters())}
+
+
+def cuda_memory(job: Job) -> dict:
+    """On CUDA: the job's resident tensors plus the step's peak growth (max_memory_allocated), and
+    model_state as on the CPU (parameters + the gradients of the trained ones + optimizer state),
+    the gradients counted from their parameters since none is held between steps."""
+    state = model_state(job)
+    grads = sum(p.numel() * p.element_size() for p in job.trained.parameters() if p.requires_grad)
+    return dict(job.memory, **state, grads=grads, step_peak_growth=job.cuda_growth,
+                model_state=state["params"] + grads + state["optimizer"],
+                total=state["params"] + state["grads_at_rest"] + state["optimizer"] + job.cuda_growth)
 
 
 def measure_memory(job: Job, x, y, device) -> dict:
@@ -313,7 +337,7 @@ def run(args) -> dict:
     for v in [v for v in args.variants.split(",") if v]:
         if v == "fused" and device.type == "cpu":
             print("  note: fused AdamW on CPU (torch >= 2.4; the engine's train.fused allows it)", flush=True)
-        jobs += [make_job(n, v, p, args.amp, device) for n in variant_names]
+        jobs += [make_job(n, v, p, args.amp, device, args.compile_backend) for n in variant_names]
     dtypes = {torch.float32} | {{"bf16": torch.bfloat16, "fp16": torch.float16}[j.amp] for j in jobs if j.amp != "none"}
     args.matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 2048)
     peaks = [matmul_job(device, dt, args.matmul_n) for dt in sorted(dtypes, key=str)]
@@ -321,16 +345,16 @@ def run(args) -> dict:
     x = torch.randn(p["batch"], 3, p["img"], p["img"], generator=g).to(device)
     y = torch.randint(0, p["classes"], (p["batch"],), generator=g).to(device)
 
-    for job in jobs:
-        job.flops = count_step_flops(job.net, job.trained, CRITERION, x, y)
-        if job.variant == "compile":      # compilation measured apart from the step
-            t0 = time.perf_counter()
-            timed(job, x, y, device)
-            job.compile_s = time.perf_counter() - t0
-            print(f"  compiled {job.key} in {job.compile_s:.1f}s", flush=True)
+    jobs, skipped = prepare_jobs(jobs, x, y, device, args)
+    round_s = 0.0
     for r in range(args.warmup):
+        t0 = time.perf_counter()
         for job in jobs + peaks:
             timed(job, x, y, device)
+        round_s = time.perf_counter() - t0
+    if args.time_limit:       # as many timed rounds as fit in what is left, at least 2
+        left = args.time_limit - (time.perf_counter() - args.started)
+        args.steps = max(2, min(args.steps, int(0.8 * left / max(round_s, 1e-6))))
     for job in jobs:
         if device.type == "cpu" and job.variant != "compile":
             job.memory = measure_memory(job, x, y, device)
@@ -348,15 +372,39 @@ def run(args) -> dict:
                 job.memory["profile"] = profile_job(job, x, y, device)
     for job in jobs:
         if device.type == "cuda":
-            state = model_state(job)
-            job.memory = dict(job.memory, **state, step_peak_growth=job.cuda_growth,
-                              total=state["params"] + state["grads_at_rest"] + state["optimizer"] + job.cuda_growth)
+            job.memory = cuda_memory(job)
     result = report(args, p, device, jobs, peaks, load_before, load_after, x, y)
+    result["skipped"] = skipped
     del jobs, everyone
     if not args.no_data:
         save(result, args)            # the timings are kept even if the data part fails
         add_data_wait(result, p, args, device)
     return result
+
+
+def prepare_jobs(jobs: list, x, y, device, args) -> tuple[list, list]:
+    """FLOPs of every job; each compile variant compiled (timed apart from its steps) while the
+    longest compilation so far still fits in COMPILE_SHARE of --time-limit."""
+    kept, skipped, longest = [], [], 0.0
+    for job in jobs:
+        spent = time.perf_counter() - args.started
+        if job.variant == "compile" and args.time_limit and spent + longest > COMPILE_SHARE * args.time_limit:
+            skipped.append({"job": job.key, "why": f"time: {spent:.0f}s spent, the longest compilation took "
+                                                   f"{longest:.0f}s, limit {args.time_limit:.0f}s"})
+            print(f"  skipped {job.key}: {skipped[-1]['why']}", flush=True)
+            continue
+        job.flops = count_step_flops(job.net, job.trained, CRITERION, x, y)
+        if job.variant == "compile":
+            t0 = time.perf_counter()
+            timed(job, x, y, device)
+            job.compile_s = time.perf_counter() - t0
+            longest = max(longest, job.compile_s)
+            print(f"  compiled {job.key} in {job.compile_s:.1f}s", flush=True)
+            if args.out:      # kept if the run is killed before its result
+                Path(f"{args.out}.compiled.json").write_text(json.dumps(
+                    {j.key: j.compile_s for j in kept + [job] if j.compile_s is not None}))
+        kept.append(job)
+    return kept, skipped
 
 
 def report(args, p, device, jobs, peaks, load_before, load_after, x, y) -> dict:
@@ -456,8 +504,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--matmul-n", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="also break each job's step down by op kind")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile variant "
+                    "(aot_eager: tracing without code generation, for quick CPU checks)")
+    ap.add_argument("--time-limit", type=float, default=0, help="seconds: skip compilations and shorten the "
+                    "timed rounds to fit (0: no limit)")
     ap.add_argument("--out", default="", help="basename for .json and .md (default benchmarks/results/...)")
     args = ap.parse_args(argv)
+    args.started = time.perf_counter()
     bad = [v for v in args.variants.split(",") if v and v not in VARIANTS[1:]]
     if bad:
         ap.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS[1:])}")

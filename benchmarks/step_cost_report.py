@@ -38,6 +38,8 @@ def markdown(res: dict) -> str:
             + f"{mib(mem.get('saved_activations')) if mem else '-'} | {mib(mem.get('total')) if mem else '-'} | "
             + (f"{sp['median']:.2f}x ({sp['q25']:.2f}-{sp['q75']:.2f})" if sp else "-") + " | "
             + (f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-") + " |")
+    for sk in res.get("skipped", []):
+        out.append(f"\nSkipped {sk['job']} ({sk['why']}).")
     out += ["", "| bar | value | pass |", "|---|---|---|"]
     for name, b in res["bars"].items():
         extra = ""
@@ -70,3 +72,27 @@ def save(res: dict, args) -> str:
     md = markdown(res)
     base.with_suffix(".md").write_text(md)
     return md
+
+
+def summary(runs: list) -> str:
+    """One line a job of several runs (benchmarks/gpu_run.sh): step time, MFU against the matmul peak
+    measured in the same rounds, peak memory, compile time and speed-up; then each run's sum of hybrid
+    steps against the official semantics."""
+    out = ["| model | run | batch | job | step ms | TFLOP/s | MFU (of measured matmul peak) | peak memory GiB | "
+           "compile s | compile speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for res in runs:
+        for r in res["rows"]:
+            mem, sp = r["memory"].get("total"), r.get("speedup_vs_base")
+            out.append(f"| {res['preset']} | {res.get('mode', '')} | {res['config']['batch']} | {r['job']} | {1e3 * r['step_s']['median']:.1f} | "
+                       f"{r['flops_per_s'] / 1e12:.2f} | {100 * r['peak_fraction']:.1f}% | "
+                       + (f"{mem / 2 ** 30:.2f}" if mem else "-") + " | "
+                       + (f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-") + " | "
+                       + (f"{sp['median']:.2f}x" if sp else "-") + " |")
+        peaks = ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in res["machine"]["matmul_peak_flops_per_s"].items())
+        bar = res["bars"].get("sum hybrid / sum official")
+        notes.append(f"- {res['preset']} ({res.get('mode', '')}): matmul peak {peaks}"
+                     + (f"; sum of hybrid steps / sum with official semantics {bar['value']:.3f} "
+                        f"(FLOP ratio {bar['flop_ratio']:.3f})" if bar else "")
+                     + "".join(f"; skipped {s['job']} ({s['why']})" for s in res.get("skipped", [])))
+    return "\n".join(out + [""] + notes) + "\n"

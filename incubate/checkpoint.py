@@ -6,6 +6,7 @@ safetensors file whose JSON metadata holds the non-tensor parts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -52,6 +53,11 @@ def uninterrupted():
         finally:
             _depth -= 1
         return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Ctrl-C was ignored when the process started (a background job of a script, nohup ... &):
+        # it stays ignored, here too, rather than turning into a KeyboardInterrupt after the write
+        yield
+        return
     pending = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     _depth += 1
@@ -71,17 +77,32 @@ def _tmp_name(path: Path) -> Path:
 
 
 def _write_failed(path: Path, e: OSError) -> UserError:
+    if e.errno == errno.EROFS:
+        return UserError(read_only_message(path))
     return UserError(f"cannot write {path}: {e.strerror or e}; the previous {path.name} (if any) is kept "
                      f"intact; free disk space or fix permissions, then rerun the same command")
 
 
-def _atomic(path: Path, write) -> None:
-    """write(tmp) then fsync and rename over `path`: `path` is always the old or the new file."""
+def read_only_message(path: Path) -> str:
+    return (f"cannot write {path}: the file system holding it is read-only (mounted read-only, or remounted "
+            f"read-only after a storage error); files already there are intact: remount it read-write or copy "
+            f"the run directory to writable storage and pass that as --out, then rerun the same command")
+
+
+def _atomic(path: Path, write, keep_previous: Path | None = None) -> None:
+    """write(tmp) then fsync and rename over `path`: `path` is always the old or the new file.
+
+    With `keep_previous`, the old `path` is first renamed to it: a fallback if the new file is later
+    found damaged (a storage crash that lost what the fsync claimed was written). A kill between the
+    two renames leaves only `keep_previous`, which resuming takes (see previous_checkpoint()).
+    """
     path = Path(path)
     tmp = _tmp_name(path)
     with uninterrupted():
         try:
             write(tmp)
+            if keep_previous is not None and path.exists():
+                os.replace(path, keep_previous)
             _fsync_replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -121,11 +142,11 @@ def _plain(state: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def save_weights(state: dict, path: Path, metadata: dict | None = None) -> str:
+def save_weights(state: dict, path: Path, metadata: dict | None = None, keep_previous: Path | None = None) -> str:
     """Write a state dict atomically; returns the file's SHA-256."""
     path = Path(path)
     plain = _plain(state)
-    _atomic(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
+    _atomic(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata), keep_previous)
     return sha256_file(path)
 
 
@@ -152,9 +173,27 @@ def _jsonable(obj):
         return False
 
 
+def tensor_digest(tensors: dict) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes: catches bytes a storage fault changed
+    inside a file that still parses (safetensors itself only checks the header and the length)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where the checkpoint before `path` is kept (checkpoint.safetensors -> checkpoint.prev.safetensors)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
 def save_training_state(path: Path, model_state: dict, optimizer, scheduler, scaler,
                         epoch: int, extra: dict) -> None:
-    """Everything needed to resume after `epoch` finished, in one atomic file."""
+    """Everything needed to resume at the point `extra` names (after `epoch`, or inside it at
+    extra["step"]), in one atomic file; the file it replaces is kept as previous_checkpoint(path)."""
     tensors = {f"model.{k}": v for k, v in model_state.items()}
     opt = optimizer.state_dict()
     opt_meta: dict = {"param_groups": opt["param_groups"], "state": {}}
@@ -167,20 +206,25 @@ def save_training_state(path: Path, model_state: dict, optimizer, scheduler, sca
             else:
                 opt_meta["state"][str(idx)][name] = value
     sched = {k: v for k, v in scheduler.state_dict().items() if _jsonable(v)} if scheduler else None
+    plain = _plain(tensors)
     meta = {"epoch": epoch, "optimizer": opt_meta, "scheduler": sched,
-            "scaler": scaler.state_dict() if scaler is not None else None, **extra}
-    save_weights(tensors, path, metadata={"state": json.dumps(meta)})
+            "scaler": scaler.state_dict() if scaler is not None else None, **extra,
+            "digest": tensor_digest(plain)}
+    _atomic(Path(path), lambda tmp: save_file(plain, str(tmp), metadata={"state": json.dumps(meta)}),
+            keep_previous=previous_checkpoint(path))
 
 
 def load_training_state(path: Path) -> tuple[dict, dict, dict]:
-    """Returns (model_state, optimizer_state_dict, metadata)."""
+    """Returns (model_state, optimizer_state_dict, metadata); a damaged file is a UserError."""
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {})["state"])
     except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise UserError(f"training checkpoint {path} is unreadable ({type(e).__name__}: {e}); it cannot be "
-                        f"resumed: move it away to restart this stage from scratch") from None
+        raise UserError(f"training checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    if "digest" in meta and tensor_digest(tensors) != meta["digest"]:
+        raise UserError(f"training checkpoint {path} is unreadable (its tensors do not match the digest "
+                        f"saved with them: bytes changed on disk)")
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     opt_meta = meta["optimizer"]
     state = {}

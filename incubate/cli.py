@@ -111,8 +111,9 @@ def main(argv=None) -> int:
         dispatch(args)
     except UserError as e:
         if args.debug:
-            raise
-        print(f"incubate: error: {e}", file=sys.stderr)
+            raise getattr(e, "cause", None) or e     # the failing rank's own traceback
+        if not getattr(e, "quiet", False):          # under torchrun, a failure every rank agreed on: rank 0 says it
+            print(f"incubate: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:     # disk full or permissions outside checkpoint.py's atomic writes
         if args.debug:

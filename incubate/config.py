@@ -97,6 +97,11 @@ class TrainCfg:
     max_nonfinite_skips: int = 0    # steps with a NaN/inf loss to skip (no update) before stopping
     tensorboard: bool = True        # event files in RUN/tensorboard/<stage> (rank 0): per-update loss, lr,
                                     # samples/s, gradient norm, FLOPs so far; per-epoch evaluation
+    # Inside an epoch, also save the whole training state (mid-epoch checkpoint) every N optimizer
+    # updates and/or when M minutes passed since the last save (rank 0's clock); 0 = off. Every
+    # epoch's end is saved either way.
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 0.0
     # Incubate stage only: how a target module starts. random (the paper) | meta: as a copy of its
     # meta module (extra blocks start as the identity), so hybrid and assembly start as the meta model
     # | stack: every block a copy of its meta module's block (depthwise stacking).
@@ -329,6 +334,10 @@ def validate(recipe: Recipe) -> None:
             raise UserError(f"{stage}.amp must be none, bf16 or fp16, got {cfg.amp!r}")
         if cfg.max_nonfinite_skips < 0:
             raise UserError(f"{stage}.max_nonfinite_skips must be >= 0, got {cfg.max_nonfinite_skips}")
+        if cfg.checkpoint_every < 0 or cfg.checkpoint_minutes < 0:
+            raise UserError(f"{stage}.checkpoint_every (optimizer updates) and {stage}.checkpoint_minutes must be "
+                            f">= 0 (0: save only at the end of each epoch), got {cfg.checkpoint_every} and "
+                            f"{cfg.checkpoint_minutes}")
         if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.accum_steps < 1:
             raise UserError(f"{stage}: epochs >= 0, batch_size >= 1 and accum_steps >= 1 are required")
     if recipe.data.on_bad_image not in ("stop", "skip"):

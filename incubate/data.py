@@ -176,10 +176,10 @@ class _EpochSampler(Sampler):
     def __init__(self, n: int, seed: int, rank: int, world: int, batch: int, train: bool, repeats: int = 1):
         self.n, self.seed, self.rank, self.world, self.batch, self.train = n, seed, rank, world, batch, train
         self.repeats = repeats
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start      # start: samples to leave out (a mid-epoch resume)
 
     def _order(self):
         return epoch_order(self.n, self.seed, self.epoch, self.rank, self.world, self.batch, self.train,
@@ -188,10 +188,11 @@ class _EpochSampler(Sampler):
     def __iter__(self):
         base = (self.seed * 7919 + self.epoch * 131 + self.rank) * 1_000_003
         for pos, i in enumerate(self._order().tolist()):
-            yield i, (base + pos) % (2 ** 63)
+            if pos >= self.start:
+                yield i, (base + pos) % (2 ** 63)
 
     def __len__(self):
-        return len(self._order())
+        return max(len(self._order()) - self.start, 0)
 
 
 class _ImageDataset(Dataset):
@@ -283,14 +284,16 @@ class Loader:
         """Pinned host memory only helps (and only works) when batches go to a CUDA device."""
         return bool(self.cfg.pin_memory) and torch.device(self.device).type == "cuda"
 
-    def epoch(self, epoch: int):
+    def epoch(self, epoch: int, start: int = 0):
+        """Batches of `epoch` from batch `start` on (a mid-epoch resume): the same batches, with the
+        same augmentation, that an uninterrupted epoch yields from there."""
         if self.per_image:
-            yield from self._per_image(epoch)
+            yield from self._per_image(epoch, start)
             return
         order = epoch_order(len(self.split), self.seed, epoch, self.rank, self.world, self.batch, self.train,
                             self.repeats)
         aug = self.cfg.augment
-        for start in range(0, len(order), self.batch):
+        for start in range(start * self.batch, len(order), self.batch):
             idx = order[start:start + self.batch]
             x, y = self.tensor[idx], self.split.labels[idx]
             if self.train:
@@ -312,9 +315,9 @@ class Loader:
                                           collate_fn=_collate)
         return self._dataloader
 
-    def _per_image(self, epoch):
+    def _per_image(self, epoch, start=0):
         loader = self.dataloader()
-        loader.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch, start * self.batch)
         for batch, bad in loader:
             if bad and self.cfg.on_bad_image != "skip":
                 raise UserError(f"image {bad[0].path} is unreadable ({bad[0].reason}); remove or replace it, "

@@ -3,13 +3,14 @@
 timm builds the optimizer and schedule; the task (incubate/tasks: image classification or causal
 language modelling) gives the batch transform, the losses and the metrics. This file wires them
 with AMP, gradient accumulation and clipping, DDP (only the trained part is wrapped), per-epoch
-evaluation, metrics.jsonl and an atomic checkpoint after every epoch from which a killed stage resumes.
+evaluation, metrics.jsonl and atomic checkpoints (every epoch's end, and inside an epoch with
+train.checkpoint_every / checkpoint_minutes: resume.py) from which a killed stage resumes. Under
+torchrun the ranks agree on every step (faults.py), so one failing rank stops them all.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import sys
@@ -23,11 +24,12 @@ import torch.distributed as tdist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .checkpoint import load_training_state, save_training_state
+from . import resume
 from .data import make_loader
 from .errors import UserError
 from .tasks import get_task
 from .tblog import Events
+from .faults import StoppedEverywhere, agree, stop_if_any_failed
 
 
 @dataclass
@@ -56,8 +58,30 @@ def setup_dist(device: str = "auto") -> Dist:
     else:
         dev = torch.device("cpu")
     if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group("nccl" if use_cuda else "gloo")
+        _init_process_group("nccl" if use_cuda else "gloo", rank, world)
     return Dist(rank, world, local, dev)
+
+
+def _init_process_group(backend: str, rank: int, world: int) -> None:
+    """init_process_group, with the keys of a restarted torchrun group apart from its predecessor's.
+
+    With torchrun's static rendezvous (--master-port, one node) the agent keeps one TCPStore across
+    `--max-restarts` restarts, and torch's env:// set-up adds no per-attempt prefix (it assumes a new
+    store each time, true of the c10d rendezvous only). A restarted rank could then read the address
+    a dead rank of the previous group published, and gloo fails connecting to it ("Connection
+    refused", then "Connect timeout") when the new peer comes up later: the restarted group never
+    forms. Every worker of one agent shares its restart count, so the count names the attempt; on
+    several nodes the counts differ between agents, so there torch's own set-up is kept.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("GROUP_WORLD_SIZE") == "1":
+        from torch.distributed.constants import default_pg_timeout
+        store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None, False,
+                               timeout=default_pg_timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        tdist.init_process_group(backend, store=tdist.PrefixStore(f"incubate/attempt_{attempt}", store),
+                                 rank=rank, world_size=world)
+    else:
+        tdist.init_process_group(backend)
 
 
 def barrier(dist: Dist) -> None:
@@ -86,10 +110,15 @@ def evaluate(net: nn.Module, loader, dist: Dist, amp: str = "none", task=None) -
     was_training = net.training
     net.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
-    for x, y in loader.epoch(0):
-        with _autocast(amp, dist.device):
-            out = net(x)
-        sums += task.eval_sums(out, y)
+    error = None
+    try:
+        for x, y in loader.epoch(0):
+            with _autocast(amp, dist.device):
+                out = net(x)
+            sums += task.eval_sums(out, y)
+    except Exception as e:      # noqa: BLE001 -- every rank must hear of it before the all-reduce
+        error = e
+    stop_if_any_failed(dist, error, where="while evaluating")
     if dist.world > 1:
         tdist.all_reduce(sums)
     net.train(was_training)
@@ -127,27 +156,17 @@ class _DDPPart:
         return holder, getattr(holder, attr)
 
 
-def _trim_metrics(path: Path, epochs_done: int) -> None:
-    """After a resume, drop metric lines of epochs the checkpoint does not cover."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["epoch"] <= epochs_done:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    path.write_text("".join(k + "\n" for k in keep))
-
-
 def nonfinite_message(label: str, value: float, where: str, ckpt: Path, allowed: int) -> str:
     kept = (f"the last good checkpoint {ckpt} is kept (rerun resumes from it)" if ckpt.exists()
-            else "no epoch had finished, so no checkpoint was written")
+            else "no checkpoint had been written yet")
     skips = f" after {allowed} skipped steps" if allowed else ""
     return (f"{label}: loss became {value} at {where}{skips}; stopped, {kept}; lower the lr, set clip_grad "
             f"(e.g. --set train.clip_grad=1.0), use bf16 instead of fp16, or allow a few bad steps with "
             f"--set train.max_nonfinite_skips=N")
+
+
+def _kept(ckpt: Path) -> str:
+    return f"; the last good checkpoint {ckpt} is kept (rerun resumes from it)" if ckpt.exists() else ""
 
 
 def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, seed: int,
@@ -190,72 +209,84 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
 
     ckpt = stage_dir / "checkpoint.safetensors"
     metrics_path = stage_dir / "metrics.jsonl"
-    start_epoch, seconds, num_updates, flops_per_step = 0, 0.0, 0, None
-    if ckpt.exists():
-        model_state, opt_state, meta = load_training_state(ckpt)
-        trained.load_state_dict(model_state, strict=True)
-        optimizer.load_state_dict(opt_state)
-        if meta.get("scheduler"):
-            scheduler.load_state_dict(meta["scheduler"])
-        if scaler is not None and meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
-        start_epoch, seconds = meta["epoch"] + 1, meta["seconds"]
-        num_updates, flops_per_step = meta["num_updates"], meta["flops_per_step"]
-        if dist.main:
-            _trim_metrics(metrics_path, meta["epoch"] + 1)
-            print(f"[{label}] resuming after epoch {meta['epoch'] + 1}/{cfg.epochs} from {ckpt}", flush=True)
-    elif dist.main:
-        metrics_path.write_text("")
+    pos = resume.restore(ckpt, trained, optimizer, scheduler, scaler, dist, cfg, label, metrics_path, micro_steps)
+    start_epoch = pos.epoch
 
-    if flops_per_step is None:
-        x, y = next(iter(train_loader.epoch(0)))
-        flops_per_step = count_step_flops(net, trained, flops_criterion, x, y)
+    if pos.flops_per_step is None:
+        error = None
+        try:        # reads a batch: an unreadable image on one rank must stop them all (DDP's set-up waits)
+            x, y = next(iter(train_loader.epoch(0)))
+            pos.flops_per_step = count_step_flops(net, trained, flops_criterion, x, y)
+        except Exception as e:      # noqa: BLE001
+            error = e
+        stop_if_any_failed(dist, error, where="while measuring a step's FLOPs")
     if dist.world > 1:
         net, _ = _DDPPart.wrap(net, ddp_attr, dist)
     ddp_module = (getattr(net, ddp_attr) if ddp_attr else net) if dist.world > 1 else None
     run_net = torch.compile(net) if cfg.compile else net
-    tb = Events(stage_dir, cfg.tensorboard and dist.main, num_updates, dist.world,
-                flops_per_step * cfg.accum_steps * dist.world)
+    tb = Events(stage_dir, cfg.tensorboard and dist.main, pos.num_updates, dist.world,
+                pos.flops_per_step * cfg.accum_steps * dist.world)
 
     params = [p for p in trained.parameters() if p.requires_grad]
     last = task.empty()
-    nonfinite = 0
+    clock = resume.SaveClock(cfg, dist.main)
     for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
+        t0 = mark = time.perf_counter()     # mark: up to where pos.seconds counts this epoch
         seed_all(seed * 1_000_003 + epoch * 1009 + dist.rank)
+        first, loss_sum, seen = pos.step, 0.0, 0
+        if first:       # mid-epoch: this rank's RNG and running sums as they were at that step
+            loss_sum, seen = resume.restore_rank_state(pos.ranks[dist.rank], dist.device)
+        pos.step = 0
         net.train()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, seen = 0.0, 0
         show = dist.main and sys.stderr.isatty()
-        batches = train_loader.epoch(epoch)
+        batches = iter(train_loader.epoch(epoch, start=first))
         if show:
             from tqdm import tqdm
-            batches = tqdm(batches, total=micro_steps, desc=f"{label} {epoch + 1}/{cfg.epochs}", leave=False)
-        for step, (x, y) in enumerate(batches):
-            if step >= micro_steps:
-                break
-            if mixup is not None:
-                x, y = mixup(x, y)
+            batches = iter(tqdm(batches, total=micro_steps, initial=first, desc=f"{label} {epoch + 1}/{cfg.epochs}",
+                                leave=False))
+        for step in range(first, micro_steps):
             sync = (step + 1) % cfg.accum_steps == 0
             no_sync = ddp_module.no_sync() if (ddp_module is not None and not sync) else contextlib.nullcontext()
+            where = f"epoch {epoch + 1} step {step + 1}"
             with no_sync:
-                with _autocast(cfg.amp, dist.device):
-                    loss = criterion(run_net(x), y)
-                value = loss.item()
-                if not math.isfinite(value):
-                    nonfinite += 1
-                    where = f"epoch {epoch + 1} step {step + 1}"
-                    if nonfinite > cfg.max_nonfinite_skips:
-                        raise UserError(nonfinite_message(label, value, where, ckpt, cfg.max_nonfinite_skips))
+                # Two guarded parts, each followed by the ranks' agreement: reading the batch, then the
+                # forward pass (DDP's forward may itself run a collective, so every rank must get there)
+                error, n = None, 0
+                try:
+                    x, y = next(batches)
+                    n = len(y)
+                    if mixup is not None:
+                        x, y = mixup(x, y)
+                except StopIteration:
+                    break       # fewer batches than planned (data.on_bad_image: skip dropped a whole one)
+                except Exception as e:      # noqa: BLE001 -- e.g. an unreadable image on this rank only
+                    error = e
+                agree(dist, error, 0.0, where=f"at {where}", after=_kept(ckpt))
+                error, loss, value = None, None, float("nan")
+                try:
+                    with _autocast(cfg.amp, dist.device):
+                        loss = criterion(run_net(x), y)
+                    value = loss.item()
+                except Exception as e:      # noqa: BLE001
+                    error = e
+                verdict = agree(dist, error, value, sync and clock.due(pos.num_updates + 1), where=f"at {where}",
+                                after=_kept(ckpt))
+                if verdict.nonfinite:
+                    pos.nonfinite += 1
+                    rank, bad = next(iter(verdict.nonfinite.items()))
+                    at = f"{where} on rank {rank} of {dist.world}" if dist.world > 1 else where
+                    if pos.nonfinite > cfg.max_nonfinite_skips:
+                        raise _everywhere(dist, nonfinite_message(label, bad, at, ckpt, cfg.max_nonfinite_skips))
                     if dist.main:
-                        print(f"[{label}] warning: loss is {value} at {where}; skipping this update "
-                              f"({nonfinite}/{cfg.max_nonfinite_skips} allowed by max_nonfinite_skips)", flush=True)
+                        print(f"[{label}] warning: loss is {bad} at {at}; skipping this update "
+                              f"({pos.nonfinite}/{cfg.max_nonfinite_skips} allowed by max_nonfinite_skips)", flush=True)
                     optimizer.zero_grad(set_to_none=True)   # drop the whole accumulation window
                     continue
                 loss = loss / cfg.accum_steps
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-            loss_sum += value * len(y)
-            seen += len(y)
+            loss_sum += value * n
+            seen += n
             if sync:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -267,32 +298,45 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                num_updates += 1
-                scheduler.step_update(num_updates=num_updates)
-                tb.update(num_updates, loss_sum, seen, t0, grad_norm, optimizer.param_groups[0]["lr"])
+                pos.num_updates += 1
+                scheduler.step_update(num_updates=pos.num_updates)
+                tb.update(pos.num_updates, loss_sum, seen, t0, grad_norm, optimizer.param_groups[0]["lr"])
+                if verdict.save and step + 1 < micro_steps:     # an epoch's end is saved below anyway
+                    pos.epoch, pos.step = epoch, step + 1
+                    pos.seconds += time.perf_counter() - mark
+                    mark = time.perf_counter()
+                    resume.save(ckpt, trained, optimizer, scheduler, scaler, dist, pos, epoch, True, loss_sum, seen)
+                    pos.step = 0
+                    clock.saved()
         last = evaluate(run_net, test_loader, dist, cfg.amp, task)
-        seconds += time.perf_counter() - t0
+        pos.seconds += time.perf_counter() - mark
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), **task.row(last),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+               "lr": optimizer.param_groups[0]["lr"], "seconds": pos.seconds}
         skipped = train_loader.take_skipped() + test_loader.take_skipped()
         if skipped:
             row["skipped_images"] = len(skipped)
             print(f"[{label}] epoch {epoch + 1}: skipped {len(skipped)} unreadable images "
                   f"(data.on_bad_image: skip), e.g. {skipped[0]}", flush=True)
-        if dist.main:
+
+        def write_row(row=row):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            tb.epoch(num_updates, row)
+            tb.epoch(pos.num_updates, row)
             print(f"[{label}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
-                  f"{task.text(last)} ({seconds:.1f}s)", flush=True)
-            state = {k: v for k, v in trained.state_dict().items()}
-            save_training_state(ckpt, state, optimizer, scheduler, scaler, epoch,
-                                {"seconds": seconds, "num_updates": num_updates, "flops_per_step": flops_per_step})
-        barrier(dist)
+                  f"{task.text(last)} ({pos.seconds:.1f}s)", flush=True)
+
+        resume.save(ckpt, trained, optimizer, scheduler, scaler, dist, pos, epoch, False, first=write_row)
+        clock.saved()
     tb.close()
     if cfg.epochs == 0 or start_epoch >= cfg.epochs:
         last = evaluate(run_net, test_loader, dist, cfg.amp, task)
     steps = micro_steps * cfg.epochs * dist.world
+    seconds, flops_per_step = pos.seconds, pos.flops_per_step
     return {"metrics": task.final(last), "seconds": seconds,
             "process_seconds": seconds * dist.world, "flops_per_step": flops_per_step,
             "steps": steps, "flops": flops_per_step * steps, "lr": lr, "train": asdict(cfg)}
+
+
+def _everywhere(dist: Dist, message: str) -> UserError:
+    """An error every rank raises at the same step (they agreed on it): rank 0 alone prints it."""
+    return StoppedEverywhere(message, quiet=dist.rank != 0) if dist.world > 1 else UserError(message)

@@ -8,12 +8,14 @@ The kernel drops the lock when the process exits, however it exits.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
 import time
 from pathlib import Path
 
+from .checkpoint import read_only_message
 from .errors import UserError
 
 _held: dict[str, int] = {}
@@ -50,6 +52,8 @@ def hold(folder: Path, what: str) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+        if e.errno == errno.EROFS:
+            raise UserError(read_only_message(path)) from None
         raise UserError(f"cannot create the lock file {path}: {e.strerror}; choose a writable --out") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

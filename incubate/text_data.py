@@ -159,10 +159,12 @@ class TextLoader:
             return n // (self.batch * self.world)
         return -(-len(range(self.rank, n, self.world)) // self.batch)
 
-    def epoch(self, epoch: int):
+    def epoch(self, epoch: int, start: int = 0):
+        """Batches of `epoch` from batch `start` on (a mid-epoch resume): the same batches an
+        uninterrupted epoch yields from there (the order is the only randomness)."""
         from .data import epoch_order
         order = epoch_order(len(self.split), self.seed, epoch, self.rank, self.world, self.batch, self.train)
-        for start in range(0, len(order), self.batch):
+        for start in range(start * self.batch, len(order), self.batch):
             w = self.split.windows(order[start:start + self.batch])
             yield w[:, :-1].to(self.device), w[:, 1:].to(self.device)
 

@@ -6,6 +6,32 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU_TESTS_ON = "INCUBATE_GPU_TESTS_ON"
+
+
+def gpu_test_device():
+    """Where tests marked `gpu` run: CUDA when torch sees it; else the CPU when INCUBATE_GPU_TESTS_ON=cpu
+    (the smoke run of benchmarks/gpu_run.sh sets it, so their code runs before a GPU meets it);
+    else None, and they are skipped."""
+    import os
+    import torch
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu") if os.environ.get(GPU_TESTS_ON) == "cpu" else None
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_test_device() is not None:
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA device ({GPU_TESTS_ON}=cpu runs it on the CPU)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gpu_device():
+    return gpu_test_device()
 
 TINY = {
     "name": "tiny",
@@ -63,6 +89,16 @@ def write_recipe(path: Path, base: dict | None = None, **changes) -> Path:
 @pytest.fixture
 def tiny_recipe(tmp_path) -> Path:
     return write_recipe(tmp_path / "tiny.yaml")
+
+
+def default_signals() -> None:
+    """preexec_fn for a child the test will signal: SIGINT and SIGTERM back to their defaults.
+
+    A shell starts a background job (`make test &` in a script, nohup ... &) with SIGINT ignored,
+    and children inherit an ignored signal: a Ctrl-C the test sends would then do nothing."""
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def cli(*args, check=False, env=None, timeout=600):

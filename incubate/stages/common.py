@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..checkpoint import (load_weights, read_json, save_weights, uninterrupted, write_json_atomic,
-                          write_text_atomic)
+from ..checkpoint import (load_weights, previous_checkpoint, read_json, save_weights, uninterrupted,
+                          write_json_atomic, write_text_atomic)
 from ..config import Recipe, dump_recipe
 from ..data import DataBundle, eval_crop_pct, load_data
 from ..engine import Dist, barrier, seed_all, setup_dist
@@ -162,6 +162,7 @@ def finish(ctx: Context, stage: StageDir, state: dict, manifest: dict) -> dict:
                             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             write_json_atomic(stage.manifest_path, manifest)
             stage.checkpoint.unlink(missing_ok=True)
+            previous_checkpoint(stage.checkpoint).unlink(missing_ok=True)
             write_summary(ctx.run)
         release(stage.path)
     barrier(ctx.dist)

@@ -27,3 +27,42 @@ def test_step_cost_smoke_flops_and_memory(tmp_path):
         assert res["bars"][f"hybrid{i} model state / (E2E/K + meta params)"]["pass"]
     assert abs(res["bars"]["sum hybrid / sum official"]["flop_ratio"] - 54 / 60) < 0.01
     assert rows["e2e"]["memory"]["saved_activations"] > rows["hybrid0"]["memory"]["saved_activations"] > 0
+
+
+def test_time_limit_skips_the_compilations_that_do_not_fit(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        res = step_cost.main(["--preset", "smoke", "--steps", "5", "--warmup", "1", "--jobs", "e2e,hybrid",
+                              "--variants", "compile", "--variant-jobs", "e2e,hybrid0", "--compile-backend",
+                              "aot_eager", "--no-data", "--threads", "1", "--time-limit", "0.001",
+                              "--out", str(tmp_path / "sc")])
+    finally:
+        torch.set_num_threads(threads)
+    assert [s["job"] for s in res["skipped"]] == ["e2e+compile", "hybrid0+compile"]
+    assert all(not r["job"].endswith("+compile") for r in res["rows"]) and res["steps"] == 2   # the floor
+    assert "Skipped e2e+compile (time:" in (tmp_path / "sc.md").read_text()
+
+
+def test_cuda_memory_accounting_feeds_the_bars_and_tables():
+    """The CUDA branch of the memory accounting, run on CPU tensors: its model_state is the one the
+    CPU measures, and report() and the tables take its dicts."""
+    from types import SimpleNamespace
+
+    from benchmarks.step_cost_report import markdown, summary
+    cpu = torch.device("cpu")
+    p = step_cost.PRESETS["smoke"]
+    names = ["e2e", "meta"] + [f"hybrid{i}" for i in range(4)]
+    jobs = [step_cost.make_job(n, "base", p, "none", cpu) for n in names]
+    x, y = torch.randn(p["batch"], 3, p["img"], p["img"]), torch.randint(0, p["classes"], (p["batch"],))
+    for job in jobs:
+        measured = step_cost.measure_memory(job, x, y, cpu)["model_state"]
+        job.flops, job.times, job.cuda_growth = 10, [0.1, 0.2], 1000
+        job.memory = step_cost.cuda_memory(job)
+        assert job.memory["model_state"] == measured and job.memory["step_peak_growth"] == 1000
+    peak = step_cost.matmul_job(cpu, torch.float32, 8)
+    peak.times = [0.01, 0.01]
+    args = SimpleNamespace(preset="smoke", amp="none", steps=2, warmup=1, matmul_n=8)
+    res = step_cost.report(args, p, cpu, jobs, [peak], (0, 0, 0), (0, 0, 0), x, y)
+    assert all(f"hybrid{i} model state / (E2E/K + meta params)" in res["bars"] for i in range(4))
+    res["mode"] = "eager"
+    assert "| hybrid3 |" in markdown(res) and "| smoke | eager | 4 | hybrid3 |" in summary([res])

@@ -1,0 +1,219 @@
+"""Where a stage resumes: which checkpoint (the newest readable one) and the position inside it.
+
+A checkpoint is written at the end of every epoch and, with train.checkpoint_every /
+checkpoint_minutes, inside an epoch after an optimizer update. A mid-epoch checkpoint also holds
+what the rest of the epoch depends on, for every rank: its RNG states (python, numpy, torch, CUDA),
+its running loss sum and sample count; the data order is a function of (seed, epoch, rank), so the
+position in it is the micro-step. Resuming there replays the same batches, augmentations and
+dropout masks: on the CPU the stage ends bitwise at the uninterrupted weights.
+
+A checkpoint a storage crash left damaged (cut short, or bytes that no longer match the digest
+saved with them) is moved aside; the previous checkpoint, kept beside it, is used instead, or the
+stage restarts from scratch; one line says which.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from .checkpoint import load_training_state, previous_checkpoint, save_training_state
+from .errors import UserError
+from .faults import stop_if_any_failed
+
+
+@dataclass
+class Position:
+    """How far a stage got: the next micro-step to run, and what the loop carried up to there."""
+    epoch: int = 0              # the epoch to run (0-based)
+    step: int = 0               # micro-steps of `epoch` already done
+    seconds: float = 0.0
+    num_updates: int = 0
+    nonfinite: int = 0
+    flops_per_step: int | None = None
+    ranks: list = field(default_factory=list)   # mid-epoch only: one dict a rank (RNG, loss_sum, seen)
+
+
+def _b64(a: bytes) -> str:
+    return base64.b64encode(a).decode()
+
+
+def rank_state(loss_sum: float, seen: int, device: torch.device) -> dict:
+    """This rank's part of a mid-epoch checkpoint, as JSON-able values."""
+    np_state = np.random.get_state()
+    version, words, gauss = random.getstate()
+    state = {"loss_sum": loss_sum, "seen": seen, "python": [version, list(words), gauss],
+             "numpy": [np_state[0], _b64(np_state[1].astype(np.uint32).tobytes()), int(np_state[2]),
+                       int(np_state[3]), float(np_state[4])],
+             "torch": _b64(torch.get_rng_state().numpy().tobytes())}
+    if device.type == "cuda":
+        state["cuda"] = _b64(torch.cuda.get_rng_state(device).numpy().tobytes())
+    return state
+
+
+def restore_rank_state(state: dict, device: torch.device) -> tuple[float, int]:
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, words_b64, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.frombuffer(base64.b64decode(words_b64), dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8),
+                                 device)
+    return state["loss_sum"], state["seen"]
+
+
+def gather_rank_states(dist, local: dict) -> list:
+    """Every rank's state on every rank (a collective: every rank must call it)."""
+    if dist.world == 1:
+        return [local]
+    states = [None] * dist.world
+    tdist.all_gather_object(states, local)
+    return states
+
+
+def extra(pos: Position, mid_epoch: bool) -> dict:
+    """The position as checkpoint metadata; `epoch` there is the last finished epoch at an epoch's end."""
+    out = {"seconds": pos.seconds, "num_updates": pos.num_updates, "flops_per_step": pos.flops_per_step,
+           "nonfinite": pos.nonfinite}
+    if mid_epoch:
+        out.update(step=pos.step, ranks=pos.ranks)
+    return out
+
+
+def position(meta: dict, world: int, path: Path) -> Position:
+    common = dict(seconds=meta["seconds"], num_updates=meta["num_updates"],
+                  flops_per_step=meta["flops_per_step"], nonfinite=meta.get("nonfinite", 0))
+    if meta.get("step") is None:
+        return Position(epoch=meta["epoch"] + 1, **common)
+    if len(meta["ranks"]) != world:
+        raise UserError(f"{path} was saved inside epoch {meta['epoch'] + 1} by {len(meta['ranks'])} processes; "
+                        f"resume it with {len(meta['ranks'])} processes (its data order is split between them), "
+                        f"or move it away to restart this stage")
+    return Position(epoch=meta["epoch"], step=meta["step"], ranks=meta["ranks"], **common)
+
+
+def _choose(ckpt: Path, label: str) -> tuple | None:
+    """Rank 0: the newest readable checkpoint, moving a damaged one aside; None: start from scratch."""
+    prev = previous_checkpoint(ckpt)
+    damaged = None
+    for path in (ckpt, prev):
+        if not path.exists():
+            continue
+        try:
+            loaded = load_training_state(path)
+        except UserError as e:
+            if damaged is None:
+                damaged = (path, str(e))
+            continue
+        if damaged is not None:
+            print(f"[{label}] warning: {damaged[1]}; it is kept as {_set_aside(damaged[0])} and this stage "
+                  f"resumes from the previous checkpoint {path}", flush=True)
+        if path != ckpt:     # the one kept becomes the checkpoint again (the next save keeps it as previous)
+            os.replace(path, ckpt)
+        return loaded
+    if damaged is not None:
+        print(f"[{label}] warning: {damaged[1]}; it is kept as {_set_aside(damaged[0])} and no earlier checkpoint "
+              f"is readable: this stage restarts from scratch", flush=True)
+    return None
+
+
+def _set_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)     # kept, not deleted: it may still be worth a look
+    return aside
+
+
+def load(ckpt: Path, label: str, dist) -> tuple | None:
+    """(model_state, optimizer_state, meta) to resume from, the same on every rank, or None.
+
+    Rank 0 chooses (and repairs the folder) before the others read, so every rank loads one file.
+    """
+    loaded = _choose(ckpt, label) if dist.main else None
+    if dist.world > 1:
+        tdist.barrier()
+        if not dist.main:
+            loaded = load_training_state(ckpt) if ckpt.exists() else None
+    return loaded
+
+
+def trim_metrics(path: Path, epochs_done: int) -> None:
+    """After a resume, drop metric lines of epochs the checkpoint does not cover."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epochs_done:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+class SaveClock:
+    """When a mid-epoch checkpoint is due: every N updates, or M minutes after the last save."""
+
+    def __init__(self, cfg, main: bool):
+        self.every, self.minutes, self.main = cfg.checkpoint_every, cfg.checkpoint_minutes, main
+        self.last = time.monotonic()
+
+    def due(self, updates_after_step: int) -> bool:
+        if self.every and updates_after_step % self.every == 0:
+            return True
+        # rank 0's clock alone decides (agree() hands its wish to every rank): ranks' clocks differ
+        return bool(self.minutes and self.main and time.monotonic() - self.last >= 60 * self.minutes)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+def save(ckpt: Path, trained, optimizer, scheduler, scaler, dist, pos, epoch: int,
+          mid_epoch: bool, loss_sum: float = 0.0, seen: int = 0, first=None) -> None:
+    """Every rank calls this (a mid-epoch checkpoint gathers every rank's RNG); rank 0 runs
+    `first` (the epoch's metrics line) and writes. `epoch` is the epoch saved inside (mid_epoch) or
+    the one just finished."""
+    if mid_epoch:
+        pos.ranks = gather_rank_states(dist, rank_state(loss_sum, seen, dist.device))
+    error = None
+    if dist.main:
+        try:
+            if first is not None:
+                first()
+            save_training_state(ckpt, dict(trained.state_dict()), optimizer, scheduler, scaler, epoch,
+                                extra(pos, mid_epoch))
+        except Exception as e:      # noqa: BLE001 -- the other ranks must not wait for rank 0 forever
+            error = e
+    stop_if_any_failed(dist, error, where="while saving a checkpoint")
+
+
+def restore(ckpt: Path, trained, optimizer, scheduler, scaler, dist, cfg, label: str,
+             metrics_path: Path, micro_steps: int):
+    """The Position to start from: the newest readable checkpoint's, or the start of the stage."""
+    loaded = load(ckpt, label, dist)
+    if loaded is None:
+        if dist.main:
+            metrics_path.write_text("")
+        return Position()
+    model_state, opt_state, meta = loaded
+    trained.load_state_dict(model_state, strict=True)
+    optimizer.load_state_dict(opt_state)
+    if meta.get("scheduler"):
+        scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    pos = position(meta, dist.world, ckpt)
+    if dist.main:
+        trim_metrics(metrics_path, pos.epoch)
+        where = (f"in epoch {pos.epoch + 1}/{cfg.epochs} after step {pos.step}/{micro_steps}" if pos.step
+                 else f"after epoch {pos.epoch}/{cfg.epochs}")
+        print(f"[{label}] resuming {where} from {ckpt}", flush=True)
+    return pos

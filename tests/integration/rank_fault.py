@@ -1,0 +1,49 @@
+"""A torchrun-style worker that meets one fault on rank 1 only, then runs the CLI as usual.
+
+    python -m tests.integration.rank_fault nan|raise|none|slow-restart STAMP incubate-args...
+
+nan: rank 1's loss becomes NaN from its 2nd training step on; raise: rank 1's 2nd step raises a
+RuntimeError; none: no patch (the test brings the fault, e.g. a corrupt image in rank 1's shard).
+The moment rank 1 meets the fault is written to STAMP (time.time()), so the test can measure how
+long every rank takes to stop after it.
+"""
+import os
+import sys
+import time
+
+import timm.loss
+
+
+def _patch(fault: str, stamp: str) -> None:
+    if fault == "slow-restart":
+        # rank 1 of a restarted group comes up late (as on a loaded machine): rank 0 must not meet
+        # the address the previous group's rank 1 left in torchrun's store
+        if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            time.sleep(4)
+        return
+    if fault == "none" or os.environ.get("RANK") != "1":
+        return
+    calls = []
+
+    class Faulty(timm.loss.LabelSmoothingCrossEntropy):
+        def forward(self, x, target):
+            loss = super().forward(x, target)
+            calls.append(1)
+            if len(calls) < 3:      # the 1st call measures FLOPs, the 2nd is training step 1
+                return loss
+            with open(stamp, "w") as f:
+                f.write(repr(time.time()))
+            if fault == "raise":
+                raise RuntimeError("injected fault on rank 1")
+            return loss * float("nan")
+
+    timm.loss.LabelSmoothingCrossEntropy = Faulty
+
+
+if __name__ == "__main__":
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1)     # a hung test can ask each rank where it is
+    _patch(sys.argv[1], sys.argv[2])
+    from incubate.cli import main
+    sys.exit(main(sys.argv[3:]))

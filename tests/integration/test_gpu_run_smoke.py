@@ -1,0 +1,158 @@
+"""benchmarks/gpu_run.sh --smoke: the GPU run's script end to end on the CPU, every file and its content.
+
+The smoke run executes every part's code (the CUDA tests on the CPU, step cost in bf16 eager and
+compiled, the accuracy study with every variant) at tiny sizes, so the first GPU run cannot die of a
+typo, a missing file or a code path never executed. Cheaper tests of the driver's own logic follow.
+"""
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from benchmarks import gpu_accuracy, gpu_run
+from incubate.families import FAMILIES
+
+from ..conftest import ROOT
+
+
+def fake_fashion_mnist(root, n_train=320, n_test=100):
+    """Fashion-MNIST's four IDX files (28x28, 10 classes), random pixels: the reader's real path."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", n, 28, 28) + images.tobytes())
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", n) + labels.tobytes())
+    return root
+
+
+def test_smoke_run_writes_every_file_with_its_content(tmp_path):
+    data, out = fake_fashion_mnist(tmp_path / "fmnist"), tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_run.sh"), "--smoke", str(out), "--work",
+                           str(tmp_path / "work"), "--data", str(data)], env=env, capture_output=True, text=True,
+                          timeout=480)
+    assert proc.returncode == 0, (proc.stdout[-6000:], proc.stderr[-3000:])
+    assert sorted(p.name for p in out.iterdir()) == sorted(gpu_run.FILES)      # nothing else: 8 files at most
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["env"]["packages"]["torch"] and run["env"]["packages"]["timm"] and run["env"]["smoke"]
+    assert [p["status"] for p in run["parts"]] == ["ok", "ok", "ok"]
+    assert "| 3 accuracy vs cost | ok |" in (out / "run.md").read_text()
+
+    tests = json.loads((out / "1_tests.json").read_text())["tests"]
+    names = {t["test"].rsplit("::", 1)[1]: t["outcome"] for t in tests}
+    assert names == {"test_bf16_autocast_trains_a_hybrid_on_the_device": "passed",
+                     "test_compiled_hybrid_trains_like_eager_on_the_device": "passed",
+                     "test_quickstart_pipeline_on_the_device": "passed",
+                     "test_kill_and_resume_on_the_device": "passed"}
+
+    runs = json.loads((out / "2_step_cost.json").read_text())["runs"]
+    assert [(r["preset"], r["mode"]) for r in runs] == [("smoke", "eager"), ("smoke", "compile")]
+    eager, compiled = ({r["job"]: r for r in run_["rows"]} for run_ in runs)
+    assert set(eager) == {"e2e", "meta"} | {f"{j}{i}" for j in ("hybrid", "official") for i in range(4)}
+    assert all(r["flops"] > 0 and 0 < r["peak_fraction"] for r in eager.values())
+    assert "sum hybrid / sum official" in runs[0]["bars"] and runs[0]["amp"] == "bf16"
+    for job in ("e2e", "meta", "hybrid0", "hybrid3"):
+        assert compiled[f"{job}+compile"]["compile_s"] > 0 and compiled[f"{job}+compile"]["speedup_vs_base"]
+    md = (out / "2_step_cost.md").read_text()
+    assert "MFU" in md and "| smoke | compile | 4 | e2e+compile |" in md and "sum of hybrid steps" in md
+
+    acc = json.loads((out / "3_accuracy.json").read_text())
+    assert not acc["errors"] and acc["running"] is None and acc["run"]["rc"] == 0
+    points = {(r["method"], r["budget"], r["variant"] if r["method"] == "ours" else "") for r in acc["rows"]}
+    assert points == {("e2e", "1", ""), ("e2e", "2", ""), ("meta", "2", ""), ("ours", "1/1+1", "metainit-ftlr3e-4"),
+                      ("ours", "1/1+1", "paper"), ("ours", "1/1+1", "stack-ftlr3e-4")}
+    assert all(0 <= r["top1"] <= 100 and r["flops"] > 0 and r["family"] == "vit" for r in acc["rows"])
+    unregistered = {e.family for e in gpu_accuracy.PART3 if e.family not in FAMILIES}
+    assert {s["family"] for s in acc["skipped"] if "not registered" in s["why"]} == unregistered
+    md = (out / "3_accuracy.md").read_text()
+    assert md.count("| vit |") == 6 and all(f"Skipped {f}: family" in md for f in unregistered)
+
+
+def test_plan_runs_the_cheapest_whole_comparison_first():
+    entry = gpu_accuracy.PART3[0]
+    order = [(m, b, v) for m, _, _, b, _, v in gpu_accuracy.plan(entry)]
+    level0 = [("e2e", 10, "paper"), ("meta", 40, "paper"), ("ours", (40, 2, 2), "metainit-ftlr3e-4"),
+              ("ours", (40, 2, 2), "paper"), ("ours", (40, 2, 2), "stack-ftlr3e-4")]
+    assert order[:5] == level0 and order[5:7] == [("e2e", 20, "paper"), ("meta", 80, "paper")]
+    assert gpu_accuracy.variant_sets("stack-ftlr3e-4") == ["incubate.module_init=stack", "finetune.lr=3e-4"]
+    assert [p[2] for p in order[7:10]] == [v for _, _, v in level0[2:]] and order[10:] == [
+        ("e2e", 40, "paper"), ("meta", 160, "paper")]
+    # equal FLOPs: the meta model alone at 80 epochs costs what E2E does at 10 (depth 32, K = 4)
+    assert gpu_accuracy.block_passes("meta", 80, 32, 4, False) == gpu_accuracy.block_passes("e2e", 10, 32, 4, False)
+    ours = gpu_accuracy.block_passes("ours", (40, 2, 2), 32, 4, False)
+    assert ours == 3 * 4 * 40 + 2 * (4 * 24 + 18) + 2 * 96
+    assert gpu_accuracy.block_passes("ours", (40, 2, 2), 32, 4, True) == ours - 3 * 4 * 40
+    # unmeasured methods are priced at 1.5x the slowest measured pass; nothing measured: unpriced
+    assert gpu_accuracy.pass_seconds({}, "meta") == 0
+    assert gpu_accuracy.pass_seconds({"e2e": 2.0, "ours": 1.0}, "meta") == 3.0
+    assert gpu_accuracy.pass_seconds({"e2e": 2.0, "meta": 4.0}, "meta") == 4.0
+
+
+def test_a_failed_part_writes_its_error_and_the_next_parts_run(tmp_path, monkeypatch):
+    limits = {}
+
+    def broken(args, out, work, limit):
+        raise RuntimeError("simulated failure")
+
+    def step_cost(args, out, work, deadline, env):
+        limits["step_cost"] = deadline - time.time()
+        return {"status": "ok", "note": ""}
+
+    def accuracy(args, out, work, limit):
+        limits["accuracy"] = limit
+        return {"status": "ok", "note": ""}
+    monkeypatch.setattr(gpu_run, "part_tests", broken)
+    monkeypatch.setattr(gpu_run, "part_step_cost", step_cost)
+    monkeypatch.setattr(gpu_run, "part_accuracy", accuracy)
+    monkeypatch.setattr(gpu_run, "machine", lambda smoke: {
+        "python": "3", "packages": {}, "missing": ["x (y)"], "smoke": smoke, "cpu_count": 2, "time": "now",
+        "cuda": True, "gpu": "G", "gpu_memory_gib": 1, "capability": "9.0", "cuda_version": "13", "nvidia_smi": "-"})
+    rc = gpu_run.main([str(tmp_path / "out"), "--work", str(tmp_path / "w"), "--limit", "300"])
+    assert rc == 1
+    run = json.loads((tmp_path / "out/run.json").read_text())
+    assert [p["status"] for p in run["parts"]] == ["failed", "ok", "ok"]
+    assert "simulated failure" in json.loads((tmp_path / "out/1_tests.json").read_text())["error"]
+    assert "FAILED" in (tmp_path / "out/1_tests.md").read_text() and "Missing: x (y)" in (tmp_path / "out/run.md").read_text()
+    # part 2 gets its cap; what it leaves unused goes to part 3 (all that is left, less the reserve)
+    assert gpu_run.CAPS["step_cost"] - 5 < limits["step_cost"] <= gpu_run.CAPS["step_cost"]
+    assert 300 - gpu_run.RESERVE_S - 10 < limits["accuracy"] <= 300 - gpu_run.RESERVE_S
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_gpu_run_refuses_without_cuda(tmp_path):
+    rc = gpu_run.main([str(tmp_path / "out"), "--work", str(tmp_path / "w")])
+    run = json.loads((tmp_path / "out/run.json").read_text())
+    assert rc == 2 and run["parts"][0]["status"] == "not run" and "--smoke" in run["parts"][0]["note"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json", "run.md"]
+
+
+def test_points_that_do_not_fit_in_the_time_left_are_skipped(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_point(root, study, method, depth, fraction, budget, seed, args):
+        time.sleep(0.4)
+        ran.append((method, budget, args.variant))
+        return {"method": method, "budget": str(budget), "variant": args.variant, "top1": 50.0, "flops": 1,
+                "seconds": 0.4}
+    monkeypatch.setattr(gpu_accuracy.acc, "train_point", fake_point)
+    monkeypatch.setattr(gpu_accuracy.acc, "ensure_data", lambda path: None)
+    report = {"rows": [], "skipped": [], "errors": [], "running": None, "extra_sets": []}
+    saved = []
+    gpu_accuracy.run_entry(gpu_accuracy.PART3[0], tmp_path, time.time() + 0.6, report, saved.append)
+    # the first point runs unpriced; priced by it, none of the others fits in the 0.2 s left
+    assert ran == [("e2e", 10, "paper")] and report["running"] is None and saved
+    assert len(report["skipped"]) == len(gpu_accuracy.plan(gpu_accuracy.PART3[0])) - 1
+    assert all("needs ~" in s["why"] for s in report["skipped"])
+    md = gpu_accuracy.markdown(dict(report, command="c", mode="full", time="t"))
+    assert "| vit | e2e | - | 10 | 10.0 | 50.00 |" in md and "Skipped vit meta 40: needs ~" in md

@@ -1,0 +1,96 @@
+"""Training checkpoints: a damaged one is detected, the previous one is kept and used, Ctrl-C rules."""
+import os
+import signal
+
+import pytest
+import torch
+
+from incubate import resume
+from incubate.checkpoint import (load_training_state, previous_checkpoint, save_training_state, uninterrupted)
+from incubate.engine import Dist
+from incubate.errors import UserError
+
+
+def _save(path, epoch, value):
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(value)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    save_training_state(path, model.state_dict(), opt, None, None, epoch,
+                        {"seconds": 1.0, "num_updates": epoch + 1, "flops_per_step": 10})
+
+
+def test_cut_short_or_changed_bytes_are_unreadable(tmp_path):
+    ckpt = tmp_path / "checkpoint.safetensors"
+    _save(ckpt, 0, 1.0)
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[:-7])                       # cut short by a storage crash
+    with pytest.raises(UserError, match="is unreadable"):
+        load_training_state(ckpt)
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x40                                # one bit of a tensor changed: the header still parses
+    ckpt.write_bytes(bytes(flipped))
+    with pytest.raises(UserError, match="do not match the digest"):
+        load_training_state(ckpt)
+
+
+def test_each_save_keeps_the_previous_checkpoint(tmp_path):
+    ckpt = tmp_path / "checkpoint.safetensors"
+    _save(ckpt, 0, 1.0)
+    _save(ckpt, 1, 2.0)
+    assert load_training_state(ckpt)[2]["epoch"] == 1
+    assert load_training_state(previous_checkpoint(ckpt))[2]["epoch"] == 0
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    ckpt = tmp_path / "checkpoint.safetensors"
+    _save(ckpt, 0, 1.0)
+    _save(ckpt, 1, 2.0)
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    model_state, _, meta = resume.load(ckpt, "meta", Dist())
+    assert meta["epoch"] == 0 and torch.all(model_state["weight"] != 2.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"[meta] warning: training checkpoint {ckpt} is unreadable (")
+    assert lines[0].endswith(f"and this stage resumes from the previous checkpoint {previous_checkpoint(ckpt)}")
+    aside = list(tmp_path.glob("checkpoint.safetensors.damaged-*"))
+    assert len(aside) == 1 and len(aside[0].read_bytes()) == 100          # kept for a look, not deleted
+    assert load_training_state(ckpt)[2]["epoch"] == 0 and not previous_checkpoint(ckpt).exists()
+
+
+def test_a_kill_between_the_two_renames_resumes_from_the_previous_one(tmp_path, capsys):
+    ckpt = tmp_path / "checkpoint.safetensors"
+    _save(ckpt, 0, 1.0)
+    os.replace(ckpt, previous_checkpoint(ckpt))      # the new file never got its name
+    assert resume.load(ckpt, "meta", Dist())[2]["epoch"] == 0
+    assert capsys.readouterr().out == "" and ckpt.exists()
+
+
+def test_no_readable_checkpoint_restarts_the_stage(tmp_path, capsys):
+    ckpt = tmp_path / "checkpoint.safetensors"
+    ckpt.write_bytes(b"garbage")
+    assert resume.load(ckpt, "meta", Dist()) is None
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"[meta] warning: training checkpoint {ckpt} is unreadable (")
+    assert line.endswith("and no earlier checkpoint is readable: this stage restarts from scratch")
+    assert not ckpt.exists() and len(list(tmp_path.glob("checkpoint.safetensors.damaged-*"))) == 1
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_a_write():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)     # as in a background job of a script
+    try:
+        with uninterrupted():
+            os.kill(os.getpid(), signal.SIGINT)
+        # no KeyboardInterrupt after the block: the process was told to ignore Ctrl-C
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_mid_epoch_checkpoint_needs_its_number_of_processes(tmp_path):
+    meta = {"epoch": 1, "step": 4, "ranks": [{}, {}], "seconds": 1.0, "num_updates": 6, "flops_per_step": 1}
+    assert resume.position(meta, 2, tmp_path / "c").step == 4
+    with pytest.raises(UserError) as e:
+        resume.position(meta, 1, tmp_path / "c")
+    assert str(e.value) == (f"{tmp_path}/c was saved inside epoch 2 by 2 processes; resume it with 2 processes (its "
+                            f"data order is split between them), or move it away to restart this stage")
