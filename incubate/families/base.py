@@ -81,6 +81,24 @@ class Family(Protocol):
         family's own library rebuilds the model from it (spec: the manifest's {"name", "kwargs"})."""
 
 
+def module_of(key: str, block: int | None, division: list[int], stem: tuple, head: tuple, family: str) -> int:
+    """The module that owns state-dict key `key`, for `owner`: flat block `block` (None when the key
+    is no block's) by the division; stem keys module 0, head keys module K-1."""
+    from ..errors import UserError
+    if block is not None:
+        end = 0
+        for i, d in enumerate(division):
+            end += d
+            if block < end:
+                return i
+        raise UserError(f"weight '{key}' lies beyond the division {division}")
+    if key.startswith(stem):
+        return 0
+    if key.startswith(head):
+        return len(division) - 1
+    raise UserError(f"weight '{key}' belongs to no module of the {family} adapter")
+
+
 def timm_export_config(model: nn.Module, model_args: dict, data_config: dict, label_names: list) -> dict:
     """config.json in the layout timm's save_for_hf/push_to_hub writes (timm families), so that
     `timm.create_model('local-dir:DIR', pretrained=True)` rebuilds `model` from `model_args`."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .base import module_of
 
 STEM = ("model.embed_tokens.",)
 HEAD = ("model.norm.", "lm_head.")
@@ -75,19 +76,8 @@ class CausalLMFamily:
 
     def owner(self, key: str, division: list[int], model: nn.Module = None) -> int:
         """Index of the module that owns a state-dict key (the layout is fixed: `model` is not needed)."""
-        if key.startswith(LAYERS):
-            layer = int(key.split(".")[2])
-            end = 0
-            for i, d in enumerate(division):
-                end += d
-                if layer < end:
-                    return i
-            raise UserError(f"weight '{key}' lies beyond the division {division}")
-        if key.startswith(STEM):
-            return 0
-        if key.startswith(HEAD):
-            return len(division) - 1
-        raise UserError(f"weight '{key}' belongs to no module of the causal_lm adapter")
+        block = int(key.split(".")[2]) if key.startswith(LAYERS) else None
+        return module_of(key, block, division, STEM, HEAD, "causal_lm")
 
     def stem(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.model.embed_tokens(x)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import timm_export_config
+from .base import module_of, timm_export_config
 
 CIFAR = re.compile(r"cifar_resnet(\d+)$")
 STEM = ("conv1.", "bn1.", "maxpool.")
@@ -149,20 +149,11 @@ class ResNetFamily:
 
     def owner(self, key: str, division: list[int], model: nn.Module) -> int:
         found = BLOCK.match(key)
+        block = None
         if found:
-            layers = layout(model)
             stage, j = int(found.group(1)) - 1, int(found.group(2))
-            block, end = sum(layers[:stage]) + j, 0
-            for i, d in enumerate(division):
-                end += d
-                if block < end:
-                    return i
-            raise UserError(f"weight '{key}' lies beyond the division {division}")
-        if key.startswith(STEM):
-            return 0
-        if key.startswith(HEAD):
-            return len(division) - 1
-        raise UserError(f"weight '{key}' belongs to no module of the ResNet adapter")
+            block = sum(layout(model)[:stage]) + j
+        return module_of(key, block, division, STEM, HEAD, "ResNet")
 
     def stem(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.maxpool(model.act1(model.bn1(model.conv1(x))))

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .base import timm_export_config
+from .base import module_of, timm_export_config
 
 STEM = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")
 HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.")
@@ -62,19 +62,8 @@ class ViTFamily:
     def owner(self, key: str, division: list[int], model: nn.Module | None = None) -> int:
         """Index of the module that owns a state-dict key (block keys number blocks globally, so
         the model is not needed)."""
-        if key.startswith("blocks."):
-            block = int(key.split(".")[1])
-            end = 0
-            for i, d in enumerate(division):
-                end += d
-                if block < end:
-                    return i
-            raise UserError(f"weight '{key}' lies beyond the division {division}")
-        if key.startswith(STEM):
-            return 0
-        if key.startswith(HEAD):
-            return len(division) - 1
-        raise UserError(f"weight '{key}' belongs to no module of the ViT adapter")
+        block = int(key.split(".")[1]) if key.startswith("blocks.") else None
+        return module_of(key, block, division, STEM, HEAD, "ViT")
 
     def stem(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = model.patch_embed(x)
