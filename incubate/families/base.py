@@ -99,6 +99,41 @@ def module_of(key: str, block: int | None, division: list[int], stem: tuple, hea
     raise UserError(f"weight '{key}' belongs to no module of the {family} adapter")
 
 
+def copy_stem_and_head(target: nn.Module, meta: nn.Module, index: int, k: int, stem: tuple, head: tuple) -> None:
+    """For init_from_meta: module 0 takes the meta model's stem, module K-1 its head (same key names)."""
+    owned = (stem if index == 0 else ()) + (head if index == k - 1 else ())
+    target_state = target.state_dict()
+    with torch.no_grad():
+        for key, value in meta.state_dict().items():
+            if key.startswith(owned) and key in target_state:
+                target_state[key].copy_(value)
+
+
+def init_blocks_from_meta(blocks, meta_blocks, division: list[int], meta_division: list[int], index: int,
+                          mode: str, residual_outputs, family: str) -> None:
+    """For init_from_meta of a residual stack (ViT blocks, decoder layers). mode "meta": the module's
+    first blocks copy the meta module's, the others start as the identity (`residual_outputs(block)`,
+    the projections that end each residual branch, are zeroed); mode "stack": every block copies a
+    meta block, cycling through the meta module's."""
+    from ..errors import UserError
+    start, m_start, n_meta = sum(division[:index]), sum(meta_division[:index]), meta_division[index]
+    if mode not in ("meta", "stack"):
+        raise UserError(f"module_init '{mode}' is not one the {family} adapter knows; use random, meta or stack")
+    if n_meta > division[index]:
+        raise UserError(f"module {index} has {division[index]} blocks, fewer than the meta module's "
+                        f"{n_meta}; module_init: {mode} needs division >= meta_division")
+    with torch.no_grad():
+        for j in range(division[index]):
+            blk = blocks[start + j]
+            if mode == "stack" or j < n_meta:
+                blk.load_state_dict(meta_blocks[m_start + j % n_meta].state_dict())
+                continue
+            for proj in residual_outputs(blk):
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
+
+
 def timm_export_config(model: nn.Module, model_args: dict, data_config: dict, label_names: list) -> dict:
     """config.json in the layout timm's save_for_hf/push_to_hub writes (timm families), so that
     `timm.create_model('local-dir:DIR', pretrained=True)` rebuilds `model` from `model_args`."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import module_of
+from .base import copy_stem_and_head, init_blocks_from_meta, module_of
 
 STEM = ("model.embed_tokens.",)
 HEAD = ("model.norm.", "lm_head.")
@@ -126,29 +126,9 @@ class CausalLMFamily:
         layer a copy of a meta layer, cycling through the meta module's layers.
         Module 0 copies the embedding and module K-1 the final norm and lm_head in both modes.
         """
-        start, m_start = sum(division[:index]), sum(meta_division[:index])
-        n_meta = meta_division[index]
-        if mode not in ("meta", "stack"):
-            raise UserError(f"module_init '{mode}' is not one the causal_lm adapter knows; use random, meta or stack")
-        if n_meta > division[index]:
-            raise UserError(f"module {index} has {division[index]} layers, fewer than the meta module's "
-                            f"{n_meta}; module_init: {mode} needs division >= meta_division")
-        with torch.no_grad():
-            for j in range(division[index]):
-                layer = target.model.layers[start + j]
-                if mode == "stack" or j < n_meta:
-                    layer.load_state_dict(meta.model.layers[m_start + j % n_meta].state_dict())
-                else:
-                    for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                        proj.weight.zero_()
-                        if proj.bias is not None:
-                            proj.bias.zero_()
-            owned = STEM if index == 0 else ()
-            owned += HEAD if index == len(division) - 1 else ()
-            target_state = target.state_dict()
-            for key, value in meta.state_dict().items():
-                if key.startswith(owned) and key in target_state:
-                    target_state[key].copy_(value)
+        init_blocks_from_meta(target.model.layers, meta.model.layers, division, meta_division, index, mode,
+                              lambda layer: (layer.self_attn.o_proj, layer.mlp.down_proj), "causal_lm")
+        copy_stem_and_head(target, meta, index, len(division), STEM, HEAD)
 
     def keep_only(self, model: nn.Module, division: list[int], index: int) -> nn.Module:
         """Drop every part of `model` that module `index` does not own, keeping key names."""

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import module_of, timm_export_config
+from .base import copy_stem_and_head, module_of, timm_export_config
 
 CIFAR = re.compile(r"cifar_resnet(\d+)$")
 STEM = ("conv1.", "bn1.", "maxpool.")
@@ -197,12 +197,7 @@ class ResNetFamily:
                 self._init_meta(blocks, metas, index)
             else:
                 self._init_stack(blocks, metas, index)
-            owned = STEM if index == 0 else ()
-            owned += HEAD if index == len(division) - 1 else ()
-            target_state = target.state_dict()
-            for key, value in meta.state_dict().items():
-                if key.startswith(owned) and key in target_state:
-                    target_state[key].copy_(value)
+        copy_stem_and_head(target, meta, index, len(division), STEM, HEAD)
 
     @staticmethod
     def _init_meta(blocks, metas, index: int) -> None:

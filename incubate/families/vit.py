@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .base import module_of, timm_export_config
+from .base import copy_stem_and_head, init_blocks_from_meta, module_of, timm_export_config
 
 STEM = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")
 HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.")
@@ -99,30 +99,9 @@ class ViTFamily:
         assembly does not start as the meta model.
         Module 0 copies the stem and module K-1 the head in both modes.
         """
-        start, m_start = sum(division[:index]), sum(meta_division[:index])
-        n_meta = meta_division[index]
-        if mode not in ("meta", "stack"):
-            raise UserError(f"module_init '{mode}' is not one the ViT adapter knows; use random, meta or stack")
-        if n_meta > division[index]:
-            raise UserError(f"module {index} has {division[index]} blocks, fewer than the meta module's "
-                            f"{n_meta}; module_init: {mode} needs division >= meta_division")
-        with torch.no_grad():
-            for j in range(division[index]):
-                blk = target.blocks[start + j]
-                if mode == "stack" or j < n_meta:
-                    blk.load_state_dict(meta.blocks[m_start + j % n_meta].state_dict())
-                else:
-                    for proj in (blk.attn.proj, blk.mlp.fc2):
-                        proj.weight.zero_()
-                        if proj.bias is not None:
-                            proj.bias.zero_()
-            owned = STEM if index == 0 else ()
-            owned += HEAD if index == len(division) - 1 else ()
-            meta_state = meta.state_dict()
-            target_state = target.state_dict()
-            for key, value in meta_state.items():
-                if key.startswith(owned) and key in target_state:
-                    target_state[key].copy_(value)
+        init_blocks_from_meta(target.blocks, meta.blocks, division, meta_division, index, mode,
+                              lambda blk: (blk.attn.proj, blk.mlp.fc2), "ViT")
+        copy_stem_and_head(target, meta, index, len(division), STEM, HEAD)
 
     def keep_only(self, model: nn.Module, division: list[int], index: int) -> nn.Module:
         """Drop every part of `model` that module `index` does not own, keeping key names."""
