@@ -66,3 +66,13 @@ def test_cuda_memory_accounting_feeds_the_bars_and_tables():
     assert all(f"hybrid{i} model state / (E2E/K + meta params)" in res["bars"] for i in range(4))
     res["mode"] = "eager"
     assert "| hybrid3 |" in markdown(res) and "| smoke | eager | 4 | hybrid3 |" in summary([res])
+
+
+def test_data_wait_measures_every_loader_setting(tmp_path):
+    """benchmarks/data_wait.py (the data-wait part) runs from step_cost's --data-only on the real Loader."""
+    res = step_cost.main(["--preset", "smoke", "--data-only", "--data-steps", "2", "--warmup", "1", "--threads", "1",
+                          "--out", str(tmp_path / "dw")])
+    loaders = [r["loader"] for r in res["data_wait"]]
+    assert loaders[0].startswith("batched") and any(lo.startswith("per-image") for lo in loaders)
+    assert all(r["steps"] == 2 and 0 <= r["wait_share"] <= 1 for r in res["data_wait"])
+    assert "data-wait share (in-memory, batched)" in res["bars"]
