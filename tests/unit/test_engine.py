@@ -127,3 +127,38 @@ def test_multistep_schedule_divides_the_lr_by_10_at_each_milestone(tmp_path):
         label="test")
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.1, 0.01, 0.001, 0.001])
+
+
+def _lm(attn_implementation):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
+                         num_hidden_layers=2, vocab_size=64, max_position_embeddings=16, use_cache=False)
+    config._attn_implementation = attn_implementation
+    return LlamaForCausalLM(config)
+
+
+def test_step_flops_count_the_attention_matmuls_of_fused_cpu_attention():
+    """FlopCounterMode has no formula for the CPU's fused attention kernel; the count must still
+    include QK^T and AV: it equals the count of the same model with attention as explicit matmuls,
+    and exceeds a bare FlopCounterMode count by exactly the attention's matmul FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from incubate.engine import count_step_flops
+    from incubate.tasks import get_task
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    fused, explicit = vit(2), vit(2)
+    for block in explicit.blocks:
+        block.attn.fused_attn = False
+    ce = torch.nn.CrossEntropyLoss()
+    counted = count_step_flops(fused, fused, ce, x, y)
+    assert counted == count_step_flops(explicit, explicit, ce, x, y)
+    with FlopCounterMode(display=False) as bare:
+        ce(fused(x), y).backward()
+    tokens, dim = (8 // 4) ** 2 + 1, 16
+    # QK^T and AV (2 x tokens^2 x dim each), 2 blocks, batch 4, forward + backward (2x forward)
+    assert counted - bare.get_total_flops() == 2 * 2 * tokens ** 2 * dim * 2 * 4 * 3
+    _, loss, _ = get_task("causal_lm").criteria(TrainCfg(), None)
+    ids = torch.randint(0, 64, (2, 16))
+    sdpa, eager = _lm("sdpa"), _lm("eager")
+    assert count_step_flops(sdpa, sdpa, loss, ids, ids) == count_step_flops(eager, eager, loss, ids, ids)
