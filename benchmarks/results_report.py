@@ -16,12 +16,14 @@ VARIANTS = {"metainit": "--set incubate.module_init=meta",   # how each variant 
             # the regime studies: depthwise stacking, and the official code's one data order for every job
             "stack-ftlr3e-4": "--set incubate.module_init=stack --set finetune.lr=3e-4",
             "shared": "--set incubate.shared_data_order=true",
+            "stack": "--set incubate.module_init=stack",     # the LM study's depthwise stacking
             "stack-shared-ftlr3e-4": "--set incubate.module_init=stack --set incubate.shared_data_order=true "
                                      "--set finetune.lr=3e-4"}
 STUDY_TITLES = (("budget", "Budget curve"), ("depth", "Depth study"), ("data", "Data study"),
                 ("regime", "Regime study: ViT embed 192, the plain recipe"),
                 ("regime_reg", "Regime study: ViT embed 192, the paper's DeiT regularisation"),
-                ("resnet", "ResNet study: CIFAR-style ResNet, K=3"))
+                ("resnet", "ResNet study: CIFAR-style ResNet, K=3"),
+                ("lm", "Language-model study: a Llama-architecture LM on the Python tutorial, K=4"))
 
 
 def _groups(rows, study, key=None):
@@ -50,24 +52,35 @@ def _stat(vals):
     return m, (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+# The score each study reports: test top-1 (%) for images; validation bits per byte for text (the
+# LM study's rows carry `bpb`: lower is better).
+METRICS = {"top1": ("top-1 (%)", 2, 1), "bpb": ("val bits/byte", 4, 3)}
+
+
+def metric_of(rows, study) -> str:
+    return "bpb" if any("bpb" in r for r in rows if r["study"] == study) else "top1"
+
+
 def table(rows, study) -> str:
-    out = ["| depth | data | method | budget | seeds | top-1 (%) mean ± sd | train loss | assembled (%) | hybrids (%) | "
-           "meta (%) | TFLOPs | process s |", "|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    metric = metric_of(rows, study)
+    name, digits, sub = METRICS[metric]
+    out = [f"| depth | data | method | budget | seeds | {name} mean ± sd | train loss | assembled | hybrids | "
+           f"meta | TFLOPs | process s |", "|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     def order(kv):   # depth, data, method, then ours by meta budget, then cost
         (depth, frac, method, _), rs = kv
         return depth, frac, method, rs[0].get("meta_epochs", 0), rs[0]["flops"]
 
     for (depth, frac, method, budget), rs in sorted(_groups(rows, study).items(), key=order):
-        acc, sd = _stat([r["top1"] for r in rs])
+        acc, sd = _stat([r[metric] for r in rs])
         ours = method.startswith("ours")
-        asm = f"{_stat([r['assembled_top1'] for r in rs])[0]:.2f}" if ours else ""
-        hyb = "/".join(f"{statistics.mean(r['hybrid_top1'][i] for r in rs):.1f}"
-                       for i in range(len(rs[0]["hybrid_top1"]))) if ours else ""
-        meta = f"{_stat([r['meta_top1'] for r in rs])[0]:.2f}" if ours else ""
+        asm = f"{_stat([r[f'assembled_{metric}'] for r in rs])[0]:.{digits}f}" if ours else ""
+        hyb = "/".join(f"{statistics.mean(r[f'hybrid_{metric}'][i] for r in rs):.{sub}f}"
+                       for i in range(len(rs[0][f"hybrid_{metric}"]))) if ours else ""
+        meta = f"{_stat([r[f'meta_{metric}'] for r in rs])[0]:.{digits}f}" if ours else ""
         losses = [r["train_loss"] for r in rs if "train_loss" in r]
         loss = f"{statistics.mean(losses):.3f}" if len(losses) == len(rs) else ""
-        out.append(f"| {depth} | {frac:g} | {method} | {budget} | {len(rs)} | {acc:.2f} ± {sd:.2f} | {loss} | {asm} | {hyb} | "
-                   f"{meta} | {statistics.mean(r['flops'] for r in rs) / 1e12:.2f} | "
+        out.append(f"| {depth} | {frac:g} | {method} | {budget} | {len(rs)} | {acc:.{digits}f} ± {sd:.{digits}f} | "
+                   f"{loss} | {asm} | {hyb} | {meta} | {statistics.mean(r['flops'] for r in rs) / 1e12:.2f} | "
                    f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
     return "\n".join(out)
 
@@ -135,16 +148,17 @@ REGIME_PLOTTED = {"e2e": ("E2E", "black"), "meta-alone": ("meta model alone (K b
                   "ours-metainit-ftlr3e-4": ("ours, meta init", "tab:blue"),
                   "ours-metainit": ("ours, meta init", "tab:blue"),
                   "ours-stack-ftlr3e-4": ("ours, stack init", "tab:green"),
+                  "ours-stack": ("ours, stack init", "tab:green"),
                   "ours-shared": ("ours, random init, one data order", "tab:pink"),
                   "ours-stack-shared-ftlr3e-4": ("ours, stack init, one data order", "tab:cyan")}
 
 
 def regime_points(rows, study: str, depth: int, fraction: float) -> dict:
     """{method: [(mean TFLOPs, mean top-1, sd, budget), ...] sorted by cost} for one regime cell."""
-    out = defaultdict(list)
+    out, metric = defaultdict(list), metric_of(rows, study)
     for (d, f, method, budget), rs in _groups(rows, study).items():
         if d == depth and f == fraction and method in REGIME_PLOTTED:
-            out[method].append((statistics.mean(r["flops"] for r in rs) / 1e12, *_stat([r["top1"] for r in rs]),
+            out[method].append((statistics.mean(r["flops"] for r in rs) / 1e12, *_stat([r[metric] for r in rs]),
                                 budget))
     return {m: sorted(p) for m, p in out.items()}
 
@@ -169,12 +183,14 @@ def plot_regime(rows, path: Path, prefix: str = "regime", title: str = "Fashion-
             for p in pts:
                 ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, -10), fontsize=7, color=color)
         reg = {"regime_reg": ", DeiT regularisation", "regime": ", plain recipe"}.get(study, "")
-        ax.set_title(f"depth {depth}, {fraction:g} of the data{reg}", fontsize=9)
+        text = metric_of(rows, study) == "bpb"
+        ax.set_title(f"{depth} layers, all of the training text" if text else
+                     f"depth {depth}, {fraction:g} of the data{reg}", fontsize=9)
         ax.set_xlabel("training TFLOPs")
-        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylabel("validation bits per byte (lower is better)" if text else "test top-1 (%)")
         ax.grid(alpha=0.3)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(f"{title}: accuracy vs training FLOPs (mean ± sd over seeds); "
+    fig.suptitle(f"{title}: score vs training FLOPs (mean ± sd over seeds); "
                  "labels: epochs, or meta/modules+fine-tune epochs", fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
@@ -187,6 +203,7 @@ def write_report(rows, docs: Path) -> None:
     parts = []
     plot_regime(rows, docs / "regime.png")
     plot_regime(rows, docs / "resnet.png", "resnet", "Fashion-MNIST, CIFAR-style ResNet, K=3")
+    plot_regime(rows, docs / "lm.png", "lm", "Python tutorial (python3.11-doc), Llama-architecture LM, K=4")
     for study, title in STUDY_TITLES:
         if any(r["study"] == study for r in rows):
             cmds = [f"`python benchmarks/accuracy_vs_cost.py --study {study}`"]

@@ -131,3 +131,37 @@ def test_resnet_study_points_have_their_own_folders_recipe_and_three_modules(tmp
     rr.write_report(rows, tmp_path / "docs")
     assert (tmp_path / "docs/resnet.png").stat().st_size > 1000 and not (tmp_path / "docs/regime.png").exists()
     assert "### ResNet study" in (tmp_path / "docs/results.md").read_text()
+
+
+def _lm_stage(path: Path, bpb: float, flops: float) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.safetensors").write_bytes(b"")
+    (path / "manifest.json").write_text(json.dumps(
+        {"finished": True, "metrics": {"bpb": bpb, "loss": bpb * 0.69, "acc": 50.0}, "flops": flops,
+         "process_seconds": 1.0}))
+    path.joinpath("metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.5, "test_bpb": bpb}) + "\n")
+
+
+def test_lm_study_rows_tables_and_figure_are_in_bits_per_byte(tmp_path):
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        base = tmp_path / f"lm_d16_f1.0_s{seed}"
+        _lm_stage(base / "e2e_8" / "e2e", 2.10 + shift, 8e12)
+        run = base / "stack" / "ours_16_2+2"
+        _lm_stage(run / "meta", 2.3, 4e12)
+        for i in range(4):
+            _lm_stage(run / "modules" / str(i), 2.2 - i / 100, 1e12)
+        _lm_stage(run / "assembled", 2.25, 0)
+        _lm_stage(run / "finetune", 2.00 + shift, 2e12)
+    rows = [r for r in avc.collect(tmp_path) if r["study"] == "lm"]
+    assert {(rr.label(r), r["budget"]) for r in rows} == {("e2e", "8"), ("ours-stack", "16/2+2")}
+    table = rr.table(rows, "lm")
+    assert "val bits/byte mean ± sd" in table and "top-1" not in table
+    assert "| 16 | 1 | e2e | 8 | 2 | 2.1100 ± 0.0141 | 1.500 |" in table
+    assert "| 16 | 1 | ours-stack | 16/2+2 | 2 | 2.0100 ± 0.0141 | 1.500 | 2.2500 | 2.200/2.190/2.180/2.170 | 2.3000 |" \
+        in table
+    assert rr.regime_points(rows, "lm", 16, 1.0)["ours-stack"] == [(pytest.approx(10.0), 2.01, pytest.approx(0.0141, abs=1e-4),
+                                                                    "16/2+2")]
+    rr.write_report(rows, tmp_path / "docs")
+    assert (tmp_path / "docs/lm.png").stat().st_size > 1000
+    text = (tmp_path / "docs/results.md").read_text()
+    assert "### Language-model study" in text and "--variant stack --set incubate.module_init=stack" in text
