@@ -107,8 +107,10 @@ def dispatch(args) -> None:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    ok = False
     try:
         dispatch(args)
+        ok = True
     except UserError as e:
         if args.debug:
             raise getattr(e, "cause", None) or e     # the failing rank's own traceback
@@ -127,6 +129,10 @@ def main(argv=None) -> int:
         print("incubate: interrupted; the last complete checkpoint is kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:      # under torchrun: leave the process group before exiting
+            from .engine import close_dist
+            close_dist(ok)
     return 0
 
 

@@ -84,6 +84,28 @@ def _init_process_group(backend: str, rank: int, world: int) -> None:
         tdist.init_process_group(backend)
 
 
+def close_dist(ok: bool) -> None:
+    """Leave the process group before the interpreter exits (torch asks for destroy_process_group).
+
+    Left to interpreter teardown, a gloo group's worker threads can still hold tensors while Python
+    is being finalised, and the process dies of SIGABRT after its work is done: seen on rank 1 of an
+    LM run under torchrun, 1 run in about 10 (pytorch/pytorch#179291 describes the mechanism). After
+    success the ranks meet first, so that none leaves while another still talks; after a failure the
+    ranks have already agreed to stop (incubate/faults.py), and a gloo group is left locally. An NCCL
+    group is then left to torchrun: its destroy is collective and could wait on a rank that is gone.
+    """
+    if not tdist.is_available() or not tdist.is_initialized():
+        return
+    if ok:
+        try:
+            tdist.barrier()
+        except RuntimeError:        # a peer already gone: nothing left to wait for
+            pass
+    elif tdist.get_backend() != "gloo":
+        return
+    tdist.destroy_process_group()
+
+
 def barrier(dist: Dist) -> None:
     if dist.world > 1 and tdist.is_initialized():
         tdist.barrier()

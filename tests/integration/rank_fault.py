@@ -5,7 +5,8 @@
 nan: rank 1's loss becomes NaN from its 2nd training step on; raise: rank 1's 2nd step raises a
 RuntimeError; none: no patch (the test brings the fault, e.g. a corrupt image in rank 1's shard).
 The moment rank 1 meets the fault is written to STAMP (time.time()), so the test can measure how
-long every rank takes to stop after it.
+long every rank takes to stop after it; whether each rank left the process group when the CLI
+returned is written to STAMP.group.RANK ("left" or "joined").
 """
 import os
 import sys
@@ -46,4 +47,8 @@ if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1)     # a hung test can ask each rank where it is
     _patch(sys.argv[1], sys.argv[2])
     from incubate.cli import main
-    sys.exit(main(sys.argv[3:]))
+    rc = main(sys.argv[3:])
+    import torch.distributed as tdist     # whether main left the process group before exiting (STAMP.group.RANK)
+    with open(f"{sys.argv[2]}.group.{os.environ.get('RANK', '0')}", "w") as f:
+        f.write("joined" if tdist.is_initialized() else "left")
+    sys.exit(rc)

@@ -103,3 +103,37 @@ def test_lm_kill_and_resume_equals_uninterrupted(tmp_path, capsys):
     assert rc == 0 and "resuming after epoch" in out
     a, b = load_file(tmp_path / "a/meta/model.safetensors"), load_file(run_b / "meta/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lm_local_launcher_with_four_jobs_gives_the_in_process_weights(lm_run, tmp_path):
+    """The four module jobs of an LM run at once as separate processes (`--launcher local --jobs 4`),
+    and every stage ends at the weights of the same recipe run stage after stage in one process."""
+    recipe, reference, _ = lm_run
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(run),
+                           "--no-e2e", "--launcher", "local", "--jobs", "4"],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "jobs: finished [module 0, module 1, module 2, module 3]  skipped []  failed []" in proc.stdout
+    assert proc.stdout.index("[module 3] started") < proc.stdout.index("[module 0] finished")   # at once
+    for stage in ("meta", "modules/0", "modules/3", "assembled", "finetune"):
+        a, b = load_file(reference / stage / "model.safetensors"), load_file(run / stage / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+def test_lm_torchrun_two_processes_runs_every_stage(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}", train__batch_size=8)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(tmp_path / "run")],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("meta", "modules/0", "modules/3", "assembled", "finetune", "e2e"):
+        m = json.loads((tmp_path / "run" / stage / "manifest.json").read_text())
+        assert m["finished"], stage
+        assert 0 < m["metrics"]["bpb"] < 8, stage       # bits per byte of a byte model: at most 8 untrained
+        if stage != "assembled":
+            assert m["world_size"] == 2, stage
+    assert proc.stdout.count("| **e2e** |") == 1      # only rank 0 reports

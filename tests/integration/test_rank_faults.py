@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 
 from incubate.launchers import free_port
@@ -72,6 +74,7 @@ def test_one_rank_nan_or_exception_stops_every_rank(tmp_path, fault, expected):
         assert outs[1][1].strip() == "", outs[1][1]
     else:
         _check(procs, ended, outs, expected)
+    assert [Path(f"{stamp}.group.{r}").read_text() for r in (0, 1)] == ["left", "left"]   # a gloo group: left
     seconds = max(ended.values()) - float(stamp.read_text())
     print(f"{fault}: every rank stopped {seconds:.2f}s after rank 1 met the fault")
     assert seconds < STOP_SECONDS
@@ -93,3 +96,13 @@ def test_one_rank_unreadable_image_stops_every_rank(tmp_path):
     spread = abs(ended[0] - ended[1])
     print(f"image: {line}; the ranks exited {spread:.2f}s apart")
     assert spread < STOP_SECONDS
+
+
+def test_ranks_leave_the_process_group_when_the_command_ends(tmp_path):
+    """Left to interpreter teardown, a gloo group can kill a finished rank with SIGABRT (it did, on
+    rank 1 of an LM run under torchrun): the CLI leaves the group itself once every rank is done."""
+    recipe = write_recipe(tmp_path / "r.yaml", train__batch_size=16, meta__epochs=1)
+    procs, stamp = _start(tmp_path, recipe, "none")
+    _, outs = _wait(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [Path(f"{stamp}.group.{r}").read_text() for r in (0, 1)] == ["left", "left"]
