@@ -112,6 +112,10 @@ def _atomic(path: Path, write, keep_previous: Path | None = None) -> None:
             raise
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     _atomic(path, lambda tmp: tmp.write_text(text))
 

@@ -52,6 +52,9 @@ class DataCfg:
     source: str = "digits"          # digits | idx:PATH | imagefolder:PATH | cifar10:PATH | cifar100:PATH | text:PATH
     img_size: int = 32
     context: int = 256              # text: tokens a window (the model's context)
+    tokenizer: str = "byte"         # text: byte (vocabulary 256, nothing to train) | bpe (byte-level BPE trained on
+                                    # the training split, saved once as RUN/tokenizer.json)
+    vocab_size: int = 1024          # text, tokenizer bpe: tokens in the vocabulary (the 256 bytes and the merges)
     val_fraction: float = 0.1       # text: share of the bytes held out (whole files of a folder, else a tail)
     train_fraction: float = 1.0     # class-balanced subset of the training split
     subset_seed: int = 0
@@ -340,6 +343,7 @@ def validate(recipe: Recipe) -> None:
                             f"{cfg.checkpoint_minutes}")
         if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.accum_steps < 1:
             raise UserError(f"{stage}: epochs >= 0, batch_size >= 1 and accum_steps >= 1 are required")
+    _validate_tokenizer(recipe.data, family, m.family)
     if recipe.data.on_bad_image not in ("stop", "skip"):
         raise UserError(f"data.on_bad_image must be stop or skip, got {recipe.data.on_bad_image!r}")
     _validate_augment(recipe.data)
@@ -348,6 +352,22 @@ def validate(recipe: Recipe) -> None:
         raise UserError("launch.devices_per_job, launch.cpus_per_job and launch.retries must be >= 0")
     if not 0 < recipe.data.train_fraction <= 1:
         raise UserError(f"data.train_fraction must be in (0, 1], got {recipe.data.train_fraction}")
+
+
+TOKENIZERS = ("byte", "bpe")
+
+
+def _validate_tokenizer(data: DataCfg, family, family_name: str) -> None:
+    if data.tokenizer not in TOKENIZERS:
+        raise UserError(f"data.tokenizer must be byte or bpe, got {data.tokenizer!r}")
+    if data.tokenizer == "byte":
+        return
+    if getattr(family, "task", "classification") != "causal_lm":
+        raise UserError(f"data.tokenizer: {data.tokenizer} tokenizes text for a language model, but model.family "
+                        f"'{family_name}' classifies images; remove data.tokenizer or use model.family causal_lm")
+    if data.vocab_size <= 256:
+        raise UserError(f"data.vocab_size must be more than 256 with data.tokenizer: bpe (the 256 byte tokens and "
+                        f"at least one merge), got {data.vocab_size}; or use data.tokenizer: byte")
 
 
 def _validate_augment(data: DataCfg) -> None:

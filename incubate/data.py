@@ -38,13 +38,15 @@ class DataBundle:
         return len(self.class_names)
 
 
-def load_data(cfg):
+def load_data(cfg, run=None, train_tokenizer: bool = True):
     """Read the recipe's data source; in-memory images are resized to `img_size` and normalised.
-    `text:PATH` gives a text_data.TextBundle (token windows for a language model)."""
+    `text:PATH` gives a text_data.TextBundle (token windows for a language model); with
+    data.tokenizer: bpe its tokenizer is RUN/tokenizer.json (`run`), trained there first if missing
+    and `train_tokenizer`."""
     kind, _, arg = cfg.source.partition(":")
     if kind == "text":
         from .text_data import load_text
-        return load_text(cfg, arg)
+        return load_text(cfg, arg, run, train_tokenizer)
     readers = {"digits": lambda: _digits(), "idx": lambda: _idx(Path(arg)),
                "imagefolder": lambda: _imagefolder(Path(arg)),
                "cifar10": lambda: _cifar(Path(arg), "cifar10"), "cifar100": lambda: _cifar(Path(arg), "cifar100")}

@@ -13,6 +13,7 @@ import fcntl
 import os
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .checkpoint import read_only_message
@@ -78,3 +79,21 @@ def release_all() -> None:
     for fd in _held.values():
         os.close(fd)
     _held.clear()
+
+
+@contextmanager
+def waiting(path: Path):
+    """An exclusive flock on `path` (created if missing) for the `with` block, waiting for any other
+    holder: for a short write that every process may want to make once (RUN/tokenizer.json)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno == errno.EROFS:
+            raise UserError(read_only_message(path)) from None
+        raise UserError(f"cannot create the lock file {path}: {e.strerror}; choose a writable --out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

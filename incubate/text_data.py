@@ -1,24 +1,43 @@
 """Text for causal language models: `data.source: text:PATH` (a UTF-8 file or a folder of them).
 
-Tokens are bytes (vocabulary 256: nothing to download or train). The held-out split never
-overlaps the training text: a folder holds out whole files (a seeded choice, `data.subset_seed`,
-until `data.val_fraction` of the bytes is held out); a single file holds out its last
-`data.val_fraction` of bytes. Each split is cut into windows of `data.context` + 1 tokens that
-follow each other with a stride of `data.context`, so every token after the first is predicted
-exactly once in an epoch. A batch is (inputs, targets): the window without its last token and the
-window without its first. TextLoader keeps data.Loader's contract (len, epoch(e), take_skipped)
-and its orders: a function of (seed, epoch, rank), so a resumed run replays the same batches.
+Tokens are bytes by default (`data.tokenizer: byte`, vocabulary 256: nothing to download or train),
+or byte-level BPE (`data.tokenizer: bpe`, `data.vocab_size` tokens: the 256 bytes and the merges),
+trained with the `tokenizers` library on the training split only (never the held-out text),
+deterministically, and saved once as RUN/tokenizer.json: every later stage, module job, process and
+resume of the run loads that file instead of training again (the first process to need it trains it
+under a lock, RUN/.tokenizer.lock, and writes it atomically; the others wait and load it). Any UTF-8
+text encodes (every byte is a token), so there is no unknown token.
+
+The held-out split never overlaps the training text: a folder holds out whole files (a seeded
+choice, `data.subset_seed`, until `data.val_fraction` of the bytes is held out); a single file holds
+out its last `data.val_fraction` of bytes (with BPE the cut moves back to the start of a character).
+Each split is cut into windows of `data.context` + 1 tokens that follow each other with a stride of
+`data.context`, so every token after the first is predicted exactly once in an epoch. A batch is
+(inputs, targets): the window without its last token and the window without its first. TextLoader
+keeps data.Loader's contract (len, epoch(e), take_skipped) and its orders: a function of (seed,
+epoch, rank), so a resumed run replays the same batches.
+
+Bits per byte divide by the UTF-8 bytes of the held-out text that the predicted tokens stand for
+(`TextBundle.test_bytes`): the held-out text less its first token (nothing comes before it to
+predict it from) and less the tail after the last whole window (shorter than one window, never
+predicted). With bytes that is len(windows) * context; with BPE the byte lengths of those tokens.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 
 from .errors import UserError
 
 BYTE_VOCAB = 256
+TOKENIZER_FILE = "tokenizer.json"       # in the run directory, with data.tokenizer: bpe
+BPE_MIN_FREQUENCY = 2                   # a merge joins a pair seen at least twice in the training text
+PIECE_CHARS = 1 << 20                   # BPE sees a file in pieces of about this many characters
 
 
 @dataclass
@@ -45,6 +64,8 @@ class TextBundle:
     tokenizer: str = "byte"
     train_files: list = field(default_factory=list)
     test_files: list = field(default_factory=list)
+    tokenizer_sha256: str = ""                      # bpe: SHA-256 of RUN/tokenizer.json
+    token_bytes: Optional[torch.Tensor] = None      # bpe: UTF-8 bytes each token id stands for
 
     # What the family adapters read from a bundle (data.DataBundle's names): the vocabulary is the
     # number of classes a position predicts, the context the size of an input.
@@ -61,14 +82,22 @@ class TextBundle:
 
     @property
     def test_bytes(self) -> int:
-        """UTF-8 bytes of the held-out text whose tokens are predicted (bits per byte divide by it)."""
-        return len(self.test) * self.context     # byte tokens: one byte a token
+        """UTF-8 bytes of the held-out text whose tokens are predicted (bits per byte divide by it):
+        the targets of every window, tokens 1 .. len(test) * context of the held-out split."""
+        n = len(self.test) * self.context
+        if self.token_bytes is None:
+            return n                             # byte tokens: one byte a token
+        return int(self.token_bytes[self.test.tokens[1:1 + n]].sum())
 
     def describe(self) -> dict:
         """What a manifest records of the data (in place of an image pipeline)."""
-        return {"tokenizer": self.tokenizer, "vocab_size": self.vocab_size, "context": self.context,
-                "train_tokens": len(self.train.tokens), "test_tokens": len(self.test.tokens),
-                "test_files": [str(f) for f in self.test_files]}
+        d = {"tokenizer": self.tokenizer, "vocab_size": self.vocab_size, "context": self.context,
+             "train_tokens": len(self.train.tokens), "test_tokens": len(self.test.tokens),
+             "test_files": [str(f) for f in self.test_files]}
+        if self.tokenizer != "byte":
+            d.update(tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=self.tokenizer_sha256,
+                     test_bytes=self.test_bytes)
+        return d
 
 
 def _read_utf8(path: Path) -> bytes:
@@ -99,6 +128,14 @@ def _files(root: Path) -> list[Path]:
 
 def split_corpus(root: Path, val_fraction: float, seed: int) -> tuple[bytes, bytes, list, list]:
     """(training bytes, held-out bytes, training files, held-out files)."""
+    train, test, train_files, test_files = _split(root, val_fraction, seed)
+    return b"".join(train), b"".join(test), train_files, test_files
+
+
+def _split(root: Path, val_fraction: float, seed: int, char_boundary: bool = False):
+    """(training texts, held-out texts, training files, held-out files): a text a file, or the
+    two parts of a single file, whose cut moves back to the start of a UTF-8 character when
+    `char_boundary` (BPE reads characters; bytes keep their cut)."""
     files = _files(root)
     texts = {f: _read_utf8(f) for f in files}
     total = sum(len(t) for t in texts.values())
@@ -109,7 +146,9 @@ def split_corpus(root: Path, val_fraction: float, seed: int) -> tuple[bytes, byt
     if len(nonempty) == 1:      # one file: a fixed tail is held out
         raw = texts[nonempty[0]]
         cut = len(raw) - max(1, int(round(val_fraction * len(raw))))
-        return raw[:cut], raw[cut:], nonempty, nonempty
+        while char_boundary and 0 < cut and raw[cut] & 0xC0 == 0x80:     # a continuation byte
+            cut -= 1
+        return [raw[:cut]], [raw[cut:]], nonempty, nonempty
     g = torch.Generator().manual_seed(seed)
     order = [nonempty[i] for i in torch.randperm(len(nonempty), generator=g).tolist()]
     held, held_bytes = [], 0
@@ -118,10 +157,12 @@ def split_corpus(root: Path, val_fraction: float, seed: int) -> tuple[bytes, byt
         held_bytes += len(texts[held[-1]])
     train = sorted(set(nonempty) - set(held))
     held = sorted(held)
-    return b"".join(texts[f] for f in train), b"".join(texts[f] for f in held), train, held
+    return [texts[f] for f in train], [texts[f] for f in held], train, held
 
 
-def load_text(cfg, path: str) -> TextBundle:
+def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBundle:
+    """The corpus at `path` as token windows. With data.tokenizer: bpe, `run` is the run directory
+    whose tokenizer.json is loaded, or trained and saved there when missing and `train_tokenizer`."""
     root = Path(path)
     if not path:
         raise UserError(f"data.source '{cfg.source}' needs a path, e.g. text:/usr/share/common-licenses")
@@ -134,15 +175,153 @@ def load_text(cfg, path: str) -> TextBundle:
                         f"text has no classes: remove it (or give fewer files in text:PATH)")
     if cfg.context < 1:
         raise UserError(f"data.context must be >= 1 token, got {cfg.context}")
+    kind = getattr(cfg, "tokenizer", "byte")
+    if kind == "bpe":
+        return _bpe_bundle(cfg, root, run, train_tokenizer)
+    if kind != "byte":
+        raise UserError(f"data.tokenizer must be byte or bpe, got {kind!r}")
+    if run is not None and (Path(run) / TOKENIZER_FILE).exists():
+        raise UserError(f"{Path(run) / TOKENIZER_FILE} is the BPE tokenizer of a data.tokenizer: bpe run, but the "
+                        f"recipe says data.tokenizer: byte; use data.tokenizer: bpe as that run did, or a new --out")
     train, test, train_files, test_files = split_corpus(root, cfg.val_fraction, cfg.subset_seed)
     bundle = TextBundle(TextSplit(torch.frombuffer(bytearray(train), dtype=torch.uint8).long(), cfg.context),
                         TextSplit(torch.frombuffer(bytearray(test), dtype=torch.uint8).long(), cfg.context),
                         BYTE_VOCAB, cfg.context, cfg.source, "byte", train_files, test_files)
+    _check_windows(bundle, root, cfg.context)
+    return bundle
+
+
+def _check_windows(bundle: TextBundle, root: Path, context: int) -> None:
     for name, split in (("training", bundle.train), ("held-out", bundle.test)):
         if len(split) == 0:
             raise UserError(f"the {name} text of {root} has {len(split.tokens)} tokens, fewer than one window of "
-                            f"data.context + 1 = {cfg.context + 1}; use a smaller data.context or more text")
-    return bundle
+                            f"data.context + 1 = {context + 1}; use a smaller data.context or more text")
+
+
+# ---------------------------------------------------------------- byte-level BPE
+
+def pieces(texts: list[bytes]) -> list[str]:
+    """What BPE is trained on and encodes, one at a time: each file's text, a big one cut after a
+    newline into pieces of about PIECE_CHARS characters (so encoding runs in parallel)."""
+    out = []
+    for raw in texts:
+        text, start = raw.decode("utf-8"), 0
+        while len(text) - start > PIECE_CHARS:
+            nl = text.rfind("\n", start, start + PIECE_CHARS)
+            cut = nl + 1 if nl >= start else start + PIECE_CHARS
+            out.append(text[start:cut])
+            start = cut
+        if start < len(text):
+            out.append(text[start:])
+    return out
+
+
+def train_bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2's byte-to-character map: all 256 bytes are tokens, so any
+    UTF-8 text encodes) of at most `vocab_size` tokens, learnt from `texts`. No special tokens.
+    Deterministic: the same texts give the same file, whatever the process or thread count."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=BPE_MIN_FREQUENCY, show_progress=False,
+                                  special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+RETRAIN = "delete it and the next stage trains it again from the training split, or use a new --out"
+RESTORE = ("restore the run's own tokenizer.json, or delete any other and rerun a stage of the run with its recipe: "
+           "that trains the same tokenizer again from the training split")
+
+
+def read_tokenizer(path: Path, vocab_size: int | None = None, hint: str = RETRAIN):
+    """(tokenizer, SHA-256 of the file) of a saved byte-level BPE tokenizer, refusing anything else
+    (and, given `vocab_size`, another vocabulary size) in one line."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read the tokenizer {path}: {e.strerror}; {hint}") from None
+    try:
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:      # tokenizers raises its own Exception type for a bad file
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} is not a tokenizer file ({first}); {hint}") from None
+    n = tok.get_vocab_size(with_added_tokens=True)
+    byte_level = (isinstance(tok.model, models.BPE) and isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
+                  and all(tok.token_to_id(c) is not None for c in pre_tokenizers.ByteLevel.alphabet())
+                  and max(tok.get_vocab(with_added_tokens=True).values()) == n - 1)
+    if not byte_level:
+        raise UserError(f"{path} is not a byte-level BPE tokenizer with every byte a token (what data.tokenizer: "
+                        f"bpe trains); {hint}")
+    if vocab_size is not None and n != vocab_size:
+        raise UserError(f"{path} has {n} tokens but data.vocab_size is {vocab_size}: that run directory was made "
+                        f"with another tokenizer; set data.vocab_size: {n}, or use a new --out")
+    return tok, hashlib.sha256(data).hexdigest()
+
+
+def _encode(tok, texts: list[str]) -> torch.Tensor:
+    ids = [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False)]
+    return torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64))
+
+
+def _bpe_bundle(cfg, root: Path, run, train_tokenizer: bool) -> TextBundle:
+    train, test, train_files, test_files = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=True)
+    train, test = pieces(train), pieces(test)
+    if run is None:
+        raise UserError("data.tokenizer: bpe keeps its tokenizer in the run directory, and none was given; "
+                        "run a stage with --out RUN")
+    run = Path(run)
+    path = run / TOKENIZER_FILE
+
+    def bundle_of(tok, digest):
+        token_bytes = torch.tensor([len(tok.id_to_token(i)) for i in range(tok.get_vocab_size())])
+        bundle = TextBundle(TextSplit(_encode(tok, train), cfg.context), TextSplit(_encode(tok, test), cfg.context),
+                            tok.get_vocab_size(), cfg.context, cfg.source, "bpe", train_files, test_files,
+                            digest, token_bytes)
+        _check_windows(bundle, root, cfg.context)
+        return bundle
+
+    if path.exists():
+        return bundle_of(*read_tokenizer(path, cfg.vocab_size))
+    if not train_tokenizer:
+        raise UserError(f"{path} does not exist: a data.tokenizer: bpe run keeps the tokenizer its stages were "
+                        f"trained with there; {RESTORE}")
+    made = not run.exists()
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
+    from .checkpoint import write_bytes_atomic
+    from .lock import waiting
+    try:
+        with waiting(run / ".tokenizer.lock"):      # one process trains; the others wait, then load its file
+            if path.exists():
+                return bundle_of(*read_tokenizer(path, cfg.vocab_size))
+            from tokenizers import Tokenizer
+            trained = train_bpe(train, cfg.vocab_size)
+            most = trained.get_vocab_size()
+            if most < cfg.vocab_size:
+                raise UserError(f"data.vocab_size {cfg.vocab_size} is more than byte-level BPE learns from the "
+                                f"training text of {root} ({sum(len(t.encode()) for t in train)} bytes): it stops at "
+                                f"{most} tokens (no pair of tokens left that occurs at least {BPE_MIN_FREQUENCY} "
+                                f"times); set data.vocab_size <= {most}, or give more text")
+            data = trained.to_str().encode("utf-8")
+            bundle = bundle_of(Tokenizer.from_str(data.decode("utf-8")), hashlib.sha256(data).hexdigest())
+            write_bytes_atomic(path, data)
+            print(f"tokenizer: byte-level BPE of {bundle.vocab_size} tokens trained on the training split "
+                  f"({len(train_files)} files, {len(bundle.train.tokens)} tokens); saved as {path}", flush=True)
+            return bundle
+    except UserError:
+        if made:        # leave no run directory behind a refused recipe
+            (run / ".tokenizer.lock").unlink(missing_ok=True)
+            try:
+                run.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 class TextLoader:

@@ -17,13 +17,14 @@ from ..errors import UserError
 from ..families import get_family
 from ..lock import hold, release
 from ..tasks import task_of
+from ..text_data import TOKENIZER_FILE
 
 STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", "e2e": "e2e"}
 # Parts of the recipe that must not change inside one run directory: what the weights and the
 # dataset are. Training settings, loader settings and augmentation may change between stages.
 FIXED_KEYS = ("model.family", "model.name", "model.kwargs", "model.division", "model.meta_division",
               "data.source", "data.img_size", "data.train_fraction", "data.subset_seed", "data.context",
-              "data.val_fraction")
+              "data.val_fraction", "data.tokenizer", "data.vocab_size")
 
 
 class StageDir:
@@ -117,6 +118,8 @@ def _check_run_recipe(run: Path, recipe: Recipe) -> None:
         return d
 
     for key in FIXED_KEYS:
+        if key == "data.vocab_size" and get(new, "data.tokenizer") == "byte":
+            continue        # byte tokens: the vocabulary is 256 whatever data.vocab_size says
         before = get(old, key) if get(old, key) is not None else get(defaults, key)
         if before != get(new, key):
             raise UserError(f"run directory {run} was made with {key}={before!r} (its recipe.yaml), not "
@@ -135,6 +138,21 @@ def write_run_recipe(run: Path, recipe: Recipe) -> None:
         raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
 
 
+def _check_tokenizer_of_stages(run: Path, recipe: Recipe, bundle) -> None:
+    """A BPE run's stages all read one tokenizer: refuse a RUN/tokenizer.json that is not the one
+    its stages so far were trained with (replaced, or trained again by another tokenizers version)."""
+    have = getattr(bundle, "tokenizer_sha256", "")
+    if not have:
+        return
+    for sd in stage_dirs(run, len(recipe.model.division)):
+        m = sd.manifest() if sd.manifest_path.exists() else None
+        want = ((m or {}).get("preprocess") or {}).get("tokenizer_sha256")
+        if want and want != have:
+            raise UserError(f"{run / TOKENIZER_FILE} (SHA-256 {have[:12]}) is not the tokenizer {sd.path} was "
+                            f"trained with ({want[:12]}, its manifest); restore the run's own (or delete this one and the "
+                            f"next stage trains it again from the training split), or use a new --out")
+
+
 def prepare(recipe: Recipe, out: str | Path) -> Context:
     run = Path(out)
     _check_run_recipe(run, recipe)
@@ -142,8 +160,11 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
     if recipe.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     family = get_family(recipe.model.family)
-    bundle = load_data(recipe.data)     # bad data is refused before anything is written
+    # Bad data is refused before anything is written; a BPE tokenizer is trained and saved in the run
+    # directory only once the corpus passed every check (config.validate keeps it to LM families).
+    bundle = load_data(recipe.data, run)
     task_of(family).check_data(bundle, recipe.model.family)
+    _check_tokenizer_of_stages(run, recipe, bundle)
     if dist.main:
         write_run_recipe(run, recipe)
     barrier(dist)

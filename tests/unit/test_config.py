@@ -65,6 +65,8 @@ def test_set_overrides_and_stage_merge(tiny_recipe):
     (["data.train_fraction=0"], r"train_fraction must be in"),
     (["train.amp=fp8"], r"amp must be none, bf16 or fp16"),
     (["incubate.module_init=copy"], r"incubate.module_init must be random, meta or stack"),
+    (["data.tokenizer=wordpiece"], r"data.tokenizer must be byte or bpe, got 'wordpiece'"),
+    (["data.tokenizer=bpe"], r"data.tokenizer: bpe tokenizes text for a language model, but model.family 'vit'"),
 ])
 def test_bad_values_are_one_clear_error(tiny_recipe, sets, match):
     with pytest.raises(UserError, match=match):
@@ -78,3 +80,21 @@ def test_missing_and_invalid_recipe_files(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_tokenizer_settings_and_what_a_run_directory_fixes(tmp_path):
+    from incubate.stages.common import write_run_recipe
+    from ..conftest import TINY_LM, write_recipe
+    lm = write_recipe(tmp_path / "lm.yaml", TINY_LM)
+    r = load_recipe(lm)
+    assert (r.data.tokenizer, r.data.vocab_size) == ("byte", 1024)          # the defaults: bytes as before
+    assert load_recipe(lm, ["data.tokenizer=bpe", "data.vocab_size=257"]).data.vocab_size == 257
+    with pytest.raises(UserError, match=r"data.vocab_size must be more than 256 with data.tokenizer: bpe .* got 256"):
+        load_recipe(lm, ["data.tokenizer=bpe", "data.vocab_size=256"])
+    write_run_recipe(tmp_path / "byte", r)
+    write_run_recipe(tmp_path / "byte", load_recipe(lm, ["data.vocab_size=4096"]))   # bytes: vocab_size unused
+    with pytest.raises(UserError, match=r"made with data.tokenizer='byte' \(its recipe.yaml\), not 'bpe'"):
+        write_run_recipe(tmp_path / "byte", load_recipe(lm, ["data.tokenizer=bpe"]))
+    write_run_recipe(tmp_path / "bpe", load_recipe(lm, ["data.tokenizer=bpe", "data.vocab_size=300"]))
+    with pytest.raises(UserError, match=r"made with data.vocab_size=300 \(its recipe.yaml\), not 320"):
+        write_run_recipe(tmp_path / "bpe", load_recipe(lm, ["data.tokenizer=bpe", "data.vocab_size=320"]))

@@ -85,3 +85,138 @@ def test_text_refuses_a_class_balanced_subset(tmp_path):
     cfg = SimpleNamespace(source="text:x", context=16, val_fraction=0.2, subset_seed=0, train_fraction=0.5)
     with pytest.raises(UserError, match="text has no classes"):
         load_text(cfg, str(make_corpus(tmp_path / "c")))
+
+
+# ---------------------------------------------------------------- byte-level BPE (data.tokenizer: bpe)
+
+def _bpe(vocab_size=300, context=16, val_fraction=0.2):
+    return SimpleNamespace(source="text:x", context=context, val_fraction=val_fraction, subset_seed=0,
+                           tokenizer="bpe", vocab_size=vocab_size)
+
+
+def test_bpe_is_trained_on_the_training_split_only(tmp_path, capsys):
+    """A word repeated only in the held-out file is not learnt (no merge holds it); the same word in a
+    training file becomes one token. So the trainer saw the training files and nothing else."""
+    word = " quokkazyzzyva"
+    held, trained = [], []
+    for where in ("held", "train"):
+        root = make_corpus(tmp_path / where)
+        _, _, train_files, test_files = split_corpus(root, 0.2, seed=0)
+        f = (test_files if where == "held" else train_files)[0]
+        f.write_text(f.read_text() + word * 40)
+        assert f in split_corpus(root, 0.2, seed=0)[3 if where == "held" else 2]    # still in that split
+        bundle = load_text(_bpe(), str(root), tmp_path / f"run_{where}")
+        from incubate.text_data import read_tokenizer
+        tok, digest = read_tokenizer(tmp_path / f"run_{where}" / "tokenizer.json", 300)
+        assert bundle.vocab_size == 300 and bundle.tokenizer_sha256 == digest
+        (held if where == "held" else trained).extend([len(tok.encode(word).ids),
+                                                       [t for t in tok.get_vocab() if "zyzzy" in t]])
+        assert tok.decode(bundle.test.tokens.tolist()) == b"".join(p.read_bytes() for p in test_files).decode()
+    assert held[0] > 5 and held[1] == []                # only in the held-out text: bytes and small merges
+    assert trained[0] == 1 and "Ġquokkazyzzyva" in trained[1]
+
+
+def test_bpe_is_saved_once_in_the_run_and_loaded_after(tmp_path, capsys):
+    """The first call trains and writes RUN/tokenizer.json; four at once (threads: each its own flock)
+    write it once and all read the same file; a later call loads it; training is deterministic."""
+    import threading
+    root = make_corpus(tmp_path / "c")
+    run = tmp_path / "run"
+    bundles = [None] * 4
+
+    def one(i):
+        bundles[i] = load_text(_bpe(), str(root), run)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = capsys.readouterr().out
+    assert out.count("saved as") == 1 and all(b is not None for b in bundles)
+    saved = (run / "tokenizer.json").read_bytes()
+    stat = (run / "tokenizer.json").stat()
+    assert all(b.tokenizer_sha256 == bundles[0].tokenizer_sha256 for b in bundles)
+    assert all(torch.equal(b.train.tokens, bundles[0].train.tokens) for b in bundles)
+    again = load_text(_bpe(), str(root), run)
+    assert "saved as" not in capsys.readouterr().out and (run / "tokenizer.json").stat().st_mtime_ns == stat.st_mtime_ns
+    assert torch.equal(again.test.tokens, bundles[0].test.tokens)
+    load_text(_bpe(), str(root), tmp_path / "run2")
+    assert (tmp_path / "run2/tokenizer.json").read_bytes() == saved
+    assert sorted(p.name for p in run.iterdir()) == [".tokenizer.lock", "tokenizer.json"]   # no temporary file left
+    with pytest.raises(UserError, match="tokenizer.json does not exist"):     # evaluate never trains one
+        load_text(_bpe(), str(root), tmp_path / "run3", train_tokenizer=False)
+
+
+def test_bpe_bits_per_byte_count_the_bytes_of_the_predicted_tokens(tmp_path):
+    """The denominator of bits per byte is the UTF-8 bytes the predicted (target) tokens stand for: what
+    a byte run of the same corpus divides by, less what BPE's first token and tail leave unpredicted."""
+    from incubate.text_data import read_tokenizer
+    root = make_corpus(tmp_path / "c")
+    held = split_corpus(root, 0.2, seed=0)[1]
+    for context in (1, 16):
+        byte = load_text(_cfg("text:x", context=context), str(root))
+        bpe = load_text(_bpe(context=context), str(root), tmp_path / "run")
+        tok, _ = read_tokenizer(tmp_path / "run/tokenizer.json")
+        ids = bpe.test.tokens
+        assert int(bpe.token_bytes[ids].sum()) == len(held)             # every token's bytes: the whole text
+        n = len(bpe.test) * context
+        first, tail = tok.decode(ids[:1].tolist()).encode(), tok.decode(ids[1 + n:].tolist()).encode()
+        assert bpe.test_bytes == len(tok.decode(ids[1:1 + n].tolist()).encode()) == len(held) - len(first) - len(tail)
+        loader = TextLoader(bpe, bpe.test, None, 64, False, 0, 0, 1, "cpu")
+        targets = torch.cat([y.reshape(-1) for _, y in loader.epoch(0)])
+        assert int(bpe.token_bytes[targets].sum()) == bpe.test_bytes      # what the evaluation predicts
+        if context == 1:    # every token after the first is predicted, by either tokenizer
+            assert byte.test_bytes == len(held) - 1 and bpe.test_bytes == byte.test_bytes + 1 - len(first)
+        assert bpe.describe()["test_bytes"] == bpe.test_bytes and "test_bytes" not in byte.describe()
+
+
+def test_bpe_cuts_a_single_file_at_a_character(tmp_path):
+    from incubate.text_data import _split, pieces
+    f = tmp_path / "one.txt"
+    f.write_text("é" * 200)                       # 400 bytes; a 10.25% tail would cut a character in two
+    train, test, _, _ = split_corpus(f, 0.1025, seed=0)
+    assert len(test) == 41                        # bytes keep their cut
+    train, test, _, _ = _split(f, 0.1025, 0, char_boundary=True)
+    assert pieces(train) == ["é" * 179] and pieces(test) == ["é" * 21]
+    big = ("x" * 99 + "\n") * 30_000              # 3 MB: pieces of at most 1 Mi characters, cut after a newline
+    assert "".join(pieces([big.encode()])) == big and all(p.endswith("\n") for p in pieces([big.encode()]))
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("too_large", "data.vocab_size 5000 is more than byte-level BPE learns from the training text of"),
+    ("too_small", "data.vocab_size must be more than 256 with data.tokenizer: bpe"),
+    ("unknown", "data.tokenizer must be byte or bpe, got 'wordpiece'"),
+])
+def test_bad_bpe_settings_get_one_line_and_write_nothing(tmp_path, capsys, case, expected):
+    corpus = make_corpus(tmp_path / "c")
+    sets = {"too_large": ["data.vocab_size=5000"], "too_small": ["data.vocab_size=256"],
+            "unknown": ["data.tokenizer=wordpiece"]}[case]
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}", data__tokenizer="bpe")
+    rc, _, err = run_main(capsys, "meta", "--recipe", recipe, "--out", tmp_path / "run",
+                          *[a for s in sets for a in ("--set", s)])
+    assert rc == 2 and expected in one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_mismatching_tokenizer_in_the_run_is_refused(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "c")
+    load_text(_bpe(vocab_size=320), str(corpus), tmp_path / "other")
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}", data__tokenizer="bpe",
+                          data__vocab_size=300)
+    cases = [((tmp_path / "other/tokenizer.json").read_bytes(), "has 320 tokens but data.vocab_size is 300"),
+             (b'{"version": "1.0", "truncated', "is not a tokenizer file"),
+             (None, "is not a byte-level BPE tokenizer with every byte a token")]
+    for data, expected in cases:
+        if data is None:        # a valid tokenizer of another kind
+            from tokenizers import Tokenizer, models
+            Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(run / "tokenizer.json"))
+        else:
+            (run / "tokenizer.json").write_bytes(data)
+        before = (run / "tokenizer.json").read_bytes()
+        rc, _, err = run_main(capsys, "meta", "--recipe", recipe, "--out", run)
+        assert rc == 2 and expected in one_error_line(err) and str(run / "tokenizer.json") in err
+        assert (run / "tokenizer.json").read_bytes() == before and not (run / "meta").exists()
+    rc, _, err = run_main(capsys, "meta", "--recipe", recipe, "--out", run, "--set", "data.tokenizer=byte")
+    assert rc == 2 and "is the BPE tokenizer of a data.tokenizer: bpe run, but the recipe says" in one_error_line(err)
