@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--as", dest="as_", required=True, choices=("meta", "assembled"), help="the stage it becomes")
     p = sub.add_parser("export", help="a finished stage as a timm/hub folder, or a transformers folder for a "
-                       "language model (model.safetensors + config.json)")
+                       "language model (model.safetensors + config.json, and the tokenizer with BPE)")
     p.add_argument("run", help="run directory")
     p.add_argument("--stage", required=True, choices=("finetune", "assembled", "e2e"))
     p.add_argument("--to", required=True, help="folder to write")
@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--stage", default="finetune", choices=("meta", "assembled", "finetune", "e2e"))
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens (bytes) to write")
+    p.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to write (bytes, or BPE tokens)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: seeded sampling")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p = sub.add_parser("report", help="table of every stage and report.png")

@@ -1,9 +1,13 @@
 """What a person does with a trained language model: export it for transformers, and sample from it.
 
 export: DIR/config.json + DIR/model.safetensors as transformers' save_pretrained writes them, so
-`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it with no code of ours. Tokens
-are bytes (vocabulary 256), so there is no tokenizer file: token i is byte i.
-sample: greedy (temperature 0) or seeded sampling of a continuation of a prompt.
+`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it with no code of ours. With byte
+tokens (vocabulary 256) there is no tokenizer file: token i is byte i. With BPE the run's
+tokenizer.json and a tokenizer_config.json go beside them, so `transformers.AutoTokenizer
+.from_pretrained(DIR)` loads the tokenizer the model was trained with (a PreTrainedTokenizerFast:
+no special tokens, nothing added to the text); the exported config then names no BOS/EOS token
+(LlamaConfig's defaults, ids 1 and 2, are ordinary BPE tokens here that generate() would stop at).
+sample: greedy (temperature 0) or seeded sampling of a continuation of a prompt, in the run's tokens.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .errors import UserError
 from .families import get_family
 from .modular import load_strict
 from .stages.common import StageDir
+from .text_data import RESTORE, TOKENIZER_FILE, read_tokenizer
 
 LM_STAGES = ("meta", "assembled", "finetune", "e2e")
 
@@ -38,8 +43,26 @@ def load_lm(run, stage_name: str):
     return model.eval(), m, stage
 
 
+def stage_tokenizer(run, m: dict):
+    """The tokenizer a finished stage was trained with: (None, None) for byte tokens, else
+    (a tokenizers.Tokenizer, RUN/tokenizer.json), refused in one line unless it is the very file the
+    stage used."""
+    pre = m.get("preprocess") or {}
+    if pre.get("tokenizer", "byte") == "byte":
+        return None, None
+    path = Path(run) / pre.get("tokenizer_file", TOKENIZER_FILE)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: this run's models read its BPE tokens; {RESTORE}")
+    tok, digest = read_tokenizer(path, m["num_classes"], RESTORE)
+    if digest != pre.get("tokenizer_sha256"):
+        raise UserError(f"{path} is not the tokenizer {m['stage']} was trained with (SHA-256 {digest[:12]}, its "
+                        f"manifest says {str(pre.get('tokenizer_sha256'))[:12]}); {RESTORE}")
+    return tok, path
+
+
 def export_lm(run, stage_name: str, to) -> Path:
     model, m, stage = load_lm(run, stage_name)
+    tok, tok_path = stage_tokenizer(run, m)
     dest = Path(to)
     old = dest / "config.json"
     same = old.exists() and (read_json(old).get("deep_incubate") or {}).get("sha256") == m["sha256"]
@@ -51,10 +74,21 @@ def export_lm(run, stage_name: str, to) -> Path:
         shutil.rmtree(scratch, ignore_errors=True)
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()       # one line of output, not transformers' bars
+        if tok is not None:         # no token of a BPE vocabulary is a BOS or EOS token
+            for cfg in (model.config, model.generation_config):
+                cfg.bos_token_id = cfg.eos_token_id = None
         model.save_pretrained(scratch, safe_serialization=True)
         config = read_json(scratch / "config.json")
         config["deep_incubate"] = {"run": str(Path(run).resolve()), "stage": stage_name, "sha256": m["sha256"],
                                    "tokenizer": "byte: token i is byte i of the UTF-8 text"}
+        if tok is not None:
+            pre = m["preprocess"]
+            shutil.copyfile(tok_path, scratch / TOKENIZER_FILE)      # the very bytes the run trained with
+            write_json_atomic(scratch / "tokenizer_config.json", {
+                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": pre["context"],
+                "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False})
+            config["deep_incubate"]["tokenizer"] = (f"bpe: byte-level BPE of {m['num_classes']} tokens, "
+                                                    f"{TOKENIZER_FILE} (SHA-256 {pre['tokenizer_sha256']})")
         for f in sorted(scratch.iterdir()):
             if f.name != "config.json":
                 os.replace(f, dest / f.name)
@@ -63,19 +97,28 @@ def export_lm(run, stage_name: str, to) -> Path:
         raise UserError(f"cannot write {dest}: {e.strerror}; choose a writable --to") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"exported {stage.path} to {dest}: load it with transformers.AutoModelForCausalLM.from_pretrained"
-          f"('{dest}'); tokens are bytes (vocabulary 256), so there is no tokenizer file")
+    if tok is None:
+        print(f"exported {stage.path} to {dest}: load it with transformers.AutoModelForCausalLM.from_pretrained"
+              f"('{dest}'); tokens are bytes (vocabulary 256), so there is no tokenizer file")
+    else:
+        print(f"exported {stage.path} to {dest}: load it with transformers.AutoModelForCausalLM.from_pretrained"
+              f"('{dest}') and its tokenizer with transformers.AutoTokenizer.from_pretrained('{dest}')")
     return dest
 
 
 @torch.no_grad()
 def sample(run, stage_name: str, prompt: str, tokens: int = 200, temperature: float = 0.0, seed: int = 0) -> str:
-    """The prompt's continuation: `tokens` bytes, greedy at temperature 0, else seeded sampling."""
+    """The prompt's continuation: `tokens` tokens (bytes, or BPE tokens decoded with the run's
+    tokenizer), greedy at temperature 0, else seeded sampling."""
     if tokens < 1 or temperature < 0:
         raise UserError(f"--tokens must be >= 1 and --temperature >= 0, got {tokens} and {temperature}")
     model, m, _ = load_lm(run, stage_name)
+    tok, _ = stage_tokenizer(run, m)
     context = m["model"]["kwargs"]["max_position_embeddings"]
-    ids = list(prompt.encode("utf-8")) or [ord("\n")]
+    if tok is not None:
+        ids = tok.encode(prompt or "\n", add_special_tokens=False).ids
+    else:
+        ids = list(prompt.encode("utf-8")) or [ord("\n")]
     g = torch.Generator().manual_seed(seed)
     start = len(ids)
     for _ in range(tokens):
@@ -85,4 +128,6 @@ def sample(run, stage_name: str, prompt: str, tokens: int = 200, temperature: fl
         else:
             nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g))
         ids.append(nxt)
+    if tok is not None:
+        return tok.decode(ids[start:], skip_special_tokens=False)
     return bytes(ids[start:]).decode("utf-8", errors="replace")

@@ -14,6 +14,16 @@ from ..tasks import task_of
 from .common import StageDir
 
 
+def check_tokenizer(bundle, m: dict, weights) -> None:
+    """Refuse to evaluate a BPE model with a tokenizer other than the one its stage was trained with."""
+    want = (m.get("preprocess") or {}).get("tokenizer_sha256")
+    have = getattr(bundle, "tokenizer_sha256", "")
+    if want and want != have:
+        raise UserError(f"{weights} was trained with the tokenizer of SHA-256 {want[:12]}, not this one "
+                        f"({have[:12] or 'byte tokens'}); evaluate it with the recipe and run directory it was "
+                        f"trained in")
+
+
 def main(recipe: Recipe, checkpoint) -> dict:
     path = Path(checkpoint)
     weights = path / "model.safetensors" if path.is_dir() else path
@@ -39,7 +49,9 @@ def main(recipe: Recipe, checkpoint) -> dict:
     else:
         load_strict(model, state, weights, f"its manifest's model ({m['model']['name']})")
         net = model
-    bundle = load_data(recipe.data)
+    run = weights.parent.parent.parent if m["stage"] == "incubate" else weights.parent.parent
+    bundle = load_data(recipe.data, run, train_tokenizer=False)   # BPE: the run's tokenizer.json, never a new one
+    check_tokenizer(bundle, m, weights)
     if bundle.num_classes != m["num_classes"]:
         raise UserError(f"{weights} predicts {m['num_classes']} classes but {recipe.data.source} has "
                         f"{bundle.num_classes}; evaluate on the data it was trained on")
