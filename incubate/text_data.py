@@ -257,8 +257,8 @@ def read_tokenizer(path: Path, vocab_size: int | None = None, hint: str = RETRAI
         raise UserError(f"{path} is not a byte-level BPE tokenizer with every byte a token (what data.tokenizer: "
                         f"bpe trains); {hint}")
     if vocab_size is not None and n != vocab_size:
-        raise UserError(f"{path} has {n} tokens but data.vocab_size is {vocab_size}: that run directory was made "
-                        f"with another tokenizer; set data.vocab_size: {n}, or use a new --out")
+        raise UserError(f"{path} has {n} tokens but data.vocab_size is {vocab_size}: it was not trained for this "
+                        f"recipe; {hint}")
     return tok, hashlib.sha256(data).hexdigest()
 
 

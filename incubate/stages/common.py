@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..families import get_family
 from ..lock import hold, release
 from ..tasks import task_of
-from ..text_data import TOKENIZER_FILE
+from ..text_data import RESTORE, TOKENIZER_FILE
 
 STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", "e2e": "e2e"}
 # Parts of the recipe that must not change inside one run directory: what the weights and the
@@ -149,8 +149,7 @@ def _check_tokenizer_of_stages(run: Path, recipe: Recipe, bundle) -> None:
         want = ((m or {}).get("preprocess") or {}).get("tokenizer_sha256")
         if want and want != have:
             raise UserError(f"{run / TOKENIZER_FILE} (SHA-256 {have[:12]}) is not the tokenizer {sd.path} was "
-                            f"trained with ({want[:12]}, its manifest); restore the run's own (or delete this one and the "
-                            f"next stage trains it again from the training split), or use a new --out")
+                            f"trained with ({want[:12]}, its manifest); {RESTORE}")
 
 
 def prepare(recipe: Recipe, out: str | Path) -> Context:

@@ -11,17 +11,20 @@ from ..errors import UserError
 from ..families import get_family
 from ..modular import Hybrid, load_strict
 from ..tasks import task_of
+from ..text_data import RESTORE, TOKENIZER_FILE
 from .common import StageDir
 
 
-def check_tokenizer(bundle, m: dict, weights) -> None:
+def check_tokenizer(bundle, m: dict, weights, run) -> None:
     """Refuse to evaluate a BPE model with a tokenizer other than the one its stage was trained with."""
     want = (m.get("preprocess") or {}).get("tokenizer_sha256")
     have = getattr(bundle, "tokenizer_sha256", "")
+    if want and not have:
+        raise UserError(f"{weights} was trained on BPE tokens (data.tokenizer: bpe) but the recipe reads bytes; "
+                        f"evaluate it with the recipe of its run directory")
     if want and want != have:
-        raise UserError(f"{weights} was trained with the tokenizer of SHA-256 {want[:12]}, not this one "
-                        f"({have[:12] or 'byte tokens'}); evaluate it with the recipe and run directory it was "
-                        f"trained in")
+        raise UserError(f"{Path(run) / TOKENIZER_FILE} (SHA-256 {have[:12]}) is not the tokenizer {weights} was "
+                        f"trained with ({want[:12]}, its manifest); {RESTORE}")
 
 
 def main(recipe: Recipe, checkpoint) -> dict:
@@ -51,7 +54,7 @@ def main(recipe: Recipe, checkpoint) -> dict:
         net = model
     run = weights.parent.parent.parent if m["stage"] == "incubate" else weights.parent.parent
     bundle = load_data(recipe.data, run, train_tokenizer=False)   # BPE: the run's tokenizer.json, never a new one
-    check_tokenizer(bundle, m, weights)
+    check_tokenizer(bundle, m, weights, run)
     if bundle.num_classes != m["num_classes"]:
         raise UserError(f"{weights} predicts {m['num_classes']} classes but {recipe.data.source} has "
                         f"{bundle.num_classes}; evaluate on the data it was trained on")
