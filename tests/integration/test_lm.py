@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from incubate.cli import main
 
-from ..conftest import ROOT, TINY_LM, make_corpus, run_main, write_recipe
+from ..conftest import ROOT, TINY_LM, make_corpus, one_error_line, run_main, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def test_lm_run_writes_every_stage_with_bits_per_byte(lm_run):
     assert [e.value for e in events.Scalars("eval/bpb")] == pytest.approx([r["test_bpb"] for r in rows], rel=1e-6)
     m = json.loads((run / "meta/manifest.json").read_text())
     assert m["preprocess"]["tokenizer"] == "byte" and m["model"]["kwargs"]["tie_word_embeddings"] is False
+    assert "tokenizer_sha256" not in m["preprocess"] and not (run / "tokenizer.json").exists()
     keys = set(load_file(run / "modules/0/model.safetensors"))
     assert keys == {k for k in load_file(run / "assembled/model.safetensors") if not k.startswith(
         ("model.layers.1.", "model.layers.2.", "model.layers.3.", "model.norm.", "lm_head."))}
@@ -137,3 +138,93 @@ def test_lm_torchrun_two_processes_runs_every_stage(tmp_path):
         if stage != "assembled":
             assert m["world_size"] == 2, stage
     assert proc.stdout.count("| **e2e** |") == 1      # only rank 0 reports
+
+
+# ---------------------------------------------------------------- byte-level BPE (data.tokenizer: bpe)
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bpe")
+    corpus = make_corpus(tmp / "corpus")
+    recipe = write_recipe(tmp / "bpe.yaml", TINY_LM, data__source=f"text:{corpus}", data__tokenizer="bpe",
+                          data__vocab_size=300)
+    run = tmp / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["run", "--recipe", str(recipe), "--out", str(run)]) == 0
+    return recipe, run, out.getvalue()
+
+
+def test_bpe_run_trains_one_tokenizer_that_every_stage_reads(bpe_run, capsys):
+    import hashlib
+    recipe, run, stdout = bpe_run
+    assert stdout.count("saved as") == 1 and f"saved as {run / 'tokenizer.json'}" in stdout   # trained once
+    digest = hashlib.sha256((run / "tokenizer.json").read_bytes()).hexdigest()
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) == {"meta", "module_0", "module_1", "module_2", "module_3", "assembled", "finetune", "e2e"}
+    pre = []
+    for stage in ("meta", "modules/0", "modules/1", "modules/2", "modules/3", "assembled", "finetune", "e2e"):
+        m = json.loads((run / stage / "manifest.json").read_text())
+        assert m["finished"] and m["num_classes"] == 300 and m["model"]["kwargs"]["vocab_size"] == 300, stage
+        assert 0 < m["metrics"]["bpb"] < 8, stage
+        pre.append(m["preprocess"])
+    assert all(p == pre[0] for p in pre) and pre[0]["tokenizer"] == "bpe" and pre[0]["tokenizer_sha256"] == digest
+    assert load_file(run / "finetune/model.safetensors")["lm_head.weight"].shape == (300, 16)
+    rows = [json.loads(l) for l in (run / "meta/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["test_bpb"] < rows[0]["test_bpb"]                        # it learns
+    mtime = (run / "tokenizer.json").stat().st_mtime_ns
+    rc, out, _ = run_main(capsys, "meta", "--recipe", recipe, "--out", run)    # a later command loads it
+    assert rc == 0 and "already finished" in out and "saved as" not in out
+    assert (run / "tokenizer.json").stat().st_mtime_ns == mtime
+
+
+def test_bpe_export_loads_in_transformers_with_its_tokenizer(bpe_run, tmp_path, capsys):
+    _, run, _ = bpe_run
+    rc, out, _ = run_main(capsys, "export", run, "--stage", "finetune", "--to", tmp_path / "hf")
+    assert rc == 0 and "transformers.AutoTokenizer.from_pretrained" in out
+    assert (tmp_path / "hf/tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+    code = ("import sys, torch, transformers, tokenizers; from safetensors.torch import load_file\n"
+            "tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+            "sd = load_file(sys.argv[2]); own = m.state_dict()\n"
+            "assert all(torch.equal(own[k], v) for k, v in sd.items()) and own.keys() == sd.keys()\n"
+            "s = 'def dumps(obj):\\n    return \"h\\u00e9llo \\u2211 \\U0001f600\"  # caf\\u00e9'\n"
+            "ids = tok(s)['input_ids']\n"
+            "assert tok.decode(ids) == s, tok.decode(ids)\n"
+            "assert ids == tokenizers.Tokenizer.from_file(sys.argv[2].replace('finetune/model.safetensors', "
+            "'tokenizer.json')).encode(s).ids\n"
+            "assert m.config.eos_token_id is None and m.generation_config.eos_token_id is None\n"
+            "print(type(m).__name__, len(tok), tuple(m(torch.tensor([ids[:8]])).logits.shape))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf"), str(run / "finetune/model.safetensors")],
+                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LlamaForCausalLM 300 (1, 8, 300)" in proc.stdout
+
+
+def test_bpe_sample_evaluate_and_a_replaced_tokenizer(bpe_run, tmp_path, capsys):
+    import shutil
+    from incubate.text_data import load_text
+    recipe, run, _ = bpe_run
+    greedy = [run_main(capsys, "sample", run, "--prompt", "def ", "--tokens", "12") for _ in range(2)]
+    assert greedy[0] == greedy[1] and greedy[0][0] == 0 and greedy[0][1].startswith("def ")
+    assert len(greedy[0][1].rstrip("\n")) > 4
+    rc, out, _ = run_main(capsys, "evaluate", "--recipe", recipe, "--checkpoint", run / "modules/2")
+    bpb = json.loads((run / "modules/2/manifest.json").read_text())["metrics"]["bpb"]
+    assert rc == 0 and f"val bits/byte {bpb:.4f}" in out
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    other = make_corpus(tmp_path / "other", files=2, chars=3000)
+    load_text(SimpleNamespace(source="text:x", context=16, val_fraction=0.2, subset_seed=0, tokenizer="bpe",
+                              vocab_size=300), str(other), tmp_path / "other_run")
+    shutil.copyfile(tmp_path / "other_run/tokenizer.json", copy / "tokenizer.json")    # 300 tokens, other merges
+    rc, _, err = run_main(capsys, "sample", copy, "--prompt", "def ")
+    assert rc == 2 and "is not the tokenizer finetune was trained with" in one_error_line(err)
+    rc, _, err = run_main(capsys, "finetune", "--recipe", recipe, "--out", copy)
+    line = one_error_line(err)
+    assert rc == 2 and f"{copy / 'tokenizer.json'} (SHA-256 " in line and f"not the tokenizer {copy / 'meta'} was" in line
+    rc, _, err = run_main(capsys, "evaluate", "--recipe", recipe, "--checkpoint", copy / "modules/2")
+    assert rc == 2 and "is not the tokenizer" in one_error_line(err)
+    (copy / "tokenizer.json").unlink()          # trained again: the same file, so the finished stages stand
+    rc, out, _ = run_main(capsys, "finetune", "--recipe", recipe, "--out", copy)
+    assert rc == 0 and "saved as" in out and "already finished" in out
+    assert (copy / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
