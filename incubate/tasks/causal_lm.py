@@ -2,8 +2,9 @@
 next-token cross-entropy; metrics validation loss (nats a token), bits per byte and next-token
 accuracy; headline bits per byte, lower is better.
 
-Bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted held-out text: unlike loss a
-token, it compares models whatever their tokenizer.
+Bits per byte = total nats / ln 2 / UTF-8 bytes of the predicted held-out text (TextBundle.test_bytes:
+the bytes the target tokens stand for, one a token for bytes, more for BPE): unlike loss a token, it
+compares models whatever their tokenizer.
 """
 from __future__ import annotations
 

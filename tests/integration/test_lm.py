@@ -224,7 +224,12 @@ def test_bpe_sample_evaluate_and_a_replaced_tokenizer(bpe_run, tmp_path, capsys)
     assert rc == 2 and f"{copy / 'tokenizer.json'} (SHA-256 " in line and f"not the tokenizer {copy / 'meta'} was" in line
     rc, _, err = run_main(capsys, "evaluate", "--recipe", recipe, "--checkpoint", copy / "modules/2")
     assert rc == 2 and "is not the tokenizer" in one_error_line(err)
-    (copy / "tokenizer.json").unlink()          # trained again: the same file, so the finished stages stand
+    (copy / "tokenizer.json").unlink()
+    for args in (("evaluate", "--recipe", recipe, "--checkpoint", copy / "finetune"), ("sample", copy, "--prompt", "x")):
+        rc, _, err = run_main(capsys, *args)
+        assert rc == 2 and f"{copy / 'tokenizer.json'} does not exist" in one_error_line(err)
+    assert not (copy / "tokenizer.json").exists()     # neither trains one
+    # the next stage trains it again: the same file, so the finished stages stand
     rc, out, _ = run_main(capsys, "finetune", "--recipe", recipe, "--out", copy)
     assert rc == 0 and "saved as" in out and "already finished" in out
     assert (copy / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
