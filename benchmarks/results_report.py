@@ -17,6 +17,8 @@ VARIANTS = {"metainit": "--set incubate.module_init=meta",   # how each variant 
             "stack-ftlr3e-4": "--set incubate.module_init=stack --set finetune.lr=3e-4",
             "shared": "--set incubate.shared_data_order=true",
             "stack": "--set incubate.module_init=stack",     # the LM study's depthwise stacking
+            # the ResNet study: meta init with the modules and the fine-tune at lr 0.01, not the paper's 0.1
+            "metainit-lr1e-2": "--set incubate.module_init=meta --set incubate.lr=0.01 --set finetune.lr=0.01",
             "stack-shared-ftlr3e-4": "--set incubate.module_init=stack --set incubate.shared_data_order=true "
                                      "--set finetune.lr=3e-4"}
 STUDY_TITLES = (("budget", "Budget curve"), ("depth", "Depth study"), ("data", "Data study"),
@@ -147,6 +149,7 @@ REGIME_PLOTTED = {"e2e": ("E2E", "black"), "meta-alone": ("meta model alone (K b
                   "ours": ("ours, random init (the paper)", "tab:red"),
                   "ours-metainit-ftlr3e-4": ("ours, meta init", "tab:blue"),
                   "ours-metainit": ("ours, meta init", "tab:blue"),
+                  "ours-metainit-lr1e-2": ("ours, meta init, modules and fine-tune at lr 0.01", "tab:purple"),
                   "ours-stack-ftlr3e-4": ("ours, stack init", "tab:green"),
                   "ours-stack": ("ours, stack init", "tab:green"),
                   "ours-shared": ("ours, random init, one data order", "tab:pink"),
