@@ -259,13 +259,20 @@ def main() -> None:
             for method, depth, fraction, budget, seed in points(study, seeds, budgets, depths, fractions):
                 if method in args.methods.split(","):
                     train_point(root, study, method, depth, fraction, budget, seed, args)
-    old = json.loads(Path(args.results).read_text()) if Path(args.results).exists() else []
-    rows = merge(old, collect(root))
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(rows, indent=1) + "\n")
-    from benchmarks.results_report import write_report
-    write_report([r for r in rows if "top1" in r], ROOT / "docs")     # the LM study's rows: bpb, no report yet
+    rows = publish(Path(args.results), root)
     print(f"{len(rows)} rows in {args.results}; tables in docs/results.md")
+
+
+def publish(results: Path, root: Path, docs: Path = ROOT / "docs") -> list[dict]:
+    """The rows found under `root` merged into `results` (JSON), and docs/results.md's tables and
+    figures rebuilt from them: every study, the LM's in bits per byte."""
+    from benchmarks.results_report import write_report
+    old = json.loads(results.read_text()) if results.exists() else []
+    rows = merge(old, collect(root))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(rows, indent=1) + "\n")
+    write_report(rows, docs)
+    return rows
 
 
 def train_point(root, study, method, depth, fraction, budget, seed, args) -> None:

@@ -48,7 +48,8 @@ if __name__ == "__main__":
     _patch(sys.argv[1], sys.argv[2])
     from incubate.cli import main
     rc = main(sys.argv[3:])
-    import torch.distributed as tdist     # whether main left the process group before exiting (STAMP.group.RANK)
-    with open(f"{sys.argv[2]}.group.{os.environ.get('RANK', '0')}", "w") as f:
-        f.write("joined" if tdist.is_initialized() else "left")
+    if sys.argv[2] != "-":      # whether main left the process group before exiting (STAMP.group.RANK)
+        import torch.distributed as tdist
+        with open(f"{sys.argv[2]}.group.{os.environ.get('RANK', '0')}", "w") as f:
+            f.write("joined" if tdist.is_initialized() else "left")
     sys.exit(rc)
