@@ -117,7 +117,7 @@ PAPER = ["incubate.module_init=random", "finetune.lr=0.001"]
 def make_recipe(depth: int, fraction: float, seed: int, sets: list[str], study: str = "budget"):
     if STUDIES[study].get("family") == "resnet":   # one stage a module; the paper fine-tunes at the training lr
         n = (depth - 2) // 6
-        return load_recipe(RESNET_RECIPE, ["incubate.module_init=random", "finetune.lr=0.1"]
+        return load_recipe(RESNET_RECIPE, ["incubate.module_init=random", "incubate.lr=0.1", "finetune.lr=0.1"]
                            + STUDIES[study].get("sets", []) + [
             f"model.name=cifar_resnet{depth}", f"model.division={[n] * 3}", f"data.train_fraction={fraction}",
             f"seed={seed}"] + sets)

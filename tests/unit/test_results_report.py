@@ -127,6 +127,9 @@ def test_resnet_study_points_have_their_own_folders_recipe_and_three_modules(tmp
     recipe = avc.make_recipe(56, 0.1, 1, ["finetune.epochs=3"], "resnet")
     assert (recipe.model.family, recipe.model.name, recipe.model.division) == ("resnet", "cifar_resnet56", [9, 9, 9])
     assert recipe.stage("incubate").module_init == "random" and recipe.stage("finetune").lr == 0.1
+    assert recipe.stage("incubate").lr == 0.1       # the paper's: the recipe's own 0.01 is for meta init
+    low = avc.make_recipe(56, 0.1, 0, ["incubate.lr=0.01"], "resnet")   # a variant's --set wins
+    assert low.stage("incubate").lr == 0.01
     assert recipe.seed == 1 and recipe.stage("finetune").epochs == 3
     rr.write_report(rows, tmp_path / "docs")
     assert (tmp_path / "docs/resnet.png").stat().st_size > 1000 and not (tmp_path / "docs/regime.png").exists()
