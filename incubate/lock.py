@@ -44,18 +44,23 @@ def _holder(path: Path) -> str:
         f" (since {h['started']})" if h["started"] else "")
 
 
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file `path` (created if missing), or one line saying why not."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno == errno.EROFS:
+            raise UserError(read_only_message(path)) from None
+        raise UserError(f"cannot create the lock file {path}: {e.strerror}; choose a writable --out") from None
+
+
 def hold(folder: Path, what: str) -> None:
     """Lock `folder`/.lock for this process, or refuse with a line naming the process holding it."""
     path = Path(folder) / ".lock"
     key = str(path.resolve())
     if key in _held:
         return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        if e.errno == errno.EROFS:
-            raise UserError(read_only_message(path)) from None
-        raise UserError(f"cannot create the lock file {path}: {e.strerror}; choose a writable --out") from None
+    fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -86,12 +91,7 @@ def waiting(path: Path):
     """An exclusive flock on `path` (created if missing) for the `with` block, waiting for any other
     holder: for a short write that every process may want to make once (RUN/tokenizer.json)."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        if e.errno == errno.EROFS:
-            raise UserError(read_only_message(path)) from None
-        raise UserError(f"cannot create the lock file {path}: {e.strerror}; choose a writable --out") from None
+    fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -55,6 +55,14 @@ def test_lm_run_writes_every_stage_with_bits_per_byte(lm_run):
         ("model.layers.1.", "model.layers.2.", "model.layers.3.", "model.norm.", "lm_head."))}
 
 
+def _fresh_python(code: str, cwd, *args):
+    """`code` run by a new Python (none of our modules imported) with `args` as sys.argv[1:]."""
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_lm_export_loads_in_transformers_with_no_code_of_ours(lm_run, tmp_path, capsys):
     _, run, _ = lm_run
     assert run_main(capsys, "export", run, "--stage", "finetune", "--to", tmp_path / "hf")[0] == 0
@@ -63,9 +71,7 @@ def test_lm_export_loads_in_transformers_with_no_code_of_ours(lm_run, tmp_path, 
             "sd = load_file(sys.argv[2]); own = m.state_dict()\n"
             "assert all(torch.equal(own[k], v) for k, v in sd.items()) and own.keys() == sd.keys()\n"
             "print(type(m).__name__, tuple(m(torch.tensor([list(b'def ')])).logits.shape))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf"), str(run / "finetune/model.safetensors")],
-                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _fresh_python(code, tmp_path, tmp_path / "hf", run / "finetune/model.safetensors")
     assert "LlamaForCausalLM (1, 4, 256)" in proc.stdout
 
 
@@ -195,9 +201,7 @@ def test_bpe_export_loads_in_transformers_with_its_tokenizer(bpe_run, tmp_path, 
             "'tokenizer.json')).encode(s).ids\n"
             "assert m.config.eos_token_id is None and m.generation_config.eos_token_id is None\n"
             "print(type(m).__name__, len(tok), tuple(m(torch.tensor([ids[:8]])).logits.shape))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf"), str(run / "finetune/model.safetensors")],
-                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _fresh_python(code, tmp_path, tmp_path / "hf", run / "finetune/model.safetensors")
     assert "LlamaForCausalLM 300 (1, 8, 300)" in proc.stdout
 
 
