@@ -156,14 +156,102 @@ REGIME_PLOTTED = {"e2e": ("E2E", "black"), "meta-alone": ("meta model alone (K b
                   "ours-stack-shared-ftlr3e-4": ("ours, stack init, one data order", "tab:cyan")}
 
 
-def regime_points(rows, study: str, depth: int, fraction: float) -> dict:
-    """{method: [(mean TFLOPs, mean top-1, sd, budget), ...] sorted by cost} for one regime cell."""
+def regime_points(rows, study: str, depth: int, fraction: float, every: bool = False) -> dict:
+    """{method: [(mean TFLOPs, mean score, sd, budget), ...] sorted by cost} for one regime cell: the
+    methods the figure draws, or every method."""
     out, metric = defaultdict(list), metric_of(rows, study)
     for (d, f, method, budget), rs in _groups(rows, study).items():
-        if d == depth and f == fraction and method in REGIME_PLOTTED:
+        if d == depth and f == fraction and (every or method in REGIME_PLOTTED):
             out[method].append((statistics.mean(r["flops"] for r in rs) / 1e12, *_stat([r[metric] for r in rs]),
                                 budget))
     return {m: sorted(p) for m, p in out.items()}
+
+
+# The bar of the regime study (issue 10), checked cell by cell from the rows: ours at least BAR
+# points above both E2E and the meta model alone at equal FLOPs, beyond the seed spread (the margin
+# exceeds the two standard deviations added), and ours reaching E2E's best score with at most half
+# of its FLOPs. Images only: the bar is in points of top-1.
+BAR = 1.0
+
+
+def baseline_at(pts, tflops: float):
+    """What a baseline (E2E or the meta model alone; pts as regime_points gives them) scores with
+    `tflops` to spend: the best of its measured budgets that cost no more (within 2%), or, where
+    `tflops` falls between two budgets, the straight line between them if that is higher. Returns
+    (score, sd, budgets used, lower bound) or None when every budget costs more; past its largest
+    budget the score is a lower bound on what the baseline would reach with more epochs."""
+    affordable = [p for p in pts if p[0] <= tflops * 1.02]
+    if not affordable:
+        return None
+    best = max(affordable, key=lambda p: p[1])
+    out = (best[1], best[2], best[3], tflops > pts[-1][0] * 1.02)
+    for lo, hi in zip(pts, pts[1:]):
+        if lo[0] < tflops < hi[0]:
+            w = (tflops - lo[0]) / (hi[0] - lo[0])
+            line = lo[1] + w * (hi[1] - lo[1])
+            if line > out[0]:
+                out = (line, (1 - w) * lo[2] + w * hi[2], f"{lo[3]}..{hi[3]}", False)
+    return out
+
+
+def bar_rows(rows, study: str) -> list[dict]:
+    """Every point of ours in every cell of a top-1 study, against E2E and the meta model alone at its
+    FLOPs: the two margins, whether each clears BAR beyond the spread, and whether ours reaches E2E's
+    best with at most half of its FLOPs."""
+    out = []
+    if metric_of(rows, study) != "top1":
+        return out
+    seeds = {k: len(v) for k, v in _groups(rows, study).items()}
+    for depth, fraction in sorted({(r["depth"], r["fraction"]) for r in rows if r["study"] == study}):
+        pts = regime_points(rows, study, depth, fraction, every=True)
+        e2e, meta = pts.get("e2e", []), pts.get("meta-alone", [])
+        if not e2e or not meta:
+            continue
+        e2e_best = max(e2e, key=lambda p: p[1])
+        for method in sorted(m for m in pts if m.startswith("ours")):
+            for tf, score, sd, budget in pts[method]:
+                r = {"depth": depth, "fraction": fraction, "method": method, "budget": budget, "tflops": tf,
+                     "score": score, "sd": sd, "seeds": seeds[(depth, fraction, method, budget)],
+                     "e2e_best": e2e_best}
+                for name, base in (("e2e", e2e), ("meta", meta)):
+                    at = baseline_at(base, tf)
+                    r[name] = at
+                    r[f"{name}_margin"] = None if at is None else score - at[0]
+                    # against a lower bound (every budget of the baseline costs less) the margin is
+                    # an upper bound, so it clears nothing
+                    r[f"{name}_clear"] = (at is not None and not at[3] and score - at[0] >= BAR
+                                          and score - at[0] > sd + at[1])
+                r["half"] = score >= e2e_best[1] and tf <= e2e_best[0] / 2
+                r["met"] = r["e2e_clear"] and r["meta_clear"] and r["seeds"] >= 2
+                out.append(r)
+    return out
+
+
+def bar_table(rows, study: str) -> str:
+    br = bar_rows(rows, study)
+    if not br:
+        return ""
+    def cell(at, margin, clear):
+        if at is None:
+            return "every budget costs more |"
+        return (f"{'>= ' if at[3] else ''}{at[0]:.2f} ± {at[1]:.2f} ({at[2]}) | "
+                f"{'<= ' if at[3] else ''}{margin:+.2f}{' (clears)' if clear else ''}")
+
+    out = [f"Against the bar (ours >= {BAR:g} point above E2E and the meta model alone at equal FLOPs, beyond "
+           "the spread, with 2 seeds; a baseline at equal FLOPs: its best budget that costs no more, or the "
+           "line between two budgets; >=: every budget of it costs less, a lower bound):", "",
+           "| depth | data | ours | budget | seeds | top-1 | TFLOPs | E2E at its FLOPs | vs E2E | "
+           "meta alone at its FLOPs | vs meta alone | E2E's best at <= half its FLOPs | bar met |",
+           "|---:|---:|---|---|---:|---:|---:|---|---:|---|---:|---|---|"]
+    for r in br:
+        best = r["e2e_best"]
+        half = (f"{'yes' if r['half'] else 'no'} (E2E best {best[1]:.2f} at {best[0]:.2f})")
+        out.append(f"| {r['depth']} | {r['fraction']:g} | {r['method']} | {r['budget']} | {r['seeds']} | "
+                   f"{r['score']:.2f} ± {r['sd']:.2f} | {r['tflops']:.2f} | "
+                   f"{cell(r['e2e'], r['e2e_margin'], r['e2e_clear'])} | "
+                   f"{cell(r['meta'], r['meta_margin'], r['meta_clear'])} | {half} | "
+                   f"{'**yes**' if r['met'] else 'no'} |")
+    return "\n".join(out)
 
 
 def plot_regime(rows, path: Path, prefix: str = "regime", title: str = "Fashion-MNIST, ViT embed 192, K=4") -> None:
@@ -213,7 +301,9 @@ def write_report(rows, docs: Path) -> None:
             for v in sorted({r.get("variant", "paper") for r in rows if r["study"] == study} - {"paper"}):
                 cmds.append(f"`python benchmarks/accuracy_vs_cost.py --study {study} --methods ours --variant {v} "
                             f"{VARIANTS.get(v, '')}` (ours-{v})")
-            parts.append(f"### {title}\n\n" + "  \n".join(cmds) + f"\n\n{table(rows, study)}\n")
+            bar = bar_table(rows, study) if study.startswith("regime") or study == "resnet" else ""
+            parts.append(f"### {title}\n\n" + "  \n".join(cmds) + f"\n\n{table(rows, study)}\n"
+                         + (f"\n{bar}\n" if bar else ""))
     block = f"{BEGIN}\n" + "\n".join(parts) + f"{END}"
     md = docs / "results.md"
     text = md.read_text() if md.exists() else f"# Results\n\n{BEGIN}\n{END}\n"

@@ -169,3 +169,45 @@ def test_lm_study_rows_tables_and_figure_are_in_bits_per_byte(tmp_path):
     assert (tmp_path / "docs/lm.png").stat().st_size > 1000
     text = (tmp_path / "docs/results.md").read_text()
     assert "### Language-model study" in text and "--variant stack --set incubate.module_init=stack" in text
+
+
+def _row(method, budget, seed, top1, tflops, variant="paper", study="regime"):
+    return {"study": study, "variant": variant, "depth": 12, "fraction": 0.1, "method": method, "budget": budget,
+            "seed": seed, "top1": top1, "flops": tflops * 1e12, "seconds": 1.0}
+
+
+def test_baseline_at_equal_flops_is_the_best_affordable_budget_or_the_line_between_two():
+    pts = [(10.0, 70.0, 1.0, "10"), (30.0, 80.0, 3.0, "30"), (90.0, 78.0, 1.0, "90")]
+    assert rr.baseline_at(pts, 5.0) is None                            # every budget costs more
+    assert rr.baseline_at(pts, 9.9) == (70.0, 1.0, "10", False)        # 1% more: counted as equal
+    score, sd, how, lower = rr.baseline_at(pts, 20.0)                  # halfway between 10 and 30
+    assert (round(score, 6), round(sd, 6), how, lower) == (75.0, 2.0, "10..30", False)
+    # past the peak the line falls below the best budget that costs less: that budget is taken
+    assert rr.baseline_at(pts, 60.0) == (80.0, 3.0, "30", False)
+    assert rr.baseline_at(pts, 200.0) == (80.0, 3.0, "30", True)       # beyond the largest: a lower bound
+
+
+def test_bar_needs_both_margins_beyond_the_spread_two_seeds_and_no_lower_bound():
+    rows = []
+    for seed, d in ((0, -0.5), (1, 0.5)):
+        rows += [_row("e2e", "10", seed, 70 + d, 10), _row("e2e", "30", seed, 80 + d, 30),
+                 _row("meta", "30", seed, 78 + d, 10), _row("meta", "90", seed, 82 + d, 30),
+                 _row("ours", "30/2+2", seed, 84 + d, 15, "stack"),      # 20 TFLOPs-equivalent
+                 _row("ours", "30/4+4", seed, 84 + 4 * d, 20, "stack"),  # wide spread
+                 _row("ours", "90/2+2", seed, 90 + d, 40, "stack")]      # costs more than every baseline
+    rows.append(_row("ours", "30/2+2", 0, 90, 15, "metainit"))          # one seed
+    br = {(r["method"], r["budget"]): r for r in rr.bar_rows(rows, "regime")}
+    cheap = br[("ours-stack", "30/2+2")]
+    # E2E at 15 TFLOPs: the line 70 -> 80 a quarter of the way; meta alone: 78 -> 82 at a quarter
+    assert round(cheap["e2e_margin"], 6) == 11.5 and round(cheap["meta_margin"], 6) == 5.0
+    assert cheap["e2e_clear"] and cheap["meta_clear"] and cheap["met"]
+    assert cheap["half"]          # 84 >= E2E's best (80 at 30 TFLOPs) with 15 <= 30 / 2
+    wide = br[("ours-stack", "30/4+4")]        # meta alone at 20: 80 +- 0.71; ours 84 +- 2.83: 4 > 3.54
+    assert wide["meta_clear"] and wide["met"] and not wide["half"]
+    assert not br[("ours-stack", "90/2+2")]["meta_clear"] and not br[("ours-stack", "90/2+2")]["met"]
+    assert not br[("ours-metainit", "30/2+2")]["met"]                     # one seed does not make the bar
+    table = rr.bar_table(rows, "regime")
+    assert "| 12 | 0.1 | ours-stack | 90/2+2 | 2 | 90.00 ± 0.71 | 40.00 | >= 80.00 ± 0.71 (30) | <= +10.00 |" in table
+    assert table.count("**yes**") == 2
+    # a bits-per-byte study has no bar in points
+    assert rr.bar_table([dict(r, bpb=r.pop("top1")) for r in rows], "regime") == ""
