@@ -245,7 +245,8 @@ def bar_table(rows, study: str) -> str:
            "|---:|---:|---|---|---:|---:|---:|---|---:|---|---:|---|---|"]
     for r in br:
         best = r["e2e_best"]
-        half = (f"{'yes' if r['half'] else 'no'} (E2E best {best[1]:.2f} at {best[0]:.2f})")
+        half = (f"{'yes' if r['half'] else 'no'}{', 1 seed' if r['seeds'] < 2 else ''} "
+                f"(E2E best {best[1]:.2f} at {best[0]:.2f})")
         out.append(f"| {r['depth']} | {r['fraction']:g} | {r['method']} | {r['budget']} | {r['seeds']} | "
                    f"{r['score']:.2f} ± {r['sd']:.2f} | {r['tflops']:.2f} | "
                    f"{cell(r['e2e'], r['e2e_margin'], r['e2e_clear'])} | "

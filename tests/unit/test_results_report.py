@@ -209,5 +209,6 @@ def test_bar_needs_both_margins_beyond_the_spread_two_seeds_and_no_lower_bound()
     table = rr.bar_table(rows, "regime")
     assert "| 12 | 0.1 | ours-stack | 90/2+2 | 2 | 90.00 ± 0.71 | 40.00 | >= 80.00 ± 0.71 (30) | <= +10.00 |" in table
     assert table.count("**yes**") == 2
+    assert "| 12 | 0.1 | ours-metainit | 30/2+2 | 1 | 90.00 ± 0.00 |" in table and "| yes, 1 seed (E2E best" in table
     # a bits-per-byte study has no bar in points
     assert rr.bar_table([dict(r, bpb=r.pop("top1")) for r in rows], "regime") == ""
