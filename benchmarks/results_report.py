@@ -241,7 +241,7 @@ def bar_table(rows, study: str) -> str:
            "the spread, with 2 seeds; a baseline at equal FLOPs: its best budget that costs no more, or the "
            "line between two budgets; >=: every budget of it costs less, a lower bound):", "",
            "| depth | data | ours | budget | seeds | top-1 | TFLOPs | E2E at its FLOPs | vs E2E | "
-           "meta alone at its FLOPs | vs meta alone | E2E's best at <= half its FLOPs | bar met |",
+           "meta alone at its FLOPs | vs meta alone | E2E's best at <= half its FLOPs | >= 1 above both |",
            "|---:|---:|---|---|---:|---:|---:|---|---:|---|---:|---|---|"]
     for r in br:
         best = r["e2e_best"]
