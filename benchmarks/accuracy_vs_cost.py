@@ -141,7 +141,7 @@ def _curve(stage: StageDir, metric: str = "top1") -> list:
         return []
     rows = [json.loads(line) for line in stage.metrics.read_text().splitlines() if line.strip()]
     return [[r["epoch"], round(r["train_loss"], 4), round(r[f"test_{metric}"], 4 if metric == "bpb" else 2)]
-            for r in rows]
+            for r in rows if r.get("kind") != "eval"]
 
 
 def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[StageDir], variant: str) -> dict:

@@ -23,7 +23,9 @@ def parser() -> argparse.ArgumentParser:
     for name, text in (("meta", "train the meta model end to end"),
                        ("assemble", "stitch modules 0..K-1 into the target and evaluate it"),
                        ("finetune", "fine-tune the assembled model end to end"),
-                       ("e2e", "the E2E baseline: same target, data and recipe")):
+                       ("e2e", "the E2E baseline: same target, data and recipe"),
+                       ("grow", "the growth baseline (G_stack): the target from the meta model's layers "
+                                "repeated in order, then end to end")):
         _common(sub.add_parser(name, help=text))
     p = sub.add_parser("incubate", help="train target module I inside the frozen meta model")
     _common(p)
@@ -34,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="every stage in order, skipping finished ones")
     _common(p)
     p.add_argument("--no-e2e", action="store_true", help="skip the E2E baseline")
+    p.add_argument("--grow", action="store_true", help="also the growth baseline (G_stack) from the meta model")
     p.add_argument("--launcher", choices=("local", "ray", "slurm"),
                    help="run each stage as its own job and the K module jobs in parallel "
                         "(default: every stage in this process, one after another)")
@@ -89,7 +92,7 @@ def dispatch(args) -> None:
             raise UserError("--jobs, --retries and --address need --launcher local, ray or slurm")
         if args.jobs < 1 or (args.retries or 0) < 0:
             raise UserError(f"--jobs must be >= 1 and --retries >= 0, got {args.jobs} and {args.retries}")
-        run(recipe, args.out, with_e2e=not args.no_e2e, launcher=args.launcher, jobs=args.jobs,
+        run(recipe, args.out, with_e2e=not args.no_e2e, with_grow=args.grow, launcher=args.launcher, jobs=args.jobs,
             retries=args.retries, address=args.address)
     elif args.cmd == "evaluate":
         from .stages import evaluate

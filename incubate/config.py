@@ -17,7 +17,7 @@ import yaml
 
 from .errors import UserError
 
-STAGES = ("meta", "incubate", "finetune", "e2e")
+STAGES = ("meta", "incubate", "finetune", "e2e", "grow")
 
 
 @dataclass
@@ -68,6 +68,10 @@ class DataCfg:
     # dataset's length (so it sees about 1/repeated_aug of the images). 1 = off.
     repeated_aug: int = 1
     augment: AugmentCfg = field(default_factory=AugmentCfg)
+    eval_tokens: int = 0            # text: train.eval_every evaluates this many held-out tokens (whole windows
+                                    # spread evenly over the split, the same for every stage); 0 = all of it
+    cache_dir: Optional[str] = None  # text: folder of the token cache (default RUN/token_cache); a shared one
+                                     # tokenizes a corpus once for many runs
 
 
 @dataclass
@@ -112,9 +116,13 @@ class TrainCfg:
     # Incubate stage only. false: each module job its own data order and augmentation draws (ours);
     # true: every module job the same ones (the official code, whose jobs share one seed).
     shared_data_order: bool = False
+    tokens: int = 0                 # text: the budget in training tokens instead of epochs (0 = epochs); the
+                                    # last epoch stops part-way, so at most one epoch reads each window once
+    warmup_tokens: int = 0          # with a token budget: the lr warm-up, in tokens (warmup_epochs is for epochs)
+    eval_every: int = 0             # evaluate on data.eval_tokens every N optimizer updates (0 = at epoch ends)
 
 
-LAUNCH_STAGES = ("meta", "incubate", "assemble", "finetune", "e2e")
+LAUNCH_STAGES = ("meta", "incubate", "assemble", "finetune", "e2e", "grow")
 
 
 @dataclass
@@ -171,10 +179,15 @@ class Recipe:
     incubate: dict = field(default_factory=dict)
     finetune: dict = field(default_factory=dict)
     e2e: dict = field(default_factory=dict)
+    grow: dict = field(default_factory=dict)      # G_stack growth: the target from the meta model's layers, then E2E
 
     def stage(self, name: str) -> TrainCfg:
-        """The training settings of one stage: `train` with the stage's overrides applied."""
-        merged = dict(dataclasses.asdict(self.train), **getattr(self, name))
+        """The training settings of one stage: `train` with the stage's overrides applied (a stage's
+        own budget, epochs or tokens, replaces the shared one)."""
+        own = getattr(self, name)
+        merged = dict(dataclasses.asdict(self.train), **own)
+        if "epochs" in own and "tokens" not in own:
+            merged["tokens"] = 0
         return _build(TrainCfg, merged, name)
 
     @property
@@ -208,6 +221,9 @@ def _coerce(value: Any, tp, where: str):
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        number = _number(value)         # 1e7 (YAML reads it as a string) or 2.0e6: a whole number
+        if number is not None and number.is_integer():
+            return int(number)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -229,6 +245,37 @@ def _coerce(value: Any, tp, where: str):
         return value
     raise UserError(f"recipe key '{where}' must be of type {_type_name(tp)}, got {value!r}; "
                     f"fix the recipe or the --set value")
+
+
+def _number(value) -> float | None:
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _one_budget(raw: dict) -> None:
+    """A section sets its budget in epochs or in tokens, never both."""
+    for section in ("train",) + STAGES:
+        keys = raw.get(section) if isinstance(raw.get(section), dict) else {}
+        if "epochs" in keys and "tokens" in keys:
+            raise UserError(f"{section} sets both epochs ({keys['epochs']}) and tokens ({keys['tokens']}): a "
+                            f"stage's budget is one of the two; remove one (a stage's own budget, e.g. "
+                            f"--set meta.tokens=N, replaces the one under train)")
+
+
+def _budget_replaced(raw: dict, overrides: list) -> dict:
+    """The file's budget of a section that --set gives the other kind of budget is dropped:
+    --set meta.tokens=N replaces the recipe's meta.epochs (and the other way round)."""
+    raw = copy.deepcopy(raw)
+    for keys, _ in overrides:
+        if len(keys) == 2 and keys[1] in ("epochs", "tokens") and isinstance(raw.get(keys[0]), dict):
+            raw[keys[0]].pop("tokens" if keys[1] == "epochs" else "epochs", None)
+    return raw
 
 
 def _build(cls, values: dict, where: str = ""):
@@ -304,7 +351,10 @@ def load_recipe(path: str | Path | None, sets: list[str] | None = None) -> Recip
             raise UserError(f"recipe file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise UserError(f"recipe file {p} must hold a mapping of keys, got {type(raw).__name__}")
-    raw = apply_overrides(raw, parse_set(sets or []))
+    overrides = parse_set(sets or [])
+    _one_budget(raw)
+    _one_budget(apply_overrides({}, overrides))
+    raw = apply_overrides(_budget_replaced(raw, overrides), overrides)
     recipe = _build(Recipe, raw)
     validate(recipe)
     return recipe
@@ -343,7 +393,13 @@ def validate(recipe: Recipe) -> None:
                             f"{cfg.checkpoint_minutes}")
         if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.accum_steps < 1:
             raise UserError(f"{stage}: epochs >= 0, batch_size >= 1 and accum_steps >= 1 are required")
+        _validate_budget(stage, cfg, getattr(family, "task", "classification") == "causal_lm")
     _validate_tokenizer(recipe.data, family, m.family)
+    if recipe.data.eval_tokens < 0:
+        raise UserError(f"data.eval_tokens must be >= 0 (0: the whole held-out split), got {recipe.data.eval_tokens}")
+    if (recipe.data.eval_tokens or recipe.data.cache_dir) and getattr(family, "task", "classification") != "causal_lm":
+        raise UserError("data.eval_tokens and data.cache_dir are for text; remove them for a model that classifies "
+                        "images (train.eval_every evaluates on the whole test set)")
     if recipe.data.on_bad_image not in ("stop", "skip"):
         raise UserError(f"data.on_bad_image must be stop or skip, got {recipe.data.on_bad_image!r}")
     _validate_augment(recipe.data)
@@ -355,6 +411,23 @@ def validate(recipe: Recipe) -> None:
 
 
 TOKENIZERS = ("byte", "bpe")
+
+
+def _validate_budget(stage: str, cfg: TrainCfg, text: bool) -> None:
+    for key in ("tokens", "warmup_tokens", "eval_every"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{stage}.{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.tokens and not text:
+        raise UserError(f"{stage}.tokens is a budget in text tokens, but the model classifies images; give "
+                        f"{stage}.epochs instead")
+    if cfg.tokens and cfg.warmup_epochs:
+        raise UserError(f"{stage}.warmup_epochs {cfg.warmup_epochs} with a budget in tokens: give the warm-up as "
+                        f"{stage}.warmup_tokens instead")
+    if cfg.warmup_tokens and not cfg.tokens:
+        raise UserError(f"{stage}.warmup_tokens is the warm-up of a budget in tokens, but {stage} trains for "
+                        f"epochs; use {stage}.warmup_epochs, or set {stage}.tokens")
+    if cfg.warmup_tokens > cfg.tokens:
+        raise UserError(f"{stage}.warmup_tokens {cfg.warmup_tokens} exceeds the budget of {cfg.tokens} tokens")
 
 
 def _validate_tokenizer(data: DataCfg, family, family_name: str) -> None:

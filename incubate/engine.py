@@ -25,10 +25,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import resume
+from .budget import Budget, make_scheduler, plan
 from .data import make_loader
 from .errors import UserError
 from .tasks import get_task
 from .tblog import Events
+from .validation import PeriodicEval
 from .faults import StoppedEverywhere, agree, stop_if_any_failed
 
 
@@ -209,7 +211,6 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
     it exists.
     """
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
     task = task or get_task("classification")
     net.to(dist.device)
@@ -217,21 +218,12 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                                dist.device)
     test_loader = make_loader(bundle, bundle.test, data_cfg, data_cfg.eval_batch_size, False, seed, dist.rank,
                               dist.world, dist.device)
-    micro_steps = (len(train_loader) // cfg.accum_steps) * cfg.accum_steps
-    if micro_steps == 0:
-        raise UserError(f"{label}: batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} x {dist.world} "
-                        f"processes exceeds the {len(bundle.train)} training samples (images or text windows); "
-                        f"lower batch_size")
-    updates_per_epoch = micro_steps // cfg.accum_steps
+    budget = plan(cfg, len(train_loader), getattr(bundle, "context", 0), dist.world, label, len(bundle.train))
     lr = cfg.lr * cfg.batch_size * cfg.accum_steps * dist.world / cfg.lr_base_batch
     # torch's fused AdamW runs on CUDA and, since torch 2.4, on CPU (measured 1.1x there: docs/performance.md)
     opt_kwargs = {"fused": True} if cfg.fused else {}
     optimizer = create_optimizer_v2(trained, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
-    milestones = {} if cfg.decay_milestones is None else {"decay_milestones": cfg.decay_milestones}
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=max(cfg.epochs, 1),
-                                       warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-                                       min_lr=cfg.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch, **milestones)
+    scheduler = make_scheduler(optimizer, cfg, budget)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     mixup, criterion, flops_criterion = task.criteria(cfg, bundle)
     if cfg.grad_checkpointing:
@@ -239,7 +231,7 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
 
     ckpt = stage_dir / "checkpoint.safetensors"
     metrics_path = stage_dir / "metrics.jsonl"
-    pos = resume.restore(ckpt, trained, optimizer, scheduler, scaler, dist, cfg, label, metrics_path, micro_steps)
+    pos = resume.restore(ckpt, trained, optimizer, scheduler, scaler, dist, cfg, label, metrics_path, budget)
     start_epoch = pos.epoch
 
     if pos.flops_per_step is None:
@@ -254,26 +246,28 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
         net, _ = _DDPPart.wrap(net, ddp_attr, dist)
     ddp_module = (getattr(net, ddp_attr) if ddp_attr else net) if dist.world > 1 else None
     run_net = torch.compile(net) if cfg.compile else net
-    tb = Events(stage_dir, cfg.tensorboard and dist.main, pos.num_updates, dist.world,
-                pos.flops_per_step * cfg.accum_steps * dist.world)
+    flops_per_update = pos.flops_per_step * cfg.accum_steps * dist.world
+    tb = Events(stage_dir, cfg.tensorboard and dist.main, pos.num_updates, dist.world, flops_per_update)
+    evals = PeriodicEval(cfg, bundle, data_cfg, seed, dist, task, metrics_path, tb, budget, flops_per_update, evaluate)
 
     params = [p for p in trained.parameters() if p.requires_grad]
     last = task.empty()
     clock = resume.SaveClock(cfg, dist.main)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, budget.epochs):
         t0 = mark = time.perf_counter()     # mark: up to where pos.seconds counts this epoch
         seed_all(seed * 1_000_003 + epoch * 1009 + dist.rank)
         first, loss_sum, seen = pos.step, 0.0, 0
         if first:       # mid-epoch: this rank's RNG and running sums as they were at that step
             loss_sum, seen = resume.restore_rank_state(pos.ranks[dist.rank], dist.device)
         pos.step = 0
+        micro_steps = budget.steps_in(epoch)
         net.train()
         optimizer.zero_grad(set_to_none=True)
         show = dist.main and sys.stderr.isatty()
         batches = iter(train_loader.epoch(epoch, start=first))
         if show:
             from tqdm import tqdm
-            batches = iter(tqdm(batches, total=micro_steps, initial=first, desc=f"{label} {epoch + 1}/{cfg.epochs}",
+            batches = iter(tqdm(batches, total=micro_steps, initial=first, desc=f"{label} {epoch + 1}/{budget.epochs}",
                                 leave=False))
         for step in range(first, micro_steps):
             sync = (step + 1) % cfg.accum_steps == 0
@@ -331,6 +325,9 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                 pos.num_updates += 1
                 scheduler.step_update(num_updates=pos.num_updates)
                 tb.update(pos.num_updates, loss_sum, seen, t0, grad_norm, optimizer.param_groups[0]["lr"])
+                if evals.due(pos.num_updates):
+                    evals.run(run_net, pos.num_updates, epoch, loss_sum / max(seen, 1),
+                              pos.seconds + time.perf_counter() - mark)
                 if verdict.save and step + 1 < micro_steps:     # an epoch's end is saved below anyway
                     pos.epoch, pos.step = epoch, step + 1
                     pos.seconds += time.perf_counter() - mark
@@ -338,6 +335,9 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                     resume.save(ckpt, trained, optimizer, scheduler, scaler, dist, pos, epoch, True, loss_sum, seen)
                     pos.step = 0
                     clock.saved()
+        if epoch == budget.epochs - 1:      # the curve ends at the stage's last update
+            evals.run(run_net, pos.num_updates, epoch, loss_sum / max(seen, 1),
+                      pos.seconds + time.perf_counter() - mark, final=True)
         last = evaluate(run_net, test_loader, dist, cfg.amp, task)
         pos.seconds += time.perf_counter() - mark
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), **task.row(last),
@@ -352,19 +352,20 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             tb.epoch(pos.num_updates, row)
-            print(f"[{label}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
+            print(f"[{label}] epoch {epoch + 1}/{budget.epochs} loss {row['train_loss']:.4f} "
                   f"{task.text(last)} ({pos.seconds:.1f}s)", flush=True)
 
         resume.save(ckpt, trained, optimizer, scheduler, scaler, dist, pos, epoch, False, first=write_row)
         clock.saved()
     tb.close()
-    if cfg.epochs == 0 or start_epoch >= cfg.epochs:
+    if budget.epochs == 0 or start_epoch >= budget.epochs:
         last = evaluate(run_net, test_loader, dist, cfg.amp, task)
-    steps = micro_steps * cfg.epochs * dist.world
+    steps = budget.micro_steps * dist.world
     seconds, flops_per_step = pos.seconds, pos.flops_per_step
     return {"metrics": task.final(last), "seconds": seconds,
             "process_seconds": seconds * dist.world, "flops_per_step": flops_per_step,
-            "steps": steps, "flops": flops_per_step * steps, "lr": lr, "train": asdict(cfg)}
+            "steps": steps, "flops": flops_per_step * steps, "updates": budget.updates, "tokens": budget.tokens,
+            "lr": lr, "train": asdict(cfg)}
 
 
 def _everywhere(dist: Dist, message: str) -> UserError:

@@ -49,8 +49,30 @@ def ours_total(summary: dict, metric: str = "top1") -> dict | None:
             "flops": sum(p["flops"] for p in parts)}
 
 
+def metric_rows(stage: StageDir, kind: str = "epoch") -> list[dict]:
+    """A stage's metrics.jsonl rows: those of its epochs, or (kind "eval") its evaluations during
+    training (train.eval_every)."""
+    if not stage.metrics.exists():
+        return []
+    rows = []
+    for line in stage.metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue        # a line being written
+        if (row.get("kind", "epoch") == "eval") == (kind == "eval"):
+            rows.append(row)
+    return rows
+
+
 def _curve(stage: StageDir, base_flops: float, base_seconds: float, total_flops: float, key: str = "test_top1"):
-    lines = [json.loads(l) for l in stage.metrics.read_text().splitlines() if l.strip()] if stage.metrics.exists() else []
+    """(FLOPs, seconds, metric) after each epoch, or after each evaluation during training where the
+    stage made them (their own FLOPs so far)."""
+    evals = metric_rows(stage, "eval")
+    if evals:
+        return ([base_flops + r["flops"] for r in evals], [base_seconds + r["seconds"] for r in evals],
+                [r[key] for r in evals])
+    lines = metric_rows(stage)
     n = max(len(lines), 1)
     return ([base_flops + total_flops * (i + 1) / n for i in range(len(lines))],
             [base_seconds + l["seconds"] for l in lines], [l[key] for l in lines])
@@ -98,7 +120,7 @@ def stage_curve(run: Path, stage: str, base_flops: float = 0.0, base_seconds: fl
     m = sd.manifest()
     if not (m and m.get("finished") and m.get("epochs")) or not sd.metrics.exists():
         return None
-    rows = [json.loads(line) for line in sd.metrics.read_text().splitlines() if line.strip()]
+    rows = metric_rows(sd)
     per_epoch = m["flops_per_step"] * m["steps"] / m["epochs"]
     world = m.get("world_size", 1)
     return {"epoch": [r["epoch"] for r in rows],

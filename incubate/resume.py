@@ -145,14 +145,19 @@ def load(ckpt: Path, label: str, dist) -> tuple | None:
     return loaded
 
 
-def trim_metrics(path: Path, epochs_done: int) -> None:
-    """After a resume, drop metric lines of epochs the checkpoint does not cover."""
+def trim_metrics(path: Path, epochs_done: int, updates_done: int | None = None) -> None:
+    """After a resume, drop metric lines the checkpoint does not cover: epochs after `epochs_done`,
+    and evaluations during training (train.eval_every) after update `updates_done`."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["epoch"] <= epochs_done:
+            row = json.loads(line)
+            if row.get("kind") == "eval" and updates_done is not None:
+                if row["update"] <= updates_done:
+                    keep.append(line)
+            elif row["epoch"] <= epochs_done:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
@@ -196,7 +201,7 @@ def save(ckpt: Path, trained, optimizer, scheduler, scaler, dist, pos, epoch: in
 
 
 def restore(ckpt: Path, trained, optimizer, scheduler, scaler, dist, cfg, label: str,
-             metrics_path: Path, micro_steps: int):
+             metrics_path: Path, budget):
     """The Position to start from: the newest readable checkpoint's, or the start of the stage."""
     loaded = load(ckpt, label, dist)
     if loaded is None:
@@ -212,8 +217,8 @@ def restore(ckpt: Path, trained, optimizer, scheduler, scaler, dist, cfg, label:
         scaler.load_state_dict(meta["scaler"])
     pos = position(meta, dist.world, ckpt)
     if dist.main:
-        trim_metrics(metrics_path, pos.epoch)
-        where = (f"in epoch {pos.epoch + 1}/{cfg.epochs} after step {pos.step}/{micro_steps}" if pos.step
-                 else f"after epoch {pos.epoch}/{cfg.epochs}")
+        trim_metrics(metrics_path, pos.epoch, pos.num_updates)
+        where = (f"in epoch {pos.epoch + 1}/{budget.epochs} after step {pos.step}/{budget.steps_in(pos.epoch)}"
+                 if pos.step else f"after epoch {pos.epoch}/{budget.epochs}")
         print(f"[{label}] resuming {where} from {ckpt}", flush=True)
     return pos

@@ -91,6 +91,14 @@ def _metric(values: dict, prefix: str = "") -> str:
     return f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "no metric"
 
 
+def _where(row: dict, of: str) -> str:
+    """How far a metrics row is: an epoch, or an update of an evaluation during training."""
+    if row.get("kind") == "eval":
+        tokens = f", {row['tokens']:,} tokens" if "tokens" in row else ""
+        return f"update {row['update']}{tokens} (held-out slice)"
+    return f"epoch {row['epoch']}{of}"
+
+
 def _stamp(t: float, now: float) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(t))} ({max(0, now - t):.0f}s ago)"
 
@@ -107,7 +115,7 @@ def stage_status(sd: StageDir, epochs: int | None, now: float) -> dict:
     last, h = last_epoch(sd), holder(sd)
     of = f"/{epochs}" if epochs is not None else ""
     progress = "no epoch finished yet" if last is None else (
-        f"epoch {last['epoch']}{of} test {_metric(last, 'test_')}, written {_stamp(last['written'], now)}")
+        f"{_where(last, of)} test {_metric(last, 'test_')}, written {_stamp(last['written'], now)}")
     row.update(epoch=last["epoch"] if last else 0, epochs=epochs, written=last["written"] if last else None)
     if h is not None:
         who = f"pid {h['pid']} on {h['host']}, started {h['started'] or '?'}"
@@ -134,7 +142,8 @@ def status(run, out=None) -> list[dict]:
     rows = []
     for sd in stage_dirs(run, k):
         cfg = "incubate" if sd.stage == "incubate" else sd.stage
-        epochs = recipe.stage(cfg).epochs if recipe is not None and cfg != "assembled" else None
+        budget = recipe.stage(cfg) if recipe is not None and cfg != "assembled" else None
+        epochs = budget.epochs if budget is not None and not budget.tokens else None
         rows.append(stage_status(sd, epochs, now))
     print(f"run {run} (recipe {recipe.name if recipe else '?'}, K={k}), as of {_stamp(now, now).split(' ')[0]}",
           file=out, flush=True)

@@ -101,6 +101,14 @@ class Events:
                 self.writer.add_scalar(f"eval/{key[5:]}", value, num_updates)
         self.writer.flush()
 
+    def eval(self, num_updates: int, row: dict):
+        """An evaluation during training (train.eval_every), on the held-out slice: eval_slice/<metric>."""
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key.startswith("test_"):
+                self.writer.add_scalar(f"eval_slice/{key[5:]}", value, num_updates)
+
     def close(self):
         if self.writer is not None:
             self.writer.close()

@@ -21,18 +21,25 @@ Bits per byte divide by the UTF-8 bytes of the held-out text that the predicted 
 (`TextBundle.test_bytes`): the held-out text less its first token (nothing comes before it to
 predict it from) and less the tail after the last whole window (shorter than one window, never
 predicted). With bytes that is len(windows) * context; with BPE the byte lengths of those tokens.
+
+Files ending in .gz are read decompressed. The token ids live in the token cache (token_cache.py):
+memory-mapped files made once per corpus, split and tokenizer. `data.eval_tokens` picks a fixed
+slice of the held-out windows (evenly spaced over it) for evaluation during training.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from . import token_cache
 from .errors import UserError
+from .order import epoch_order
 
 BYTE_VOCAB = 256
 TOKENIZER_FILE = "tokenizer.json"       # in the run directory, with data.tokenizer: bpe
@@ -42,16 +49,34 @@ PIECE_CHARS = 1 << 20                   # BPE sees a file in pieces of about thi
 
 @dataclass
 class TextSplit:
-    """One split's tokens, read as windows of `context` + 1 tokens with stride `context`."""
-    tokens: torch.Tensor            # 1-D int64
+    """One split's tokens, read as windows of `context` + 1 tokens, one every `stride` tokens
+    (0: every `context`, so that windows follow each other and each token is predicted once)."""
+    tokens: np.ndarray              # 1-D token ids (a read-only memory map of the token cache)
     context: int
+    stride: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.tokens, torch.Tensor):
+            self.tokens = self.tokens.numpy()
+        self.stride = self.stride or self.context
 
     def __len__(self) -> int:
-        return max((len(self.tokens) - 1) // self.context, 0)
+        return max((len(self.tokens) - self.context - 1) // self.stride + 1, 0)
 
     def windows(self, idx: torch.Tensor) -> torch.Tensor:
-        starts = idx.long() * self.context
-        return self.tokens[starts[:, None] + torch.arange(self.context + 1)[None]]
+        starts = np.asarray(idx, dtype=np.int64) * self.stride
+        return torch.from_numpy(self.tokens[starts[:, None] + np.arange(self.context + 1)[None]].astype(np.int64))
+
+    def targets(self) -> np.ndarray:
+        """Every token a window predicts (all but each window's first), in window order."""
+        if self.stride == self.context:
+            return self.tokens[1:1 + len(self) * self.context]
+        return self.windows(torch.arange(len(self)))[:, 1:].numpy().reshape(-1)
+
+    def spaced(self, n: int) -> "TextSplit":
+        """`n` of the windows, evenly spaced over the split, as a split of their own."""
+        picked = torch.from_numpy(np.linspace(0, len(self) - 1, n).round().astype(np.int64))
+        return TextSplit(self.windows(picked).numpy().reshape(-1), self.context, self.context + 1)
 
 
 @dataclass
@@ -83,11 +108,22 @@ class TextBundle:
     @property
     def test_bytes(self) -> int:
         """UTF-8 bytes of the held-out text whose tokens are predicted (bits per byte divide by it):
-        the targets of every window, tokens 1 .. len(test) * context of the held-out split."""
-        n = len(self.test) * self.context
+        the targets of every window of the held-out split."""
         if self.token_bytes is None:
-            return n                             # byte tokens: one byte a token
-        return int(self.token_bytes[self.test.tokens[1:1 + n]].sum())
+            return len(self.test) * self.context     # byte tokens: one byte a token
+        return int(self.token_bytes[torch.from_numpy(self.test.targets().astype(np.int64))].sum())
+
+    def eval_slice(self, eval_tokens: int) -> "TextBundle":
+        """This bundle with its held-out split cut to `eval_tokens` predicted tokens (0: all of it),
+        in whole windows evenly spaced over it: the same slice for every stage and method."""
+        if not eval_tokens:
+            return self
+        n = eval_tokens // self.context
+        if n < 1 or n > len(self.test):
+            raise UserError(f"data.eval_tokens {eval_tokens} must be between one window (data.context = "
+                            f"{self.context}) and the held-out text's {len(self.test) * self.context} predicted "
+                            f"tokens; set it in that range, or 0 for the whole held-out split")
+        return replace(self, test=self.test.spaced(n))
 
     def describe(self) -> dict:
         """What a manifest records of the data (in place of an image pipeline)."""
@@ -103,8 +139,12 @@ class TextBundle:
 def _read_utf8(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
     except OSError as e:
-        raise UserError(f"cannot read text file {path}: {e.strerror}") from None
+        raise UserError(f"cannot read text file {path}: {e.strerror or e}") from None
+    except EOFError:
+        raise UserError(f"text file {path} is a cut-short gzip file; replace it or remove it from the corpus") from None
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -161,8 +201,44 @@ def _split(root: Path, val_fraction: float, seed: int, char_boundary: bool = Fal
 
 
 def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBundle:
-    """The corpus at `path` as token windows. With data.tokenizer: bpe, `run` is the run directory
+    """The corpus at `path` as token windows, from the token cache (RUN/token_cache or
+    data.cache_dir; in memory without either). With data.tokenizer: bpe, `run` is the run directory
     whose tokenizer.json is loaded, or trained and saved there when missing and `train_tokenizer`."""
+    root = _checked_root(cfg, path)
+    kind = getattr(cfg, "tokenizer", "byte")
+    if kind not in ("byte", "bpe"):
+        raise UserError(f"data.tokenizer must be byte or bpe, got {kind!r}")
+    if kind == "byte" and run is not None and (Path(run) / TOKENIZER_FILE).exists():
+        raise UserError(f"{Path(run) / TOKENIZER_FILE} is the BPE tokenizer of a data.tokenizer: bpe run, but the "
+                        f"recipe says data.tokenizer: byte; use data.tokenizer: bpe as that run did, or a new --out")
+    files = _files(root)
+    tok, digest = _bpe_tokenizer(cfg, root, run, train_tokenizer) if kind == "bpe" else (None, "")
+    vocab = BYTE_VOCAB if tok is None else tok.get_vocab_size()
+    settings = {"val_fraction": cfg.val_fraction, "subset_seed": cfg.subset_seed, "tokenizer": kind,
+                "tokenizer_sha256": digest}
+    where = token_cache.cache_root(cfg, run)
+    key = token_cache.corpus_key(root, files, settings) if where is not None else ""
+
+    def tokenize():
+        train, test, train_files, test_files = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=tok is not None)
+        if tok is None:
+            train, test = [np.frombuffer(t, dtype=np.uint8) for t in train], [np.frombuffer(t, dtype=np.uint8) for t in test]
+        else:
+            train, test = [_encode(tok, pieces(train))], [_encode(tok, pieces(test))]
+        for name, parts in (("training", train), ("held-out", test)):
+            _check_windows(name, sum(len(p) for p in parts), root, cfg.context)
+        return train, test, train_files, test_files
+
+    tokens = token_cache.load_or_build(where, key, vocab, tokenize, {"source": str(root), **settings})
+    token_bytes = None if tok is None else torch.tensor([len(tok.id_to_token(i)) for i in range(vocab)])
+    bundle = TextBundle(TextSplit(tokens.train, cfg.context), TextSplit(tokens.test, cfg.context), vocab, cfg.context,
+                        cfg.source, kind, tokens.train_files, tokens.test_files, digest, token_bytes)
+    for name, split in (("training", bundle.train), ("held-out", bundle.test)):
+        _check_windows(name, len(split.tokens), root, cfg.context)      # a cache made with another data.context
+    return bundle
+
+
+def _checked_root(cfg, path: str) -> Path:
     root = Path(path)
     if not path:
         raise UserError(f"data.source '{cfg.source}' needs a path, e.g. text:/usr/share/common-licenses")
@@ -175,27 +251,13 @@ def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBun
                         f"text has no classes: remove it (or give fewer files in text:PATH)")
     if cfg.context < 1:
         raise UserError(f"data.context must be >= 1 token, got {cfg.context}")
-    kind = getattr(cfg, "tokenizer", "byte")
-    if kind == "bpe":
-        return _bpe_bundle(cfg, root, run, train_tokenizer)
-    if kind != "byte":
-        raise UserError(f"data.tokenizer must be byte or bpe, got {kind!r}")
-    if run is not None and (Path(run) / TOKENIZER_FILE).exists():
-        raise UserError(f"{Path(run) / TOKENIZER_FILE} is the BPE tokenizer of a data.tokenizer: bpe run, but the "
-                        f"recipe says data.tokenizer: byte; use data.tokenizer: bpe as that run did, or a new --out")
-    train, test, train_files, test_files = split_corpus(root, cfg.val_fraction, cfg.subset_seed)
-    bundle = TextBundle(TextSplit(torch.frombuffer(bytearray(train), dtype=torch.uint8).long(), cfg.context),
-                        TextSplit(torch.frombuffer(bytearray(test), dtype=torch.uint8).long(), cfg.context),
-                        BYTE_VOCAB, cfg.context, cfg.source, "byte", train_files, test_files)
-    _check_windows(bundle, root, cfg.context)
-    return bundle
+    return root
 
 
-def _check_windows(bundle: TextBundle, root: Path, context: int) -> None:
-    for name, split in (("training", bundle.train), ("held-out", bundle.test)):
-        if len(split) == 0:
-            raise UserError(f"the {name} text of {root} has {len(split.tokens)} tokens, fewer than one window of "
-                            f"data.context + 1 = {context + 1}; use a smaller data.context or more text")
+def _check_windows(name: str, n_tokens: int, root: Path, context: int) -> None:
+    if n_tokens < context + 1:
+        raise UserError(f"the {name} text of {root} has {n_tokens} tokens, fewer than one window of "
+                        f"data.context + 1 = {context + 1}; use a smaller data.context or more text")
 
 
 # ---------------------------------------------------------------- byte-level BPE
@@ -262,30 +324,20 @@ def read_tokenizer(path: Path, vocab_size: int | None = None, hint: str = RETRAI
     return tok, hashlib.sha256(data).hexdigest()
 
 
-def _encode(tok, texts: list[str]) -> torch.Tensor:
+def _encode(tok, texts: list[str]) -> np.ndarray:
     ids = [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False)]
-    return torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64))
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
 
 
-def _bpe_bundle(cfg, root: Path, run, train_tokenizer: bool) -> TextBundle:
-    train, test, train_files, test_files = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=True)
-    train, test = pieces(train), pieces(test)
+def _bpe_tokenizer(cfg, root: Path, run, train_tokenizer: bool):
+    """(tokenizer, SHA-256 of its file): RUN/tokenizer.json, trained there first when missing."""
     if run is None:
         raise UserError("data.tokenizer: bpe keeps its tokenizer in the run directory, and none was given; "
                         "run a stage with --out RUN")
     run = Path(run)
     path = run / TOKENIZER_FILE
-
-    def bundle_of(tok, digest):
-        token_bytes = torch.tensor([len(tok.id_to_token(i)) for i in range(tok.get_vocab_size())])
-        bundle = TextBundle(TextSplit(_encode(tok, train), cfg.context), TextSplit(_encode(tok, test), cfg.context),
-                            tok.get_vocab_size(), cfg.context, cfg.source, "bpe", train_files, test_files,
-                            digest, token_bytes)
-        _check_windows(bundle, root, cfg.context)
-        return bundle
-
     if path.exists():
-        return bundle_of(*read_tokenizer(path, cfg.vocab_size))
+        return read_tokenizer(path, cfg.vocab_size)
     if not train_tokenizer:
         raise UserError(f"{path} does not exist: a data.tokenizer: bpe run keeps the tokenizer its stages were "
                         f"trained with there; {RESTORE}")
@@ -294,26 +346,12 @@ def _bpe_bundle(cfg, root: Path, run, train_tokenizer: bool) -> TextBundle:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
-    from .checkpoint import write_bytes_atomic
     from .lock import waiting
     try:
         with waiting(run / ".tokenizer.lock"):      # one process trains; the others wait, then load its file
             if path.exists():
-                return bundle_of(*read_tokenizer(path, cfg.vocab_size))
-            from tokenizers import Tokenizer
-            trained = train_bpe(train, cfg.vocab_size)
-            most = trained.get_vocab_size()
-            if most < cfg.vocab_size:
-                raise UserError(f"data.vocab_size {cfg.vocab_size} is more than byte-level BPE learns from the "
-                                f"training text of {root} ({sum(len(t.encode()) for t in train)} bytes): it stops at "
-                                f"{most} tokens (no pair of tokens left that occurs at least {BPE_MIN_FREQUENCY} "
-                                f"times); set data.vocab_size <= {most}, or give more text")
-            data = trained.to_str().encode("utf-8")
-            bundle = bundle_of(Tokenizer.from_str(data.decode("utf-8")), hashlib.sha256(data).hexdigest())
-            write_bytes_atomic(path, data)
-            print(f"tokenizer: byte-level BPE of {bundle.vocab_size} tokens trained on the training split "
-                  f"({len(train_files)} files, {len(bundle.train.tokens)} tokens); saved as {path}", flush=True)
-            return bundle
+                return read_tokenizer(path, cfg.vocab_size)
+            return _train_and_save(cfg, root, path)
     except UserError:
         if made:        # leave no run directory behind a refused recipe
             (run / ".tokenizer.lock").unlink(missing_ok=True)
@@ -322,6 +360,31 @@ def _bpe_bundle(cfg, root: Path, run, train_tokenizer: bool) -> TextBundle:
             except OSError:
                 pass
         raise
+
+
+def _train_and_save(cfg, root: Path, path: Path):
+    """Train BPE on the training split, check that both splits still make a window, save it."""
+    from tokenizers import Tokenizer
+
+    from .checkpoint import write_bytes_atomic
+    train, test, train_files, _ = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=True)
+    train, test = pieces(train), pieces(test)
+    trained = train_bpe(train, cfg.vocab_size)
+    most = trained.get_vocab_size()
+    if most < cfg.vocab_size:
+        raise UserError(f"data.vocab_size {cfg.vocab_size} is more than byte-level BPE learns from the "
+                        f"training text of {root} ({sum(len(t.encode()) for t in train)} bytes): it stops at "
+                        f"{most} tokens (no pair of tokens left that occurs at least {BPE_MIN_FREQUENCY} "
+                        f"times); set data.vocab_size <= {most}, or give more text")
+    data = trained.to_str().encode("utf-8")
+    tok = Tokenizer.from_str(data.decode("utf-8"))
+    n_train = len(_encode(tok, train))
+    for name, texts in (("training", None), ("held-out", test)):
+        _check_windows(name, n_train if texts is None else len(_encode(tok, texts)), root, cfg.context)
+    write_bytes_atomic(path, data)
+    print(f"tokenizer: byte-level BPE of {tok.get_vocab_size()} tokens trained on the training split "
+          f"({len(train_files)} files, {n_train} tokens); saved as {path}", flush=True)
+    return tok, hashlib.sha256(data).hexdigest()
 
 
 class TextLoader:
@@ -341,7 +404,6 @@ class TextLoader:
     def epoch(self, epoch: int, start: int = 0):
         """Batches of `epoch` from batch `start` on (a mid-epoch resume): the same batches an
         uninterrupted epoch yields from there (the order is the only randomness)."""
-        from .data import epoch_order
         order = epoch_order(len(self.split), self.seed, epoch, self.rank, self.world, self.batch, self.train)
         for start in range(start * self.batch, len(order), self.batch):
             w = self.split.windows(order[start:start + self.batch])

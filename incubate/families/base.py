@@ -10,6 +10,10 @@ splits them contiguously into K *modules*; module 0 also owns the *stem* (everyt
 first block) and module K-1 the *head* (everything after the last block). Every weight (state-dict
 key) belongs to exactly one module, and keeps the model's own key name in module files.
 
+Optional: `grow_from_meta(target, meta)`, depthwise growth (G_stack: the target's blocks are the
+whole meta model's blocks repeated in order, stem and head copied), where the family's blocks are
+one stack of equal shapes (ViT, decoder layers); `incubate grow` refuses a family without it.
+
 Optional attributes: `imports_official = True` where `incubate import-official` can read the
 official code's checkpoints of the family (ViT); `no_grad_checkpointing = "why"` where
 train.grad_checkpointing must be refused (ResNet).
@@ -132,6 +136,14 @@ def init_blocks_from_meta(blocks, meta_blocks, division: list[int], meta_divisio
                 proj.weight.zero_()
                 if proj.bias is not None:
                     proj.bias.zero_()
+
+
+def stack_blocks(blocks, meta_blocks) -> None:
+    """G_stack's operator (Du et al. 2024): block j of the target copies meta block j mod the meta
+    depth, so the target is the whole meta stack repeated in order (0..n-1, 0..n-1, ...)."""
+    with torch.no_grad():
+        for j, blk in enumerate(blocks):
+            blk.load_state_dict(meta_blocks[j % len(meta_blocks)].state_dict())
 
 
 def timm_export_config(model: nn.Module, model_args: dict, data_config: dict, label_names: list) -> dict:

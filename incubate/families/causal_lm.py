@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import copy_stem_and_head, init_blocks_from_meta, module_of
+from .base import copy_stem_and_head, init_blocks_from_meta, module_of, stack_blocks
 
 STEM = ("model.embed_tokens.",)
 HEAD = ("model.norm.", "lm_head.")
@@ -115,6 +115,11 @@ class CausalLMFamily:
         config["architectures"] = [type(model).__name__]
         config["deep_incubate"] = {"rebuild": "transformers.AutoModelForCausalLM.from_pretrained(DIR)"}
         return config
+
+    def grow_from_meta(self, target: nn.Module, meta: nn.Module) -> None:
+        """G_stack growth: the target's blocks repeat the meta model's in order; stem and head copied."""
+        stack_blocks(target.model.layers, meta.model.layers)
+        copy_stem_and_head(target, meta, 0, 1, STEM, HEAD)
 
     def init_from_meta(self, target: nn.Module, meta: nn.Module, division: list[int],
                        meta_division: list[int], index: int, mode: str = "meta") -> None:

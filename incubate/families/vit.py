@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .base import copy_stem_and_head, init_blocks_from_meta, module_of, timm_export_config
+from .base import copy_stem_and_head, init_blocks_from_meta, module_of, stack_blocks, timm_export_config
 
 STEM = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")
 HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.")
@@ -85,6 +85,11 @@ class ViTFamily:
 
     def export_config(self, model: nn.Module, spec: dict, data_config: dict, label_names: list) -> dict:
         return timm_export_config(model, spec["kwargs"], data_config, label_names)
+
+    def grow_from_meta(self, target: nn.Module, meta: nn.Module) -> None:
+        """G_stack growth: the target's blocks repeat the meta model's in order; stem and head copied."""
+        stack_blocks(target.blocks, meta.blocks)
+        copy_stem_and_head(target, meta, 0, 1, STEM, HEAD)
 
     def init_from_meta(self, target: nn.Module, meta: nn.Module, division: list[int],
                        meta_division: list[int], index: int, mode: str = "meta") -> None:

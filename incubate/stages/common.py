@@ -19,12 +19,12 @@ from ..lock import hold, release
 from ..tasks import task_of
 from ..text_data import RESTORE, TOKENIZER_FILE
 
-STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", "e2e": "e2e"}
+STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", "e2e": "e2e", "grow": "grow"}
 # Parts of the recipe that must not change inside one run directory: what the weights and the
 # dataset are. Training settings, loader settings and augmentation may change between stages.
 FIXED_KEYS = ("model.family", "model.name", "model.kwargs", "model.division", "model.meta_division",
               "data.source", "data.img_size", "data.train_fraction", "data.subset_seed", "data.context",
-              "data.val_fraction", "data.tokenizer", "data.vocab_size")
+              "data.val_fraction", "data.tokenizer", "data.vocab_size", "data.eval_tokens")
 
 
 class StageDir:
@@ -220,7 +220,7 @@ def claim(stage: StageDir) -> None:
 
 def stage_dirs(run: Path, k: int) -> list[StageDir]:
     return ([StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(k)]
-            + [StageDir(run, s) for s in ("assembled", "finetune", "e2e")])
+            + [StageDir(run, s) for s in ("assembled", "finetune", "e2e", "grow")])
 
 
 def write_summary(run: Path) -> dict:
