@@ -13,6 +13,9 @@ parts and rerun after a kill):
           Python tutorial (Debian's python3.11-doc, pinned), in validation bits per byte
           (recipes/lm_python_tutorial.yaml); inits as variants, e.g. --variant stack
           --set incubate.module_init=stack
+  lm_tokens  language-model pre-training in tokens, read about once, as the growth literature
+          measures it: E2E, the meta model alone, ours (meta, stack, random module init) and G_stack
+          growth at budgets in TFLOPs (benchmarks/token_study.py; recipes/lm_tokens.yaml)
   resnet  the CIFAR-style ResNet-56 of He et al. (recipes/fashion_mnist_resnet.yaml, K=3): E2E and
           the meta model alone at several budgets, ours with the paper's random module init, and
           ours with meta init as the variant `--study resnet --methods ours --variant metainit
@@ -38,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from incubate.config import load_recipe  # noqa: E402
 from incubate.errors import UserError  # noqa: E402
-from incubate.stages import assemble, e2e, finetune, incubate, meta  # noqa: E402
+from incubate.stages import assemble, e2e, finetune, grow, incubate, meta  # noqa: E402
 from incubate.stages.common import StageDir  # noqa: E402
+from benchmarks import token_study as tok  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 DATA = ROOT / "data" / "fashion-mnist"      # a git-ignored copy that travels to a GPU machine (make gpu-data)
@@ -83,6 +87,14 @@ STUDIES = {
     "resnet": {"family": "resnet", "k": 3, "depth": 56, "fraction": 0.1, "prefix": "resnet_",
                "e2e": [5, 10, 20, 40], "meta": [20, 40, 80], "ours": [(40, 2, 2), (40, 4, 4), (80, 2, 2), (80, 4, 4)],
                "seeds": [0, 1]},
+    # Pre-training in tokens (issue 20): budgets in TFLOPs; ours and growth as (total, split) with the
+    # splits of token_study.py; every init of ours a variant (random at one budget: the paper's, known to
+    # break at this size).
+    "lm_tokens": {"recipe": tok.RECIPE, "metric": "bpb", "prefix": "lmtok_", "depth": 16, "fraction": 1.0,
+                  "budget": "flops", "e2e": [30, 60], "meta": [30, 60],
+                  "ours": [(30, "A"), (60, "A"), (30, "B"), (60, "B")], "grow": [(30, "A"), (60, "A"), (30, "B"), (60, "B")],
+                  "inits": {"meta": None, "stack": [(30, "A"), (60, "A")], "random": [(30, "A")]},
+                  "seeds": [0, 1]},
     # benchmarks/gpu_run.sh on one GPU: all 60,000 images, the paper's DeiT-T-32 shape (patch 4: 49
     # tokens), bf16, batch 1024 (lr x2 through lr_base_batch 512); benchmarks/gpu_accuracy.py sizes it.
     # Ours at 40/2+2 and 80/4+4 costs about E2E at 10 and 20 epochs, and so does the meta model at 80, 160.
@@ -94,6 +106,9 @@ STUDIES = {
 
 
 def ensure_data(path: Path = FMNIST, study: str = "budget") -> None:
+    if study == "lm_tokens":
+        tok.ensure_corpus()
+        return
     if "recipe" in STUDIES.get(study, {}):      # a study with its own corpus (the LM)
         path, package = PYDOC, PYDOC_PACKAGE
         if path.exists():
@@ -156,6 +171,8 @@ def _row(study, depth, fraction, method, budget, seed, run: Path, stages: list[S
     if curve:      # the paper's table puts the training loss beside the accuracy: so do we
         row["train_loss"] = curve[-1][1]
         row["curve"] = curve
+    if STUDIES[study].get("budget") == "flops":
+        return tok_row(row, stages, ms, metric)
     if method == "ours":
         row["meta_epochs"] = int(run.name.split("_")[1])
         by = {(s.stage, s.module): m for s, m in zip(stages, ms)}
@@ -203,8 +220,84 @@ def run_ours(root: Path, study, depth, fraction, schedule, seed, extra, variant)
 
 
 def budget_label(method: str, budget) -> str:
-    """How tables and --budgets name a budget: E2E/meta epochs ("40"), or ours as "M/m+n"."""
+    """How tables and --budgets name a budget: E2E/meta epochs ("40"), ours as "M/m+n"; in TFLOPs
+    studies the total ("30"), or total and split for ours and growth ("30/A")."""
+    if isinstance(budget, tuple) and isinstance(budget[1], str):
+        return f"{tok.fmt(budget[0])}/{budget[1]}"
     return f"{budget[0]}/{budget[1]}+{budget[2]}" if method == "ours" else f"{budget}"
+
+
+# ---------------------------------------------------------------- the study in tokens (lm_tokens)
+
+def tok_run_dir(root: Path, study, method: str, budget, seed: int, variant: str) -> Path:
+    base = base_dir(root, study, STUDIES[study]["depth"], 1.0, seed)
+    if method in ("e2e", "meta"):
+        return base / f"{method}_{tok.fmt(budget)}"
+    name = f"{tok.fmt(budget[0])}{budget[1]}"
+    return base / (f"grow_{name}" if method == "grow" else f"ours-{variant}_{name}")
+
+
+def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra, variant) -> dict:
+    """One point of the token study: its run directory, each stage's tokens from the point's TFLOPs."""
+    common = tok.sets(root) + list(extra)
+    key = tuple(common)
+    make = lambda more: make_recipe(depth, fraction, seed, common + more, study)
+    run = tok_run_dir(root, study, method, budget, seed, variant)
+    if method in ("e2e", "meta"):
+        {"e2e": e2e, "meta": meta}[method].main(make(tok.budget_sets(key, method, budget, None)), run)
+        return _row(study, depth, fraction, method, budget_label(method, budget), seed, run, _stages(run, method), variant)
+    total, split = budget
+    meta_tf = tok.meta_budget(method, total, split)
+    meta_run = tok_run_dir(root, study, "meta", meta_tf, seed, variant)
+    meta.main(make(tok.budget_sets(key, "meta", meta_tf, None)), meta_run)     # once a seed and budget, shared
+    if not (run / "meta").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(meta_run / "meta", run / "meta")
+    recipe = make(tok.budget_sets(key, "meta", meta_tf, None) + tok.budget_sets(key, method, total, split)
+                  + ([f"incubate.module_init={variant}"] if method == "ours" else []))
+    if method == "grow":
+        grow.main(recipe, run)
+    else:
+        for i in range(len(recipe.model.division)):
+            incubate.main(recipe, run, i)
+        assemble.main(recipe, run)
+        finetune.main(recipe, run)
+    return _row(study, depth, fraction, method, budget_label(method, budget), seed, run, _stages(run, method), variant)
+
+
+def tok_variants(study: str, method: str, budget) -> list[str]:
+    """The variants a point of a TFLOPs study is trained in: ours in each module init that covers
+    its budget; every other method once."""
+    if method != "ours":
+        return ["paper"]
+    return [init for init, only in STUDIES[study]["inits"].items() if only is None or budget in only]
+
+
+def _evals(stage: StageDir, base_flops: float, metric: str) -> list:
+    """[cumulative TFLOPs, metric, tokens] of every evaluation during a stage's training."""
+    if not stage.metrics.exists():
+        return []
+    rows = [json.loads(line) for line in stage.metrics.read_text().splitlines() if line.strip()]
+    return [[round((base_flops + r["flops"]) / 1e12, 4), round(r[f"test_{metric}"], 4), r.get("tokens")]
+            for r in rows if r.get("kind") == "eval"]
+
+
+def tok_row(row: dict, stages: list, ms: list, metric: str) -> dict:
+    """A token-study row: the final stage's eval curve at cumulative FLOPs, the meta model's curve,
+    and, for ours, the hybrids' and the assembly's scores."""
+    by = {(s.stage, s.module): m for s, m in zip(stages, ms)}
+    last = stages[-1]
+    before = sum(m.get("flops", 0) for s, m in zip(stages, ms) if s is not last)
+    row["evals"] = _evals(last, before, metric)
+    row["tokens"] = sum(m.get("tokens", 0) for m in ms)
+    if ("meta", None) in by and len(stages) > 1:
+        row["meta_tflops"] = round(by[("meta", None)]["flops"] / 1e12, 3)
+        row[f"meta_{metric}"] = by[("meta", None)]["metrics"][metric]
+        row["meta_evals"] = _evals(stages[0], 0, metric)
+    if ("assembled", None) in by:
+        row[f"assembled_{metric}"] = by[("assembled", None)]["metrics"][metric]
+        row[f"hybrid_{metric}"] = [by[("incubate", i)]["metrics"][metric] for i in range(len(stages) - 3)]
+    return row
 
 
 def points(study: str, seeds=None, budgets=None, depths=None, fractions=None):
@@ -229,6 +322,8 @@ def _points(study: str, seeds=None):
                     yield ("ours", depth, fraction, sched, seed)
                 for ep in s["e2e"]:
                     yield ("e2e", depth, fraction, ep, seed)
+                for sched in s.get("grow", []):
+                    yield ("grow", depth, fraction, sched, seed)
 
 
 def main() -> None:
@@ -238,7 +333,7 @@ def main() -> None:
     ap.add_argument("--root", default=str(ROOT / "benchmarks" / "runs" / "accuracy_vs_cost"))
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every run")
     ap.add_argument("--variant", default="paper", help="name of a variant of ours made by --set (E2E is shared)")
-    ap.add_argument("--methods", default="meta,ours,e2e", help="which methods to run (meta: the meta model alone)")
+    ap.add_argument("--methods", default="meta,ours,e2e,grow", help="which methods to run (meta: the meta model alone; grow: G_stack)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
     ap.add_argument("--depths", default=None, help="comma-separated depths to train (default: the study's)")
     ap.add_argument("--fractions", default=None, help="comma-separated data fractions to train (default: the study's)")
@@ -257,8 +352,14 @@ def main() -> None:
             depths = [int(x) for x in args.depths.split(",")] if args.depths else None
             fractions = [float(x) for x in args.fractions.split(",")] if args.fractions else None
             for method, depth, fraction, budget, seed in points(study, seeds, budgets, depths, fractions):
-                if method in args.methods.split(","):
+                if method not in args.methods.split(","):
+                    continue
+                if STUDIES[study].get("budget") != "flops":
                     train_point(root, study, method, depth, fraction, budget, seed, args)
+                    continue
+                for variant in tok_variants(study, method, budget):
+                    if args.variant in ("paper", variant) or method != "ours":
+                        train_point(root, study, method, depth, fraction, budget, seed, args, variant)
     rows = publish(Path(args.results), root)
     print(f"{len(rows)} rows in {args.results}; tables in docs/results.md")
 
@@ -275,12 +376,15 @@ def publish(results: Path, root: Path, docs: Path = ROOT / "docs") -> list[dict]
     return rows
 
 
-def train_point(root, study, method, depth, fraction, budget, seed, args) -> None:
+def train_point(root, study, method, depth, fraction, budget, seed, args, variant=None) -> None:
     t0 = time.time()
-    fn = {"ours": run_ours, "e2e": run_e2e, "meta": run_meta}[method]
+    fn = {"ours": run_ours, "e2e": run_e2e, "meta": run_meta}.get(method)
+    if STUDIES[study].get("budget") == "flops":
+        fn = lambda *a: run_tok(method, *a)
     while True:     # a point another process is training: wait for it, then reuse it
         try:
-            row = fn(root, study, depth, fraction, budget, seed, args.set, args.variant if method == "ours" else "paper")
+            row = fn(root, study, depth, fraction, budget, seed, args.set,
+                     variant or (args.variant if method == "ours" else "paper"))
             break
         except UserError as e:
             if "is being written by" not in str(e):
@@ -296,6 +400,8 @@ def train_point(root, study, method, depth, fraction, budget, seed, args) -> Non
 def _stages(run: Path, method: str, k: int = 4) -> list[StageDir]:
     if method in ("e2e", "meta"):
         return [StageDir(run, method)]
+    if method == "grow":
+        return [StageDir(run, "meta"), StageDir(run, "grow")]
     return ([StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(k)]
             + [StageDir(run, "assembled"), StageDir(run, "finetune")])
 
@@ -308,7 +414,10 @@ def collect(root: Path) -> list[dict]:
         seeds = sorted({int(p.name.rsplit("_s", 1)[1]) for p in root.glob(pattern)}) if root.is_dir() else []
         for method, depth, fraction, budget, seed in points(study, seeds):
             base = base_dir(root, study, depth, fraction, seed)
-            if method in ("e2e", "meta"):
+            if STUDIES[study].get("budget") == "flops":
+                runs = [(v, tok_run_dir(root, study, method, budget, seed, v), budget_label(method, budget))
+                        for v in tok_variants(study, method, budget)]
+            elif method in ("e2e", "meta"):
                 runs = [("paper", base / f"{method}_{budget}", f"{budget}")]
             else:
                 name = f"ours_{budget[0]}_{budget[1]}+{budget[2]}"

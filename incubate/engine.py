@@ -364,7 +364,8 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
     seconds, flops_per_step = pos.seconds, pos.flops_per_step
     return {"metrics": task.final(last), "seconds": seconds,
             "process_seconds": seconds * dist.world, "flops_per_step": flops_per_step,
-            "steps": steps, "flops": flops_per_step * steps, "updates": budget.updates, "tokens": budget.tokens,
+            "steps": steps, "flops": flops_per_step * steps, "epochs": budget.epochs, "updates": budget.updates,
+            "tokens": budget.tokens,
             "lr": lr, "train": asdict(cfg)}
 
 

@@ -24,7 +24,9 @@ predicted). With bytes that is len(windows) * context; with BPE the byte lengths
 
 Files ending in .gz are read decompressed. The token ids live in the token cache (token_cache.py):
 memory-mapped files made once per corpus, split and tokenizer. `data.eval_tokens` picks a fixed
-slice of the held-out windows (evenly spaced over it) for evaluation during training.
+slice of the held-out windows (evenly spaced over it): every evaluation of the run reads that
+slice, during training (train.eval_every) and at epoch ends, so that it costs little and every
+stage and method is scored on the same text.
 """
 from __future__ import annotations
 
@@ -235,7 +237,7 @@ def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBun
                         cfg.source, kind, tokens.train_files, tokens.test_files, digest, token_bytes)
     for name, split in (("training", bundle.train), ("held-out", bundle.test)):
         _check_windows(name, len(split.tokens), root, cfg.context)      # a cache made with another data.context
-    return bundle
+    return bundle.eval_slice(getattr(cfg, "eval_tokens", 0))
 
 
 def _checked_root(cfg, path: str) -> Path:

@@ -1,6 +1,6 @@
-"""Evaluation during training: every `train.eval_every` optimizer updates, on a fixed held-out
-slice (`data.eval_tokens` for text; the whole test set for images), and once more at the stage's
-last update, so that a stage's curve is its metric against its FLOPs and tokens so far.
+"""Evaluation during training: every `train.eval_every` optimizer updates, on the held-out split
+(for text, the fixed slice `data.eval_tokens`), and once more at the stage's last update, so that a
+stage's curve is its metric against its FLOPs and tokens so far.
 
 Each evaluation is a row of metrics.jsonl with "kind": "eval" (beside the epoch rows), and
 TensorBoard scalars under eval_slice/. A resumed stage drops the rows after its checkpoint's
@@ -20,9 +20,8 @@ class PeriodicEval:
         self.metrics_path, self.tb, self.budget, self.flops_per_update = metrics_path, tb, budget, flops_per_update
         self.evaluate, self.last = evaluate, None
         self.loader = None
-        if self.every:
-            sliced = bundle.eval_slice(getattr(data_cfg, "eval_tokens", 0))
-            self.loader = make_loader(sliced, sliced.test, data_cfg, data_cfg.eval_batch_size, False, seed,
+        if self.every:     # the bundle's test split is already the slice (text_data.load_text)
+            self.loader = make_loader(bundle, bundle.test, data_cfg, data_cfg.eval_batch_size, False, seed,
                                       dist.rank, dist.world, dist.device)
 
     def due(self, updates: int) -> bool:

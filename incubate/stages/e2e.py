@@ -16,5 +16,5 @@ def main(recipe: Recipe, out) -> dict:
     model = ctx.build(drop_path=cfg.drop_path)
     result = fit(model, model, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed, stage.path, label="e2e",
                  task=ctx.task)
-    manifest.update(result, epochs=cfg.epochs, trainable_params=trainable_params(model), world_size=ctx.dist.world)
+    manifest.update(result, trainable_params=trainable_params(model), world_size=ctx.dist.world)
     return finish(ctx, stage, model.state_dict(), manifest)

@@ -21,5 +21,5 @@ def main(recipe: Recipe, out) -> dict:
     load_strict(model, assembled.load(), assembled.weights, "the recipe's target model")
     result = fit(model, model, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed + 3, stage.path, label="finetune",
                  task=ctx.task)
-    manifest.update(result, epochs=cfg.epochs, trainable_params=trainable_params(model), world_size=ctx.dist.world)
+    manifest.update(result, trainable_params=trainable_params(model), world_size=ctx.dist.world)
     return finish(ctx, stage, model.state_dict(), manifest)

@@ -31,5 +31,5 @@ def main(recipe: Recipe, out) -> dict:
     ctx.family.grow_from_meta(model, meta)
     result = fit(model, model, cfg, ctx.bundle, recipe.data, ctx.dist, recipe.seed + SEED_OFFSET, stage.path,
                  label="grow", task=ctx.task)
-    manifest.update(result, epochs=cfg.epochs, trainable_params=trainable_params(model), world_size=ctx.dist.world)
+    manifest.update(result, trainable_params=trainable_params(model), world_size=ctx.dist.world)
     return finish(ctx, stage, model.state_dict(), manifest)

@@ -59,5 +59,5 @@ def main(recipe: Recipe, out, module: int) -> dict:
     seed = recipe.seed + 1 + (0 if cfg.shared_data_order else module)
     result = fit(hybrid, target, cfg, ctx.bundle, recipe.data, ctx.dist, seed, stage.path,
                  ddp_attr="runner", label=f"module {module}", task=ctx.task)
-    manifest.update(result, epochs=cfg.epochs, trainable_params=trainable_params(target), world_size=ctx.dist.world)
+    manifest.update(result, trainable_params=trainable_params(target), world_size=ctx.dist.world)
     return finish(ctx, stage, target.state_dict(), manifest)

@@ -1,0 +1,121 @@
+"""The LM-in-tokens study of benchmarks/accuracy_vs_cost.py (`--study lm_tokens`): one pass over
+real prose, every method's budget in FLOPs, every stage's budget in tokens (train.tokens), curves
+from evaluations during training (train.eval_every) on one fixed held-out slice.
+
+Methods, each with a total budget T (TFLOPs) and, where a meta model comes first, a split:
+  e2e    the 16-layer target end to end, T
+  meta   the 4-layer meta model alone, T (also the meta model of every method below)
+  ours   meta model (share m of T), K modules (share i, split evenly), fine-tune (the rest);
+         module init meta, stack or random (the variant)
+  grow   G_stack: meta model (share m), then the grown target end to end (the rest)
+A stage's tokens are its share of T divided by its FLOPs a token, measured with FlopCounterMode on
+the stage's own network (hybrid i for module i) before anything trains. Every method that uses a
+meta model of a given budget copies the one meta run of that budget and seed.
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "lm_tokens.yaml"
+CORPUS = ROOT / "data" / "lm_corpus"        # git-ignored; travels to a GPU machine (compressed, ~12 MB)
+# Debian bookworm's packages, pinned; when a security update drops a pinned version from the archive,
+# pin the one `apt-cache policy PACKAGE` offers and rerun every point (the corpus, so the data, changes).
+PACKAGES = {"python3.11-doc": "3.11.2-6+deb12u8", "linux-doc-6.1": "6.1.176-1"}
+SOURCES = {"python": (Path("/usr/share/doc/python3.11/html/_sources"), "*.rst.txt"),
+           "linux": (Path("/usr/share/doc/linux-doc-6.1/Documentation"), "*.rst.gz")}
+SPLITS = {"A": (0.5, 0.25), "B": (0.25, 0.25)}      # (meta share, modules' share); fine-tune the rest
+GROW_SPLITS = {"A": 0.5, "B": 0.25}                 # meta share; growth the rest
+INITS = ("meta", "stack", "random")
+
+
+def ensure_corpus(out: Path = CORPUS) -> Path:
+    """data/lm_corpus: the Python 3.11 docs' reStructuredText sources (gzipped here) and the
+    kernel's documentation (.rst.gz as Debian ships it), installed first when missing."""
+    if (out / "VERSIONS").exists():
+        return out
+    missing = [f"{p}={v}" for p, v in PACKAGES.items() if not SOURCES["python" if "python" in p else "linux"][0].exists()]
+    if missing:
+        print(f"installing Debian's {' '.join(missing)} ...", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, (src, pattern) in SOURCES.items():
+        for f in sorted(src.rglob(pattern)):
+            dest = tmp / name / f.relative_to(src)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if f.suffix == ".gz":
+                shutil.copyfile(f, dest)
+            else:     # mtime 0: the same bytes (so the same token-cache key) on every machine
+                dest.with_name(dest.name + ".gz").write_bytes(gzip.compress(f.read_bytes(), 9, mtime=0))
+    versions = subprocess.run(["dpkg-query", "-W", *PACKAGES], capture_output=True, text=True).stdout
+    (tmp / "VERSIONS").write_text(versions)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def sets(root: Path) -> list[str]:
+    """What every point of the study adds to the recipe: the corpus and one token cache for all."""
+    return [f"data.source=text:{CORPUS}", f"data.cache_dir={root / 'token_cache'}"]
+
+
+@lru_cache(maxsize=None)
+def flops_per_token(recipe_key: tuple, stage: str, module: int = -1) -> float:
+    """Training FLOPs a token of one stage's network (forward and backward), measured."""
+    import torch
+
+    from incubate.config import load_recipe
+    from incubate.engine import count_step_flops
+    from incubate.families import get_family
+    from incubate.modular import Hybrid
+    from incubate.tasks.causal_lm import _NextTokenLoss
+    recipe = load_recipe(RECIPE, list(recipe_key))
+    family, m, context = get_family(recipe.model.family), recipe.model, recipe.data.context
+    vocab = 256 if recipe.data.tokenizer == "byte" else recipe.data.vocab_size
+
+    def build(meta: bool):
+        div = recipe.meta_division if meta else m.division
+        return family.build(m.name, family.model_kwargs(m, vocab, 1, context, div, meta=meta))
+    if stage == "incubate":
+        target = family.keep_only(build(False), m.division, module)
+        net = Hybrid(family, build(True), recipe.meta_division, target, m.division, module)
+        trained = net.runner
+    else:
+        net = trained = build(stage == "meta")
+    x = torch.randint(0, vocab, (2, context))
+    return count_step_flops(net, trained, _NextTokenLoss(0.0), x, x) / (2 * context)
+
+
+def stage_tokens(recipe_key: tuple, stage: str, tflops: float, module: int = -1) -> int:
+    return int(tflops * 1e12 / flops_per_token(recipe_key, stage, module))
+
+
+def budget_sets(recipe_key: tuple, method: str, total: float, split: str | None, k: int = 4) -> list[str]:
+    """The --set lines that give each stage of a point its tokens."""
+    if method in ("e2e", "meta"):
+        return [f"{method}.tokens={stage_tokens(recipe_key, method, total)}"]
+    if method == "grow":
+        return [f"grow.tokens={stage_tokens(recipe_key, 'e2e', total * (1 - GROW_SPLITS[split]))}"]
+    meta_share, module_share = SPLITS[split]
+    # incubate.tokens is one budget for every module job: the modules' share over their mean FLOPs a token
+    per_module = total * module_share / k
+    mean_fpt = sum(flops_per_token(recipe_key, "incubate", i) for i in range(k)) / k
+    return [f"incubate.tokens={int(per_module * 1e12 / mean_fpt)}",
+            f"finetune.tokens={stage_tokens(recipe_key, 'e2e', total * (1 - meta_share - module_share))}"]
+
+
+def meta_budget(method: str, total: float, split: str | None) -> float:
+    """TFLOPs of the meta model a point starts from."""
+    if method == "ours":
+        return total * SPLITS[split][0]
+    return total * GROW_SPLITS[split]
+
+
+def fmt(t: float) -> str:
+    return f"{t:g}"
