@@ -262,7 +262,7 @@ def _one_budget(raw: dict) -> None:
     """A section sets its budget in epochs or in tokens, never both."""
     for section in ("train",) + STAGES:
         keys = raw.get(section) if isinstance(raw.get(section), dict) else {}
-        if "epochs" in keys and "tokens" in keys:
+        if "epochs" in keys and keys.get("tokens"):
             raise UserError(f"{section} sets both epochs ({keys['epochs']}) and tokens ({keys['tokens']}): a "
                             f"stage's budget is one of the two; remove one (a stage's own budget, e.g. "
                             f"--set meta.tokens=N, replaces the one under train)")
@@ -463,4 +463,7 @@ def _validate_augment(data: DataCfg) -> None:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    raw = recipe.to_dict()
+    if raw["train"]["tokens"]:      # the budget is in tokens: the default epochs would read as a second budget
+        del raw["train"]["epochs"]
+    return yaml.safe_dump(raw, sort_keys=False)

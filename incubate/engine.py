@@ -248,7 +248,8 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
     run_net = torch.compile(net) if cfg.compile else net
     flops_per_update = pos.flops_per_step * cfg.accum_steps * dist.world
     tb = Events(stage_dir, cfg.tensorboard and dist.main, pos.num_updates, dist.world, flops_per_update)
-    evals = PeriodicEval(cfg, bundle, data_cfg, seed, dist, task, metrics_path, tb, budget, flops_per_update, evaluate)
+    evals = PeriodicEval(cfg, bundle, data_cfg, seed, dist, task, metrics_path, tb, budget, flops_per_update, evaluate,
+                         label)
 
     params = [p for p in trained.parameters() if p.requires_grad]
     last = task.empty()

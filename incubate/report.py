@@ -78,6 +78,13 @@ def _curve(stage: StageDir, base_flops: float, base_seconds: float, total_flops:
             [base_seconds + l["seconds"] for l in lines], [l[key] for l in lines])
 
 
+def grow_total(summary: dict, metric: str) -> dict | None:
+    """Growth's score at its whole cost: the meta model it grew from, then its own training."""
+    if "grow" not in summary or "meta" not in summary:
+        return None
+    return {metric: summary["grow"][metric], **{u: summary["meta"][u] + summary["grow"][u] for u in ("seconds", "flops")}}
+
+
 def shares(summary: dict) -> dict:
     """Each stage's FLOPs and seconds as a percentage of ours' total (meta + modules + fine-tune: their
     shares add up to 100); assemble's and E2E's against the same total, for comparison. Before
@@ -108,6 +115,9 @@ def table(summary: dict) -> str:
                     f"{_fmt_flops(ours['flops'])} | 100.0 | 100.0 | |")
     if "e2e" in summary:
         add("**e2e**", "e2e")
+    if grown := grow_total(summary, "top1"):
+        rows.append(f"| **grow (G_stack)** (meta + grow) | {grown['top1']:.2f} | {grown['seconds']:.1f} | "
+                    f"{_fmt_flops(grown['flops'])} | | | {summary['grow']['trainable_params']:,} |")
     return "\n".join(rows)
 
 
@@ -199,6 +209,10 @@ def lm_table(summary: dict) -> str:
                     f"{_fmt_flops(ours['flops'])} | |")
     if "e2e" in summary:
         add("**e2e**", summary["e2e"])
+    if grown := grow_total(summary, "bpb"):
+        rows.append(f"| **grow (G_stack)** (meta + grow) | {grown['bpb']:.4f} | {summary['grow']['loss']:.4f} | "
+                    f"{summary['grow']['acc']:.2f} | {grown['seconds']:.1f} | {_fmt_flops(grown['flops'])} | "
+                    f"{summary['grow']['trainable_params']:,} |")
     return "\n".join(rows)
 
 
@@ -226,6 +240,10 @@ def lm_plot(run: Path, summary: dict, path: Path) -> None:
             if "finetune" in summary:
                 fl, sec, bpb = _curve(StageDir(run, "finetune"), pre_f, pre_s, summary["finetune"]["flops"], "test_bpb")
                 ax.plot(pick(fl, sec), bpb, "o-", color="tab:red", label="ours (fine-tune)")
+            if "grow" in summary:
+                m = summary["meta"]
+                fl, sec, bpb = _curve(StageDir(run, "grow"), m["flops"], m["seconds"], summary["grow"]["flops"], "test_bpb")
+                ax.plot(pick(fl, sec), bpb, "o-", color="tab:green", label="grow (G_stack), after the meta model")
         ax.set_xlabel("training FLOPs" if unit == "flops" else "training seconds (all processes)")
         ax.set_ylabel("validation bits per byte (lower is better)")
         ax.grid(alpha=0.3)

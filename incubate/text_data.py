@@ -120,12 +120,8 @@ class TextBundle:
         in whole windows evenly spaced over it: the same slice for every stage and method."""
         if not eval_tokens:
             return self
-        n = eval_tokens // self.context
-        if n < 1 or n > len(self.test):
-            raise UserError(f"data.eval_tokens {eval_tokens} must be between one window (data.context = "
-                            f"{self.context}) and the held-out text's {len(self.test) * self.context} predicted "
-                            f"tokens; set it in that range, or 0 for the whole held-out split")
-        return replace(self, test=self.test.spaced(n))
+        check_eval_tokens(eval_tokens, len(self.test), self.context)
+        return replace(self, test=self.test.spaced(eval_tokens // self.context))
 
     def describe(self) -> dict:
         """What a manifest records of the data (in place of an image pipeline)."""
@@ -136,6 +132,13 @@ class TextBundle:
             d.update(tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=self.tokenizer_sha256,
                      test_bytes=self.test_bytes)
         return d
+
+
+def check_eval_tokens(eval_tokens: int, windows: int, context: int) -> None:
+    if eval_tokens and not 1 <= eval_tokens // context <= windows:
+        raise UserError(f"data.eval_tokens {eval_tokens} must be between one window (data.context = {context}) "
+                        f"and the held-out text's {windows * context} predicted tokens; set it in that range, or 0 "
+                        f"for the whole held-out split")
 
 
 def _read_utf8(path: Path) -> bytes:
@@ -229,6 +232,8 @@ def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBun
             train, test = [_encode(tok, pieces(train))], [_encode(tok, pieces(test))]
         for name, parts in (("training", train), ("held-out", test)):
             _check_windows(name, sum(len(p) for p in parts), root, cfg.context)
+        held_out = TextSplit(np.zeros(sum(len(p) for p in test), dtype=np.uint8), cfg.context)
+        check_eval_tokens(getattr(cfg, "eval_tokens", 0), len(held_out), cfg.context)    # before anything is written
         return train, test, train_files, test_files
 
     tokens = token_cache.load_or_build(where, key, vocab, tokenize, {"source": str(root), **settings})

@@ -15,10 +15,10 @@ from .data import make_loader
 
 class PeriodicEval:
     def __init__(self, cfg, bundle, data_cfg, seed: int, dist, task, metrics_path, tb, budget,
-                 flops_per_update: int, evaluate):
+                 flops_per_update: int, evaluate, label: str = ""):
         self.every, self.amp, self.dist, self.task = cfg.eval_every, cfg.amp, dist, task
         self.metrics_path, self.tb, self.budget, self.flops_per_update = metrics_path, tb, budget, flops_per_update
-        self.evaluate, self.last = evaluate, None
+        self.evaluate, self.last, self.label = evaluate, None, label
         self.loader = None
         if self.every:     # the bundle's test split is already the slice (text_data.load_text)
             self.loader = make_loader(bundle, bundle.test, data_cfg, data_cfg.eval_batch_size, False, seed,
@@ -42,3 +42,6 @@ class PeriodicEval:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.tb.eval(updates, row)
+        read = f", {row['tokens']:,} tokens" if "tokens" in row else ""
+        print(f"[{self.label}] update {updates}/{self.budget.updates}{read}: held-out {self.task.text(metrics)}",
+              flush=True)
