@@ -95,6 +95,15 @@ STUDIES = {
                   "ours": [(30, "A"), (60, "A"), (30, "B"), (60, "B")], "grow": [(30, "A"), (60, "A"), (30, "B"), (60, "B")],
                   "inits": {"meta": None, "stack": [(30, "A"), (60, "A")], "random": [(30, "A")]},
                   "seeds": [0, 1]},
+    # benchmarks/gpu_run.sh part 3 (issue 20): where depth should pay, on one H200: width 256, 16 layers
+    # (13.6M parameters) against its 4-layer meta model, 1e16 FLOPs a method, bf16; budgets in TFLOPs.
+    # The cheapest complete comparison comes first (benchmarks/gpu_accuracy.py runs the points in order).
+    "gpu_lm": {"recipe": tok.RECIPE, "metric": "bpb", "prefix": "gpu_lm_", "depth": 16, "fraction": 1.0,
+               "budget": "flops", "e2e": [10000], "meta": [10000], "ours": [(10000, "A")], "grow": [(10000, "A")],
+               "inits": {"meta": None}, "seeds": [0],
+               "sets": ["model.kwargs.hidden_size=256", "model.kwargs.intermediate_size=688", "data.context=256",
+                        "data.eval_tokens=131072", "train.batch_size=64", "train.lr_base_batch=64", "train.amp=bf16",
+                        "train.fused=true", "train.checkpoint_minutes=0", "data.eval_batch_size=128"]},
     # benchmarks/gpu_run.sh on one GPU: all 60,000 images, the paper's DeiT-T-32 shape (patch 4: 49
     # tokens), bf16, batch 1024 (lr x2 through lr_base_batch 512); benchmarks/gpu_accuracy.py sizes it.
     # Ours at 40/2+2 and 80/4+4 costs about E2E at 10 and 20 epochs, and so does the meta model at 80, 160.
@@ -106,8 +115,9 @@ STUDIES = {
 
 
 def ensure_data(path: Path = FMNIST, study: str = "budget") -> None:
-    if study == "lm_tokens":
-        tok.ensure_corpus()
+    if STUDIES.get(study, {}).get("budget") == "flops":
+        if not any(x.startswith("data.source=") for x in STUDIES[study].get("sets", [])):
+            tok.ensure_corpus()     # the study's own corpus, unless its sets name another (a smoke run)
         return
     if "recipe" in STUDIES.get(study, {}):      # a study with its own corpus (the LM)
         path, package = PYDOC, PYDOC_PACKAGE
@@ -239,7 +249,7 @@ def tok_run_dir(root: Path, study, method: str, budget, seed: int, variant: str)
 
 def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra, variant) -> dict:
     """One point of the token study: its run directory, each stage's tokens from the point's TFLOPs."""
-    common = tok.sets(root) + list(extra)
+    common = tok.sets(root) + STUDIES[study].get("sets", []) + list(extra)    # the study's corpus wins
     key = tuple(common)
     make = lambda more: make_recipe(depth, fraction, seed, common + more, study)
     run = tok_run_dir(root, study, method, budget, seed, variant)

@@ -48,8 +48,13 @@ PART3 = [
                           "train.amp=bf16", "train.batch_size=32", "train.warmup_epochs=0",
                           "incubate.warmup_epochs=0", "data.eval_batch_size=100"]}),
     Entry("resnet", "gpu_resnet"),
-    Entry("causal_lm", "gpu_lm"),
 ]
+# The LM comparison in tokens (issue 20) answers where depth pays: it comes first in part 3.
+PART3.insert(0, Entry("causal_lm", "gpu_lm", smoke={
+    "e2e": [0.002], "meta": [0.002], "ours": [(0.002, "A")], "grow": [(0.002, "A")],
+    "sets": ["data.source=text:/usr/share/common-licenses", "model.kwargs.hidden_size=16",
+             "model.kwargs.intermediate_size=32", "data.context=32", "data.eval_tokens=2048", "train.batch_size=8",
+             "train.lr_base_batch=8", "train.amp=bf16", "train.fused=false", "train.eval_every=10"]}))
 
 
 def variant_sets(name: str) -> list[str]:
@@ -70,16 +75,30 @@ def why_skipped(entry: Entry, smoke: bool) -> str | None:
 
 
 def plan(entry: Entry) -> list[tuple]:
-    """(method, depth, fraction, budget, seed, variant) in levels: budget i of every method, then i+1."""
+    """(method, depth, fraction, budget, seed, variant) in levels: budget i of every method, then i+1.
+    A study in TFLOPs runs ours and growth first (their meta model is the shared cheaper part), then
+    E2E, then the meta model alone."""
     s = acc.STUDIES[entry.study]
+    flops = s.get("budget") == "flops"
     by_level: dict = {}
     for method, depth, fraction, budget, seed in acc.points(entry.study):
-        key = {"e2e": "e2e", "meta": "meta", "ours": "ours"}[method]
-        level = s[key].index(budget)
-        for name in (entry.variants if method == "ours" else ["paper"]):
+        level = s[method].index(budget)
+        names = (acc.tok_variants(entry.study, method, budget) if flops else
+                 entry.variants if method == "ours" else ["paper"])
+        for name in names:
             by_level.setdefault((seed, level), []).append((method, depth, fraction, budget, seed, name))
-    order = {"e2e": 0, "meta": 1, "ours": 2}
+    order = {"ours": 0, "grow": 1, "e2e": 2, "meta": 3} if flops else {"e2e": 0, "meta": 1, "ours": 2}
     return [p for key in sorted(by_level) for p in sorted(by_level[key], key=lambda p: order[p[0]])]
+
+
+def point_cost(study: str, method: str, budget, depth: int, k: int, meta_done: bool) -> float:
+    """A point's cost: TFLOPs in a study of TFLOPs budgets (a meta model already trained not counted),
+    else block passes."""
+    if acc.STUDIES[study].get("budget") != "flops":
+        return block_passes(method, budget, depth, k, meta_done)
+    if method in ("e2e", "meta"):
+        return budget
+    return budget[0] * (1 - (acc.tok.meta_budget(method, *budget) / budget[0] if meta_done else 0))
 
 
 def block_passes(method: str, budget, depth: int, k: int, meta_done: bool) -> float:
@@ -100,19 +119,34 @@ def pass_seconds(rates: dict, method: str) -> float:
     return rates.get(method, 1.5 * max(rates.values(), default=0.0))
 
 
+def _meta_done(root: Path, study: str, method: str, budget, depth: int, fraction: float, seed: int,
+               variant: str) -> bool:
+    """Whether the meta model a point of ours (or growth) starts from is already trained."""
+    if method not in ("ours", "grow"):
+        return False
+    if acc.STUDIES[study].get("budget") == "flops":
+        meta_tf = acc.tok.meta_budget(method, *budget)
+        run = acc.tok_run_dir(root, study, "meta", meta_tf, seed, variant)
+    else:
+        run = acc.base_dir(root, study, depth, fraction, seed) / f"meta_{budget[0]}"
+    return (run / "meta" / "manifest.json").exists()
+
+
 def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> None:
     s = acc.STUDIES[entry.study]
     k = 4
     folders = [x.split("idx:", 1)[1] for x in s.get("sets", []) + report["extra_sets"]
                if x.startswith("data.source=idx:")]
-    acc.ensure_data(Path(folders[-1]) if folders else acc.FMNIST)     # the last one set wins, as in the recipe
+    if s.get("budget") == "flops":
+        acc.ensure_data(study=entry.study)
+    else:
+        acc.ensure_data(Path(folders[-1]) if folders else acc.FMNIST)     # the last one set wins, as in the recipe
     rates: dict = {}      # method -> the slowest seconds a block pass took so far
     rows = report["rows"]
     for method, depth, fraction, budget, seed, variant in plan(entry):
         label = f"{method} {acc.budget_label(method, budget)}" + (f" ({variant})" if method == "ours" else "")
-        meta_done = method == "ours" and (acc.base_dir(root, entry.study, depth, fraction, seed)
-                                          / f"meta_{budget[0]}" / "meta" / "manifest.json").exists()
-        passes = block_passes(method, budget, depth, k, meta_done)
+        passes = point_cost(entry.study, method, budget, depth, k, _meta_done(root, entry.study, method, budget,
+                                                                              depth, fraction, seed, variant))
         left = deadline - time.time()
         estimate = passes * pass_seconds(rates, method)
         if estimate > left:
@@ -123,10 +157,12 @@ def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> 
         report["running"] = f"{entry.family}: {label} (estimate {estimate:.0f}s, {left:.0f}s left)"
         save(report)
         t0 = time.time()
-        sets = variant_sets(variant) if method == "ours" else []
+        flops = s.get("budget") == "flops"
+        sets = variant_sets(variant) if method == "ours" and not flops else []
         args = SimpleNamespace(set=sets + report["extra_sets"], variant=variant)
         try:
-            row = acc.train_point(root, entry.study, method, depth, fraction, budget, seed, args)
+            row = acc.train_point(root, entry.study, method, depth, fraction, budget, seed, args,
+                                  variant if flops else None)
         except Exception as e:        # one failed point is reported; the study goes on
             report["errors"].append({"family": entry.family, "point": label, "error": f"{type(e).__name__}: {e}",
                                      "traceback": traceback.format_exc()[-2000:]})
@@ -134,8 +170,10 @@ def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> 
             save(report)
             continue
         wall = time.time() - t0
-        full = block_passes(method, budget, depth, k, False)    # a shared meta model counted in full
+        full = point_cost(entry.study, method, budget, depth, k, False)    # a shared meta model counted in full
         row.update(family=entry.family, wall_s=wall, e2e_epochs=full / (3 * depth), estimate_s=estimate)
+        if flops:       # E2E epochs mean nothing here: the cost is the point's TFLOPs
+            row.pop("e2e_epochs")
         rows.append(row)
         rates[method] = max(rates.get(method, 0.0), wall / max(passes, 1))
         report["running"] = None
@@ -146,13 +184,17 @@ def markdown(report: dict) -> str:
     out = [f"Part 3, accuracy vs cost ({report['mode']}): `{report['command']}`; {report['time']}.", "",
            "Cost in E2E epochs counts block passes (forward 1, backward 2) of one epoch's images; "
            "seconds are the stages' training seconds, wall includes data loading and evaluation.", "",
-           "| family | method | variant | budget | cost (E2E epochs) | top-1 % | meta top-1 | assembled top-1 "
+           "| family | method | variant | budget | cost (E2E epochs) | top-1 % or bits/byte | meta | assembled "
            "| TFLOPs | seconds | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         ours = r["method"] == "ours"
-        cells = [r["family"], r["method"], r["variant"] if ours else "-", r["budget"], f"{r['e2e_epochs']:.1f}",
-                 f"{r['top1']:.2f}", f"{r['meta_top1']:.2f}" if ours else "-",
-                 f"{r['assembled_top1']:.2f}" if ours else "-", f"{r['flops'] / 1e12:.1f}", f"{r['seconds']:.0f}",
+        metric = "bpb" if "bpb" in r else "top1"
+        fmt = (lambda v: f"{v:.4f}") if metric == "bpb" else (lambda v: f"{v:.2f}")
+        cost = f"{r['e2e_epochs']:.1f}" if "e2e_epochs" in r else "(TFLOPs)"
+        cells = [r["family"], r["method"], r["variant"] if ours else "-", r["budget"], cost,
+                 fmt(r[metric]) + (" bits/byte" if metric == "bpb" else ""),
+                 fmt(r[f"meta_{metric}"]) if f"meta_{metric}" in r else "-",
+                 fmt(r[f"assembled_{metric}"]) if ours else "-", f"{r['flops'] / 1e12:.1f}", f"{r['seconds']:.0f}",
                  f"{r['wall_s']:.0f}"]
         out.append("| " + " | ".join(cells) + " |")
     if report.get("running"):

@@ -61,7 +61,8 @@ def ensure_corpus(out: Path = CORPUS) -> Path:
 
 
 def sets(root: Path) -> list[str]:
-    """What every point of the study adds to the recipe: the corpus and one token cache for all."""
+    """What every point of the study adds to the recipe: the corpus and one token cache for all
+    (a study's own sets, after these, may name another corpus)."""
     return [f"data.source=text:{CORPUS}", f"data.cache_dir={root / 'token_cache'}"]
 
 
