@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .stages.common import StageDir
+from .rundir import StageDir
 
 LAUNCHERS = ("local", "ray", "slurm")
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)   # so every job runs this very code
