@@ -37,7 +37,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from incubate.engine import _autocast, count_step_flops, enable_grad_checkpointing  # noqa: E402
+from incubate.engine import autocast, count_step_flops, enable_grad_checkpointing  # noqa: E402
 from incubate.families import get_family  # noqa: E402
 from incubate.modular import Hybrid  # noqa: E402
 from benchmarks.step_cost_report import save  # noqa: E402
@@ -121,7 +121,7 @@ def make_job(name: str, variant: str, p: dict, amp: str, device, backend: str = 
 
 
 def step(job: Job, x, y, device) -> None:
-    with _autocast(job.amp, device):
+    with autocast(job.amp, device):
         loss = CRITERION(job.run(x), y)
     if job.scaler is not None:
         job.scaler.scale(loss).backward()
@@ -175,7 +175,7 @@ def measure_memory(job: Job, x, y, device) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with _autocast(job.amp, device):
+        with autocast(job.amp, device):
             loss = CRITERION(job.net(x), y)
     loss.backward()
     grads = storage_bytes([p.grad for p in params if p.grad is not None])
@@ -226,7 +226,7 @@ def profile_job(job: Job, x, y, device, steps: int = 3) -> dict:
     for _ in range(steps):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            with _autocast(job.amp, device):
+            with autocast(job.amp, device):
                 loss = CRITERION(job.run(x), y)
             loss.backward()
             sync(device)
