@@ -97,6 +97,19 @@ def test_no_import_circle_in_incubate_or_benchmarks():
     assert circles(graph, KNOWN) == []
 
 
+def test_the_run_directory_and_the_launchers_are_below_the_stages():
+    graph = import_graph(modules(ROOT))
+    below = [m for m in graph if m == "incubate.rundir" or m.startswith("incubate.launchers")]
+    assert len(below) > 5
+    for m in below:
+        reached, todo = set(), [m]
+        while todo:       # every module m needs, directly or through others
+            for t in graph[todo.pop()] - reached:
+                reached.add(t)
+                todo.append(t)
+        assert not any(t.startswith("incubate.stages") for t in reached), m
+
+
 def test_a_circle_through_a_function_level_relative_import_is_found(tmp_path):
     pkg = tmp_path / "incubate"
     (pkg / "sub").mkdir(parents=True)
