@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from benchmarks.step_cost import make_job, step, sync
+from benchmarks.step_jobs import make_job, step, sync
 from incubate.config import DataCfg
 from incubate.data import DataBundle, Loader, Split
 

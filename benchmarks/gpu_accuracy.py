@@ -9,7 +9,7 @@ left. The estimate counts block passes (E2E epoch = 3 x depth; meta epoch = 3 x 
 3 x its blocks + the meta blocks before it + 2 x those after it; fine-tune epoch = E2E epoch) and
 prices them at the slowest seconds a block pass of the same method took so far (pass_seconds). Results go to OUT.json and OUT.md after every point.
 
-  python benchmarks/gpu_accuracy.py --out OUTDIR/3_accuracy --root /tmp/runs --time-limit 250
+  python -m benchmarks.gpu_accuracy --out OUTDIR/3_accuracy --root /tmp/runs --time-limit 250
 """
 from __future__ import annotations
 
@@ -22,12 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import accuracy_vs_cost as acc  # noqa: E402
-from benchmarks.results_report import VARIANTS  # noqa: E402
-from incubate.families import FAMILIES  # noqa: E402
+from benchmarks import accuracy_vs_cost as acc
+from benchmarks.results_report import VARIANTS
+from incubate.families import FAMILIES
 
 
 @dataclass
@@ -218,7 +215,7 @@ def main(argv=None) -> dict:
     deadline = started + (args.time_limit or 1e9)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python benchmarks/gpu_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": "python -m benchmarks.gpu_accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
               "mode": "smoke" if args.smoke else "full", "time": time.strftime("%Y-%m-%d %H:%M:%S"),
               "rows": [], "skipped": [], "errors": [], "running": None,
               "extra_sets": [f"data.source=idx:{Path(args.data).resolve()}"] if args.data else []}

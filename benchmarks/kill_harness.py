@@ -13,8 +13,8 @@ which resumes from the last checkpoint. When a run completes, every weights file
 uninterrupted reference run's, tensor for tensor (CPU, deterministic: true, one thread a job), and
 a fresh round starts until --kills kills were made.
 
-    python benchmarks/kill_harness.py --kills 20 --launcher local          # full form
-    python benchmarks/kill_harness.py --kills 5 --launcher inline          # the CI form (tests/)
+    python -m benchmarks.kill_harness --kills 20 --launcher local          # full form
+    python -m benchmarks.kill_harness --kills 5 --launcher inline          # the CI form (tests/)
 """
 from __future__ import annotations
 
@@ -30,13 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+from safetensors.torch import load_file
+
+from incubate.checkpoint import load_training_state, load_weights, sha256_file
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import yaml  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from incubate.checkpoint import load_training_state, load_weights, sha256_file  # noqa: E402
 
 MODES = ("write", "step", "mid")
 

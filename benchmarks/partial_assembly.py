@@ -4,26 +4,22 @@ For a finished run directory, evaluates the 2^K chains that take module i from t
 (T) or from the meta model (M): MMMM is the meta model, TTTT the assembled target, and one T
 among Ms is hybrid(i). Also prints the mean token norm after each module boundary.
 
-  python benchmarks/partial_assembly.py RUN [--images 2000]
+  python -m benchmarks.partial_assembly RUN [--images 2000]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from incubate.checkpoint import load_weights  # noqa: E402
-from incubate.config import load_recipe  # noqa: E402
-from incubate.data import Loader, load_data  # noqa: E402
-from incubate.families import get_family  # noqa: E402
-from incubate.modular import run_module  # noqa: E402
+from incubate.checkpoint import load_weights
+from incubate.config import load_recipe
+from incubate.data import Loader, load_data
+from incubate.families import get_family
+from incubate.modular import run_module
 
 
 def load(family, run: Path, stage: str):

@@ -10,10 +10,10 @@ growth (max_memory_allocated); on CPU parameters + gradients + optimizer state +
 autograd saves for backward (saved_tensors_hooks, unique storages, parameters excluded), measured.
 The data-wait part runs E2E steps on the real incubate.data.Loader over in-memory images.
 
-  python benchmarks/step_cost.py --threads 1                         # CPU: DeiT-Tiny width, 32 px
-  python benchmarks/step_cost.py --threads 1 --variants compile --jobs e2e,hybrid --no-data
-  python benchmarks/step_cost.py --preset vit_b16 --amp bf16         # GPU
-  python benchmarks/step_cost.py --preset deit_t32 --amp bf16 --variants compile --time-limit 60   # GPU
+  python -m benchmarks.step_cost --threads 1                         # CPU: DeiT-Tiny width, 32 px
+  python -m benchmarks.step_cost --threads 1 --variants compile --jobs e2e,hybrid --no-data
+  python -m benchmarks.step_cost --preset vit_b16 --amp bf16         # GPU
+  python -m benchmarks.step_cost --preset deit_t32 --amp bf16 --variants compile --time-limit 60   # GPU
 
 --time-limit S keeps a run inside S seconds (benchmarks/gpu_run.sh): compile variants are compiled
 one after another while the longest compilation so far still fits in 70% of S (the others are
@@ -28,109 +28,17 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.data_wait import data_wait
+from benchmarks.step_cost_report import save
+from benchmarks.step_jobs import CRITERION, PRESETS, Job, make_job, step, sync
+from incubate.engine import autocast, count_step_flops
 
-from incubate.engine import _autocast, count_step_flops, enable_grad_checkpointing  # noqa: E402
-from incubate.families import get_family  # noqa: E402
-from incubate.modular import Hybrid  # noqa: E402
-from benchmarks.step_cost_report import save  # noqa: E402
-
-FAMILY = get_family("vit")
-PRESETS = {   # timm name, overrides, target depth, K, batch, classes, image size
-    "tiny": dict(name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, embed_dim=192, num_heads=3),
-                 depth=12, k=4, batch=64, classes=100, img=32),
-    "vit_b16": dict(name="vit_base_patch16_224", kwargs={}, depth=12, k=4, batch=64, classes=1000, img=224),
-    "vit_l16": dict(name="vit_large_patch16_224", kwargs={}, depth=24, k=4, batch=64, classes=1000, img=224),
-    # the paper's DeiT-T-32 shape (CIFAR-100 table) at 32 px
-    "deit_t32": dict(name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, embed_dim=192, num_heads=3),
-                     depth=32, k=4, batch=64, classes=100, img=32),
-    # seconds on a CPU: what benchmarks/gpu_run.sh --smoke runs
-    "smoke": dict(name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, embed_dim=16, num_heads=2),
-                  depth=8, k=4, batch=4, classes=10, img=8),
-}
 COMPILE_SHARE = 0.7      # of --time-limit, for compiling; the rest for the timed rounds
 VARIANTS = ("base", "compile", "bf16", "ckpt", "fused")
-CRITERION = nn.CrossEntropyLoss(label_smoothing=0.1)
-
-
-@dataclass
-class Job:
-    name: str                  # e2e | meta | hybrid<i> | official<i> | matmul
-    variant: str
-    net: nn.Module | None = None
-    trained: nn.Module | None = None
-    opt: object = None
-    amp: str = "none"
-    run: object = None
-    times: list = field(default_factory=list)
-    flops: int = 0
-    memory: dict = field(default_factory=dict)
-    compile_s: float | None = None
-    cuda_growth: int = 0
-    scaler: object = None      # fp16 only, as the engine does
-
-    @property
-    def key(self) -> str:
-        return self.name if self.variant == "base" else f"{self.name}+{self.variant}"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def build_model(p: dict, depth: int, device, seed: int = 0) -> nn.Module:
-    """Built (and initialised) on the device: ViT-L's CPU initialisation would eat the GPU check's time."""
-    torch.manual_seed(seed)
-    import timm
-    with torch.device(device):
-        return timm.create_model(p["name"], pretrained=False, depth=depth, num_classes=p["classes"], in_chans=3,
-                                 img_size=p["img"], **p["kwargs"])
-
-
-def make_job(name: str, variant: str, p: dict, amp: str, device, backend: str = "inductor") -> Job:
-    from timm.optim import create_optimizer_v2
-    k, depth = p["k"], p["depth"]
-    division = [depth // k] * k
-    if name == "e2e" or name == "meta":
-        net = build_model(p, depth if name == "e2e" else k, device)
-        trained = net
-    else:
-        index = int(name[-1])
-        target = FAMILY.keep_only(build_model(p, depth, device), division, index)
-        net = Hybrid(FAMILY, build_model(p, k, device, seed=1), [1] * k, target, division, index,
-                     frozen_suffix_grads=name.startswith("hybrid"))
-        trained = target
-    net.to(device).train()
-    if variant == "ckpt":
-        enable_grad_checkpointing(net, trained)
-    opt = create_optimizer_v2(trained, opt="adamw", lr=1e-4, weight_decay=0.05,
-                              **({"fused": True} if variant == "fused" else {}))
-    job = Job(name, variant, net, trained, opt, "bf16" if variant == "bf16" else amp)
-    if job.amp == "fp16":
-        job.scaler = torch.amp.GradScaler("cuda")
-    job.run = torch.compile(net, backend=backend) if variant == "compile" else net
-    return job
-
-
-def step(job: Job, x, y, device) -> None:
-    with _autocast(job.amp, device):
-        loss = CRITERION(job.run(x), y)
-    if job.scaler is not None:
-        job.scaler.scale(loss).backward()
-        job.scaler.step(job.opt)
-        job.scaler.update()
-    else:
-        loss.backward()
-        job.opt.step()
-    job.opt.zero_grad(set_to_none=True)
 
 
 def storage_bytes(tensors) -> int:
@@ -175,7 +83,7 @@ def measure_memory(job: Job, x, y, device) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with _autocast(job.amp, device):
+        with autocast(job.amp, device):
             loss = CRITERION(job.net(x), y)
     loss.backward()
     grads = storage_bytes([p.grad for p in params if p.grad is not None])
@@ -226,7 +134,7 @@ def profile_job(job: Job, x, y, device, steps: int = 3) -> dict:
     for _ in range(steps):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            with _autocast(job.amp, device):
+            with autocast(job.amp, device):
                 loss = CRITERION(job.run(x), y)
             loss.backward()
             sync(device)
@@ -402,7 +310,7 @@ def report(args, p, device, jobs, peaks, load_before, load_after, x, y) -> dict:
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "load_avg_before": load_before, "load_after": load_after,
                "matmul_peak_flops_per_s": peak, "matmul_n": args.matmul_n}
-    result = {"command": "python benchmarks/step_cost.py " + " ".join(sys.argv[1:]), "preset": args.preset,
+    result = {"command": "python -m benchmarks.step_cost " + " ".join(sys.argv[1:]), "preset": args.preset,
               "config": p, "amp": args.amp, "steps": args.steps, "warmup": args.warmup, "machine": machine,
               "rows": rows, "bars": bars,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -410,7 +318,6 @@ def report(args, p, device, jobs, peaks, load_before, load_after, x, y) -> dict:
 
 
 def add_data_wait(result: dict, p: dict, args, device) -> dict:
-    from benchmarks.data_wait import data_wait      # it times steps with this file's jobs
     result["data_wait"] = data_wait(p, args, device, args.amp)
     batched = [r for r in result["data_wait"] if r["loader"].startswith("batched")][0]
     result["bars"]["data-wait share (in-memory, batched)"] = {"value": batched["wait_share"],
@@ -421,7 +328,7 @@ def add_data_wait(result: dict, p: dict, args, device) -> dict:
 def run_data_only(args) -> dict:
     device, p = _setup(args)
     load_before = os.getloadavg()
-    return add_data_wait({"command": "python benchmarks/step_cost.py " + " ".join(sys.argv[1:]), "preset": args.preset,
+    return add_data_wait({"command": "python -m benchmarks.step_cost " + " ".join(sys.argv[1:]), "preset": args.preset,
             "config": p, "amp": args.amp, "steps": args.data_steps, "warmup": args.warmup,
             "machine": {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "torch": torch.__version__, "load_avg_before": load_before, "load_after": os.getloadavg(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import console
 from .config import load_recipe
 from .errors import UserError
 
@@ -110,6 +111,7 @@ def dispatch(args) -> None:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    console.attach()
     ok = False
     try:
         dispatch(args)
@@ -118,13 +120,13 @@ def main(argv=None) -> int:
         if args.debug:
             raise getattr(e, "cause", None) or e     # the failing rank's own traceback
         if not getattr(e, "quiet", False):          # under torchrun, a failure every rank agreed on: rank 0 says it
-            print(f"incubate: error: {e}", file=sys.stderr)
+            console.error(f"incubate: error: {e}")
         return 2
     except OSError as e:     # disk full or permissions outside checkpoint.py's atomic writes
         if args.debug:
             raise
-        print(f"incubate: error: {e.filename or 'a file'}: {e.strerror or e}; checkpoints already on disk are "
-              f"intact: fix this, then rerun the same command (--debug shows where)", file=sys.stderr)
+        console.error(f"incubate: error: {e.filename or 'a file'}: {e.strerror or e}; checkpoints already on "
+                      f"disk are intact: fix this, then rerun the same command (--debug shows where)")
         return 2
     except KeyboardInterrupt:
         if args.debug:

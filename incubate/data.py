@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from .datasets import Split, _cifar, _digits, _idx, _imagefolder, class_balanced_subset
+from .datasets import Split, class_balanced_subset, read_cifar, read_digits, read_idx, read_imagefolder
 from .errors import UserError
 from .order import epoch_order
 
@@ -48,9 +48,9 @@ def load_data(cfg, run=None, train_tokenizer: bool = True):
     if kind == "text":
         from .text_data import load_text
         return load_text(cfg, arg, run, train_tokenizer)
-    readers = {"digits": lambda: _digits(), "idx": lambda: _idx(Path(arg)),
-               "imagefolder": lambda: _imagefolder(Path(arg)),
-               "cifar10": lambda: _cifar(Path(arg), "cifar10"), "cifar100": lambda: _cifar(Path(arg), "cifar100")}
+    readers = {"digits": lambda: read_digits(), "idx": lambda: read_idx(Path(arg)),
+               "imagefolder": lambda: read_imagefolder(Path(arg)), "cifar10": lambda: read_cifar(Path(arg), "cifar10"),
+               "cifar100": lambda: read_cifar(Path(arg), "cifar100")}
     if kind not in readers:
         raise UserError(f"unknown data.source '{cfg.source}'; use digits, idx:PATH, imagefolder:PATH, "
                         f"cifar10:PATH, cifar100:PATH or text:PATH")

@@ -28,7 +28,7 @@ class Split:
         return len(self.labels)
 
 
-def _digits():
+def read_digits():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     d = load_digits()
@@ -40,7 +40,7 @@ def _digits():
         Split(torch.from_numpy(xte), torch.from_numpy(yte).long()), names
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def _read_idx_file(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -54,7 +54,7 @@ def _read_idx(path: Path) -> np.ndarray:
         raise UserError(f"IDX file {path} is unreadable ({e}); check the download") from None
 
 
-def _idx(root: Path):
+def read_idx(root: Path):
     def find(stem):
         for name in (stem, stem + ".gz"):
             if (root / name).is_file():
@@ -63,8 +63,8 @@ def _idx(root: Path):
                         f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte")
     splits = []
     for prefix in ("train", "t10k"):
-        x = _read_idx(find(f"{prefix}-images-idx3-ubyte"))
-        y = _read_idx(find(f"{prefix}-labels-idx1-ubyte"))
+        x = _read_idx_file(find(f"{prefix}-images-idx3-ubyte"))
+        y = _read_idx_file(find(f"{prefix}-labels-idx1-ubyte"))
         if len(x) != len(y):
             raise UserError(f"IDX data in {root}: {len(x)} {prefix} images but {len(y)} labels")
         splits.append(Split(torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64))))
@@ -85,7 +85,7 @@ class _ArraysOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _cifar(root: Path, kind: str):
+def read_cifar(root: Path, kind: str):
     def load(name):
         path = root / name
         if not path.is_file():
@@ -109,7 +109,7 @@ def _cifar(root: Path, kind: str):
     return split(batches), split([test]), list(meta[names_key])
 
 
-def _imagefolder(root: Path):
+def read_imagefolder(root: Path):
     def scan(split):
         folder = root / split
         if not folder.is_dir():

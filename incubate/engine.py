@@ -119,7 +119,7 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(amp: str, device: torch.device):
+def autocast(amp: str, device: torch.device):
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
@@ -137,7 +137,7 @@ def evaluate(net: nn.Module, loader, dist: Dist, amp: str = "none", task=None) -
     error = None
     try:
         for x, y in loader.epoch(0):
-            with _autocast(amp, dist.device):
+            with autocast(amp, dist.device):
                 out = net(x)
             sums += task.eval_sums(out, y)
     except Exception as e:      # noqa: BLE001 -- every rank must hear of it before the all-reduce
@@ -290,7 +290,7 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
                 agree(dist, error, 0.0, where=f"at {where}", after=_kept(ckpt))
                 error, loss, value = None, None, float("nan")
                 try:
-                    with _autocast(cfg.amp, dist.device):
+                    with autocast(cfg.amp, dist.device):
                         loss = criterion(run_net(x), y)
                     value = loss.item()
                 except Exception as e:      # noqa: BLE001

@@ -28,7 +28,8 @@ from .engine import evaluate
 from .errors import UserError
 from .families import get_family
 from .modular import load_strict
-from .stages.common import StageDir, claim, finish, prepare, preprocess
+from .rundir import StageDir, claim
+from .stages.common import finish, prepare, preprocess
 
 
 def warn(text: str) -> None:

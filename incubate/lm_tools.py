@@ -21,7 +21,7 @@ from .checkpoint import read_json, write_json_atomic
 from .errors import UserError
 from .families import get_family
 from .modular import load_strict
-from .stages.common import StageDir
+from .rundir import StageDir
 from .text_data import RESTORE, TOKENIZER_FILE, read_tokenizer
 
 LM_STAGES = ("meta", "assembled", "finetune", "e2e")

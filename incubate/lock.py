@@ -79,13 +79,6 @@ def release(folder: Path) -> None:
         os.close(fd)
 
 
-def release_all() -> None:
-    """For tests that run several commands in one process."""
-    for fd in _held.values():
-        os.close(fd)
-    _held.clear()
-
-
 @contextmanager
 def waiting(path: Path):
     """An exclusive flock on `path` (created if missing) for the `with` block, waiting for any other

@@ -37,7 +37,7 @@ def run(recipe: Recipe, out, with_e2e: bool = True, launcher: str | None = None,
             grow.main(recipe, out)
     else:
         from .launchers import make_launcher, run_jobs
-        from .stages.common import write_run_recipe
+        from .rundir import write_run_recipe
         engine = make_launcher(launcher, recipe, Path(out), address)   # refuses a shape it cannot run first
         write_run_recipe(Path(out), recipe)      # the jobs read the run's recipe.yaml, nothing else
         for phase in phases(recipe, out, with_e2e, with_grow):

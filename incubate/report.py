@@ -13,7 +13,7 @@ import yaml
 from .errors import UserError
 from .families import get_family
 from .tasks import task_of
-from .stages.common import StageDir, write_summary
+from .rundir import StageDir, write_summary
 
 
 def _fmt_flops(f: float) -> str:

@@ -18,7 +18,7 @@ import yaml
 from .config import load_recipe
 from .errors import UserError
 from .lock import read_holder
-from .stages.common import StageDir, stage_dirs
+from .rundir import StageDir, stage_dirs
 
 
 def _flock_holders(path: Path) -> set[int] | None:

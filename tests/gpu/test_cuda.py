@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from incubate.checkpoint import load_training_state
 from incubate.config import DataCfg, TrainCfg
 from incubate.data import load_data
-from incubate.engine import Dist, _autocast, fit
+from incubate.engine import Dist, autocast, fit
 
 from ..conftest import ROOT, run_main, write_recipe
 from ..unit.test_engine import hybrid
@@ -37,7 +37,7 @@ def _fit(tmp_path, net, trained, device, **train):
 
 def test_bf16_autocast_trains_a_hybrid_on_the_device(gpu_device, tmp_path):
     h = hybrid(1).to(gpu_device)
-    with _autocast("bf16", gpu_device):
+    with autocast("bf16", gpu_device):
         assert h(torch.randn(4, 1, 8, 8, device=gpu_device)).dtype == torch.bfloat16
     before = {k: v.clone() for k, v in h.meta.state_dict().items()}
     start = {k: v.clone() for k, v in h.runner.model.state_dict().items()}

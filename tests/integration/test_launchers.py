@@ -190,7 +190,7 @@ def test_slurm_multi_node_shape_becomes_the_sbatch_job(tmp_path, monkeypatch):
     (tmp_path / "bin/srun").write_text("#!/bin/sh\nexit 1\n")     # submitit's SLURM executor wants srun on PATH
     (tmp_path / "bin/srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    from incubate.cluster import SlurmLauncher, execute, execute_rank
+    from incubate.launchers.slurm import SlurmLauncher, execute, execute_rank
     from incubate.config import load_recipe
     recipe = load_recipe(_recipe(tmp_path / "r.yaml", device="cuda", launch={
         "devices_per_job": 8, "cpus_per_job": 10, "slurm": {"cluster": "slurm", "slurm_partition": "gpu"},

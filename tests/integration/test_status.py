@@ -10,7 +10,7 @@ import pytest
 
 from incubate.config import load_recipe
 from incubate.lock import read_holder
-from incubate.stages.common import write_run_recipe
+from incubate.rundir import write_run_recipe
 from incubate.status import status
 from ..conftest import ROOT, one_error_line, run_main, write_recipe
 

@@ -83,7 +83,7 @@ def test_missing_and_invalid_recipe_files(tmp_path):
 
 
 def test_tokenizer_settings_and_what_a_run_directory_fixes(tmp_path):
-    from incubate.stages.common import write_run_recipe
+    from incubate.rundir import write_run_recipe
     from ..conftest import TINY_LM, write_recipe
     lm = write_recipe(tmp_path / "lm.yaml", TINY_LM)
     r = load_recipe(lm)

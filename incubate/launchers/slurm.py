@@ -1,27 +1,20 @@
-"""Launchers on cluster engines: each job a Ray task, or a SLURM job of an array (submitit).
-
-Ray runs `launchers.execute` where it places a job: the same stage command as the local launcher
-(torchrun inside the task when the job has several devices), on one node. SLURM runs a job of
+"""The SLURM launcher (through submitit): the jobs of a phase as one job array. A job has
 `nodes` x `devices_per_node` tasks, one task a rank (`execute_rank`: submitit tells each task its
 rank, the world and the master's address, exported as torch.distributed's env:// variables), so
-the meta model and the fine-tune can span nodes while the K module jobs take one node each. Ray
-and submitit are optional extras (`pip install 'deep-incubate[ray]'` / `'deep-incubate[slurm]'`).
-"""
+the meta model and the fine-tune can span nodes while the K module jobs take one node each.
+submitit is an optional extra (`pip install 'deep-incubate[slurm]'`)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .errors import UserError
-from .launchers import Job, Resources, execute
+from ..errors import UserError
+from .base import gpus_a_node
+from .job import Job, Resources
+from .process import execute
 
 
-def _gpus(recipe, devices: int) -> int:
-    """GPUs a node of a job asks for: its devices unless the recipe runs on CPU."""
-    return devices if recipe.device != "cpu" else 0
-
-
-def execute_rank(args: list[str], res: Resources, log: str) -> int:
+def execute_rank(job: Job, res: Resources) -> int:
     """One rank of a multi-task SLURM job: join the job's process group through env://, run the stage.
 
     submitit's TorchDistributedEnvironment reads the task's place (SLURM_PROCID, the job's first
@@ -33,52 +26,7 @@ def execute_rank(args: list[str], res: Resources, log: str) -> int:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)      # inherited from the submitting shell: export() refuses to overwrite
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    return execute(args, Resources(procs=1, threads=res.threads), log)
-
-
-class RayLauncher:
-    """One Ray task a job, asking for the recipe's CPUs and GPUs a job; Ray places and queues them."""
-    name = "ray"
-
-    def __init__(self, recipe, address: str | None = None):
-        try:
-            import ray
-        except ImportError:
-            raise UserError("--launcher ray needs Ray: pip install 'deep-incubate[ray]'") from None
-        self.ray, self.recipe, self.launch = ray, recipe, recipe.launch
-        if not ray.is_initialized():
-            # address=None starts a local instance unless RAY_ADDRESS names a cluster.
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
-            except ConnectionError as e:
-                raise UserError(f"cannot reach the Ray cluster at {address}: {e}; start it with "
-                                f"`ray start --head` or drop --address for a local instance") from None
-        self.task = ray.remote(execute)
-
-    def plan(self, stage: str, n_jobs: int, parallel: int) -> tuple[int, Resources]:
-        shape = self.launch.shape(stage)        # nodes > 1 was refused by make_launcher
-        procs = max(1, shape.devices_per_node)
-        return max(1, min(parallel, n_jobs)), Resources(procs=procs, threads=shape.cpus_per_task or 1,
-                                                        gpus=_gpus(self.recipe, shape.devices_per_node))
-
-    def submit(self, job: Job, res: Resources):
-        # max_retries=0: retries are the scheduler's, the same for every launcher.
-        return self.task.options(num_cpus=res.threads * res.procs, num_gpus=res.gpus, max_retries=0,
-                                 name=f"incubate-{job.label.replace(' ', '-')}").remote(
-            job.args(), res, str(job.log))
-
-    def poll(self, ref) -> tuple[int | None, str]:
-        ready, _ = self.ray.wait([ref], timeout=0)
-        if not ready:
-            return None, ""
-        try:
-            return self.ray.get(ref), ""
-        except self.ray.exceptions.RayError as e:      # the worker or its node died
-            return 1, f"Ray task failed: {str(e).splitlines()[0]}"
-
-    def stop(self, ref) -> None:
-        self.ray.cancel(ref, force=True)
+    return execute(job, Resources(procs=1, threads=res.threads))
 
 
 class SlurmLauncher:
@@ -115,7 +63,7 @@ class SlurmLauncher:
         shape = self.launch.shape(stage)
         procs = max(1, shape.devices_per_node)
         res = Resources(procs=procs, threads=shape.cpus_per_task or 1, nodes=shape.nodes,
-                        gpus=_gpus(self.recipe, shape.devices_per_node))
+                        gpus=gpus_a_node(self.recipe, shape.devices_per_node))
         # One task a rank: a job of one process runs the stage itself, a bigger one runs execute_rank.
         self.task = execute if shape.nodes * procs == 1 else execute_rank
         params = {"timeout_min": 60 * 24 * 3, **self.params, "nodes": shape.nodes, "tasks_per_node": procs,
@@ -139,8 +87,7 @@ class SlurmLauncher:
         if not self.batch:
             return
         batch, self.batch = self.batch, []
-        jobs = self.executor.map_array(self.task, [j.args() for j, _, _ in batch], [r for _, r, _ in batch],
-                                       [str(j.log) for j, _, _ in batch])
+        jobs = self.executor.map_array(self.task, [j for j, _, _ in batch], [r for _, r, _ in batch])
         for (_, _, handle), sj in zip(batch, jobs):
             handle["job"] = sj
 
