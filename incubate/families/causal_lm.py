@@ -138,8 +138,7 @@ class CausalLMFamily:
             return
         if any(getattr(default, key, None) for key in EXPERTS):
             raise UserError(f"model.name '{name}' is a mixture of experts, which the causal_lm family does not "
-                            f"divide (its experts and router are not decoder layers of one kind); use one of "
-                            f"{_supported()}")
+                            f"build (its layouts and meta init know dense MLPs only); use one of {_supported()}")
 
     def _refuse_kwargs(self, name: str, config_class, kwargs: dict) -> None:
         aliases = getattr(config_class, "attribute_map", {}) or {}
@@ -163,8 +162,8 @@ class CausalLMFamily:
             counts = ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
             raise UserError(f"model.kwargs give the {len(kinds)} layers of {name} different attention ({counts}: "
                             f"a sliding window on some layers only); the causal_lm family needs every layer alike "
-                            f"(a module's layers are copied between depths): use_sliding_window: false, or a "
-                            f"max_window_layers of 0")
+                            f"(a module's layers are copied between depths): e.g. use_sliding_window: false, or "
+                            f"max_window_layers: 0")
 
     def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
                      meta: bool = False) -> dict:

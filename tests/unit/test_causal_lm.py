@@ -84,7 +84,7 @@ SUPPORTED = "gemma, gpt2, llama, mistral, olmo, olmo2, phi3, qwen2, qwen3"
     ("lama", KW, f"model.name 'lama' is no transformers model type; the causal_lm family builds {SUPPORTED}"),
     ("bert", KW, "model.name 'bert' is not an architecture the causal_lm family builds (a decoder-only model of "
                  f"the Llama or GPT-2 layout); use one of {SUPPORTED}"),
-    ("mixtral", KW, "model.name 'mixtral' is a mixture of experts, which the causal_lm family does not divide"),
+    ("mixtral", KW, "model.name 'mixtral' is a mixture of experts, which the causal_lm family does not build"),
     ("qwen2_moe", KW, "model.name 'qwen2_moe' is a mixture of experts"),
     ("qwen2", dict(KW, use_sliding_window=True, max_window_layers=2),
      "give the 4 layers of qwen2 different attention (2 full_attention, 2 sliding_attention: a sliding window "
