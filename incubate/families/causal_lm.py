@@ -64,6 +64,7 @@ GPT2 = Layout(embed="transformer.wte", norm="transformer.ln_f", layers="transfor
 # Each passes every check of tests/unit/test_family_contract.py and tests/integration/test_lm.py.
 SUPPORTED = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "olmo": LLAMA, "olmo2": LLAMA,
              "gemma": LLAMA, "phi3": LLAMA, "gpt2": GPT2}
+LAYOUTS = (LLAMA, GPT2)
 # What the recipe may not set: it comes from the division, the data or this adapter.
 DERIVED = ("num_hidden_layers", "vocab_size", "max_position_embeddings")
 EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -134,9 +135,10 @@ class CausalLMFamily:
     def _refuse_experts(self, name: str, config_class) -> None:
         try:
             default = config_class()
-        except (TypeError, ValueError):        # a config that needs arguments: not one of ours
+            experts = any(getattr(default, key, None) for key in EXPERTS)
+        except Exception:      # a config that cannot be built bare (or asked per layer) is no decoder of ours
             return
-        if any(getattr(default, key, None) for key in EXPERTS):
+        if experts:
             raise UserError(f"model.name '{name}' is a mixture of experts, which the causal_lm family does not "
                             f"build (its layouts and meta init know dense MLPs only); use one of {_supported()}")
 
@@ -222,12 +224,12 @@ class CausalLMFamily:
     def owner(self, key: str, division: list[int], model: nn.Module = None) -> int:
         """Index of the module that owns a state-dict key (the layouts' key names differ, so `model` is
         not needed)."""
-        for layout in set(SUPPORTED.values()):
+        for layout in LAYOUTS:
             if key.startswith(f"{layout.layers}."):
                 block = int(key[len(layout.layers) + 1:].split(".")[0])
                 return module_of(key, block, division, (), (), "causal_lm")
-        stem = tuple(k for layout in set(SUPPORTED.values()) for k in layout.stem_keys)
-        head = tuple(k for layout in set(SUPPORTED.values()) for k in layout.head_keys)
+        stem = tuple(k for layout in LAYOUTS for k in layout.stem_keys)
+        head = tuple(k for layout in LAYOUTS for k in layout.head_keys)
         return module_of(key, None, division, stem, head, "causal_lm")
 
     def stem(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,14 @@ def test_architectures_the_adapter_cannot_honour_are_refused(name, kwargs, expec
         FAM.validate(cfg)
 
 
+@pytest.mark.parametrize("name", ["gemma4_assistant", "dots3_note_vision_encoder"])
+def test_a_model_type_whose_bare_config_fails_is_refused_in_one_line(name):
+    """Probing a config for experts builds it bare: some cannot be (transformers 5.24), and that is
+    no traceback either."""
+    with pytest.raises(UserError, match=f"model.name '{name}' is "):      # not ours, or (later) no model type
+        FAM.validate(SimpleNamespace(name=name, kwargs=KW, division=[1, 1], meta_division=None))
+
+
 def test_a_sliding_window_on_every_layer_is_honoured_and_one_on_the_target_only_is_refused():
     """qwen2's max_window_layers: the first layers attend fully, the rest through the window; the
     meta model (one layer a module) is as much the recipe's as the target."""
