@@ -6,7 +6,8 @@ tokens (vocabulary 256) there is no tokenizer file: token i is byte i. With BPE 
 tokenizer.json and a tokenizer_config.json go beside them, so `transformers.AutoTokenizer
 .from_pretrained(DIR)` loads the tokenizer the model was trained with (a PreTrainedTokenizerFast:
 no special tokens, nothing added to the text); the exported config then names no BOS/EOS token
-(LlamaConfig's defaults, ids 1 and 2, are ordinary BPE tokens here that generate() would stop at).
+(an architecture's defaults, e.g. Llama's ids 1 and 2, are ordinary BPE tokens here that generate()
+would stop at).
 sample: greedy (temperature 0) or seeded sampling of a continuation of a prompt, in the run's tokens.
 """
 from __future__ import annotations

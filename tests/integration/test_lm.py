@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from incubate.cli import main
 
 from ..conftest import ROOT, TINY_LM, make_corpus, one_error_line, run_main, write_recipe
+from ..unit.test_family_contract import LM_KWARGS
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,31 @@ def test_sample_evaluate_and_refusals(lm_run, capsys):
     assert rc == 0 and f"val bits/byte {bpb:.4f}" in out
     rc, _, err = run_main(capsys, "sample", run, "--stage", "finetune", "--prompt", "x", "--tokens", "0")
     assert rc == 2 and "--tokens must be >= 1" in err
+
+
+@pytest.mark.parametrize("name", sorted(set(LM_KWARGS) - {"llama"}))       # llama: lm_run above
+def test_every_architecture_runs_every_stage_and_exports_to_transformers(name, tmp_path, capsys):
+    """A tiny run of each transformers model type the causal_lm family builds (2 modules, one extra
+    layer that meta init starts as the identity, 1 epoch a stage), and its export loaded by
+    AutoModelForCausalLM with the very weights and logits of the run's fine-tuned model."""
+    from transformers import AutoModelForCausalLM
+    from incubate.lm_tools import load_lm
+    corpus = make_corpus(tmp_path / "corpus", files=2, chars=1500)
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}", model__name=name,
+                          model__kwargs=LM_KWARGS[name], model__division=[2, 1], meta__epochs=1)
+    run = tmp_path / "run"
+    rc, out, err = run_main(capsys, "run", "--recipe", recipe, "--out", run)
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) == {"meta", "module_0", "module_1", "assembled", "finetune", "e2e"}
+    assert all(0 < entry["bpb"] < 8.5 for entry in summary.values())
+    assert run_main(capsys, "export", run, "--stage", "finetune", "--to", tmp_path / "hf")[0] == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours, m, _ = load_lm(run, "finetune")
+    assert plain.config.model_type == m["model"]["name"] == name and type(plain) is type(ours)
+    assert plain.state_dict().keys() == load_file(run / "finetune/model.safetensors").keys()
+    x = torch.tensor([list(b"def dumps(obj):")])
+    assert torch.equal(plain(x).logits, ours(x).logits)
 
 
 def test_lm_kill_and_resume_equals_uninterrupted(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The causal_lm family: stem + blocks + head is the model, modules own disjoint weights, the
 meta and stack initialisations, what is refused, and bits per byte."""
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -11,19 +12,23 @@ from incubate.families import get_family
 from incubate.modular import Hybrid, assemble_state_dict, run_module, split_state_dict
 from incubate.tasks import get_task
 
+from .test_family_contract import LM_KWARGS
+
 FAM = get_family("causal_lm")
 KW = {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32}
 
 
-def _model(depth, seed=0, **kw):
-    cfg = SimpleNamespace(name="llama", kwargs=dict(KW, **kw))
+def _model(depth, seed=0, name="llama", **kw):
+    cfg = SimpleNamespace(name=name, kwargs=dict(LM_KWARGS[name], **kw))
     torch.manual_seed(seed)
-    return FAM.build("llama", FAM.model_kwargs(cfg, 256, 1, 24, [depth])).eval()
+    return FAM.build(name, FAM.model_kwargs(cfg, 256, 1, 24, [depth])).eval()
 
 
+@pytest.mark.parametrize("name", sorted(LM_KWARGS))
 @pytest.mark.parametrize("division", [[1, 1, 1, 1], [2, 1, 3], [6]])
-def test_stem_blocks_head_is_exactly_the_models_logits(division):
-    model = _model(sum(division))
+def test_stem_blocks_head_is_exactly_the_models_logits(division, name):
+    model = _model(sum(division), name=name)
+    assert model.config.model_type == name and FAM.depth(model) == sum(division)
     x = torch.randint(0, 256, (3, 24))
     h = x
     for i in range(len(division)):
@@ -69,8 +74,98 @@ def test_stack_init_copies_meta_layers_into_every_layer():
 def test_refused_kwargs(kwargs, expected):
     with pytest.raises(UserError, match=expected):
         FAM.model_kwargs(SimpleNamespace(name="llama", kwargs=dict(KW, **kwargs)), 256, 1, 16, [4])
-    with pytest.raises(UserError, match="use model.name: llama"):
-        FAM.model_kwargs(SimpleNamespace(name="gpt2", kwargs=KW), 256, 1, 16, [4])
+
+
+GPT2_KW = LM_KWARGS["gpt2"]
+SUPPORTED = "gemma, gpt2, llama, mistral, olmo, olmo2, phi3, qwen2, qwen3"
+
+
+@pytest.mark.parametrize("name, kwargs, expected", [
+    ("lama", KW, f"model.name 'lama' is no transformers model type; the causal_lm family builds {SUPPORTED}"),
+    ("bert", KW, "model.name 'bert' is not an architecture the causal_lm family builds (a decoder-only model of "
+                 f"the Llama or GPT-2 layout); use one of {SUPPORTED}"),
+    ("mixtral", KW, "model.name 'mixtral' is a mixture of experts, which the causal_lm family does not build"),
+    ("qwen2_moe", KW, "model.name 'qwen2_moe' is a mixture of experts"),
+    ("qwen2", dict(KW, use_sliding_window=True, max_window_layers=2),
+     "give the 4 layers of qwen2 different attention (2 full_attention, 2 sliding_attention: a sliding window "
+     "on some layers only); the causal_lm family needs every layer alike"),
+    ("qwen3", dict(KW, layer_types=["full_attention"] * 4), "model.kwargs.layer_types lists a kind a layer"),
+    ("gpt2", dict(GPT2_KW, n_layer=4), "model.kwargs.n_layer is set by deep-incubate"),
+    ("gpt2", dict(GPT2_KW, n_positions=64), "model.kwargs.n_positions is set by deep-incubate"),
+    ("gpt2", dict(GPT2_KW, scale_attn_by_inverse_layer_idx=True),
+     "model.kwargs.scale_attn_by_inverse_layer_idx: true is not for the causal_lm family: it scales attention by "
+     "the layer's place"),
+    ("gpt2", dict(GPT2_KW, add_cross_attention=True), "model.kwargs.add_cross_attention: true is not for"),
+    ("gemma", dict(LM_KWARGS["gemma"], tie_word_embeddings=True), "would share one tensor between module 0"),
+    ("llama", dict(KW, num_attention_heads=3), "cannot build a llama model with model.kwargs"),   # transformers' check
+])
+def test_architectures_the_adapter_cannot_honour_are_refused(name, kwargs, expected):
+    cfg = SimpleNamespace(name=name, kwargs=kwargs, division=[1, 1, 1, 1], meta_division=None)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        FAM.validate(cfg)
+
+
+@pytest.mark.parametrize("name", ["gemma4_assistant", "dots3_note_vision_encoder"])
+def test_a_model_type_whose_bare_config_fails_is_refused_in_one_line(name):
+    """Probing a config for experts builds it bare: some cannot be (transformers 5.24), and that is
+    no traceback either."""
+    with pytest.raises(UserError, match=f"model.name '{name}' is "):      # not ours, or (later) no model type
+        FAM.validate(SimpleNamespace(name=name, kwargs=KW, division=[1, 1], meta_division=None))
+
+
+def test_a_sliding_window_on_every_layer_is_honoured_and_one_on_the_target_only_is_refused():
+    """qwen2's max_window_layers: the first layers attend fully, the rest through the window; the
+    meta model (one layer a module) is as much the recipe's as the target."""
+    sliding = dict(KW, use_sliding_window=True, sliding_window=4)
+    for max_window_layers in (0, 8):       # every layer sliding, every layer full
+        FAM.validate(SimpleNamespace(name="qwen2", kwargs=dict(sliding, max_window_layers=max_window_layers),
+                                     division=[2, 2, 2, 2], meta_division=None))
+    with pytest.raises(UserError, match="the 8 layers of qwen2 different attention"):
+        FAM.validate(SimpleNamespace(name="qwen2", kwargs=dict(sliding, max_window_layers=4),
+                                     division=[2, 2, 2, 2], meta_division=None))
+    FAM.validate(SimpleNamespace(name="qwen2", kwargs=dict(sliding, max_window_layers=2), division=[1, 1],
+                                 meta_division=None))        # 2 layers, both full
+    with pytest.raises(UserError, match="the 4 layers of qwen2 different attention"):     # the meta model's
+        FAM.validate(SimpleNamespace(name="qwen2", kwargs=dict(sliding, max_window_layers=2), division=[1, 1],
+                                     meta_division=[2, 2]))
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt2"])
+def test_refusals_come_when_the_recipe_is_read(tmp_path, name):
+    from incubate.config import load_recipe
+    from ..conftest import TINY_LM, write_recipe
+    kwargs = dict(KW) if name == "mixtral" else dict(GPT2_KW, n_layer=4)
+    recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, model__name=name, model__kwargs=kwargs)
+    with pytest.raises(UserError, match="mixture of experts" if name == "mixtral" else "model.kwargs.n_layer"):
+        load_recipe(recipe)
+
+
+def test_special_token_ids_that_mean_nothing_here_are_dropped_and_llamas_kwargs_stay_the_recipes():
+    """Byte and BPE tokens have no special tokens: a padding id would freeze a row of the embedding,
+    an id outside the vocabulary would point nowhere."""
+    def kwargs(name, **kw):
+        return FAM.model_kwargs(SimpleNamespace(name=name, kwargs=dict(LM_KWARGS[name], **kw)), 256, 1, 16, [4])
+    assert kwargs("llama") == dict(KW, num_hidden_layers=4, vocab_size=256, max_position_embeddings=16,
+                                   tie_word_embeddings=False)
+    assert kwargs("gemma")["pad_token_id"] is None and "bos_token_id" not in kwargs("gemma")     # gemma's is 0
+    assert {k: kwargs("gpt2")[k] for k in ("bos_token_id", "eos_token_id")} == {"bos_token_id": None,
+                                                                               "eos_token_id": None}   # 50256
+    assert kwargs("olmo", pad_token_id=3)["pad_token_id"] == 3          # the recipe's own stands
+    model = FAM.build("gemma", kwargs("gemma"))
+    assert model.model.embed_tokens.padding_idx is None
+
+
+def test_gpt2_meta_init_zeroes_both_conv1d_residual_outputs():
+    meta, target = _model(2, seed=1, name="gpt2"), _model(4, seed=2, name="gpt2")
+    FAM.init_from_meta(target, meta, [2, 2], [1, 1], 1, mode="meta")
+    extra = target.transformer.h[3]
+    assert all(not p.any() for p in (extra.attn.c_proj.weight, extra.attn.c_proj.bias, extra.mlp.c_proj.weight,
+                                     extra.mlp.c_proj.bias))
+    assert torch.equal(target.transformer.ln_f.weight, meta.transformer.ln_f.weight)
+    assert not torch.equal(target.transformer.wpe.weight, meta.transformer.wpe.weight)    # module 0's
+    assert set(FAM.keep_only(target, [2, 2], 1).state_dict()) == {
+        k for k in _model(4, name="gpt2").state_dict() if k.startswith(("transformer.h.2.", "transformer.h.3.",
+                                                                         "transformer.ln_f.", "lm_head."))}
 
 
 def test_bits_per_byte_is_total_nats_over_ln2_over_bytes():

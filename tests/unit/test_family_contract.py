@@ -43,12 +43,16 @@ TINY = [
          stack=([3, 3, 3], [1, 2, 2]), load=_load_cifar_resnet),
     dict(family="resnet", name="resnet18", kwargs=dict(channels=[64, 32, 32, 32]), division=[3, 2, 2, 1],
          meta_division=[1, 1, 1, 1], stack=([2, 2, 2, 2], [1, 2, 2, 2]), load=_load_timm_hub_folder),
-    # a language model: token ids in (vocabulary CLASSES, context IMG), next-token logits out
-    dict(family="causal_lm", name="llama",
-         kwargs=dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32),
-         division=[2, 3, 2], meta_division=[1, 2, 1], stack=([3, 4, 2], [1, 2, 1]), load=_load_transformers_folder,
-         tokens=True),
 ]
+# language models: token ids in (vocabulary CLASSES, context IMG), next-token logits out; one a
+# transformers model type the causal_lm family builds (mistral: a sliding window shorter than IMG)
+LM = dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
+LM_KWARGS = {"llama": LM, "mistral": dict(LM, sliding_window=5), "qwen2": LM, "qwen3": dict(LM, head_dim=8),
+             "olmo": LM, "olmo2": LM, "gemma": dict(LM, head_dim=8), "phi3": LM,
+             "gpt2": dict(hidden_size=16, num_attention_heads=2, n_inner=32)}
+TINY += [dict(family="causal_lm", name=name, kwargs=kwargs, division=[2, 3, 2], meta_division=[1, 2, 1],
+              stack=([3, 4, 2], [1, 2, 1]), load=_load_transformers_folder, tokens=True)
+         for name, kwargs in LM_KWARGS.items()]
 IDS = [f"{c['family']}-{c['name']}" for c in TINY]
 IN_CHANS, IMG, CLASSES = 1, 16, 5
 
