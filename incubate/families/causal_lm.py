@@ -288,8 +288,9 @@ class CausalLMFamily:
 
     def grow_from_meta(self, target: nn.Module, meta: nn.Module) -> None:
         """G_stack growth: the target's blocks repeat the meta model's in order; stem and head copied."""
-        stack_blocks(target.model.layers, meta.model.layers)
-        copy_stem_and_head(target, meta, 0, 1, STEM, HEAD)
+        layout = self.layout(target)
+        stack_blocks(self.layers(target), self.layers(meta))
+        copy_stem_and_head(target, meta, 0, 1, layout.stem_keys, layout.head_keys)
 
     def init_from_meta(self, target: nn.Module, meta: nn.Module, division: list[int],
                        meta_division: list[int], index: int, mode: str = "meta") -> None:

@@ -174,6 +174,35 @@ def test_stack_init_makes_every_block_a_copy_of_a_meta_block_of_its_module(c):
 
 
 @pytest.mark.parametrize("c", TINY, ids=IDS)
+def test_growth_repeats_the_whole_meta_stack_in_order(c):
+    """G_stack (grow_from_meta): target block j is meta block j mod the meta depth; the target's stem
+    and head are the meta model's. A family whose blocks are no stack of equal shapes has no such method."""
+    family = FAMILIES[c["family"]]
+    if not hasattr(family, "grow_from_meta"):
+        assert c["family"] == "resnet"      # its stages change width: `incubate grow` refuses it in one line
+        return
+    div, mdiv = [2, 3, 2], [1, 1, 1]
+    meta = build(c, division=div, meta=True, meta_division=mdiv, seed=3)[0]
+    target, _ = build(c, division=div)
+    family.grow_from_meta(target, meta)
+    meta_parts = split_state_dict(family, meta.state_dict(), mdiv, meta)
+    parts = split_state_dict(family, target.state_dict(), div, target)
+    own = lambda part, prefix: {k[len(prefix):]: v for k, v in part.items() if k.startswith(prefix)}
+    layers = lambda m: max(((n, len(mod)) for n, mod in m.named_modules()      # the block stack: the longest list
+                            if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential))), key=lambda t: t[1])[0]
+    t_prefix, m_prefix = layers(target), layers(meta)
+    t_state, m_state = target.state_dict(), meta.state_dict()
+    for j in range(sum(div)):
+        t, m = own(t_state, f"{t_prefix}.{j}."), own(m_state, f"{m_prefix}.{j % sum(mdiv)}.")
+        assert t.keys() == m.keys() and all(torch.equal(t[k], m[k]) for k in t), j
+    for i in (0, len(div) - 1):     # stem and head: every non-block tensor equals the meta model's
+        blocks = lambda k: k.startswith(f"{t_prefix}.")
+        for key, value in parts[i].items():
+            if not blocks(key):
+                assert torch.equal(value, meta_parts[i][key]), key
+
+
+@pytest.mark.parametrize("c", TINY, ids=IDS)
 def test_export_loads_in_the_familys_own_library(c, tmp_path):
     """timm for the image families, transformers for causal_lm: the export's config.json and weights
     rebuild the model with no code of ours."""
