@@ -25,7 +25,10 @@ STUDY_TITLES = (("budget", "Budget curve"), ("depth", "Depth study"), ("data", "
                 ("regime", "Regime study: ViT embed 192, the plain recipe"),
                 ("regime_reg", "Regime study: ViT embed 192, the paper's DeiT regularisation"),
                 ("resnet", "ResNet study: CIFAR-style ResNet, K=3"),
-                ("lm", "Language-model study: a Llama-architecture LM on the Python tutorial, K=4"))
+                ("lm", "Language-model study: a Llama-architecture LM on the Python tutorial, K=4"),
+                ("lm_tokens", "Pre-training in tokens: 36 MB of prose read about once, budgets in FLOPs, K=4"),
+                ("gpu_lm", "Pre-training in tokens on a GPU: width 256, 16 layers, 1e16 FLOPs a method"))
+TOKEN_STUDIES = ("lm_tokens", "gpu_lm")       # benchmarks/token_report.py writes their sections
 
 
 def _groups(rows, study, key=None):
@@ -296,8 +299,13 @@ def write_report(rows, docs: Path) -> None:
     plot_regime(rows, docs / "regime.png")
     plot_regime(rows, docs / "resnet.png", "resnet", "Fashion-MNIST, CIFAR-style ResNet, K=3")
     plot_regime(rows, docs / "lm.png", "lm", "Python tutorial (python3.11-doc), Llama-architecture LM, K=4")
+    from benchmarks import token_report
     for study, title in STUDY_TITLES:
-        if any(r["study"] == study for r in rows):
+        if study in TOKEN_STUDIES and any(r["study"] == study for r in rows):
+            token_report.plot(rows, study, docs / f"{study}.png", title)
+            parts.append(f"### {title}\n\n`python benchmarks/accuracy_vs_cost.py --study {study}` "
+                         f"(figure: docs/{study}.png)\n\n{token_report.section(rows, study)}")
+        elif any(r["study"] == study for r in rows):
             cmds = [f"`python benchmarks/accuracy_vs_cost.py --study {study}`"]
             for v in sorted({r.get("variant", "paper") for r in rows if r["study"] == study} - {"paper"}):
                 cmds.append(f"`python benchmarks/accuracy_vs_cost.py --study {study} --methods ours --variant {v} "
