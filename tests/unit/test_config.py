@@ -98,3 +98,28 @@ def test_tokenizer_settings_and_what_a_run_directory_fixes(tmp_path):
     write_run_recipe(tmp_path / "bpe", load_recipe(lm, ["data.tokenizer=bpe", "data.vocab_size=300"]))
     with pytest.raises(UserError, match=r"made with data.vocab_size=300 \(its recipe.yaml\), not 320"):
         write_run_recipe(tmp_path / "bpe", load_recipe(lm, ["data.tokenizer=bpe", "data.vocab_size=320"]))
+
+
+LM_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart_lm.yaml"
+
+
+@pytest.mark.parametrize("recipe, sets, match", [
+    (None, ["meta.tokens=1000"], r"meta.tokens is a budget in text tokens, but the model classifies images"),
+    (LM_RECIPE, ["meta.tokens=-1"], r"meta.tokens must be >= 0, got -1"),
+    (LM_RECIPE, ["train.eval_every=-2"], r"meta.eval_every must be >= 0, got -2"),
+    (LM_RECIPE, ["meta.tokens=4096", "meta.warmup_epochs=1"], r"meta.warmup_epochs 1 with a budget in tokens"),
+    (LM_RECIPE, ["meta.warmup_tokens=100"], r"meta.warmup_tokens is the warm-up of a budget in tokens"),
+    (LM_RECIPE, ["meta.tokens=4096", "meta.warmup_tokens=9000"], r"meta.warmup_tokens 9000 exceeds the budget"),
+    (None, ["data.eval_tokens=100"], r"data.eval_tokens and data.cache_dir are for text"),
+    (LM_RECIPE, ["meta.tokens=10", "meta.epochs=2"], r"meta sets both epochs \(2\) and tokens \(10\)"),
+])
+def test_token_budget_settings_are_checked(recipe, sets, match):
+    with pytest.raises(UserError, match=match):
+        load_recipe(recipe, sets)
+
+
+def test_a_stage_budget_in_tokens_replaces_the_shared_epochs_and_reads_1e6():
+    recipe = load_recipe(LM_RECIPE, ["meta.tokens=1e6", "e2e.tokens=2.5e5"])
+    assert (recipe.stage("meta").tokens, recipe.stage("e2e").tokens) == (1_000_000, 250_000)
+    assert recipe.stage("incubate").tokens == 0 and recipe.stage("incubate").epochs == 1
+    assert load_recipe(LM_RECIPE, ["train.tokens=4096", "meta.epochs=3"]).stage("meta").tokens == 0   # its own budget
