@@ -24,12 +24,14 @@ demo-lm: venv
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
-# Fashion-MNIST into data/fashion-mnist (git-ignored, 30 MiB) for benchmarks/gpu_run.sh to carry to a
-# GPU machine; from Debian's dataset-fashion-mnist, installed if missing (as root).
+# Fashion-MNIST into data/fashion-mnist (git-ignored, 30 MiB) and the token study's prose into
+# data/lm_corpus (13 MiB, gzipped) for benchmarks/gpu_run.sh to carry to a GPU machine; from Debian's
+# dataset-fashion-mnist, python3.11-doc and linux-doc-6.1, installed if missing (as root).
 FMNIST := /usr/share/datasets/fashion-mnist
-gpu-data:
+gpu-data: venv
 	test -f $(FMNIST)/train-images-idx3-ubyte.gz || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	mkdir -p data/fashion-mnist && cp $(FMNIST)/*-ubyte.gz data/fashion-mnist/
+	$(PY) -m benchmarks.token_study
 
 clean:
 	rm -rf runs/quickstart runs/quickstart_lm

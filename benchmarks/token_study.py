@@ -120,3 +120,7 @@ def meta_budget(method: str, total: float, split: str | None) -> float:
 
 def fmt(t: float) -> str:
     return f"{t:g}"
+
+
+if __name__ == "__main__":      # `python -m benchmarks.token_study`: gather data/lm_corpus (make gpu-data does)
+    print(ensure_corpus())
