@@ -159,7 +159,7 @@ def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> 
         args = SimpleNamespace(set=sets + report["extra_sets"], variant=variant)
         try:
             row = acc.train_point(root, entry.study, method, depth, fraction, budget, seed, args,
-                                  variant if flops else None)
+                                  **({"variant": variant} if flops else {}))
         except Exception as e:        # one failed point is reported; the study goes on
             report["errors"].append({"family": entry.family, "point": label, "error": f"{type(e).__name__}: {e}",
                                      "traceback": traceback.format_exc()[-2000:]})

@@ -69,18 +69,25 @@ def test_smoke_run_writes_every_file_with_its_content(tmp_path):
 
     acc = json.loads((out / "3_accuracy.json").read_text())
     assert not acc["errors"] and acc["running"] is None and acc["run"]["rc"] == 0
-    points = {(r["method"], r["budget"], r["variant"] if r["method"] == "ours" else "") for r in acc["rows"]}
-    assert points == {("e2e", "1", ""), ("e2e", "2", ""), ("meta", "2", ""), ("ours", "1/1+1", "metainit-ftlr3e-4"),
-                      ("ours", "1/1+1", "paper"), ("ours", "1/1+1", "stack-ftlr3e-4")}
-    assert all(0 <= r["top1"] <= 100 and r["flops"] > 0 and r["family"] == "vit" for r in acc["rows"])
+    points = {(r["family"], r["method"], r["budget"], r["variant"] if r["method"] == "ours" else "")
+              for r in acc["rows"]}
+    assert points == {("vit", "e2e", "1", ""), ("vit", "e2e", "2", ""), ("vit", "meta", "2", ""),
+                      ("vit", "ours", "1/1+1", "metainit-ftlr3e-4"), ("vit", "ours", "1/1+1", "paper"),
+                      ("vit", "ours", "1/1+1", "stack-ftlr3e-4"), ("causal_lm", "ours", "0.002/A", "meta"),
+                      ("causal_lm", "grow", "0.002/A", ""), ("causal_lm", "e2e", "0.002", ""),
+                      ("causal_lm", "meta", "0.002", "")}
+    assert [r["method"] for r in acc["rows"] if r["family"] == "causal_lm"] == ["ours", "grow", "e2e", "meta"]
+    assert all(0 <= r["top1"] <= 100 and r["flops"] > 0 for r in acc["rows"] if r["family"] == "vit")
+    assert all(0 < r["bpb"] < 8 and r["flops"] > 0 and r["evals"] for r in acc["rows"] if r["family"] == "causal_lm")
     unregistered = {e.family for e in gpu_accuracy.PART3 if e.family not in FAMILIES}
     assert {s["family"] for s in acc["skipped"] if "not registered" in s["why"]} == unregistered
     md = (out / "3_accuracy.md").read_text()
-    assert md.count("| vit |") == 6 and all(f"Skipped {f}: family" in md for f in unregistered)
+    assert md.count("| vit |") == 6 and md.count("| causal_lm |") == 4
+    assert all(f"Skipped {f}: family" in md for f in unregistered)
 
 
 def test_plan_runs_the_cheapest_whole_comparison_first():
-    entry = gpu_accuracy.PART3[0]
+    entry = next(e for e in gpu_accuracy.PART3 if e.family == "vit")
     order = [(m, b, v) for m, _, _, b, _, v in gpu_accuracy.plan(entry)]
     level0 = [("e2e", 10, "paper"), ("meta", 40, "paper"), ("ours", (40, 2, 2), "metainit-ftlr3e-4"),
               ("ours", (40, 2, 2), "paper"), ("ours", (40, 2, 2), "stack-ftlr3e-4")]
@@ -137,6 +144,30 @@ def test_the_gpu_run_refuses_without_cuda(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json", "run.md"]
 
 
+def test_the_lm_study_runs_ours_and_growth_first_and_prices_points_by_tflops(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_point(root, study, method, depth, fraction, budget, seed, args, variant=None):
+        time.sleep(0.3)
+        ran.append((method, budget, variant))
+        return {"method": method, "budget": str(budget), "variant": variant, "bpb": 2.0, "flops": 1, "seconds": 0.3}
+    monkeypatch.setattr(gpu_accuracy.acc, "train_point", fake_point)
+    monkeypatch.setattr(gpu_accuracy.acc, "ensure_data", lambda **kw: None)
+    lm = next(e for e in gpu_accuracy.PART3 if e.family == "causal_lm")
+    assert gpu_accuracy.PART3[0] is lm       # where depth pays: the first entry of part 3
+    assert [(p[0], p[3], p[5]) for p in gpu_accuracy.plan(lm)] == [
+        ("ours", (10000, "A"), "meta"), ("grow", (10000, "A"), "paper"), ("e2e", 10000, "paper"),
+        ("meta", 10000, "paper")]
+    report = {"rows": [], "skipped": [], "errors": [], "running": None, "extra_sets": []}
+    gpu_accuracy.run_entry(lm, tmp_path, time.time() + 0.95, report, lambda r: None)
+    # ours ran unpriced (10000 TFLOPs in 0.3 s); growth, 10000 more (its meta model not on disk) priced
+    # at 1.5x that rate, 0.45 s, fits in the 0.65 s left; then 0.35 s is left for 0.45 s each
+    assert ran == [("ours", (10000, "A"), "meta"), ("grow", (10000, "A"), "paper")]
+    assert [s["point"] for s in report["skipped"]] == ["e2e 10000", "meta 10000"]
+    md = gpu_accuracy.markdown(dict(report, command="c", mode="full", time="t"))
+    assert "| causal_lm | ours | meta | 10000/A | (TFLOPs) | 2.0000 bits/byte |" in md
+
+
 def test_points_that_do_not_fit_in_the_time_left_are_skipped(tmp_path, monkeypatch):
     ran = []
 
@@ -149,10 +180,11 @@ def test_points_that_do_not_fit_in_the_time_left_are_skipped(tmp_path, monkeypat
     monkeypatch.setattr(gpu_accuracy.acc, "ensure_data", lambda path: None)
     report = {"rows": [], "skipped": [], "errors": [], "running": None, "extra_sets": []}
     saved = []
-    gpu_accuracy.run_entry(gpu_accuracy.PART3[0], tmp_path, time.time() + 0.6, report, saved.append)
+    vit = next(e for e in gpu_accuracy.PART3 if e.family == "vit")
+    gpu_accuracy.run_entry(vit, tmp_path, time.time() + 0.6, report, saved.append)
     # the first point runs unpriced; priced by it, none of the others fits in the 0.2 s left
     assert ran == [("e2e", 10, "paper")] and report["running"] is None and saved
-    assert len(report["skipped"]) == len(gpu_accuracy.plan(gpu_accuracy.PART3[0])) - 1
+    assert len(report["skipped"]) == len(gpu_accuracy.plan(vit)) - 1
     assert all("needs ~" in s["why"] for s in report["skipped"])
     md = gpu_accuracy.markdown(dict(report, command="c", mode="full", time="t"))
     assert "| vit | e2e | - | 10 | 10.0 | 50.00 |" in md and "Skipped vit meta 40: needs ~" in md
