@@ -191,7 +191,7 @@ def markdown(report: dict) -> str:
         cells = [r["family"], r["method"], r["variant"] if ours else "-", r["budget"], cost,
                  fmt(r[metric]) + (" bits/byte" if metric == "bpb" else ""),
                  fmt(r[f"meta_{metric}"]) if f"meta_{metric}" in r else "-",
-                 fmt(r[f"assembled_{metric}"]) if ours else "-", f"{r['flops'] / 1e12:.1f}", f"{r['seconds']:.0f}",
+                 fmt(r[f"assembled_{metric}"]) if f"assembled_{metric}" in r else "-", f"{r['flops'] / 1e12:.1f}", f"{r['seconds']:.0f}",
                  f"{r['wall_s']:.0f}"]
         out.append("| " + " | ".join(cells) + " |")
     if report.get("running"):
