@@ -150,7 +150,8 @@ def test_the_lm_study_runs_ours_and_growth_first_and_prices_points_by_tflops(tmp
     def fake_point(root, study, method, depth, fraction, budget, seed, args, variant=None):
         time.sleep(0.3)
         ran.append((method, budget, variant))
-        return {"method": method, "budget": str(budget), "variant": variant, "bpb": 2.0, "flops": 1, "seconds": 0.3}
+        return {"method": method, "budget": gpu_accuracy.acc.budget_label(method, budget), "variant": variant,
+                "bpb": 2.0, "flops": 1, "seconds": 0.3}
     monkeypatch.setattr(gpu_accuracy.acc, "train_point", fake_point)
     monkeypatch.setattr(gpu_accuracy.acc, "ensure_data", lambda **kw: None)
     lm = next(e for e in gpu_accuracy.PART3 if e.family == "causal_lm")
