@@ -93,7 +93,7 @@ STUDIES = {
     "lm_tokens": {"recipe": tok.RECIPE, "metric": "bpb", "prefix": "lmtok_", "depth": 16, "fraction": 1.0,
                   "budget": "flops", "e2e": [30, 60], "meta": [30, 60],
                   "ours": [(30, "A"), (60, "A"), (30, "B"), (60, "B")], "grow": [(30, "A"), (60, "A"), (30, "B"), (60, "B")],
-                  "inits": {"meta": None, "stack": [(30, "A"), (60, "A")], "random": [(30, "A")]},
+                  "inits": {"meta": None, "stack": None, "random": [(30, "A")]},
                   "seeds": [0, 1]},
     # benchmarks/gpu_run.sh part 3 (issue 20): where depth should pay, on one H200: width 256, 16 layers
     # (13.6M parameters) against its 4-layer meta model, 1e16 FLOPs a method, bf16; budgets in TFLOPs.

@@ -260,7 +260,8 @@ def bar_table(rows, study: str) -> str:
 
 def plot_regime(rows, path: Path, prefix: str = "regime", title: str = "Fashion-MNIST, ViT embed 192, K=4") -> None:
     """One panel a (study, depth, data) cell of the studies named `prefix`*: top-1 against training FLOPs."""
-    cells = sorted({(r["study"], r["depth"], r["fraction"]) for r in rows if r["study"].startswith(prefix)})
+    cells = sorted({(r["study"], r["depth"], r["fraction"]) for r in rows
+                    if r["study"].startswith(prefix) and r["study"] not in TOKEN_STUDIES})    # lm_tokens is not lm
     if not cells:
         return
     import matplotlib

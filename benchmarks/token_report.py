@@ -147,6 +147,8 @@ def plot(rows, study, path: Path, title: str) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[i % len(styles)], color=COLORS.get(name, "gray"),
                     lw=1.2, label=lab)
             ax.plot([r["flops"] / 1e12], [r["bpb"]], "o", color=COLORS.get(name, "gray"), ms=4)
+            meta = r.get("meta_evals", [])      # the meta model the method started from: thin, dotted
+            ax.plot([p[0] for p in meta], [p[1] for p in meta], ":", color=COLORS.get(name, "gray"), lw=0.8)
     ax.set_xlabel("training TFLOPs, cumulative (meta model and modules before ours' and growth's curves)")
     ax.set_ylabel("validation bits per byte (lower is better)")
     ax.set_xlim(left=0)
