@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--test", default=DEFAULT_TEST, help=f"a test of {TEST_FILE}")
     ap.add_argument("--show", action="store_true", help="print the output of every failed run")
     args = ap.parse_args(argv)
+    # a background job ignores SIGINT: SIGTERM too must reach the finally that stops the busy loops
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     load = start_load(args.load)
     counts = Counter()
     try:
