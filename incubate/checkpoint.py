@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -146,11 +147,24 @@ def _plain(state: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+def _save_file(tensors: dict, filename: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its I/O failures raised as the OSError they are (a full disk's
+    ENOSPC, a read-only mount's EROFS), so that they get their one line (_write_failed)."""
+    try:
+        save_file(tensors, str(filename), metadata=metadata)
+    except SafetensorError as e:
+        found = re.search(r"\(os error (\d+)\)", str(e))      # its Rust io::Error, only as text
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(filename)) from e
+
+
 def save_weights(state: dict, path: Path, metadata: dict | None = None, keep_previous: Path | None = None) -> str:
     """Write a state dict atomically; returns the file's SHA-256."""
     path = Path(path)
     plain = _plain(state)
-    _atomic(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata), keep_previous)
+    _atomic(path, lambda tmp: _save_file(plain, tmp, metadata=metadata), keep_previous)
     return sha256_file(path)
 
 
@@ -214,7 +228,7 @@ def save_training_state(path: Path, model_state: dict, optimizer, scheduler, sca
     meta = {"epoch": epoch, "optimizer": opt_meta, "scheduler": sched,
             "scaler": scaler.state_dict() if scaler is not None else None, **extra,
             "digest": tensor_digest(plain)}
-    _atomic(Path(path), lambda tmp: save_file(plain, str(tmp), metadata={"state": json.dumps(meta)}),
+    _atomic(Path(path), lambda tmp: _save_file(plain, tmp, metadata={"state": json.dumps(meta)}),
             keep_previous=previous_checkpoint(path))
 
 

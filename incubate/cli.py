@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 
 from . import console
@@ -109,12 +111,32 @@ def dispatch(args) -> None:
         importlib.import_module(f"incubate.stages.{args.cmd}").main(recipe, args.out)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (`incubate status RUN | head -1`)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))   # Linux: no reader left
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet_after_closed_stdout() -> int:
+    """Stop as a Unix tool killed by SIGPIPE would: no message, status 128 + 13."""
+    # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too
+    # (the idiom of Python's signal docs, "Note on SIGPIPE")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     console.attach()
     ok = False
     try:
         dispatch(args)
+        sys.stdout.flush()      # a reader that left early fails here, inside the try, not at exit
         ok = True
     except UserError as e:
         if args.debug:
@@ -123,6 +145,8 @@ def main(argv=None) -> int:
             console.error(f"incubate: error: {e}")
         return 2
     except OSError as e:     # disk full or permissions outside checkpoint.py's atomic writes
+        if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+            return _quiet_after_closed_stdout()     # `incubate status RUN | head -1`: the reader had enough
         if args.debug:
             raise
         console.error(f"incubate: error: {e.filename or 'a file'}: {e.strerror or e}; checkpoints already on "

@@ -10,6 +10,7 @@ torchrun the ranks agree on every step (faults.py), so one failing rank stops th
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import random
@@ -95,6 +96,13 @@ def close_dist(ok: bool) -> None:
     success the ranks meet first, so that none leaves while another still talks; after a failure the
     ranks have already agreed to stop (incubate/faults.py), and a gloo group is left locally. An NCCL
     group is then left to torchrun: its destroy is collective and could wait on a rank that is gone.
+
+    destroy_process_group stops gloo's threads only once nothing else holds the group. After a
+    failure something does: the failing rank's exception and the training loop's frame refer to each
+    other (the frame keeps the exception in a local, the exception's traceback keeps the frame), and
+    that cycle holds the DDP model and through it the group until a full garbage collection, in
+    practice the one of interpreter finalisation: the mechanism above again, on the failing rank
+    (rank 1 aborted with "terminate called without an active exception", now and then under load).
     """
     if not tdist.is_available() or not tdist.is_initialized():
         return
@@ -105,6 +113,7 @@ def close_dist(ok: bool) -> None:
             pass
     elif tdist.get_backend() != "gloo":
         return
+    gc.collect()        # frees a failure's frame <-> traceback cycle, the group's last holder but ours
     tdist.destroy_process_group()
 
 

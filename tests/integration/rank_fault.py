@@ -6,7 +6,8 @@ nan: rank 1's loss becomes NaN from its 2nd training step on; raise: rank 1's 2n
 RuntimeError; none: no patch (the test brings the fault, e.g. a corrupt image in rank 1's shard).
 The moment rank 1 meets the fault is written to STAMP (time.time()), so the test can measure how
 long every rank takes to stop after it; whether each rank left the process group when the CLI
-returned is written to STAMP.group.RANK ("left" or "joined").
+returned is written to STAMP.group.RANK ("left" or "joined"), and the names of gloo's threads still
+running then to STAMP.threads.RANK (empty when the group is really gone).
 """
 import os
 import sys
@@ -41,6 +42,16 @@ def _patch(fault: str, stamp: str) -> None:
     timm.loss.LabelSmoothingCrossEntropy = Faulty
 
 
+def gloo_threads() -> list[str]:
+    """gloo's worker and I/O threads still alive: they outlive destroy_process_group while anything
+    still holds the group, and die in interpreter finalization, where they can abort the process."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            names.append(f.read().strip())
+    return sorted(n for n in names if "gloo" in n)
+
+
 if __name__ == "__main__":
     import faulthandler
     import signal
@@ -52,4 +63,6 @@ if __name__ == "__main__":
         import torch.distributed as tdist
         with open(f"{sys.argv[2]}.group.{os.environ.get('RANK', '0')}", "w") as f:
             f.write("joined" if tdist.is_initialized() else "left")
+        with open(f"{sys.argv[2]}.threads.{os.environ.get('RANK', '0')}", "w") as f:
+            f.write(" ".join(gloo_threads()))
     sys.exit(rc)

@@ -194,6 +194,33 @@ def test_resume_on_a_read_only_file_system(tmp_path, capsys, monkeypatch):
     assert {p.name: p.read_bytes() for p in (src / "meta").iterdir()} == before
 
 
+@pytest.mark.skipif(not _can_mount(), reason="needs root and mount namespaces (unshare -m) to mount a small tmpfs")
+def test_real_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes(tmp_path):
+    """A tmpfs of a few MB, filled up while epoch 2's checkpoint is being written: the kernel's own ENOSPC."""
+    recipe = write_recipe(tmp_path / "r.yaml")
+    mnt, out, full = tmp_path / "mnt", tmp_path / "out", tmp_path / "when_full"
+    mnt.mkdir()
+    out.mkdir()
+    cli = f"{sys.executable} -m"
+    args = f"meta --recipe {recipe} --out {mnt}/run"
+    # a private mount namespace: the tmpfs exists for this one script only, so its state is copied out
+    script = (f"mount -t tmpfs -o size=4m tmpfs {mnt} || exit 98; "
+              f"{cli} tests.integration.disk_filler {mnt}/filler {args} >{out}/1.out 2>{out}/1.err; echo $? >{out}/1.rc; "
+              f"cp -a {mnt}/run {full}; rm {mnt}/filler; "
+              f"{cli} incubate.cli {args} >{out}/2.out 2>{out}/2.err; echo $? >{out}/2.rc")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    read = {name: (out / name).read_text() for name in ("1.rc", "1.err", "2.rc", "2.out", "2.err")}
+    ckpt = mnt / "run/meta/checkpoint.safetensors"
+    assert read["1.rc"].strip() == "2" and one_error_line(read["1.err"]) == (
+        f"incubate: error: cannot write {ckpt}: No space left on device; the previous checkpoint.safetensors "
+        f"(if any) is kept intact; free disk space or fix permissions, then rerun the same command")
+    assert load_training_state(full / "meta/checkpoint.safetensors")[2]["epoch"] == 0     # epoch 1's, readable
+    assert not list((full / "meta").glob("*.tmp"))
+    assert read["2.rc"].strip() == "0" and "resuming after epoch 1/2" in read["2.out"], read
+
+
 def test_evaluate_checkpoint_of_another_architecture(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml")
     run = tmp_path / "run"

@@ -48,6 +48,13 @@ def _wait(procs, timeout=240):
     return ended, outs
 
 
+def _gloo_gone(stamp):
+    """No rank still runs gloo's threads when the CLI returns: a failing rank's traceback holds its
+    DDP model (and so the group) in a reference cycle, and gloo's threads then die in interpreter
+    finalization, where they aborted rank 1 now and then ("terminate called without an active exception")."""
+    assert [Path(f"{stamp}.threads.{r}").read_text() for r in (0, 1)] == ["", ""]
+
+
 def _check(procs, ended, outs, expected_in_line):
     (out0, err0), (out1, err1) = outs
     assert procs[0].returncode == 2 and procs[1].returncode == 2, outs
@@ -75,6 +82,7 @@ def test_one_rank_nan_or_exception_stops_every_rank(tmp_path, fault, expected):
     else:
         _check(procs, ended, outs, expected)
     assert [Path(f"{stamp}.group.{r}").read_text() for r in (0, 1)] == ["left", "left"]   # a gloo group: left
+    _gloo_gone(stamp)
     seconds = max(ended.values()) - float(stamp.read_text())
     print(f"{fault}: every rank stopped {seconds:.2f}s after rank 1 met the fault")
     assert seconds < STOP_SECONDS
@@ -90,9 +98,10 @@ def test_one_rank_unreadable_image_stops_every_rank(tmp_path):
     rank1 = epoch_order(len(split), 0, 0, 1, 2, 2, True).tolist()
     bad = split.files[rank1[2]]     # rank 1's second batch (its first is read to count FLOPs)
     bad.write_bytes(b"not an image")
-    procs, _ = _start(tmp_path, recipe, "none")
+    procs, stamp = _start(tmp_path, recipe, "none")
     ended, outs = _wait(procs)
     line = _check(procs, ended, outs, f"image {bad} is unreadable")
+    _gloo_gone(stamp)
     spread = abs(ended[0] - ended[1])
     print(f"image: {line}; the ranks exited {spread:.2f}s apart")
     assert spread < STOP_SECONDS
@@ -106,3 +115,4 @@ def test_ranks_leave_the_process_group_when_the_command_ends(tmp_path):
     _, outs = _wait(procs)
     assert [p.returncode for p in procs] == [0, 0], outs
     assert [Path(f"{stamp}.group.{r}").read_text() for r in (0, 1)] == ["left", "left"]
+    _gloo_gone(stamp)

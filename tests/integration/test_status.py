@@ -89,3 +89,19 @@ def test_status_of_a_stage_held_on_another_node(tmp_path, capsys):
     assert row["stage"] == "module 2" and row["state"] == "running" and row["host"] == "node7"
     assert "pid 4242 on node7, started 2026-11-28T20:00:00 (another host: not checked from here" in \
         capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path, command):
+    """`incubate status RUN | true`: the reader is gone before the first line; no error line, no traceback."""
+    run = _new_run(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "incubate.cli", command, str(run)], cwd=ROOT, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    finally:
+        os.close(write_end)
+    assert proc.returncode in (0, 141) and proc.stderr == "", (proc.returncode, proc.stderr)
+

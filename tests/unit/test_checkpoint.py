@@ -1,11 +1,13 @@
 """Training checkpoints: a damaged one is detected, the previous one is kept and used, Ctrl-C rules."""
+import errno
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
-from incubate import resume
+from incubate import checkpoint, resume
 from incubate.checkpoint import (load_training_state, previous_checkpoint, save_training_state, uninterrupted)
 from incubate.engine import Dist
 from incubate.errors import UserError
@@ -94,3 +96,28 @@ def test_a_mid_epoch_checkpoint_needs_its_number_of_processes(tmp_path):
         resume.position(meta, 1, tmp_path / "c")
     assert str(e.value) == (f"{tmp_path}/c was saved inside epoch 2 by 2 processes; resume it with 2 processes (its "
                             f"data order is split between them), or move it away to restart this stage")
+
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, sys, torch
+from incubate import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # so the write fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    checkpoint._save_file({"a": torch.zeros(1 << 16)}, sys.argv[1])     # 256 KiB: past the limit
+except OSError as e:
+    print(e.errno, e.filename)
+"""
+
+
+def test_safetensors_write_failure_is_the_oserror_it_is(tmp_path):
+    """safetensors reports a failed write as SafetensorError('... (os error 27)'): unless it is turned
+    back into an OSError, a full disk prints a traceback instead of its one line. A file-size limit
+    makes the kernel refuse the write (EFBIG) as a full disk would (ENOSPC), without root."""
+    import subprocess
+    import sys
+    target = tmp_path / "w.safetensors"
+    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(target)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert proc.stdout.split() == [str(errno.EFBIG), str(target)], proc.stderr
