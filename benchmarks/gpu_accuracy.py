@@ -156,7 +156,9 @@ def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> 
         t0 = time.time()
         flops = s.get("budget") == "flops"
         sets = variant_sets(variant) if method == "ours" and not flops else []
-        args = SimpleNamespace(set=sets + report["extra_sets"], variant=variant)
+        # --data names Fashion-MNIST: the image studies' data, not a text study's corpus
+        extra = [x for x in report["extra_sets"] if not (flops and x.startswith("data.source="))]
+        args = SimpleNamespace(set=sets + extra, variant=variant)
         try:
             row = acc.train_point(root, entry.study, method, depth, fraction, budget, seed, args,
                                   **({"variant": variant} if flops else {}))
