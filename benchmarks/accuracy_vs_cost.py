@@ -288,7 +288,7 @@ def _evals(stage: StageDir, base_flops: float, metric: str) -> list:
     if not stage.metrics.exists():
         return []
     rows = [json.loads(line) for line in stage.metrics.read_text().splitlines() if line.strip()]
-    return [[round((base_flops + r["flops"]) / 1e12, 4), round(r[f"test_{metric}"], 4), r.get("tokens")]
+    return [[round((base_flops + r["flops"]) / 1e12, 4), round(r[f"test_{metric}"], 6), r.get("tokens")]
             for r in rows if r.get("kind") == "eval"]
 
 
@@ -304,8 +304,9 @@ def tok_row(row: dict, stages: list, ms: list, metric: str) -> dict:
         row["meta_tflops"] = round(by[("meta", None)]["flops"] / 1e12, 3)
         row[f"meta_{metric}"] = by[("meta", None)]["metrics"][metric]
         row["meta_evals"] = _evals(stages[0], 0, metric)
-    if ("assembled", None) in by:
+    if ("assembled", None) in by:       # the deep model's first point: assembled, before fine-tuning
         row[f"assembled_{metric}"] = by[("assembled", None)]["metrics"][metric]
+        row["evals"] = [[round(before / 1e12, 4), round(row[f"assembled_{metric}"], 6), None]] + row["evals"]
         row[f"hybrid_{metric}"] = [by[("incubate", i)]["metrics"][metric] for i in range(len(stages) - 3)]
     return row
 

@@ -209,7 +209,7 @@ def test_slurm_multi_node_shape_becomes_the_sbatch_job(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("sets, message", [
     (["launch.stages.metaa.nodes=2"], "unknown stage 'launch.stages.metaa'; valid stages: meta, incubate, assemble, "
-                                      "finetune, e2e"),
+                                      "finetune, e2e, grow"),
     (["launch.stages.meta.nodes=0"], "launch.stages.meta.nodes must be >= 1, got 0"),
     (["launch.stages.meta.gpus=8"], "unknown recipe key 'launch.stages.meta.gpus'; valid keys under launch.stages.meta: "
                                     "nodes, devices_per_node, cpus_per_task, time_min"),
