@@ -141,6 +141,8 @@ def status(run, out=None) -> list[dict]:
     now = time.time()
     rows = []
     for sd in stage_dirs(run, k):
+        if sd.stage == "grow" and not sd.path.exists():     # growth is opt-in (run --grow): listed once begun
+            continue
         cfg = "incubate" if sd.stage == "incubate" else sd.stage
         budget = recipe.stage(cfg) if recipe is not None and cfg != "assembled" else None
         epochs = budget.epochs if budget is not None and not budget.tokens else None

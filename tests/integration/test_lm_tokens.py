@@ -80,6 +80,9 @@ def test_every_stage_trains_its_tokens_and_evaluates_every_n_updates(token_run):
     assert summary["grow"]["flops"] == _manifest(run, "grow")["flops"]
     assert "[meta] update 7/30, 1,792 tokens: held-out val bits/byte" in out
     assert "| **grow (G_stack)** (meta + grow) |" in out
+    from incubate.status import status
+    rows = {r["stage"]: r["state"] for r in status(run, io.StringIO())}
+    assert rows["grow"] == "finished" and rows["e2e"] == "finished"     # growth listed once it has begun
 
 
 def test_growth_starts_from_the_meta_layers_repeated_in_order(token_run, tmp_path):
