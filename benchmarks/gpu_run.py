@@ -185,7 +185,8 @@ def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> d
             cmd += ["--jobs", "e2e,meta,hybrid", "--variants", "compile",
                     "--variant-jobs", "e2e,meta,hybrid0,hybrid1,hybrid2,hybrid3"]
         if args.smoke:       # seconds on a CPU: tracing without code generation
-            cmd += ["--device", "cpu", "--threads", "1", "--compile-backend", "aot_eager"]
+            # a 256-wide peak matmul: a CPU without bf16 units takes a minute for the 2048-wide one in bf16
+            cmd += ["--device", "cpu", "--threads", "1", "--compile-backend", "aot_eager", "--matmul-n", 256]
         if limit < 10:
             runs.append({"preset": preset, "mode": mode, "error": f"skipped: {left:.0f}s left"})
         else:
