@@ -232,8 +232,8 @@ def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBun
             train, test = [_encode(tok, pieces(train))], [_encode(tok, pieces(test))]
         for name, parts in (("training", train), ("held-out", test)):
             _check_windows(name, sum(len(p) for p in parts), root, cfg.context)
-        held_out = TextSplit(np.zeros(sum(len(p) for p in test), dtype=np.uint8), cfg.context)
-        check_eval_tokens(getattr(cfg, "eval_tokens", 0), len(held_out), cfg.context)    # before anything is written
+        windows = (sum(len(p) for p in test) - 1) // cfg.context        # TextSplit's count, stride = context
+        check_eval_tokens(getattr(cfg, "eval_tokens", 0), windows, cfg.context)    # before anything is written
         return train, test, train_files, test_files
 
     tokens = token_cache.load_or_build(where, key, vocab, tokenize, {"source": str(root), **settings})
