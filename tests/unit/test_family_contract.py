@@ -33,12 +33,23 @@ def _load_transformers_folder(folder, config):
     return AutoModelForCausalLM.from_pretrained(folder)
 
 
+# flat-block transformers the vit family runs, one a kind of structure it checks for: a distillation
+# token and head; no position embedding for the class token and layer scale; register tokens with
+# average pooling and no class token; an attention-pool head; parallel blocks (two kinds); a post-norm
+# block; Eva with rotary embeddings (SwiGLU, average pooling / class token, no absolute position
+# embedding); Beit with a relative position bias in every block
+VIT_KINDS = ["deit_tiny_distilled_patch16_224", "deit3_small_patch16_224", "vit_medium_patch16_reg4_gap_256",
+             "vit_base_patch16_siglip_224", "vit_small_patch16_18x2_224", "vit_base_patch16_xp_224",
+             "vit_base_patch16_rpn_224", "eva02_tiny_patch14_224", "vit_base_patch16_rope_224",
+             "beit_base_patch16_224"]
 # division / meta_division: a target and meta model whose modules meta-init can honour (ResNet:
 # module 0 crosses into layer2, so its meta block is strided and widening); stack: a division
 # pair stack init can honour.
 TINY = [
     dict(family="vit", name="vit_tiny_patch16_224", kwargs=dict(patch_size=4, embed_dim=32, num_heads=2),
          division=[2, 3, 2], meta_division=[1, 2, 1], stack=([3, 4, 2], [1, 2, 1]), load=_load_timm_hub_folder),
+    *[dict(family="vit", name=name, kwargs=dict(patch_size=4, embed_dim=32, num_heads=2), division=[2, 3, 2],
+           meta_division=[1, 2, 1], stack=([3, 4, 2], [1, 2, 1]), load=_load_timm_hub_folder) for name in VIT_KINDS],
     dict(family="resnet", name="cifar_resnet20", kwargs={}, division=[4, 3, 2], meta_division=[1, 1, 1],
          stack=([3, 3, 3], [1, 2, 2]), load=_load_cifar_resnet),
     dict(family="resnet", name="resnet18", kwargs=dict(channels=[64, 32, 32, 32]), division=[3, 2, 2, 1],
@@ -188,8 +199,8 @@ def test_growth_repeats_the_whole_meta_stack_in_order(c):
     meta_parts = split_state_dict(family, meta.state_dict(), mdiv, meta)
     parts = split_state_dict(family, target.state_dict(), div, target)
     own = lambda part, prefix: {k[len(prefix):]: v for k, v in part.items() if k.startswith(prefix)}
-    layers = lambda m: max(((n, len(mod)) for n, mod in m.named_modules()      # the block stack: the longest list
-                            if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential))), key=lambda t: t[1])[0]
+    layers = lambda m: next(n for n, mod in m.named_modules()      # the block stack: the first list of depth blocks
+                            if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)) and len(mod) == family.depth(m))
     t_prefix, m_prefix = layers(target), layers(meta)
     t_state, m_state = target.state_dict(), meta.state_dict()
     for j in range(sum(div)):
