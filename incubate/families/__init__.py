@@ -6,10 +6,12 @@ from __future__ import annotations
 from ..errors import UserError
 from .base import Family
 from .causal_lm import CausalLMFamily
+from .convnext import ConvNeXtFamily
 from .resnet import ResNetFamily
 from .vit import ViTFamily
 
 FAMILIES: dict[str, Family] = {"vit": ViTFamily(), "resnet": ResNetFamily(), "causal_lm": CausalLMFamily()}
+FAMILIES["convnext"] = ConvNeXtFamily()
 
 
 def get_family(name: str):

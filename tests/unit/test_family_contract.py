@@ -54,6 +54,12 @@ TINY = [
          stack=([3, 3, 3], [1, 2, 2]), load=_load_cifar_resnet),
     dict(family="resnet", name="resnet18", kwargs=dict(channels=[64, 32, 32, 32]), division=[3, 2, 2, 1],
          meta_division=[1, 1, 1, 1], stack=([2, 2, 2, 2], [1, 2, 2, 2]), load=_load_timm_hub_folder),
+    # ConvNeXt: module 1 crosses three stage boundaries (its meta module: three downsampling layers and
+    # the block of stage 3); a ConvNeXt-V2 (global response norm, no layer scale)
+    dict(family="convnext", name="convnext_tiny", kwargs=dict(depths=[2, 1, 1, 2], dims=[8, 16, 24, 32], patch_size=1),
+         division=[2, 3, 1], meta_division=[1, 1, 1], stack=([2, 1, 1, 2], [1, 1, 1, 1]), load=_load_timm_hub_folder),
+    dict(family="convnext", name="convnextv2_atto", kwargs=dict(depths=[2, 2, 2, 1], dims=[8, 16, 24, 32], patch_size=1),
+         division=[3, 3, 1], meta_division=[1, 2, 1], stack=([2, 2, 2, 1], [1, 1, 1, 1]), load=_load_timm_hub_folder),
 ]
 # language models: token ids in (vocabulary CLASSES, context IMG), next-token logits out; one a
 # transformers model type the causal_lm family builds (mistral: a sliding window shorter than IMG)
@@ -190,7 +196,7 @@ def test_growth_repeats_the_whole_meta_stack_in_order(c):
     and head are the meta model's. A family whose blocks are no stack of equal shapes has no such method."""
     family = FAMILIES[c["family"]]
     if not hasattr(family, "grow_from_meta"):
-        assert c["family"] == "resnet"      # its stages change width: `incubate grow` refuses it in one line
+        assert c["family"] in ("resnet", "convnext")   # stages change width: `incubate grow` refuses it in one line
         return
     div, mdiv = [2, 3, 2], [1, 1, 1]
     meta = build(c, division=div, meta=True, meta_division=mdiv, seed=3)[0]
