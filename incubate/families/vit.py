@@ -30,7 +30,7 @@ from .base import copy_stem_and_head, init_blocks_from_meta, module_of, stack_bl
 
 STEM = ("patch_embed.", "cls_token", "dist_token", "reg_token", "pos_embed", "norm_pre.")
 HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.", "head_dist.")
-CLASSES = (VisionTransformer, Eva, Beit)
+MODEL_CLASSES = (VisionTransformer, Eva, Beit)
 
 
 def _pre_norm(blk):
@@ -64,7 +64,7 @@ def _other_stacks(model: nn.Module) -> list[str]:
 def check_structure(name: str, model: nn.Module) -> None:
     """Refuse (UserError, one line) a model the family cannot divide, incubate and assemble."""
     kind = type(model).__name__
-    if not isinstance(model, CLASSES):
+    if not isinstance(model, MODEL_CLASSES):
         others = _other_stacks(model)
         why = f" (it has more than one stack of blocks: {', '.join(['blocks'] + others)})" if others else ""
         raise UserError(f"model.name '{name}' builds a timm {kind}{why}, whose forward the vit family does not "

@@ -42,6 +42,7 @@ VIT_KINDS = ["deit_tiny_distilled_patch16_224", "deit3_small_patch16_224", "vit_
              "vit_base_patch16_siglip_224", "vit_small_patch16_18x2_224", "vit_base_patch16_xp_224",
              "vit_base_patch16_rpn_224", "eva02_tiny_patch14_224", "vit_base_patch16_rope_224",
              "beit_base_patch16_224"]
+CONVNEXT = dict(dims=[8, 16, 24, 32], patch_size=1)      # stem stride 1: 16px images reach the last stage
 # division / meta_division: a target and meta model whose modules meta-init can honour (ResNet:
 # module 0 crosses into layer2, so its meta block is strided and widening); stack: a division
 # pair stack init can honour.
@@ -56,9 +57,9 @@ TINY = [
          meta_division=[1, 1, 1, 1], stack=([2, 2, 2, 2], [1, 2, 2, 2]), load=_load_timm_hub_folder),
     # ConvNeXt: module 1 crosses three stage boundaries (its meta module: three downsampling layers and
     # the block of stage 3); a ConvNeXt-V2 (global response norm, no layer scale)
-    dict(family="convnext", name="convnext_tiny", kwargs=dict(depths=[2, 1, 1, 2], dims=[8, 16, 24, 32], patch_size=1),
+    dict(family="convnext", name="convnext_tiny", kwargs=dict(CONVNEXT, depths=[2, 1, 1, 2]),
          division=[2, 3, 1], meta_division=[1, 1, 1], stack=([2, 1, 1, 2], [1, 1, 1, 1]), load=_load_timm_hub_folder),
-    dict(family="convnext", name="convnextv2_atto", kwargs=dict(depths=[2, 2, 2, 1], dims=[8, 16, 24, 32], patch_size=1),
+    dict(family="convnext", name="convnextv2_atto", kwargs=dict(CONVNEXT, depths=[2, 2, 2, 1]),
          division=[3, 3, 1], meta_division=[1, 2, 1], stack=([2, 2, 2, 1], [1, 1, 1, 1]), load=_load_timm_hub_folder),
 ]
 # language models: token ids in (vocabulary CLASSES, context IMG), next-token logits out; one a
@@ -205,8 +206,9 @@ def test_growth_repeats_the_whole_meta_stack_in_order(c):
     meta_parts = split_state_dict(family, meta.state_dict(), mdiv, meta)
     parts = split_state_dict(family, target.state_dict(), div, target)
     own = lambda part, prefix: {k[len(prefix):]: v for k, v in part.items() if k.startswith(prefix)}
+    stacks = (torch.nn.ModuleList, torch.nn.Sequential)
     layers = lambda m: next(n for n, mod in m.named_modules()      # the block stack: the first list of depth blocks
-                            if isinstance(mod, (torch.nn.ModuleList, torch.nn.Sequential)) and len(mod) == family.depth(m))
+                            if isinstance(mod, stacks) and len(mod) == family.depth(m))
     t_prefix, m_prefix = layers(target), layers(meta)
     t_state, m_state = target.state_dict(), meta.state_dict()
     for j in range(sum(div)):
