@@ -63,7 +63,10 @@ class ConvNeXtFamily:
                             f"(depths {layers}); make the division sum to {sum(layers)}")
 
     def validate(self, cfg) -> None:
-        self._check(cfg.name, self._layers(cfg.name, dict(cfg.kwargs)), list(cfg.division))
+        kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("drop_path_rate", "num_classes")}
+        with torch.device("meta"):      # the name is checked on the model it builds, as the vit family does
+            layers = layout(self.build(cfg.name, kwargs))
+        self._check(cfg.name, layers, list(cfg.division))
 
     def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
                      meta: bool = False) -> dict:

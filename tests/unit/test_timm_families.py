@@ -75,7 +75,7 @@ def test_convnext_refusals(tmp_path, capsys):
     family = FAMILIES["convnext"]
     with pytest.raises(UserError, match=r"^model.name 'resnet18' builds a timm ResNet, not a ConvNeXt; "
                                         r"model.family convnext needs a convnext_\*/convnextv2_\* name$"):
-        family.validate(ModelCfg(family="convnext", name="resnet18", kwargs={}, division=[4, 4]))
+        family.validate(ModelCfg(family="convnext", name="resnet18", kwargs={"layers": [1, 1, 1, 1]}, division=[2, 2]))
     recipe = write_recipe(tmp_path / "r.yaml", model=dict(family="convnext", name="convnext_tiny",
                                                           kwargs=TINY_CONVNEXT, division=[2, 2]))
     rc, _, err = run_main(capsys, "run", "--recipe", recipe, "--out", tmp_path / "run")
