@@ -1,12 +1,9 @@
 """Text for causal language models: `data.source: text:PATH` (a UTF-8 file or a folder of them).
 
 Tokens are bytes by default (`data.tokenizer: byte`, vocabulary 256: nothing to download or train),
-or byte-level BPE (`data.tokenizer: bpe`, `data.vocab_size` tokens: the 256 bytes and the merges),
-trained with the `tokenizers` library on the training split only (never the held-out text),
-deterministically, and saved once as RUN/tokenizer.json: every later stage, module job, process and
-resume of the run loads that file instead of training again (the first process to need it trains it
-under a lock, RUN/.tokenizer.lock, and writes it atomically; the others wait and load it). Any UTF-8
-text encodes (every byte is a token), so there is no unknown token.
+or byte-level BPE (`data.tokenizer: bpe`, bpe.py), trained on the training split only (never the
+held-out text) and saved once as RUN/tokenizer.json. Any UTF-8 text encodes (every byte is a token),
+so there is no unknown token. (RESTORE, TOKENIZER_FILE and read_tokenizer are imported from here too.)
 
 The held-out split never overlaps the training text: a folder holds out whole files (a seeded
 choice, `data.subset_seed`, until `data.val_fraction` of the bytes is held out); a single file holds
@@ -40,13 +37,11 @@ import numpy as np
 import torch
 
 from . import token_cache
+from .bpe import RESTORE, TOKENIZER_FILE, encode, pieces, read_tokenizer, run_tokenizer, train_checked  # noqa: F401
 from .errors import UserError
 from .order import epoch_order
 
 BYTE_VOCAB = 256
-TOKENIZER_FILE = "tokenizer.json"       # in the run directory, with data.tokenizer: bpe
-BPE_MIN_FREQUENCY = 2                   # a merge joins a pair seen at least twice in the training text
-PIECE_CHARS = 1 << 20                   # BPE sees a file in pieces of about this many characters
 
 
 @dataclass
@@ -217,7 +212,8 @@ def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBun
         raise UserError(f"{Path(run) / TOKENIZER_FILE} is the BPE tokenizer of a data.tokenizer: bpe run, but the "
                         f"recipe says data.tokenizer: byte; use data.tokenizer: bpe as that run did, or a new --out")
     files = _files(root)
-    tok, digest = _bpe_tokenizer(cfg, root, run, train_tokenizer) if kind == "bpe" else (None, "")
+    train_and_save = lambda path: _train_and_save(cfg, root, path)     # noqa: E731
+    tok, digest = run_tokenizer(cfg, run, train_tokenizer, train_and_save) if kind == "bpe" else (None, "")
     vocab = BYTE_VOCAB if tok is None else tok.get_vocab_size()
     settings = {"val_fraction": cfg.val_fraction, "subset_seed": cfg.subset_seed, "tokenizer": kind,
                 "tokenizer_sha256": digest}
@@ -229,7 +225,7 @@ def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBun
         if tok is None:
             train, test = [np.frombuffer(t, dtype=np.uint8) for t in train], [np.frombuffer(t, dtype=np.uint8) for t in test]
         else:
-            train, test = [_encode(tok, pieces(train))], [_encode(tok, pieces(test))]
+            train, test = [encode(tok, pieces(train))], [encode(tok, pieces(test))]
         for name, parts in (("training", train), ("held-out", test)):
             _check_windows(name, sum(len(p) for p in parts), root, cfg.context)
         windows = (sum(len(p) for p in test) - 1) // cfg.context        # TextSplit's count, stride = context
@@ -267,127 +263,15 @@ def _check_windows(name: str, n_tokens: int, root: Path, context: int) -> None:
                         f"data.context + 1 = {context + 1}; use a smaller data.context or more text")
 
 
-# ---------------------------------------------------------------- byte-level BPE
-
-def pieces(texts: list[bytes]) -> list[str]:
-    """What BPE is trained on and encodes, one at a time: each file's text, a big one cut after a
-    newline into pieces of about PIECE_CHARS characters (so encoding runs in parallel)."""
-    out = []
-    for raw in texts:
-        text, start = raw.decode("utf-8"), 0
-        while len(text) - start > PIECE_CHARS:
-            nl = text.rfind("\n", start, start + PIECE_CHARS)
-            cut = nl + 1 if nl >= start else start + PIECE_CHARS
-            out.append(text[start:cut])
-            start = cut
-        if start < len(text):
-            out.append(text[start:])
-    return out
-
-
-def train_bpe(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer (GPT-2's byte-to-character map: all 256 bytes are tokens, so any
-    UTF-8 text encodes) of at most `vocab_size` tokens, learnt from `texts`. No special tokens.
-    Deterministic: the same texts give the same file, whatever the process or thread count."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=BPE_MIN_FREQUENCY, show_progress=False,
-                                  special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return tok
-
-
-RETRAIN = "delete it and the next stage trains it again from the training split, or use a new --out"
-RESTORE = ("restore the run's own tokenizer.json, or delete any other and rerun a stage of the run with its recipe: "
-           "that trains the same tokenizer again from the training split")
-
-
-def read_tokenizer(path: Path, vocab_size: int | None = None, hint: str = RETRAIN):
-    """(tokenizer, SHA-256 of the file) of a saved byte-level BPE tokenizer, refusing anything else
-    (and, given `vocab_size`, another vocabulary size) in one line."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read the tokenizer {path}: {e.strerror}; {hint}") from None
-    try:
-        tok = Tokenizer.from_str(data.decode("utf-8"))
-    except Exception as e:      # tokenizers raises its own Exception type for a bad file
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path} is not a tokenizer file ({first}); {hint}") from None
-    n = tok.get_vocab_size(with_added_tokens=True)
-    byte_level = (isinstance(tok.model, models.BPE) and isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
-                  and all(tok.token_to_id(c) is not None for c in pre_tokenizers.ByteLevel.alphabet())
-                  and max(tok.get_vocab(with_added_tokens=True).values()) == n - 1)
-    if not byte_level:
-        raise UserError(f"{path} is not a byte-level BPE tokenizer with every byte a token (what data.tokenizer: "
-                        f"bpe trains); {hint}")
-    if vocab_size is not None and n != vocab_size:
-        raise UserError(f"{path} has {n} tokens but data.vocab_size is {vocab_size}: it was not trained for this "
-                        f"recipe; {hint}")
-    return tok, hashlib.sha256(data).hexdigest()
-
-
-def _encode(tok, texts: list[str]) -> np.ndarray:
-    ids = [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False)]
-    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-
-
-def _bpe_tokenizer(cfg, root: Path, run, train_tokenizer: bool):
-    """(tokenizer, SHA-256 of its file): RUN/tokenizer.json, trained there first when missing."""
-    if run is None:
-        raise UserError("data.tokenizer: bpe keeps its tokenizer in the run directory, and none was given; "
-                        "run a stage with --out RUN")
-    run = Path(run)
-    path = run / TOKENIZER_FILE
-    if path.exists():
-        return read_tokenizer(path, cfg.vocab_size)
-    if not train_tokenizer:
-        raise UserError(f"{path} does not exist: a data.tokenizer: bpe run keeps the tokenizer its stages were "
-                        f"trained with there; {RESTORE}")
-    made = not run.exists()
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
-    from .lock import waiting
-    try:
-        with waiting(run / ".tokenizer.lock"):      # one process trains; the others wait, then load its file
-            if path.exists():
-                return read_tokenizer(path, cfg.vocab_size)
-            return _train_and_save(cfg, root, path)
-    except UserError:
-        if made:        # leave no run directory behind a refused recipe
-            (run / ".tokenizer.lock").unlink(missing_ok=True)
-            try:
-                run.rmdir()
-            except OSError:
-                pass
-        raise
-
-
 def _train_and_save(cfg, root: Path, path: Path):
     """Train BPE on the training split, check that both splits still make a window, save it."""
-    from tokenizers import Tokenizer
-
     from .checkpoint import write_bytes_atomic
     train, test, train_files, _ = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=True)
     train, test = pieces(train), pieces(test)
-    trained = train_bpe(train, cfg.vocab_size)
-    most = trained.get_vocab_size()
-    if most < cfg.vocab_size:
-        raise UserError(f"data.vocab_size {cfg.vocab_size} is more than byte-level BPE learns from the "
-                        f"training text of {root} ({sum(len(t.encode()) for t in train)} bytes): it stops at "
-                        f"{most} tokens (no pair of tokens left that occurs at least {BPE_MIN_FREQUENCY} "
-                        f"times); set data.vocab_size <= {most}, or give more text")
-    data = trained.to_str().encode("utf-8")
-    tok = Tokenizer.from_str(data.decode("utf-8"))
-    n_train = len(_encode(tok, train))
+    tok, data = train_checked(train, cfg.vocab_size, root)
+    n_train = len(encode(tok, train))
     for name, texts in (("training", None), ("held-out", test)):
-        _check_windows(name, n_train if texts is None else len(_encode(tok, texts)), root, cfg.context)
+        _check_windows(name, n_train if texts is None else len(encode(tok, texts)), root, cfg.context)
     write_bytes_atomic(path, data)
     print(f"tokenizer: byte-level BPE of {tok.get_vocab_size()} tokens trained on the training split "
           f"({len(train_files)} files, {n_train} tokens); saved as {path}", flush=True)
