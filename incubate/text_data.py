@@ -36,10 +36,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import token_cache
+from . import records, token_cache
 from .bpe import RESTORE, TOKENIZER_FILE, encode, pieces, read_tokenizer, run_tokenizer, train_checked  # noqa: F401
 from .errors import UserError
 from .order import epoch_order
+from .records import Documents
 
 BYTE_VOCAB = 256
 
@@ -166,38 +167,72 @@ def _files(root: Path) -> list[Path]:
     return sorted(found.values())
 
 
-def split_corpus(root: Path, val_fraction: float, seed: int) -> tuple[bytes, bytes, list, list]:
-    """(training bytes, held-out bytes, training files, held-out files)."""
-    train, test, train_files, test_files = _split(root, val_fraction, seed)
+def split_corpus(root: Path, val_fraction: float, seed: int, kind: str = "text",
+                 column: str = "text") -> tuple[bytes, bytes, list, list]:
+    """(training bytes, held-out bytes, training documents, held-out documents)."""
+    train, test, train_files, test_files = _split(root, val_fraction, seed, kind=kind, column=column)
     return b"".join(train), b"".join(test), train_files, test_files
 
 
-def _split(root: Path, val_fraction: float, seed: int, char_boundary: bool = False):
-    """(training texts, held-out texts, training files, held-out files): a text a file, or the
-    two parts of a single file, whose cut moves back to the start of a UTF-8 character when
-    `char_boundary` (BPE reads characters; bytes keep their cut)."""
-    files = _files(root)
-    texts = {f: _read_utf8(f) for f in files}
-    total = sum(len(t) for t in texts.values())
-    if total == 0:
-        raise UserError(f"text corpus {root} is empty ({len(files)} files, 0 bytes); point data.source "
-                        f"text:PATH at a UTF-8 file or a folder of them")
-    nonempty = [f for f in files if texts[f]]
-    if len(nonempty) == 1:      # one file: a fixed tail is held out
-        raw = texts[nonempty[0]]
+def _documents(root: Path, kind: str, column: str) -> Documents:
+    if kind == "text":
+        files = _files(root)
+        return Documents(files, [_read_utf8(f) for f in files])
+    return records.read(kind, root, records.corpus_files(kind, root, _files(root)), column)
+
+
+def _split(root: Path, val_fraction: float, seed: int, char_boundary: bool = False, kind: str = "text",
+           column: str = "text"):
+    """(training texts, held-out texts, training documents, held-out documents): a text a document
+    (a file, or a record), or the two parts of a single one, whose cut moves back to the start of a
+    UTF-8 character when `char_boundary` (BPE reads characters; bytes keep their cut)."""
+    docs = _documents(root, kind, column)
+    named = (lambda names: names) if kind == "text" else records.listed
+    if docs.held is not None:       # the source's own held-out split
+        train, held = ([i for i, t in enumerate(d.texts) if t] for d in (docs, docs.held))
+        if not train:
+            raise _empty(root, kind, column, len(docs.texts))
+        return ([docs.texts[i] for i in train], [docs.held.texts[i] for i in held],
+                named([docs.names[i] for i in train]), named([docs.held.names[i] for i in held]))
+    if sum(len(t) for t in docs.texts) == 0:
+        raise _empty(root, kind, column, len(docs.texts))
+    nonempty = [i for i, t in enumerate(docs.texts) if t]
+    if len(nonempty) == 1:      # one document: a fixed tail is held out
+        raw, names = docs.texts[nonempty[0]], named([docs.names[nonempty[0]]])
         cut = len(raw) - max(1, int(round(val_fraction * len(raw))))
         while char_boundary and 0 < cut and raw[cut] & 0xC0 == 0x80:     # a continuation byte
             cut -= 1
-        return [raw[:cut]], [raw[cut:]], nonempty, nonempty
+        return [raw[:cut]], [raw[cut:]], names, names
+    train, held = _hold_out(docs.texts, nonempty, val_fraction, seed)
+    return ([docs.texts[i] for i in train], [docs.texts[i] for i in held],
+            named([docs.names[i] for i in train]), named([docs.names[i] for i in held]))
+
+
+def _hold_out(texts: list[bytes], nonempty: list[int], val_fraction: float, seed: int):
+    """(training, held-out) indices of whole documents: a seeded order, held out from its start
+    until `val_fraction` of the bytes is, leaving at least one document to train on."""
+    total = sum(len(texts[i]) for i in nonempty)
     g = torch.Generator().manual_seed(seed)
     order = [nonempty[i] for i in torch.randperm(len(nonempty), generator=g).tolist()]
     held, held_bytes = [], 0
     while order[len(held):-1] and (not held or held_bytes < val_fraction * total):
         held.append(order[len(held)])
         held_bytes += len(texts[held[-1]])
-    train = sorted(set(nonempty) - set(held))
-    held = sorted(held)
-    return [texts[f] for f in train], [texts[f] for f in held], train, held
+    return sorted(set(nonempty) - set(held)), sorted(held)
+
+
+def _empty(root: Path, kind: str, column: str, n: int) -> UserError:
+    if kind == "text":
+        return UserError(f"text corpus {root} is empty ({n} files, 0 bytes); point data.source "
+                         f"text:PATH at a UTF-8 file or a folder of them")
+    return UserError(f"{kind} corpus {root} is empty ({n} records, no text in their column '{column}'); "
+                     f"point data.source {kind}:PATH at records that hold text")
+
+
+def _kind(cfg) -> str:
+    """text, or the record source (records.RECORD_SOURCES) that data.source names."""
+    kind = cfg.source.partition(":")[0]
+    return kind if kind in records.RECORD_SOURCES else "text"
 
 
 def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBundle:
@@ -205,23 +240,27 @@ def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBun
     data.cache_dir; in memory without either). With data.tokenizer: bpe, `run` is the run directory
     whose tokenizer.json is loaded, or trained and saved there when missing and `train_tokenizer`."""
     root = _checked_root(cfg, path)
-    kind = getattr(cfg, "tokenizer", "byte")
-    if kind not in ("byte", "bpe"):
-        raise UserError(f"data.tokenizer must be byte or bpe, got {kind!r}")
-    if kind == "byte" and run is not None and (Path(run) / TOKENIZER_FILE).exists():
+    kind, column = _kind(cfg), getattr(cfg, "text_column", "text")
+    tokenizer = getattr(cfg, "tokenizer", "byte")
+    if tokenizer not in ("byte", "bpe"):
+        raise UserError(f"data.tokenizer must be byte or bpe, got {tokenizer!r}")
+    if tokenizer == "byte" and run is not None and (Path(run) / TOKENIZER_FILE).exists():
         raise UserError(f"{Path(run) / TOKENIZER_FILE} is the BPE tokenizer of a data.tokenizer: bpe run, but the "
                         f"recipe says data.tokenizer: byte; use data.tokenizer: bpe as that run did, or a new --out")
-    files = _files(root)
+    files = _files(root) if kind == "text" else records.corpus_files(kind, root, _files(root))
     train_and_save = lambda path: _train_and_save(cfg, root, path)     # noqa: E731
-    tok, digest = run_tokenizer(cfg, run, train_tokenizer, train_and_save) if kind == "bpe" else (None, "")
+    tok, digest = run_tokenizer(cfg, run, train_tokenizer, train_and_save) if tokenizer == "bpe" else (None, "")
     vocab = BYTE_VOCAB if tok is None else tok.get_vocab_size()
-    settings = {"val_fraction": cfg.val_fraction, "subset_seed": cfg.subset_seed, "tokenizer": kind,
+    settings = {"val_fraction": cfg.val_fraction, "subset_seed": cfg.subset_seed, "tokenizer": tokenizer,
                 "tokenizer_sha256": digest}
+    if kind != "text":      # text files keep the keys their caches were made with
+        settings.update(source_kind=kind, text_column=column)
     where = token_cache.cache_root(cfg, run)
     key = token_cache.corpus_key(root, files, settings) if where is not None else ""
 
     def tokenize():
-        train, test, train_files, test_files = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=tok is not None)
+        train, test, train_files, test_files = _split(root, cfg.val_fraction, cfg.subset_seed,
+                                                      char_boundary=tok is not None, kind=kind, column=column)
         if tok is None:
             train, test = [np.frombuffer(t, dtype=np.uint8) for t in train], [np.frombuffer(t, dtype=np.uint8) for t in test]
         else:
@@ -235,7 +274,7 @@ def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBun
     tokens = token_cache.load_or_build(where, key, vocab, tokenize, {"source": str(root), **settings})
     token_bytes = None if tok is None else torch.tensor([len(tok.id_to_token(i)) for i in range(vocab)])
     bundle = TextBundle(TextSplit(tokens.train, cfg.context), TextSplit(tokens.test, cfg.context), vocab, cfg.context,
-                        cfg.source, kind, tokens.train_files, tokens.test_files, digest, token_bytes)
+                        cfg.source, tokenizer, tokens.train_files, tokens.test_files, digest, token_bytes)
     for name, split in (("training", bundle.train), ("held-out", bundle.test)):
         _check_windows(name, len(split.tokens), root, cfg.context)      # a cache made with another data.context
     return bundle.eval_slice(getattr(cfg, "eval_tokens", 0))
@@ -254,6 +293,9 @@ def _checked_root(cfg, path: str) -> Path:
                         f"text has no classes: remove it (or give fewer files in text:PATH)")
     if cfg.context < 1:
         raise UserError(f"data.context must be >= 1 token, got {cfg.context}")
+    if _kind(cfg) == "text" and getattr(cfg, "text_column", "text") != "text":
+        raise UserError(f"data.text_column '{cfg.text_column}' names a column of records, but data.source "
+                        f"'{cfg.source}' reads text files; remove it, or use jsonl:, parquet: or hf_disk:PATH")
     return root
 
 
@@ -266,7 +308,10 @@ def _check_windows(name: str, n_tokens: int, root: Path, context: int) -> None:
 def _train_and_save(cfg, root: Path, path: Path):
     """Train BPE on the training split, check that both splits still make a window, save it."""
     from .checkpoint import write_bytes_atomic
-    train, test, train_files, _ = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=True)
+    kind = _kind(cfg)
+    train, test, _, _ = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=True, kind=kind,
+                               column=getattr(cfg, "text_column", "text"))
+    documents = f"{len(train)} {'files' if kind == 'text' else 'records'}"
     train, test = pieces(train), pieces(test)
     tok, data = train_checked(train, cfg.vocab_size, root)
     n_train = len(encode(tok, train))
@@ -274,7 +319,7 @@ def _train_and_save(cfg, root: Path, path: Path):
         _check_windows(name, n_train if texts is None else len(encode(tok, texts)), root, cfg.context)
     write_bytes_atomic(path, data)
     print(f"tokenizer: byte-level BPE of {tok.get_vocab_size()} tokens trained on the training split "
-          f"({len(train_files)} files, {n_train} tokens); saved as {path}", flush=True)
+          f"({documents}, {n_train} tokens); saved as {path}", flush=True)
     return tok, hashlib.sha256(data).hexdigest()
 
 
