@@ -1,4 +1,6 @@
-"""Text for causal language models: `data.source: text:PATH` (a UTF-8 file or a folder of them).
+"""Text for causal language models: `data.source: text:PATH` (a UTF-8 file or a folder of them), or
+the records of `jsonl:PATH`, `parquet:PATH` and `hf_disk:PATH` (records.py), each record a document
+as each file is.
 
 Tokens are bytes by default (`data.tokenizer: byte`, vocabulary 256: nothing to download or train),
 or byte-level BPE (`data.tokenizer: bpe`, bpe.py), trained on the training split only (never the
@@ -8,6 +10,8 @@ so there is no unknown token. (RESTORE, TOKENIZER_FILE and read_tokenizer are im
 The held-out split never overlaps the training text: a folder holds out whole files (a seeded
 choice, `data.subset_seed`, until `data.val_fraction` of the bytes is held out); a single file holds
 out its last `data.val_fraction` of bytes (with BPE the cut moves back to the start of a character).
+Records follow the same rule, a record for a file, unless the source holds out a split itself (a
+DatasetDict's test split). A split's documents are joined with nothing between them.
 Each split is cut into windows of `data.context` + 1 tokens that follow each other with a stride of
 `data.context`, so every token after the first is predicted exactly once in an epoch. A batch is
 (inputs, targets): the window without its last token and the window without its first. TextLoader
