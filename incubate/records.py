@@ -74,12 +74,18 @@ def read(kind: str, root: Path, files: list[Path], column: str) -> Documents:
 
 
 def _datasets(kind: str):
+    before = os.environ.get("HF_DATASETS_OFFLINE")
     os.environ["HF_DATASETS_OFFLINE"] = "1"     # read when datasets is first imported: it never asks the Hub
     try:
         import datasets
     except ImportError as e:
         raise UserError(f"data.source {kind}:PATH reads records with the datasets library, which cannot be imported "
                         f"({e}); {INSTALL}") from None
+    finally:        # child processes get the environment they were given
+        if before is None:
+            del os.environ["HF_DATASETS_OFFLINE"]
+        else:
+            os.environ["HF_DATASETS_OFFLINE"] = before
     return datasets
 
 
