@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test,ray,slurm]'
+	$(PY) -m pip install -q -e '.[test,ray,slurm,datasets]'
 	touch $@
 
 venv: $(VENV)/.installed

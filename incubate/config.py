@@ -50,6 +50,7 @@ class AugmentCfg:
 @dataclass
 class DataCfg:
     source: str = "digits"          # digits | idx:PATH | imagefolder:PATH | cifar10:PATH | cifar100:PATH | text:PATH
+                                    # | jsonl:PATH | parquet:PATH | hf_disk:PATH (text in records, read with datasets)
     img_size: int = 32
     context: int = 256              # text: tokens a window (the model's context)
     tokenizer: str = "byte"         # text: byte (vocabulary 256, nothing to train) | bpe (byte-level BPE trained on
@@ -72,6 +73,7 @@ class DataCfg:
                                     # spread evenly over the split, the same for every stage); 0 = all of it
     cache_dir: Optional[str] = None  # text: folder of the token cache (default RUN/token_cache); a shared one
                                      # tokenizes a corpus once for many runs
+    text_column: str = "text"       # jsonl:, parquet:, hf_disk: sources: the column of strings that holds the text
 
 
 @dataclass
@@ -400,6 +402,8 @@ def validate(recipe: Recipe) -> None:
     if (recipe.data.eval_tokens or recipe.data.cache_dir) and getattr(family, "task", "classification") != "causal_lm":
         raise UserError("data.eval_tokens and data.cache_dir are for text; remove them for a model that classifies "
                         "images (train.eval_every evaluates on the whole test set)")
+    if not recipe.data.text_column:
+        raise UserError("data.text_column must name the column of text of jsonl:, parquet: or hf_disk: records, got ''")
     if recipe.data.on_bad_image not in ("stop", "skip"):
         raise UserError(f"data.on_bad_image must be stop or skip, got {recipe.data.on_bad_image!r}")
     _validate_augment(recipe.data)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from .datasets import Split, class_balanced_subset, read_cifar, read_digits, read_idx, read_imagefolder
 from .errors import UserError
 from .order import epoch_order
+from .records import RECORD_SOURCES
 
 
 @dataclass
@@ -41,11 +42,11 @@ class DataBundle:
 
 def load_data(cfg, run=None, train_tokenizer: bool = True):
     """Read the recipe's data source; in-memory images are resized to `img_size` and normalised.
-    `text:PATH` gives a text_data.TextBundle (token windows for a language model); with
-    data.tokenizer: bpe its tokenizer is RUN/tokenizer.json (`run`), trained there first if missing
-    and `train_tokenizer`."""
+    `text:PATH` (and the records of `jsonl:PATH`, `parquet:PATH`, `hf_disk:PATH`) gives a
+    text_data.TextBundle (token windows for a language model); with data.tokenizer: bpe its
+    tokenizer is RUN/tokenizer.json (`run`), trained there first if missing and `train_tokenizer`."""
     kind, _, arg = cfg.source.partition(":")
-    if kind == "text":
+    if kind == "text" or kind in RECORD_SOURCES:
         from .text_data import load_text
         return load_text(cfg, arg, run, train_tokenizer)
     readers = {"digits": lambda: read_digits(), "idx": lambda: read_idx(Path(arg)),
@@ -53,7 +54,7 @@ def load_data(cfg, run=None, train_tokenizer: bool = True):
                "cifar100": lambda: read_cifar(Path(arg), "cifar100")}
     if kind not in readers:
         raise UserError(f"unknown data.source '{cfg.source}'; use digits, idx:PATH, imagefolder:PATH, "
-                        f"cifar10:PATH, cifar100:PATH or text:PATH")
+                        f"cifar10:PATH, cifar100:PATH, or for text text:PATH, jsonl:PATH, parquet:PATH, hf_disk:PATH")
     if kind != "digits":
         if not arg:
             raise UserError(f"data.source '{cfg.source}' needs a path, e.g. {kind}:/data/{kind}")

@@ -18,7 +18,7 @@ STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", 
 # dataset are. Training settings, loader settings and augmentation may change between stages.
 FIXED_KEYS = ("model.family", "model.name", "model.kwargs", "model.division", "model.meta_division",
               "data.source", "data.img_size", "data.train_fraction", "data.subset_seed", "data.context",
-              "data.val_fraction", "data.tokenizer", "data.vocab_size", "data.eval_tokens")
+              "data.val_fraction", "data.tokenizer", "data.vocab_size", "data.eval_tokens", "data.text_column")
 
 
 class StageDir:

@@ -1,16 +1,17 @@
-"""Text for causal language models: `data.source: text:PATH` (a UTF-8 file or a folder of them).
+"""Text for causal language models: `data.source: text:PATH` (a UTF-8 file or a folder of them), or
+the records of `jsonl:PATH`, `parquet:PATH` and `hf_disk:PATH` (records.py), each record a document
+as each file is.
 
 Tokens are bytes by default (`data.tokenizer: byte`, vocabulary 256: nothing to download or train),
-or byte-level BPE (`data.tokenizer: bpe`, `data.vocab_size` tokens: the 256 bytes and the merges),
-trained with the `tokenizers` library on the training split only (never the held-out text),
-deterministically, and saved once as RUN/tokenizer.json: every later stage, module job, process and
-resume of the run loads that file instead of training again (the first process to need it trains it
-under a lock, RUN/.tokenizer.lock, and writes it atomically; the others wait and load it). Any UTF-8
-text encodes (every byte is a token), so there is no unknown token.
+or byte-level BPE (`data.tokenizer: bpe`, bpe.py), trained on the training split only (never the
+held-out text) and saved once as RUN/tokenizer.json. Any UTF-8 text encodes (every byte is a token),
+so there is no unknown token. (RESTORE, TOKENIZER_FILE and read_tokenizer are imported from here too.)
 
 The held-out split never overlaps the training text: a folder holds out whole files (a seeded
 choice, `data.subset_seed`, until `data.val_fraction` of the bytes is held out); a single file holds
 out its last `data.val_fraction` of bytes (with BPE the cut moves back to the start of a character).
+Records follow the same rule, a record for a file, unless the source holds out a split itself (a
+DatasetDict's test split). A split's documents are joined with nothing between them.
 Each split is cut into windows of `data.context` + 1 tokens that follow each other with a stride of
 `data.context`, so every token after the first is predicted exactly once in an epoch. A batch is
 (inputs, targets): the window without its last token and the window without its first. TextLoader
@@ -39,14 +40,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import token_cache
+from . import records, token_cache
+from .bpe import RESTORE, TOKENIZER_FILE, encode, pieces, read_tokenizer, run_tokenizer, train_checked  # noqa: F401
 from .errors import UserError
 from .order import epoch_order
+from .records import Documents
 
 BYTE_VOCAB = 256
-TOKENIZER_FILE = "tokenizer.json"       # in the run directory, with data.tokenizer: bpe
-BPE_MIN_FREQUENCY = 2                   # a merge joins a pair seen at least twice in the training text
-PIECE_CHARS = 1 << 20                   # BPE sees a file in pieces of about this many characters
 
 
 @dataclass
@@ -171,38 +171,72 @@ def _files(root: Path) -> list[Path]:
     return sorted(found.values())
 
 
-def split_corpus(root: Path, val_fraction: float, seed: int) -> tuple[bytes, bytes, list, list]:
-    """(training bytes, held-out bytes, training files, held-out files)."""
-    train, test, train_files, test_files = _split(root, val_fraction, seed)
+def split_corpus(root: Path, val_fraction: float, seed: int, kind: str = "text",
+                 column: str = "text") -> tuple[bytes, bytes, list, list]:
+    """(training bytes, held-out bytes, training documents, held-out documents)."""
+    train, test, train_files, test_files = _split(root, val_fraction, seed, kind=kind, column=column)
     return b"".join(train), b"".join(test), train_files, test_files
 
 
-def _split(root: Path, val_fraction: float, seed: int, char_boundary: bool = False):
-    """(training texts, held-out texts, training files, held-out files): a text a file, or the
-    two parts of a single file, whose cut moves back to the start of a UTF-8 character when
-    `char_boundary` (BPE reads characters; bytes keep their cut)."""
-    files = _files(root)
-    texts = {f: _read_utf8(f) for f in files}
-    total = sum(len(t) for t in texts.values())
-    if total == 0:
-        raise UserError(f"text corpus {root} is empty ({len(files)} files, 0 bytes); point data.source "
-                        f"text:PATH at a UTF-8 file or a folder of them")
-    nonempty = [f for f in files if texts[f]]
-    if len(nonempty) == 1:      # one file: a fixed tail is held out
-        raw = texts[nonempty[0]]
+def _documents(root: Path, kind: str, column: str) -> Documents:
+    if kind == "text":
+        files = _files(root)
+        return Documents(files, [_read_utf8(f) for f in files])
+    return records.read(kind, root, records.corpus_files(kind, root, _files(root)), column)
+
+
+def _split(root: Path, val_fraction: float, seed: int, char_boundary: bool = False, kind: str = "text",
+           column: str = "text"):
+    """(training texts, held-out texts, training documents, held-out documents): a text a document
+    (a file, or a record), or the two parts of a single one, whose cut moves back to the start of a
+    UTF-8 character when `char_boundary` (BPE reads characters; bytes keep their cut)."""
+    docs = _documents(root, kind, column)
+    named = (lambda names: names) if kind == "text" else records.listed
+    if docs.held is not None:       # the source's own held-out split
+        train, held = ([i for i, t in enumerate(d.texts) if t] for d in (docs, docs.held))
+        if not train:
+            raise _empty(root, kind, column, len(docs.texts))
+        return ([docs.texts[i] for i in train], [docs.held.texts[i] for i in held],
+                named([docs.names[i] for i in train]), named([docs.held.names[i] for i in held]))
+    if sum(len(t) for t in docs.texts) == 0:
+        raise _empty(root, kind, column, len(docs.texts))
+    nonempty = [i for i, t in enumerate(docs.texts) if t]
+    if len(nonempty) == 1:      # one document: a fixed tail is held out
+        raw, names = docs.texts[nonempty[0]], named([docs.names[nonempty[0]]])
         cut = len(raw) - max(1, int(round(val_fraction * len(raw))))
         while char_boundary and 0 < cut and raw[cut] & 0xC0 == 0x80:     # a continuation byte
             cut -= 1
-        return [raw[:cut]], [raw[cut:]], nonempty, nonempty
+        return [raw[:cut]], [raw[cut:]], names, names
+    train, held = _hold_out(docs.texts, nonempty, val_fraction, seed)
+    return ([docs.texts[i] for i in train], [docs.texts[i] for i in held],
+            named([docs.names[i] for i in train]), named([docs.names[i] for i in held]))
+
+
+def _hold_out(texts: list[bytes], nonempty: list[int], val_fraction: float, seed: int):
+    """(training, held-out) indices of whole documents: a seeded order, held out from its start
+    until `val_fraction` of the bytes is, leaving at least one document to train on."""
+    total = sum(len(texts[i]) for i in nonempty)
     g = torch.Generator().manual_seed(seed)
     order = [nonempty[i] for i in torch.randperm(len(nonempty), generator=g).tolist()]
     held, held_bytes = [], 0
     while order[len(held):-1] and (not held or held_bytes < val_fraction * total):
         held.append(order[len(held)])
         held_bytes += len(texts[held[-1]])
-    train = sorted(set(nonempty) - set(held))
-    held = sorted(held)
-    return [texts[f] for f in train], [texts[f] for f in held], train, held
+    return sorted(set(nonempty) - set(held)), sorted(held)
+
+
+def _empty(root: Path, kind: str, column: str, n: int) -> UserError:
+    if kind == "text":
+        return UserError(f"text corpus {root} is empty ({n} files, 0 bytes); point data.source "
+                         f"text:PATH at a UTF-8 file or a folder of them")
+    return UserError(f"{kind} corpus {root} is empty ({n} records, no text in their column '{column}'); "
+                     f"point data.source {kind}:PATH at records that hold text")
+
+
+def _kind(cfg) -> str:
+    """text, or the record source (records.RECORD_SOURCES) that data.source names."""
+    kind = cfg.source.partition(":")[0]
+    return kind if kind in records.RECORD_SOURCES else "text"
 
 
 def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBundle:
@@ -210,26 +244,31 @@ def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBun
     data.cache_dir; in memory without either). With data.tokenizer: bpe, `run` is the run directory
     whose tokenizer.json is loaded, or trained and saved there when missing and `train_tokenizer`."""
     root = _checked_root(cfg, path)
-    kind = getattr(cfg, "tokenizer", "byte")
-    if kind not in ("byte", "bpe"):
-        raise UserError(f"data.tokenizer must be byte or bpe, got {kind!r}")
-    if kind == "byte" and run is not None and (Path(run) / TOKENIZER_FILE).exists():
+    kind, column = _kind(cfg), getattr(cfg, "text_column", "text")
+    tokenizer = getattr(cfg, "tokenizer", "byte")
+    if tokenizer not in ("byte", "bpe"):
+        raise UserError(f"data.tokenizer must be byte or bpe, got {tokenizer!r}")
+    if tokenizer == "byte" and run is not None and (Path(run) / TOKENIZER_FILE).exists():
         raise UserError(f"{Path(run) / TOKENIZER_FILE} is the BPE tokenizer of a data.tokenizer: bpe run, but the "
                         f"recipe says data.tokenizer: byte; use data.tokenizer: bpe as that run did, or a new --out")
-    files = _files(root)
-    tok, digest = _bpe_tokenizer(cfg, root, run, train_tokenizer) if kind == "bpe" else (None, "")
+    files = _files(root) if kind == "text" else records.corpus_files(kind, root, _files(root))
+    train_and_save = lambda path: _train_and_save(cfg, root, path)     # noqa: E731
+    tok, digest = run_tokenizer(cfg, run, train_tokenizer, train_and_save) if tokenizer == "bpe" else (None, "")
     vocab = BYTE_VOCAB if tok is None else tok.get_vocab_size()
-    settings = {"val_fraction": cfg.val_fraction, "subset_seed": cfg.subset_seed, "tokenizer": kind,
+    settings = {"val_fraction": cfg.val_fraction, "subset_seed": cfg.subset_seed, "tokenizer": tokenizer,
                 "tokenizer_sha256": digest}
+    if kind != "text":      # text files keep the keys their caches were made with
+        settings.update(source_kind=kind, text_column=column)
     where = token_cache.cache_root(cfg, run)
     key = token_cache.corpus_key(root, files, settings) if where is not None else ""
 
     def tokenize():
-        train, test, train_files, test_files = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=tok is not None)
+        train, test, train_files, test_files = _split(root, cfg.val_fraction, cfg.subset_seed,
+                                                      char_boundary=tok is not None, kind=kind, column=column)
         if tok is None:
             train, test = [np.frombuffer(t, dtype=np.uint8) for t in train], [np.frombuffer(t, dtype=np.uint8) for t in test]
         else:
-            train, test = [_encode(tok, pieces(train))], [_encode(tok, pieces(test))]
+            train, test = [encode(tok, pieces(train))], [encode(tok, pieces(test))]
         for name, parts in (("training", train), ("held-out", test)):
             _check_windows(name, sum(len(p) for p in parts), root, cfg.context)
         windows = (sum(len(p) for p in test) - 1) // cfg.context        # TextSplit's count, stride = context
@@ -239,7 +278,7 @@ def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBun
     tokens = token_cache.load_or_build(where, key, vocab, tokenize, {"source": str(root), **settings})
     token_bytes = None if tok is None else torch.tensor([len(tok.id_to_token(i)) for i in range(vocab)])
     bundle = TextBundle(TextSplit(tokens.train, cfg.context), TextSplit(tokens.test, cfg.context), vocab, cfg.context,
-                        cfg.source, kind, tokens.train_files, tokens.test_files, digest, token_bytes)
+                        cfg.source, tokenizer, tokens.train_files, tokens.test_files, digest, token_bytes)
     for name, split in (("training", bundle.train), ("held-out", bundle.test)):
         _check_windows(name, len(split.tokens), root, cfg.context)      # a cache made with another data.context
     return bundle.eval_slice(getattr(cfg, "eval_tokens", 0))
@@ -258,6 +297,9 @@ def _checked_root(cfg, path: str) -> Path:
                         f"text has no classes: remove it (or give fewer files in text:PATH)")
     if cfg.context < 1:
         raise UserError(f"data.context must be >= 1 token, got {cfg.context}")
+    if _kind(cfg) == "text" and getattr(cfg, "text_column", "text") != "text":
+        raise UserError(f"data.text_column '{cfg.text_column}' names a column of records, but data.source "
+                        f"'{cfg.source}' reads text files; remove it, or use jsonl:, parquet: or hf_disk:PATH")
     return root
 
 
@@ -267,130 +309,21 @@ def _check_windows(name: str, n_tokens: int, root: Path, context: int) -> None:
                         f"data.context + 1 = {context + 1}; use a smaller data.context or more text")
 
 
-# ---------------------------------------------------------------- byte-level BPE
-
-def pieces(texts: list[bytes]) -> list[str]:
-    """What BPE is trained on and encodes, one at a time: each file's text, a big one cut after a
-    newline into pieces of about PIECE_CHARS characters (so encoding runs in parallel)."""
-    out = []
-    for raw in texts:
-        text, start = raw.decode("utf-8"), 0
-        while len(text) - start > PIECE_CHARS:
-            nl = text.rfind("\n", start, start + PIECE_CHARS)
-            cut = nl + 1 if nl >= start else start + PIECE_CHARS
-            out.append(text[start:cut])
-            start = cut
-        if start < len(text):
-            out.append(text[start:])
-    return out
-
-
-def train_bpe(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer (GPT-2's byte-to-character map: all 256 bytes are tokens, so any
-    UTF-8 text encodes) of at most `vocab_size` tokens, learnt from `texts`. No special tokens.
-    Deterministic: the same texts give the same file, whatever the process or thread count."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=BPE_MIN_FREQUENCY, show_progress=False,
-                                  special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return tok
-
-
-RETRAIN = "delete it and the next stage trains it again from the training split, or use a new --out"
-RESTORE = ("restore the run's own tokenizer.json, or delete any other and rerun a stage of the run with its recipe: "
-           "that trains the same tokenizer again from the training split")
-
-
-def read_tokenizer(path: Path, vocab_size: int | None = None, hint: str = RETRAIN):
-    """(tokenizer, SHA-256 of the file) of a saved byte-level BPE tokenizer, refusing anything else
-    (and, given `vocab_size`, another vocabulary size) in one line."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read the tokenizer {path}: {e.strerror}; {hint}") from None
-    try:
-        tok = Tokenizer.from_str(data.decode("utf-8"))
-    except Exception as e:      # tokenizers raises its own Exception type for a bad file
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path} is not a tokenizer file ({first}); {hint}") from None
-    n = tok.get_vocab_size(with_added_tokens=True)
-    byte_level = (isinstance(tok.model, models.BPE) and isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
-                  and all(tok.token_to_id(c) is not None for c in pre_tokenizers.ByteLevel.alphabet())
-                  and max(tok.get_vocab(with_added_tokens=True).values()) == n - 1)
-    if not byte_level:
-        raise UserError(f"{path} is not a byte-level BPE tokenizer with every byte a token (what data.tokenizer: "
-                        f"bpe trains); {hint}")
-    if vocab_size is not None and n != vocab_size:
-        raise UserError(f"{path} has {n} tokens but data.vocab_size is {vocab_size}: it was not trained for this "
-                        f"recipe; {hint}")
-    return tok, hashlib.sha256(data).hexdigest()
-
-
-def _encode(tok, texts: list[str]) -> np.ndarray:
-    ids = [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False)]
-    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-
-
-def _bpe_tokenizer(cfg, root: Path, run, train_tokenizer: bool):
-    """(tokenizer, SHA-256 of its file): RUN/tokenizer.json, trained there first when missing."""
-    if run is None:
-        raise UserError("data.tokenizer: bpe keeps its tokenizer in the run directory, and none was given; "
-                        "run a stage with --out RUN")
-    run = Path(run)
-    path = run / TOKENIZER_FILE
-    if path.exists():
-        return read_tokenizer(path, cfg.vocab_size)
-    if not train_tokenizer:
-        raise UserError(f"{path} does not exist: a data.tokenizer: bpe run keeps the tokenizer its stages were "
-                        f"trained with there; {RESTORE}")
-    made = not run.exists()
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
-    from .lock import waiting
-    try:
-        with waiting(run / ".tokenizer.lock"):      # one process trains; the others wait, then load its file
-            if path.exists():
-                return read_tokenizer(path, cfg.vocab_size)
-            return _train_and_save(cfg, root, path)
-    except UserError:
-        if made:        # leave no run directory behind a refused recipe
-            (run / ".tokenizer.lock").unlink(missing_ok=True)
-            try:
-                run.rmdir()
-            except OSError:
-                pass
-        raise
-
-
 def _train_and_save(cfg, root: Path, path: Path):
     """Train BPE on the training split, check that both splits still make a window, save it."""
-    from tokenizers import Tokenizer
-
     from .checkpoint import write_bytes_atomic
-    train, test, train_files, _ = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=True)
+    kind = _kind(cfg)
+    train, test, _, _ = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=True, kind=kind,
+                               column=getattr(cfg, "text_column", "text"))
+    documents = f"{len(train)} {'files' if kind == 'text' else 'records'}"
     train, test = pieces(train), pieces(test)
-    trained = train_bpe(train, cfg.vocab_size)
-    most = trained.get_vocab_size()
-    if most < cfg.vocab_size:
-        raise UserError(f"data.vocab_size {cfg.vocab_size} is more than byte-level BPE learns from the "
-                        f"training text of {root} ({sum(len(t.encode()) for t in train)} bytes): it stops at "
-                        f"{most} tokens (no pair of tokens left that occurs at least {BPE_MIN_FREQUENCY} "
-                        f"times); set data.vocab_size <= {most}, or give more text")
-    data = trained.to_str().encode("utf-8")
-    tok = Tokenizer.from_str(data.decode("utf-8"))
-    n_train = len(_encode(tok, train))
+    tok, data = train_checked(train, cfg.vocab_size, root)
+    n_train = len(encode(tok, train))
     for name, texts in (("training", None), ("held-out", test)):
-        _check_windows(name, n_train if texts is None else len(_encode(tok, texts)), root, cfg.context)
+        _check_windows(name, n_train if texts is None else len(encode(tok, texts)), root, cfg.context)
     write_bytes_atomic(path, data)
     print(f"tokenizer: byte-level BPE of {tok.get_vocab_size()} tokens trained on the training split "
-          f"({len(train_files)} files, {n_train} tokens); saved as {path}", flush=True)
+          f"({documents}, {n_train} tokens); saved as {path}", flush=True)
     return tok, hashlib.sha256(data).hexdigest()
 
 
