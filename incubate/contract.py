@@ -77,6 +77,8 @@ def check_hybrid(family, target: nn.Module, meta: nn.Module, division: list[int]
         h = Hybrid(family, copy.deepcopy(meta), meta_division,
                    family.keep_only(copy.deepcopy(target), division, i), division, i).train()
         before = {k: v.clone() for k, v in h.meta.state_dict().items()}
+        if any(m.training for m in h.meta.modules()) or not h.runner.training:
+            raise _fail(family, f"hybrid {i} in train mode does not keep its meta model in eval mode")
         trained = [p for p in h.parameters() if p.requires_grad]
         if {id(p) for p in trained} != {id(p) for p in h.runner.parameters()}:
             raise _fail(family, f"hybrid {i}'s trainable parameters are not exactly target module {i}'s")
