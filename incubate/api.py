@@ -98,8 +98,8 @@ def _check_pair(fam, m: Divided, target: nn.Module, meta: nn.Module) -> None:
         raise UserError(f"the target has {fam.depth(target)} blocks but its meta model was made for a division of "
                         f"{sum(m.target_division)} ({list(m.target_division)}); use the target it was made for")
     own, theirs = meta.state_dict(), target.state_dict()
-    for key in own.keys() & theirs.keys():
-        if own[key].shape != theirs[key].shape:
+    for key in own:
+        if key in theirs and own[key].shape != theirs[key].shape:
             raise UserError(f"the meta model and the target differ at weight '{key}' ({tuple(own[key].shape)} vs "
                             f"{tuple(theirs[key].shape)}): not the same width; make the meta model from this target")
 

@@ -34,6 +34,8 @@ from ..errors import UserError
 
 @runtime_checkable
 class Family(Protocol):
+    """What an adapter says about one kind of network (this module's docstring gives the words);
+    incubate.check_family checks an implementation, incubate.register_family adds one."""
     name: str
 
     def validate(self, cfg) -> None:
