@@ -190,8 +190,14 @@ def test_refusals_of_the_api(registry):
         incubate.assemble(fresh, [net0])
     with pytest.raises(incubate.UserError, match=r"modules\[1\] is the hybrid of module 0"):
         incubate.assemble(fresh, [net0, net0])
-    with pytest.raises(incubate.UserError, match="belongs to module 0"):
+    with pytest.raises(incubate.UserError, match="module 1 holds weight 'inp.weight' that belongs to module 0"):
         incubate.assemble(fresh, [net0.runner.model.state_dict(), net0.runner.model.state_dict()])
+    taken = copy.deepcopy(target)
+    incubate.hybrid(incubate.meta_model(taken, [2, 2], "stack"), taken, 0)
+    with pytest.raises(incubate.UserError, match="this target was taken over by a hybrid already"):
+        incubate.hybrid(incubate.meta_model(Stack(depth=4), [2, 2], "stack"), taken, 1)
+    with pytest.raises(incubate.UserError, match="assemble needs a whole, divided target"):
+        incubate.assemble(taken, [net0, net0])
 
 
 def _train_a_little(net, x, y, steps=3):
