@@ -163,10 +163,10 @@ def assemble(target: nn.Module, modules: list) -> nn.Module:
     if len(modules) != len(t.division):
         raise UserError(f"{len(modules)} modules given for a target divided into {len(t.division)}; "
                         f"pass one a module, in order")
-    metas = {m.fingerprint for m in modules if isinstance(m, Hybrid) and m.fingerprint}
+    metas = {m.fingerprint for m in modules if isinstance(m, Hybrid) and m.fingerprint}     # read from runs
     if len(metas) > 1:
-        raise UserError(f"the hybrids were made from {len(metas)} different meta models of the run directory; "
-                        f"assemble modules incubated against one meta model")
+        raise UserError(f"the hybrids were made from {len(metas)} different meta models (their fingerprints "
+                        f"differ); assemble modules incubated against one meta model")
     parts = [_part(i, m, t.division) for i, m in enumerate(modules)]
     state = assemble_state_dict(fam, parts, list(t.division), target)
     load_strict(target, state, "the assembled state", "the target")

@@ -104,6 +104,7 @@ class Hybrid(nn.Module):
             for p in self.meta_suffix_parameters():
                 p.requires_grad_(True)
         self.runner = ModuleRunner(family, target, division, index)
+        self.fingerprint = None     # the meta model's SHA-256 in its run directory, when it was read from one
 
     def meta_suffix_parameters(self) -> list[nn.Parameter]:
         """Parameters of the meta modules after the target (those backward passes through)."""

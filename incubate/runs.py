@@ -24,7 +24,8 @@ SHARED = ("recipe", "classes", "num_classes", "data", "preprocess", "target_mode
 def load_into(model: nn.Module, stage: StageDir, what: str) -> nn.Module:
     """Load a finished stage's weights into `model` strictly and record its family and division (a
     meta model: also its target's division and its fingerprint)."""
-    m = stage.require_finished(f"run `incubate {'incubate --module N' if stage.module is not None else stage.stage}` first")
+    command = "incubate --module N" if stage.module is not None else stage.stage
+    m = stage.require_finished(f"run `incubate {command}` first")
     load_strict(model, stage.load(), stage.weights, what)
     meta = stage.stage == "meta"
     return _mark(model, Divided(m["family"], tuple(m["division"]),

@@ -233,6 +233,10 @@ def test_modules_trained_in_a_script_are_assembled_by_the_cli(tiny_recipe, tmp_p
     cli = load_file(run / "assembled/model.safetensors")
     ours = incubate.assemble(incubate.target_model(run), nets).state_dict()
     assert cli.keys() == ours.keys() and all(torch.equal(cli[k], ours[k]) for k in cli)
+    other = copy.deepcopy(nets[1])
+    other.fingerprint = "f" * 64              # as a hybrid of another run's meta model
+    with pytest.raises(incubate.UserError, match="the hybrids were made from 2 different meta models"):
+        incubate.assemble(incubate.target_model(run), [nets[0], other, nets[2], nets[3]])
     assembled = incubate.load_stage(run, "assembled")
     assert all(torch.equal(assembled.state_dict()[k], cli[k]) for k in cli)
     assert set(incubate.load_stage(run, "incubate", module=2).state_dict()) == set(
