@@ -96,7 +96,7 @@ class Hybrid(nn.Module):
         if len(meta_division) != len(division):
             raise UserError(f"meta model has {len(meta_division)} modules, target {len(division)}")
         self.family, self.index = family, index
-        self.meta_division = list(meta_division)
+        self.division, self.meta_division = list(division), list(meta_division)
         self.frozen_suffix_grads = frozen_suffix_grads
         keep = set(range(len(meta_division))) - {index}
         self.meta = family.keep_modules(meta, self.meta_division, keep).requires_grad_(False).eval()
@@ -104,6 +104,7 @@ class Hybrid(nn.Module):
             for p in self.meta_suffix_parameters():
                 p.requires_grad_(True)
         self.runner = ModuleRunner(family, target, division, index)
+        self.fingerprint = None     # the meta model's SHA-256 in its run directory, when it was read from one
 
     def meta_suffix_parameters(self) -> list[nn.Parameter]:
         """Parameters of the meta modules after the target (those backward passes through)."""

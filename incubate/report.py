@@ -23,6 +23,11 @@ def _fmt_flops(f: float) -> str:
     return f"{f:.0f}"
 
 
+def _cell(entry: dict, metric: str, fmt: str) -> str:
+    """A metric of a table row; "-" where the stage has none (a module saved by a script without metrics)."""
+    return format(entry[metric], fmt) if metric in entry else "-"
+
+
 def _tick(v: float, _=None) -> str:
     """A short axis label: 50M, 1.5G (no fixed decimals, so neighbouring ticks never collide)."""
     for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -104,7 +109,7 @@ def table(summary: dict) -> str:
 
     def add(name, key):
         e, s = summary[key], share[key]
-        rows.append(f"| {name} | {e['top1']:.2f} | {e['seconds']:.1f} | {_fmt_flops(e['flops'])} | "
+        rows.append(f"| {name} | {_cell(e, 'top1', '.2f')} | {e['seconds']:.1f} | {_fmt_flops(e['flops'])} | "
                     f"{s['flops']:.1f} | {s['seconds']:.1f} | {e['trainable_params']:,} |")
     for key in ["meta"] + _modules(summary) + ["assembled", "finetune"]:
         if key in summary:
@@ -197,7 +202,8 @@ def lm_table(summary: dict) -> str:
     rows = ["| stage | val bits/byte | val loss | next-token acc (%) | seconds | FLOPs | trainable params |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     def add(name, e):
-        rows.append(f"| {name} | {e['bpb']:.4f} | {e['loss']:.4f} | {e['acc']:.2f} | {e['seconds']:.1f} | "
+        rows.append(f"| {name} | {_cell(e, 'bpb', '.4f')} | {_cell(e, 'loss', '.4f')} | {_cell(e, 'acc', '.2f')} | "
+                    f"{e['seconds']:.1f} | "
                     f"{_fmt_flops(e['flops'])} | {e['trainable_params']:,} |")
     modules = sorted((k for k in summary if k.startswith("module_")), key=lambda k: int(k.split("_")[1]))
     for key in ["meta"] + modules + ["assembled", "finetune"]:

@@ -14,6 +14,11 @@ Optional: `grow_from_meta(target, meta)`, depthwise growth (G_stack: the target'
 whole meta model's blocks repeated in order, stem and head copied), where the family's blocks are
 one stack of equal shapes (ViT, decoder layers); `incubate grow` refuses a family without it.
 
+`meta_model(target, division, meta_division)` makes the meta model of a target the family built
+(its `build` records the name and kwargs on the model: `remember_spec`), or of one the user made
+where the model says its architecture (a transformers model's config): what `incubate.meta_model`
+calls.
+
 Optional attributes: `imports_official = True` where `incubate import-official` can read the
 official code's checkpoints of the family (ViT); `no_grad_checkpointing = "why"` where
 train.grad_checkpointing must be refused (ResNet).
@@ -25,9 +30,12 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..errors import UserError
 
 @runtime_checkable
 class Family(Protocol):
+    """What an adapter says about one kind of network (this module's docstring gives the words);
+    incubate.check_family checks an implementation, incubate.register_family adds one."""
     name: str
 
     def validate(self, cfg) -> None:
@@ -80,15 +88,37 @@ class Family(Protocol):
     def keep_only(self, model: nn.Module, division: list[int], index: int) -> nn.Module:
         """keep_modules with one module."""
 
+    def meta_model(self, target: nn.Module, division: list[int], meta_division: list[int]) -> nn.Module:
+        """A freshly initialised model (current torch seed) of the target's family and width whose
+        modules have `meta_division`'s blocks: the same model `build` makes from the recipe's meta
+        kwargs. Refuse (UserError, one line) a target whose architecture it cannot tell."""
+
     def export_config(self, model: nn.Module, spec: dict, data_config: dict, label_names: list) -> dict:
         """The config.json written beside model.safetensors by `incubate export`, such that the
         family's own library rebuilds the model from it (spec: the manifest's {"name", "kwargs"})."""
 
 
+SPEC = "incubate_spec"      # the attribute where `build` leaves {"name", "kwargs"} on a model
+
+
+def remember_spec(model: nn.Module, name: str, kwargs: dict) -> nn.Module:
+    """Record on `model` the name and kwargs it was built from (a plain attribute: no state-dict key)."""
+    setattr(model, SPEC, {"name": name, "kwargs": dict(kwargs)})
+    return model
+
+
+def recorded_spec(model: nn.Module, family: str) -> dict:
+    """The {"name", "kwargs"} that `build` recorded on `model`; refused in one line for a model it did not build."""
+    spec = getattr(model, SPEC, None)
+    if spec is None:
+        raise UserError(f"this {type(model).__name__} was not built by the {family} family, so its arguments are "
+                        f"unknown; build the target with incubate.get_family('{family}').build(name, kwargs)")
+    return spec
+
+
 def module_of(key: str, block: int | None, division: list[int], stem: tuple, head: tuple, family: str) -> int:
     """The module that owns state-dict key `key`, for `owner`: flat block `block` (None when the key
     is no block's) by the division; stem keys module 0, head keys module K-1."""
-    from ..errors import UserError
     if block is not None:
         end = 0
         for i, d in enumerate(division):
@@ -119,7 +149,6 @@ def init_blocks_from_meta(blocks, meta_blocks, division: list[int], meta_divisio
     first blocks copy the meta module's, the others start as the identity (`residual_outputs(block)`,
     the projections that end each residual branch, are zeroed); mode "stack": every block copies a
     meta block, cycling through the meta module's."""
-    from ..errors import UserError
     start, m_start, n_meta = sum(division[:index]), sum(meta_division[:index]), meta_division[index]
     if mode not in ("meta", "stack"):
         raise UserError(f"module_init '{mode}' is not one the {family} adapter knows; use random, meta or stack")

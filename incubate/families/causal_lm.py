@@ -21,13 +21,14 @@ depths), and any model type outside SUPPORTED.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import copy_stem_and_head, init_blocks_from_meta, module_of, stack_blocks
+from .base import copy_stem_and_head, init_blocks_from_meta, module_of, remember_spec, stack_blocks
 
 
 @dataclass(frozen=True)
@@ -214,9 +215,28 @@ class CausalLMFamily:
         config = self._config(name, kwargs)
         config._attn_implementation = "sdpa"
         try:
-            return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+            model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
         except (TypeError, ValueError) as e:
             raise UserError(f"cannot build a {name} model with model.kwargs {kwargs}: {e}") from None
+        return remember_spec(model, name, kwargs)
+
+    def meta_model(self, target: nn.Module, division: list[int], meta_division: list[int]) -> nn.Module:
+        """The target's architecture (its transformers config, so any model of SUPPORTED, built here or
+        not) with sum(meta_division) layers; untied embeddings as every model of this family."""
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+        config = getattr(target, "config", None)
+        if getattr(config, "model_type", None) not in SUPPORTED:
+            raise UserError(f"{type(target).__name__} is not a transformers causal LM the causal_lm family builds; "
+                            f"use a model of {_supported()}")
+        if config.tie_word_embeddings:
+            raise UserError("the target ties its input and output embeddings (tie_word_embeddings: true), one "
+                            "tensor in module 0 and module K-1; build it with tie_word_embeddings=False")
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = sum(meta_division)
+        if getattr(config, "layer_types", None):       # one kind for every layer (refused otherwise)
+            self._refuse_mixed_layers(config.model_type, target.config)
+            config.layer_types = config.layer_types[:1] * sum(meta_division)
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
 
     def depth(self, model: nn.Module) -> int:
         return len(self.layers(model))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .base import copy_stem_and_head, module_of, timm_export_config
+from .base import copy_stem_and_head, module_of, recorded_spec, remember_spec, timm_export_config
 from .resnet import module_stages
 
 STEM = ("stem.",)
@@ -47,6 +47,14 @@ def stages_starting_at(layers: list[int], block: int) -> list[int]:
 def _signature(block: nn.Module) -> tuple:
     return tuple((k, tuple(v.shape)) for k, v in block.state_dict().items())
 
+
+
+def meta_depths(layers: list[int], division: list[int], meta_division: list[int]) -> list[int]:
+    """Blocks a stage of the meta model: each meta module's lie in the stage its target module ends in."""
+    depths = [0] * len(layers)
+    for (_, stage), n in zip(module_stages(layers, division), meta_division):
+        depths[stage] += n
+    return depths
 
 class ConvNeXtFamily:
     name = "convnext"
@@ -82,11 +90,15 @@ class ConvNeXtFamily:
         self._check(cfg.name, layers, list(cfg.division))
         kwargs["depths"] = layers
         if meta:
-            depths = [0] * len(layers)
-            for (_, stage), n in zip(module_stages(layers, list(cfg.division)), division):
-                depths[stage] += n
-            kwargs["depths"] = depths
+            kwargs["depths"] = meta_depths(layers, list(cfg.division), division)
         return kwargs
+
+    def meta_model(self, target: nn.Module, division: list[int], meta_division: list[int]) -> nn.Module:
+        """The target's ConvNeXt with, in each stage, the blocks of the meta modules ending there."""
+        spec = recorded_spec(target, self.name)
+        layers = layout(target)
+        self._check(spec["name"], layers, list(division))
+        return self.build(spec["name"], dict(spec["kwargs"], depths=meta_depths(layers, list(division), meta_division)))
 
     def build(self, name: str, kwargs: dict, drop_path: float = 0.0) -> nn.Module:
         try:
@@ -96,7 +108,7 @@ class ConvNeXtFamily:
         if not isinstance(model, timm.models.convnext.ConvNeXt):
             raise UserError(f"model.name '{name}' builds a timm {type(model).__name__}, not a ConvNeXt; "
                             f"model.family convnext needs a convnext_*/convnextv2_* name")
-        return model
+        return remember_spec(model, name, kwargs)
 
     def depth(self, model: nn.Module) -> int:
         return sum(layout(model))

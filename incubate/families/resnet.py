@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import copy_stem_and_head, module_of, timm_export_config
+from .base import copy_stem_and_head, module_of, recorded_spec, remember_spec, timm_export_config
 
 CIFAR = re.compile(r"cifar_resnet(\d+)$")
 STEM = ("conv1.", "bn1.", "maxpool.")
@@ -80,6 +80,14 @@ def check_division(name: str, layers: list[int], division: list[int]) -> list[tu
     return stages
 
 
+def meta_layers(layers: list[int], stages: list[tuple[int, int]], meta_division: list[int]) -> list[int]:
+    """Blocks a stage of the meta model: each meta module's blocks go to the stage its module ends in."""
+    out = [0] * len(layers)
+    for (_, stage), n in zip(stages, meta_division):
+        out[stage] += n
+    return out
+
+
 def _last_bn(block: nn.Module) -> nn.Module:
     return block.bn3 if hasattr(block, "bn3") else block.bn2
 
@@ -119,11 +127,15 @@ class ResNetFamily:
         layers = self._layers(cfg.name, kwargs)
         stages = check_division(cfg.name, layers, list(cfg.division))
         if meta:
-            meta_layers = [0] * len(layers)
-            for (_, stage), n in zip(stages, division):
-                meta_layers[stage] += n
-            kwargs["layers"] = meta_layers
+            kwargs["layers"] = meta_layers(layers, stages, division)
         return kwargs
+
+    def meta_model(self, target: nn.Module, division: list[int], meta_division: list[int]) -> nn.Module:
+        """The target's ResNet with, in each stage, the blocks of the meta modules ending there."""
+        spec = recorded_spec(target, self.name)
+        layers = layout(target)
+        stages = check_division(spec["name"], layers, list(division))
+        return self.build(spec["name"], dict(spec["kwargs"], layers=meta_layers(layers, stages, meta_division)))
 
     def build(self, name: str, kwargs: dict, drop_path: float = 0.0) -> nn.Module:
         cifar = cifar_args(name)
@@ -142,7 +154,7 @@ class ResNetFamily:
             model.conv1 = nn.Conv2d(args.get("in_chans", 3), 16, 3, padding=1, bias=False)
             nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")   # as timm's init
             model.maxpool = nn.Identity()
-        return model
+        return remember_spec(model, name, kwargs)
 
     def depth(self, model: nn.Module) -> int:
         return sum(layout(model))

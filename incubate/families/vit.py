@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .base import copy_stem_and_head, init_blocks_from_meta, module_of, stack_blocks, timm_export_config
+from .base import (copy_stem_and_head, init_blocks_from_meta, module_of, recorded_spec, remember_spec, stack_blocks,
+                   timm_export_config)
 
 STEM = ("patch_embed.", "cls_token", "dist_token", "reg_token", "pos_embed", "norm_pre.")
 HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.", "head_dist.")
@@ -159,7 +160,12 @@ class ViTFamily:
         except (RuntimeError, TypeError, ValueError, AssertionError) as e:
             raise UserError(f"cannot build timm model '{name}' with {kwargs}: {e}") from None
         check_structure(name, model)
-        return model
+        return remember_spec(model, name, kwargs)
+
+    def meta_model(self, target: nn.Module, division: list[int], meta_division: list[int]) -> nn.Module:
+        """The target's timm ViT at depth sum(meta_division) (what model_kwargs gives the meta model)."""
+        spec = recorded_spec(target, self.name)
+        return self.build(spec["name"], dict(spec["kwargs"], depth=sum(meta_division)))
 
     def depth(self, model: nn.Module) -> int:
         return len(model.blocks)

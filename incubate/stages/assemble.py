@@ -8,7 +8,7 @@ from ..config import Recipe
 from ..data import make_loader
 from ..engine import evaluate
 from ..errors import UserError
-from ..modular import assemble_state_dict
+from ..api import assemble, divide
 from .common import StageDir, begin, finish, prepare
 
 
@@ -45,8 +45,7 @@ def main(recipe: Recipe, out) -> dict:
     manifest["meta_fingerprint"] = fingerprint
     begin(ctx, stage, manifest)
     t0 = time.perf_counter()
-    model = ctx.build()
-    model.load_state_dict(assemble_state_dict(ctx.family, parts, recipe.model.division, model), strict=True)
+    model = assemble(divide(ctx.build(), recipe.model.division, recipe.model.family), parts)
     model.to(ctx.dist.device)
     loader = make_loader(ctx.bundle, ctx.bundle.test, recipe.data, recipe.data.eval_batch_size, False,
                     recipe.seed, ctx.dist.rank, ctx.dist.world, ctx.dist.device)

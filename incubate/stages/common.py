@@ -48,6 +48,7 @@ class Context:
         r = self.recipe
         return {"stage": stage.stage, "module": stage.module, "family": r.model.family,
                 "model": self.model_spec(meta), "division": r.meta_division if meta else r.model.division,
+                "target_model": self.model_spec(),     # what incubate.target_model(run) builds
                 "target_division": r.model.division, "meta_division": r.meta_division,
                 "meta_fingerprint": None, "recipe": r.name, "classes": self.bundle.class_names,
                 "num_classes": self.bundle.num_classes, "data": r.data.source,

@@ -1,40 +1,30 @@
 """Stage 2: train target module I inside the frozen meta model (one independent job a module)."""
 from __future__ import annotations
 
+from .. import api
 from ..config import Recipe
 from ..engine import fit
 from ..errors import UserError
-from ..modular import Hybrid, load_strict
+from ..modular import Hybrid
+from ..runs import load_into
 from .common import Context, StageDir, begin, finish, prepare, trainable_params
 
 
 def load_meta(ctx: Context):
-    """The finished meta model of the run, and its fingerprint (SHA-256 of its weights file)."""
+    """The finished meta model of the run (the recipe's, loaded strictly), and its fingerprint."""
     stage = StageDir(ctx.run, "meta")
-    manifest = stage.require_finished("run `incubate meta` first, or `incubate import-official CKPT --as meta`")
-    meta = ctx.build(meta=True)
-    load_strict(meta, stage.load(), stage.weights, "the recipe's meta model")
-    return meta, manifest["sha256"]
+    stage.require_finished("run `incubate meta` first, or `incubate import-official CKPT --as meta`")
+    meta = load_into(ctx.build(meta=True), stage, "the recipe's meta model")
+    return meta, api.record(meta).fingerprint
 
 
 def build_hybrid(ctx: Context, index: int, drop_path: float = 0.0, module_init: str = "random",
                  frozen_suffix_grads: bool = True) -> Hybrid:
-    k = len(ctx.recipe.model.division)
-    if not 0 <= index < k:
-        raise UserError(f"--module {index} is out of range: the recipe divides the target into {k} modules "
-                        f"(0..{k - 1})")
-    meta, fingerprint = load_meta(ctx)
-    # The whole target is built from the recipe's seed, so module I starts from the same weights
-    # E2E starts from; everything module I does not own is dropped before training.
-    target = ctx.build(drop_path=drop_path)
-    if module_init != "random":
-        ctx.family.init_from_meta(target, meta, ctx.recipe.model.division, ctx.recipe.meta_division, index,
-                                  mode=module_init)
-    ctx.family.keep_only(target, ctx.recipe.model.division, index)
-    hybrid = Hybrid(ctx.family, meta, ctx.recipe.meta_division, target, ctx.recipe.model.division, index,
-                    frozen_suffix_grads=frozen_suffix_grads)
-    hybrid.fingerprint = fingerprint
-    return hybrid
+    """incubate.hybrid of the run's meta model and the recipe's target. The whole target is built from
+    the recipe's seed, so module I starts from the same weights E2E starts from."""
+    meta, _ = load_meta(ctx)
+    target = api.divide(ctx.build(drop_path=drop_path), ctx.recipe.model.division, ctx.recipe.model.family)
+    return api.hybrid(meta, target, index, module_init=module_init, frozen_suffix_grads=frozen_suffix_grads)
 
 
 def main(recipe: Recipe, out, module: int) -> dict:

@@ -1,6 +1,7 @@
 """The family contract: every registered family (incubate.families.FAMILIES) must pass these tests,
-each with the tiny configurations it gives in TINY (a new family adds its entries here)."""
-import copy
+each with the tiny configurations it gives in TINY (a new family adds its entries here). The checks
+themselves are incubate/contract.py's, so that a family of a user's own meets the same ones
+(incubate.check_family, incubate.register_family: tests/unit/test_api.py)."""
 import json
 
 import pytest
@@ -8,9 +9,10 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
+from incubate import check_family, contract
 from incubate.config import ModelCfg
 from incubate.families import FAMILIES, Family
-from incubate.modular import Hybrid, assemble_state_dict, run_module, split_state_dict
+from incubate.modular import split_state_dict
 
 
 def _load_timm_hub_folder(folder, config):
@@ -98,13 +100,6 @@ def out(model, x):
     return y.logits if hasattr(y, "logits") else y
 
 
-def loss(c, y):
-    """A training loss of output y: classes 0, 1, 2 of the three images, or the next tokens."""
-    if c.get("tokens"):
-        return torch.nn.functional.cross_entropy(y.flatten(0, 1), x_batch(c).flatten())
-    return torch.nn.functional.cross_entropy(y, torch.tensor([0, 1, 2]))
-
-
 def test_every_registered_family_has_a_tiny_config_and_implements_the_protocol():
     assert {c["family"] for c in TINY} == set(FAMILIES)
     assert all(isinstance(f, Family) and f.name == name for name, f in FAMILIES.items())
@@ -112,67 +107,43 @@ def test_every_registered_family_has_a_tiny_config_and_implements_the_protocol()
 
 @pytest.mark.parametrize("c", TINY, ids=IDS)
 def test_split_assemble_round_trip(c):
-    family, div = FAMILIES[c["family"]], c["division"]
-    model, _ = build(c)
-    state = model.state_dict()
-    parts = split_state_dict(family, state, div, model)
-    assert sum(len(p) for p in parts) == len(state) and all(parts)
-    back = assemble_state_dict(family, parts, div, model)
-    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
-    for i in range(len(div)):     # a pruned module model holds exactly its part
-        assert set(family.keep_only(build(c)[0], div, i).state_dict()) == set(parts[i])
+    contract.check_round_trip(FAMILIES[c["family"]], build(c)[0], c["division"])
 
 
 @pytest.mark.parametrize("c", TINY, ids=IDS)
 def test_modules_in_sequence_equal_the_model_and_meta_shapes_match_at_every_boundary(c):
-    family, div, mdiv = FAMILIES[c["family"]], c["division"], c["meta_division"]
-    model, meta = build(c)[0].eval(), build(c, meta=True)[0].eval()
-    assert family.depth(model) == sum(div) and family.depth(meta) == sum(mdiv)
-    h = hm = x_batch(c)
-    for i in range(len(div)):
-        h, hm = run_module(family, model, div, i, h), run_module(family, meta, mdiv, i, hm)
-        assert h.shape == hm.shape, i
-    torch.testing.assert_close(h, out(model, x_batch(c)), rtol=0, atol=0)
+    contract.check_modules_compose(FAMILIES[c["family"]], build(c)[0], build(c, meta=True)[0], c["division"],
+                                   c["meta_division"], x_batch(c))
 
 
 @pytest.mark.parametrize("c", TINY, ids=IDS)
 def test_hybrid_trains_only_its_module_and_leaves_the_meta_model_bitwise(c):
-    family, div, mdiv = FAMILIES[c["family"]], c["division"], c["meta_division"]
-    for index in range(len(div)):
-        h = Hybrid(family, build(c, meta=True)[0], mdiv, family.keep_only(build(c)[0], div, index), div, index)
-        before = {k: v.clone() for k, v in h.meta.state_dict().items()}     # BatchNorm buffers too
-        opt = torch.optim.SGD([p for p in h.parameters() if p.requires_grad], lr=0.1)
-        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in h.runner.parameters()}
-        h.train()
-        assert not h.meta.training and all(not m.training for m in h.meta.modules()) and h.runner.training
-        for _ in range(2):
-            loss(c, h(x_batch(c))).backward()
-            assert all(p.grad is None for p in h.meta.parameters())
-            assert all(p.grad is not None for p in h.runner.parameters())
-            opt.step()
-            opt.zero_grad()
-        after = h.meta.state_dict()
-        assert all(torch.equal(before[k], after[k]) for k in before), index
+    contract.check_hybrid(FAMILIES[c["family"]], build(c)[0], build(c, meta=True)[0], c["division"],
+                          c["meta_division"], x_batch(c))
 
 
 @pytest.mark.parametrize("c", TINY, ids=IDS)
 def test_meta_init_makes_every_hybrid_and_the_assembly_compute_the_meta_model(c):
-    family, div, mdiv = FAMILIES[c["family"]], c["division"], c["meta_division"]
-    meta = build(c, meta=True, seed=3)[0]
-    with torch.no_grad():         # trained-looking BatchNorm statistics, so eval mode matters
-        meta.train()(x_batch(c) if c.get("tokens") else x_batch(c) * 2 + 1)
-    meta.eval()
-    expected = out(meta, x_batch(c))
-    parts = []
-    for i in range(len(div)):
-        target = build(c)[0]
-        family.init_from_meta(target, meta, div, mdiv, i, mode="meta")
-        parts.append(split_state_dict(family, target.state_dict(), div, target)[i])
-        h = Hybrid(family, copy.deepcopy(meta), mdiv, family.keep_only(target, div, i), div, i).eval()
-        torch.testing.assert_close(h(x_batch(c)), expected, rtol=1e-5, atol=1e-5)
-    assembled = build(c)[0].eval()
-    assembled.load_state_dict(assemble_state_dict(family, parts, div, assembled), strict=True)
-    torch.testing.assert_close(out(assembled, x_batch(c)), expected, rtol=1e-5, atol=1e-5)
+    x = x_batch(c) if c.get("tokens") else x_batch(c) * 2 + 1     # BatchNorm statistics away from 0 and 1
+    contract.check_meta_init(FAMILIES[c["family"]], build(c)[0], build(c, meta=True, seed=3)[0], c["division"],
+                             c["meta_division"], x)
+
+
+@pytest.mark.parametrize("c", TINY, ids=IDS)
+def test_meta_model_of_a_target_is_the_recipes_meta_model_bitwise(c):
+    """family.meta_model(target) under a seed builds what the CLI builds from the recipe's meta kwargs."""
+    family = FAMILIES[c["family"]]
+    target, _ = build(c)
+    torch.manual_seed(5)
+    made = family.meta_model(target, c["division"], c["meta_division"]).state_dict()
+    want = build(c, meta=True, seed=5)[0].state_dict()
+    assert made.keys() == want.keys() and all(torch.equal(made[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("c", TINY, ids=IDS)
+def test_check_family_passes_on_every_registered_family(c):
+    """The whole contract as a user's family must meet it (incubate.check_family, run by register_family)."""
+    check_family(FAMILIES[c["family"]], build(c)[0], c["division"], x_batch(c), c["meta_division"])
 
 
 @pytest.mark.parametrize("c", TINY, ids=IDS)

@@ -1,0 +1,105 @@
+"""A run directory from a script: read any finished stage as a model (the CLI's meta model into a
+user's loop), a fresh target of the run, and write a module trained in the script as the finished
+module stage `incubate assemble` takes. The folders, manifests, locks and atomic writes are
+incubate/rundir.py's, the same the CLI's stages use."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from .api import Divided, _mark, divide, record, trained_module
+from .errors import UserError
+from .families import get_family
+from .families.base import SPEC
+from .lock import release
+from .modular import Hybrid, load_strict
+from .rundir import STAGE_DIRS, StageDir, begin_stage, finish_stage
+
+# what a module's manifest repeats from the meta model's: the run's data, classes and recipe
+SHARED = ("recipe", "classes", "num_classes", "data", "preprocess", "target_model")
+
+
+def load_into(model: nn.Module, stage: StageDir, what: str) -> nn.Module:
+    """Load a finished stage's weights into `model` strictly and record its family and division (a
+    meta model: also its target's division and its fingerprint)."""
+    command = "incubate --module N" if stage.module is not None else stage.stage
+    m = stage.require_finished(f"run `incubate {command}` first")
+    load_strict(model, stage.load(), stage.weights, what)
+    meta = stage.stage == "meta"
+    return _mark(model, Divided(m["family"], tuple(m["division"]),
+                                tuple(m["target_division"]) if meta else None,
+                                m["sha256"] if meta else None, taken=stage.stage == "incubate"))
+
+
+def load_stage(run, stage: str = "meta", module: int | None = None) -> nn.Module:
+    """The model a finished stage of run directory `run` left (stage: meta, assembled, finetune,
+    e2e, grow; or incubate with `module`: that module alone), built from its manifest and loaded
+    strictly. A meta model read so can make hybrids whose modules `save_module` writes back."""
+    if stage not in STAGE_DIRS and stage != "incubate":
+        raise UserError(f"stage {stage!r} is none of {', '.join([*STAGE_DIRS, 'incubate'])}")
+    if (stage == "incubate") != (module is not None):
+        raise UserError("a module is read with stage='incubate' and module=N, and only so")
+    sd = StageDir(Path(run), stage, module)
+    m = sd.require_finished(f"run that stage first (`incubate {stage}`)")
+    fam = get_family(m["family"])
+    model = fam.build(m["model"]["name"], m["model"]["kwargs"])
+    if module is not None:
+        fam.keep_only(model, m["division"], module)
+    return load_into(model, sd, f"its manifest's model ({m['model']['name']})")
+
+
+def _meta_manifest(run: Path) -> dict:
+    return StageDir(run, "meta").require_finished("run `incubate meta` first, or import a meta model")
+
+
+def target_model(run) -> nn.Module:
+    """A freshly initialised target model of run directory `run` (from the current torch seed), divided
+    as the run divides it: the target whose modules `incubate assemble` takes from `save_module`."""
+    run = Path(run)
+    m = _meta_manifest(run)
+    spec = m.get("target_model")
+    if spec is None:
+        raise UserError(f"{StageDir(run, 'meta').manifest_path} names no target model (written before it "
+                        f"recorded one); rerun `incubate meta` in a new run directory")
+    model = get_family(m["family"]).build(spec["name"], spec["kwargs"])
+    return divide(model, m["target_division"], m["family"])
+
+
+def _module_manifest(net: Hybrid, run: Path, meta: dict, metrics: dict | None) -> dict:
+    target = trained_module(net)
+    spec = json.loads(json.dumps(getattr(target, SPEC, None)))
+    if net.fingerprint != meta["sha256"]:
+        raise UserError(f"the hybrid's meta model is not the one in {run / 'meta'}; make the hybrid from "
+                        f"incubate.load_stage('{run}', 'meta')")
+    if spec != meta.get("target_model") or net.division != meta["target_division"]:
+        raise UserError(f"the hybrid's target is not the target model of {run} (its recipe's); make it with "
+                        f"incubate.target_model('{run}')")
+    manifest = {"stage": "incubate", "module": net.index, "family": meta["family"], "model": spec,
+                "division": net.division, "target_division": net.division, "meta_division": net.meta_division,
+                "meta_fingerprint": meta["sha256"], **{k: meta.get(k) for k in SHARED},
+                "metrics": dict(metrics or {}), "trainable_params": sum(p.numel() for p in target.parameters()),
+                "trained_by": "a script (incubate.save_module)", "finished": False}
+    return manifest
+
+
+def save_module(net: Hybrid, run, metrics: dict | None = None) -> dict:
+    """Write the module `net` (a hybrid of the run's meta model and target, trained by any loop) as
+    run directory `run`'s finished module stage, RUN/modules/<i>: weights and manifest, atomically and
+    under the stage's lock, as `incubate incubate` writes it; `incubate assemble` then takes it.
+    `metrics` (e.g. the task's {"bpb", "loss", "acc"}) go to the manifest and summary.json. A module
+    that finished already is refused (delete its folder to replace it). Returns the manifest."""
+    run = Path(run)
+    if not isinstance(net, Hybrid) or record(trained_module(net)) is None:
+        raise UserError("save_module takes a hybrid made by incubate.hybrid(meta, target, i)")
+    manifest = _module_manifest(net, run, _meta_manifest(run), metrics)
+    stage = StageDir(run, "incubate", net.index)
+    if stage.finished():
+        raise UserError(f"{stage.path} holds a finished module {net.index} already; delete that folder to "
+                        f"replace it")
+    begin_stage(stage, manifest, True)
+    try:
+        return finish_stage(stage, trained_module(net).state_dict(), manifest)
+    finally:
+        release(stage.path)
