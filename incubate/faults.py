@@ -14,7 +14,6 @@ torchrun's agent, which stops the whole group when one worker exits non-zero, is
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +28,6 @@ class StoppedEverywhere(UserError):
     def __init__(self, message: str, quiet: bool, cause: BaseException | None = None):
         super().__init__(message)
         self.quiet, self.cause = quiet, cause
-
-
-def rank_env() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def describe(error: BaseException) -> str:
@@ -95,3 +90,23 @@ def stop_if_any_failed(dist, error: BaseException | None, where: str = "", after
             raise error
         return
     agree(dist, error, 0.0, where=where, after=after)
+
+
+def guarded(dist, part, where: str = "", after: str = "", save: bool = False):
+    """Run one part of a step on this rank, then the ranks' agreement on it: (part's result, Verdict).
+
+    part() returns (result, loss value); StopIteration (no batch left) passes through unagreed.
+    """
+    error, result, value = None, None, 0.0
+    try:
+        result, value = part()
+    except StopIteration:
+        raise
+    except Exception as e:      # noqa: BLE001 -- every rank must hear of it before its next collective
+        error = e
+    return result, agree(dist, error, value, save, where, after)
+
+
+def everywhere(dist, message: str) -> UserError:
+    """An error every rank raises at the same step (they agreed on it): rank 0 alone prints it."""
+    return StoppedEverywhere(message, quiet=dist.rank != 0) if dist.world > 1 else UserError(message)
