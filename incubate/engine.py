@@ -8,6 +8,7 @@ metrics. Under torchrun the ranks agree on every step (faults.py), so one failin
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,11 +22,11 @@ from . import resume
 from .budget import Budget, plan
 from .data import make_loader
 from .dist import Dist, barrier, close_dist, setup_dist  # noqa: F401 -- importable from here as before
-from .faults import everywhere, guarded
+from .faults import FAILED, StepGuard, Verdict, everywhere, guarded
 from .stagelog import StageLog
 from .tasks import get_task
-from .training import (Training, autocast, backward, count_step_flops, enable_grad_checkpointing,  # noqa: F401
-                       forward_loss, optimizer_step, read_batch, set_up, wrap)
+from .training import (Training, autocast, clip_grads, count_step_flops, enable_grad_checkpointing,  # noqa: F401
+                       micro_step, optimizer_step, set_up, wrap)
 from .validation import PeriodicEval
 
 
@@ -48,7 +49,6 @@ def evaluate(net: nn.Module, loader, dist: Dist, amp: str = "none", task=None) -
             with autocast(amp, dist.device):
                 out = net(x)
             sums.add_(task.eval_sums(out, y))
-        return None, 0.0
 
     guarded(dist, sum_split, where="while evaluating")      # every rank hears of a failure before the all-reduce
     if dist.world > 1:
@@ -57,11 +57,11 @@ def evaluate(net: nn.Module, loader, dist: Dist, amp: str = "none", task=None) -
     return task.metrics(sums, loader.bundle)
 
 
-def nonfinite_message(label: str, value: float, where: str, ckpt: Path, allowed: int) -> str:
+def nonfinite_message(label: str, value: float, where: str, ckpt: Path, allowed: int, what: str = "loss") -> str:
     kept = (f"the last good checkpoint {ckpt} is kept (rerun resumes from it)" if ckpt.exists()
             else "no checkpoint had been written yet")
     skips = f" after {allowed} skipped steps" if allowed else ""
-    return (f"{label}: loss became {value} at {where}{skips}; stopped, {kept}; lower the lr, set clip_grad "
+    return (f"{label}: {what} became {value} at {where}{skips}; stopped, {kept}; lower the lr, set clip_grad "
             f"(e.g. --set train.clip_grad=1.0), use bf16 instead of fp16, or allow a few bad steps with "
             f"--set train.max_nonfinite_skips=N")
 
@@ -79,6 +79,7 @@ class Stage:
     task: object
     seed: int
     label: str
+    guard: StepGuard
 
     @property
     def pos(self) -> resume.Position:
@@ -111,7 +112,8 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
     flops_per_update = pos.flops_per_step * cfg.accum_steps * dist.world
     log.open_events(pos.num_updates, flops_per_update)
     evals = PeriodicEval(cfg, bundle, data_cfg, seed, dist, task, log, budget, flops_per_update, evaluate)
-    stage = Stage(tr, ckpt, log, evals, budget, *loaders, task, seed, label)
+    guard = StepGuard(dist, cfg.accum_steps, ckpt.kept)
+    stage = Stage(tr, ckpt, log, evals, budget, *loaders, task, seed, label, guard)
     last = None
     for epoch in range(start_epoch, budget.epochs):
         loss_sum, seen = train_epoch(stage, epoch)
@@ -126,8 +128,8 @@ def measure_flops(tr: Training, loader) -> int:
     """FLOPs of one step, on the epoch's first batch (read on every rank: DDP's set-up waits for all)."""
     def count():
         x, y = next(iter(loader.epoch(0)))
-        return count_step_flops(tr.net, tr.trained, tr.flops_criterion, x, y), 0.0
-    return guarded(tr.dist, count, where="while measuring a step's FLOPs")[0]
+        return count_step_flops(tr.net, tr.trained, tr.flops_criterion, x, y)
+    return guarded(tr.dist, count, where="while measuring a step's FLOPs")
 
 
 def train_epoch(s: Stage, epoch: int) -> tuple[float, int]:
@@ -143,54 +145,76 @@ def train_epoch(s: Stage, epoch: int) -> tuple[float, int]:
     tr.net.train()
     tr.optimizer.zero_grad(set_to_none=True)
     batches = s.log.progress(s.train_loader.epoch(epoch, start=first), epoch, first, micro_steps)
+    samples = []        # of each micro-step of the accumulation window so far
     for step in range(first, micro_steps):
         sync = (step + 1) % tr.cfg.accum_steps == 0
-        where = f"epoch {epoch + 1} step {step + 1}"
         with tr.no_sync(sync):
-            # two guarded parts: reading the batch, then the forward pass (DDP's may run a collective)
             try:
-                (x, y, n), _ = guarded(dist, lambda: (read_batch(batches, tr.mixup), 0.0), f"at {where}",
-                                       s.ckpt.kept())
-            except StopIteration:
-                break       # fewer batches than planned (data.on_bad_image: skip dropped a whole one)
-            (loss, value), verdict = guarded(dist, lambda: _loss_and_value(tr, x, y), f"at {where}", s.ckpt.kept(),
-                                             save=sync and s.ckpt.due(pos.num_updates + 1))
-            if verdict.nonfinite:
-                skip_nonfinite(s, verdict.nonfinite, where)
-                continue
-            backward(tr, loss)
-        loss_sum += value * n
-        seen += n
+                samples.append(micro_step(tr, s.guard, batches, step % tr.cfg.accum_steps,
+                                          f"at epoch {epoch + 1} step {step + 1}"))
+            except StopIteration:       # fewer batches than planned (data.on_bad_image: skip dropped a whole one)
+                return _add_losses(s.guard.losses.tolist(), samples, loss_sum, seen)
         if sync:
-            update(s, epoch, step + 1 < micro_steps and verdict.save, step + 1, loss_sum, seen)
+            loss_sum, seen = end_window(s, epoch, step + 1, micro_steps, samples, loss_sum, seen)
+            samples = []
     return loss_sum, seen
 
 
-def _loss_and_value(tr: Training, x, y):
-    loss = forward_loss(tr, x, y)
-    value = loss.item()
-    return (loss, value), value
+def _add_losses(losses: list, samples: list, loss_sum: float, seen: int) -> tuple[float, int]:
+    """The window's finite losses into the epoch's running sums, micro-step by micro-step."""
+    for value, n in zip(losses, samples):
+        if math.isfinite(value):
+            loss_sum += value * n
+            seen += n
+    return loss_sum, seen
 
 
-def skip_nonfinite(s: Stage, nonfinite: dict, where: str) -> None:
-    """A NaN/inf loss on some rank: drop the accumulation window, or stop past max_nonfinite_skips."""
+def end_window(s: Stage, epoch: int, steps_done: int, micro_steps: int, samples: list, loss_sum: float,
+               seen: int) -> tuple[float, int]:
+    """The ranks' agreement on an accumulation window, then its optimizer update or its skip."""
+    tr, pos, guard = s.tr, s.pos, s.guard
+    norm = None     # with a GradScaler the norm comes after unscaling, and inf steps are the scaler's to skip
+    if tr.scaler is None:
+        norm = guard.run(lambda: clip_grads(tr), f"at epoch {epoch + 1} step {steps_done}")
+        norm = None if norm is FAILED else norm
+    verdict = guard.agree(s.ckpt.due(pos.num_updates + 1), norm)
+    loss_sum, seen = _add_losses(verdict.losses, samples, loss_sum, seen)
+    if verdict.nonfinite:
+        skip_nonfinite(s, verdict, epoch, steps_done - len(samples))
+    else:
+        update(s, epoch, verdict.save and steps_done < micro_steps, steps_done, loss_sum, seen, norm)
+    return loss_sum, seen
+
+
+def skip_nonfinite(s: Stage, verdict: Verdict, epoch: int, window_start: int) -> None:
+    """A NaN/inf loss (on any rank) or gradient norm: drop the window, or stop past max_nonfinite_skips."""
     pos, cfg, world = s.pos, s.tr.cfg, s.tr.dist.world
     pos.nonfinite += 1
-    rank, bad = next(iter(nonfinite.items()))
-    at = f"{where} on rank {rank} of {world}" if world > 1 else where
+    if verdict.bad_loss is not None:
+        slot, rank, value = verdict.bad_loss
+        what, at = "loss", f"epoch {epoch + 1} step {window_start + slot + 1}"
+        at += f" on rank {rank} of {world}" if world > 1 else ""
+    else:
+        what, value = "the gradient norm", verdict.grad_norm
+        at = f"epoch {epoch + 1} step {window_start + cfg.accum_steps}"
     if pos.nonfinite > cfg.max_nonfinite_skips:
-        raise everywhere(s.tr.dist, nonfinite_message(s.label, bad, at, s.ckpt.path, cfg.max_nonfinite_skips))
-    s.log.skipping(bad, at, pos.nonfinite, cfg.max_nonfinite_skips)
-    s.tr.optimizer.zero_grad(set_to_none=True)
+        raise everywhere(s.tr.dist, nonfinite_message(s.label, value, at, s.ckpt.path, cfg.max_nonfinite_skips, what))
+    s.log.skipping(what, value, at, pos.nonfinite, cfg.max_nonfinite_skips)
+    s.tr.optimizer.zero_grad(set_to_none=True)      # drop the whole accumulation window
 
 
-def update(s: Stage, epoch: int, save: bool, steps_done: int, loss_sum: float, seen: int) -> None:
+def update(s: Stage, epoch: int, save: bool, steps_done: int, loss_sum: float, seen: int, norm) -> None:
     """One optimizer update, then what is due after it: its log, an evaluation, a mid-epoch save."""
-    tr, pos = s.tr, s.pos
+    tr, pos, guard = s.tr, s.pos, s.guard
     pos.num_updates += 1
-    norm = optimizer_step(tr, pos.num_updates, s.log.wants_grad_norm)
-    s.log.update(pos.num_updates, loss_sum, seen, s.ckpt.epoch_start, norm, tr.optimizer.param_groups[0]["lr"])
-    if s.evals.due(pos.num_updates):
+    stepped = guard.run(lambda: optimizer_step(tr, pos.num_updates, norm, s.log.wants_grad_norm),
+                        f"at epoch {epoch + 1} step {steps_done}, in the optimizer step")
+    s.log.update(pos.num_updates, loss_sum, seen, s.ckpt.epoch_start, None if stepped is FAILED else stepped,
+                 tr.optimizer.param_groups[0]["lr"])
+    evaluate_now = s.evals.due(pos.num_updates)
+    if evaluate_now or save:
+        guard.check()       # a failed optimizer step is agreed on before anything is evaluated or written
+    if evaluate_now:
         s.evals.run(tr.run_net, pos.num_updates, epoch, loss_sum / max(seen, 1), s.ckpt.seconds())
     if save:        # an epoch's end is saved by end_epoch anyway
         s.ckpt.save_mid_epoch(epoch, steps_done, loss_sum, seen)
@@ -199,6 +223,7 @@ def update(s: Stage, epoch: int, save: bool, steps_done: int, loss_sum: float, s
 def end_epoch(s: Stage, epoch: int, train_loss: float) -> dict:
     """The epoch's evaluation, its metrics row and its checkpoint; returns the metrics."""
     tr, pos = s.tr, s.pos
+    s.guard.check()
     if epoch == s.budget.epochs - 1:      # the curve ends at the stage's last update
         s.evals.run(tr.run_net, pos.num_updates, epoch, train_loss, s.ckpt.seconds(), final=True)
     metrics = evaluate(tr.run_net, s.test_loader, tr.dist, tr.cfg.amp, s.task)

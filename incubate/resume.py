@@ -195,7 +195,6 @@ def save(ckpt: Path, trained, optimizer, scheduler, scaler, dist, pos, epoch: in
                 first()
             save_training_state(ckpt, dict(trained.state_dict()), optimizer, scheduler, scaler, epoch,
                                 extra(pos, mid_epoch))
-        return None, 0.0
     guarded(dist, write, where="while saving a checkpoint")      # the other ranks must not wait for rank 0 forever
 
 

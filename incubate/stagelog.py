@@ -35,9 +35,9 @@ class StageLog:
     def update(self, num_updates: int, loss_sum: float, seen: int, epoch_start: float, grad_norm, lr: float):
         self.events.update(num_updates, loss_sum, seen, epoch_start, grad_norm, lr)
 
-    def skipping(self, value: float, at: str, count: int, allowed: int) -> None:
+    def skipping(self, what: str, value: float, at: str, count: int, allowed: int) -> None:
         if self.dist.main:
-            print(f"[{self.label}] warning: loss is {value} at {at}; skipping this update "
+            print(f"[{self.label}] warning: {what} is {value} at {at}; skipping this update "
                   f"({count}/{allowed} allowed by max_nonfinite_skips)", flush=True)
 
     def epoch_row(self, epoch: int, train_loss: float, metrics: dict, lr: float, seconds: float,

@@ -1,5 +1,5 @@
-"""The parts of a training step: the set-up a stage trains with, the forward and backward of one
-micro-step, and one optimizer step (unscale, clip, step, schedule)."""
+"""The parts of a training step: the set-up a stage trains with, one micro-step (read, forward,
+loss, backward) and one optimizer step (clip, step, schedule)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .budget import make_scheduler
 from .errors import UserError
+from .faults import FAILED
 
 
 @dataclass
@@ -91,9 +92,44 @@ def read_batch(batches, mixup):
     return x, y, n
 
 
-def forward_loss(tr: Training, x, y) -> torch.Tensor:
+def micro_step(tr: Training, guard, batches, slot: int, where: str) -> int:
+    """Read, forward, loss and backward of one micro-step (the loss kept in guard, on the device);
+    returns the batch's samples. Under torchrun a part that fails is kept for the window's agreement
+    and this rank still makes the collectives the others make: a rank that could not read its batch
+    runs the forward (DDP's broadcasts buffers) on its last batch, a zero loss stands for one that
+    failed, and its backward makes DDP's all-reduce."""
+    last = guard.stand_in
+    batch = guard.run(lambda: read_batch(batches, tr.mixup), where)
+    if last is None:        # no stand-in batch yet (the stage's first micro-step here): agree on the read now
+        guard.check()
+    if batch is FAILED:
+        batch = last
+    guard.stand_in = batch
+    x, y, n = batch
     with autocast(tr.cfg.amp, tr.dist.device):
-        return tr.criterion(tr.run_net(x), y)
+        out = guard.run(lambda: tr.run_net(x), where)
+        if out is FAILED:
+            x, y, _ = last or batch
+            out = _forward_again(tr, x)
+        loss = guard.run(lambda: tr.criterion(out, y), where)
+    if loss is FAILED:
+        loss = zero_loss(out)
+    guard.record(slot, loss)
+    if guard.run(lambda: backward(tr, loss), f"{where}, in backward") is FAILED:
+        zero_loss(out).backward()       # DDP's all-reduce, through the graph the failed backward left whole
+    return n
+
+
+def _forward_again(tr: Training, x):
+    """A stand-in forward after this rank's raised: its DDP pre-forward (buffer broadcast) already ran."""
+    if tr.ddp is not None:
+        tr.ddp.require_forward_param_sync = False
+    return tr.run_net(x)
+
+
+def zero_loss(out) -> torch.Tensor:
+    logits = getattr(out, "logits", out)
+    return logits.float().sum() * 0.0
 
 
 def backward(tr: Training, loss: torch.Tensor) -> None:
@@ -112,15 +148,19 @@ def grad_norm(params):
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def optimizer_step(tr: Training, num_updates: int, want_norm: bool):
-    """Unscale, clip (or measure the norm when `want_norm`), step, clear the gradients and move the
+def clip_grads(tr: Training):
+    """clip_grad_norm_ with train.clip_grad, else the norm alone: a tensor on the device (or None)."""
+    if tr.cfg.clip_grad:
+        return torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.clip_grad)
+    return grad_norm(tr.params)
+
+
+def optimizer_step(tr: Training, num_updates: int, norm, want_norm: bool):
+    """Step (through the fp16 scaler: unscale and clip first), clear the gradients and move the
     schedule to update `num_updates`; returns the gradient norm (a tensor) or None."""
-    cfg, params = tr.cfg, tr.params
     if tr.scaler is not None:
         tr.scaler.unscale_(tr.optimizer)
-    norm = (torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad
-            else grad_norm(params) if want_norm else None)
-    if tr.scaler is not None:
+        norm = clip_grads(tr) if (tr.cfg.clip_grad or want_norm) else None
         tr.scaler.step(tr.optimizer)
         tr.scaler.update()
     else:
