@@ -4,7 +4,9 @@ ViT) with the agreement and with it patched to a no-op, alternated fit by fit in
 A step's time is the interval between two optimizer steps (a global optimizer step hook, so the same
 on any tree whose fit has this signature): reading, forward, backward, the agreement, the update;
 evaluation and saving come after an epoch's last step and fall outside. Medians over each fit's
-intervals after the first WARMUP; the ratio is the median over pairs of adjacent fits.
+intervals after the first WARMUP; the ratio is the median over pairs of adjacent fits. On a loaded
+machine that ratio drowns in noise: the agreement is also timed alone (its collectives and host
+reads, a step's worth, without training).
 The no-op: this tree's StepGuard runs parts bare and agrees on nothing; on a tree with the older
 per-micro-step `agree` (main before issue 23) that function answers without a collective.
 
@@ -78,9 +80,30 @@ def worker(args) -> None:
             setattr(faults.StepGuard if hasattr(faults, "StepGuard") else engine, name, fn)
         steps = [b - a for a, b in zip(stamps, stamps[1:])][WARMUP:]
         rounds.append({"agreement": on, "steps": len(steps), "median_s": statistics.median(steps)})
+    alone = agreement_alone(dist, args.accum)
     if dist.main:
-        Path(args.out).write_text(json.dumps({"kind": kind, "rounds": rounds}))
+        Path(args.out).write_text(json.dumps({"kind": kind, "rounds": rounds, "agreement_alone_s": alone}))
     engine.close_dist(True)
+
+
+def agreement_alone(dist, accum: int, calls: int = 50, repeats: int = 7) -> float:
+    """Seconds of one step's agreement by itself (this tree's collectives and host reads, no training):
+    the median of `repeats` means over `calls` steps."""
+    import torch
+    from incubate import faults
+    means, guard, norm = [], getattr(faults, "StepGuard", None), torch.zeros(())
+    guard = guard and guard(dist, accum)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            if guard is not None:
+                guard.agree(False, norm)
+            else:       # after reading the batch, after the forward (its loss read with .item()), every micro-step
+                for _ in range(accum):
+                    faults.agree(dist, None, 0.0)
+                    faults.agree(dist, None, torch.zeros(()).item())
+        means.append((time.perf_counter() - t0) / calls)
+    return statistics.median(means)
 
 
 def summarize(args, raw: dict) -> dict:
@@ -92,7 +115,8 @@ def summarize(args, raw: dict) -> dict:
             "model": {"width": args.width, "depth": args.depth, "img": args.img, "batch": args.batch,
                       "accum": args.accum}, "rounds": raw["rounds"],
             "median_step_s": {"with": statistics.median(on), "without": statistics.median(off)},
-            "ratio_with_over_without": statistics.median(pairs), "load_avg": os.getloadavg(),
+            "ratio_with_over_without": statistics.median(pairs), "agreement_alone_s": raw["agreement_alone_s"],
+            "load_avg": os.getloadavg(),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -139,7 +163,8 @@ def markdown(res: dict) -> str:
         "", "| | median step (s) |", "|---|---|",
         f"| with the agreement | {res['median_step_s']['with']:.4f} |",
         f"| without (no-op) | {res['median_step_s']['without']:.4f} |",
-        f"| ratio with / without (median of paired fits) | {res['ratio_with_over_without']:.3f} |", ""])
+        f"| ratio with / without (median of paired fits) | {res['ratio_with_over_without']:.3f} |",
+        f"| the agreement alone, a step (s) | {res['agreement_alone_s']:.6f} |", ""])
 
 
 if __name__ == "__main__":
