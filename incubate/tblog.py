@@ -1,7 +1,8 @@
 """TensorBoard event files of one stage: RUN/tensorboard/<stage> (a module: RUN/tensorboard/module_<i>).
 
 The stage log (stagelog.py) calls an `Events` object at each optimizer update and after each
-epoch's evaluation. It is a no-op unless `train.tensorboard` is on and this is rank 0, so other ranks never touch the files.
+epoch's evaluation. It is a no-op unless `train.tensorboard` is on and this is rank 0, so other
+ranks never touch the files.
 
 Every tag uses one step axis, the number of optimizer updates so far. TensorBoard hides a resumed
 run's repeated steps through `purge_step`, which applies to every tag of the folder at once: a
