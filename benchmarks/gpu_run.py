@@ -5,7 +5,8 @@ returns the first parts; a part that fails writes its error and the next part ru
   0 the machine: versions found and what is missing, the GPU        -> run.json, run.md (rewritten after every part)
   1 the CUDA tests (`pytest -m gpu`, tests/gpu/)                     -> 1_tests.json, 1_tests.md
   2 step cost, bf16: DeiT-T width depth 32 at 32 px and ViT-B/16 at 224 px, eager then compiled
-    (benchmarks/step_cost.py; each run under its own time limit)     -> 2_step_cost.json, 2_step_cost.md
+    (benchmarks/step_cost.py; each run under its own time limit), and first the agreement's cost on
+    a step (step_cost.py --agreement: one process, so its host sync alone)  -> 2_step_cost.json, 2_step_cost.md
   3 accuracy vs cost at full Fashion-MNIST scale, every family with
     an entry in benchmarks/gpu_accuracy.py, sized to the time left   -> 3_accuracy.json, 3_accuracy.md
 Every part's time is its cap or what is left, whichever is less; what a part leaves goes to the next.
@@ -52,6 +53,10 @@ PACKAGES = [("torch", "torch", "2.4", "everything"), ("timm", "timm", "1.0", "ev
 STEP_RUNS = [("deit_t32", 1024, "eager"), ("vit_b16", 256, "eager"), ("vit_b16", 256, "compile"),
              ("deit_t32", 1024, "compile")]
 SMOKE_STEP_RUNS = [("smoke", 4, "eager"), ("smoke", 4, "compile")]
+AGREEMENT_S = 60                 # of part 2, for step_cost.py --agreement
+AGREEMENT = ["--ranks", 1, "--device", "cuda", "--width", 192, "--depth", 12, "--img", 32, "--batch", 64,
+             "--rounds", 6]
+SMOKE_AGREEMENT = ["--ranks", 1, "--device", "cpu", "--width", 32, "--depth", 1, "--batch", 32, "--rounds", 2]
 
 
 def _version_tuple(v: str) -> tuple:
@@ -163,11 +168,31 @@ def part_tests(args, out: Path, work: Path, limit: float) -> dict:
 
 # ---------------------------------------------------------------- part 2
 
+def agreement_run(args, work: Path, limit: float) -> dict:
+    """step_cost.py --agreement: a step with the ranks' agreement against with it a no-op."""
+    base = work / "agreement"
+    base.with_suffix(".json").unlink(missing_ok=True)
+    cmd = [args.python, "benchmarks/step_cost.py", "--agreement", "--threads", 1, "--out", base]
+    res = run_logged(cmd + (SMOKE_AGREEMENT if args.smoke else AGREEMENT), limit, None)
+    if base.with_suffix(".json").exists():
+        return dict(json.loads(base.with_suffix(".json").read_text()), run=res)
+    return {"run": res, "error": "killed at its time limit" if res["timed_out"] else f"exit {res['rc']}"}
+
+
+def agreement_md(agreement: dict) -> list:
+    from benchmarks.agreement_cost import markdown
+    if "error" in agreement:
+        return [f"### agreement cost: FAILED ({agreement['error']})", "", "```",
+                agreement["run"].get("tail", ""), "```", ""]
+    return ["### agreement cost", "", markdown(agreement)]
+
+
 def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> dict:
     from benchmarks.step_cost_report import markdown, summary
     big = args.smoke or env.get("gpu_memory_gib", 0) >= 100
     plan = SMOKE_STEP_RUNS if args.smoke else STEP_RUNS
     runs = []
+    agreement = agreement_run(args, work, min(AGREEMENT_S, deadline - time.time()))
     for i, (preset, batch, mode) in enumerate(plan):
         left = deadline - time.time()
         # an eager run needs little; the compiled runs share what is left
@@ -197,7 +222,7 @@ def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> d
                         {"preset": preset, "mode": mode, "run": res,
                          "compiled_s": json.loads(compiled.read_text()) if compiled.exists() else {},
                          "error": "killed at its time limit" if res["timed_out"] else f"exit {res['rc']}"})
-        write(out, "2_step_cost.json", {"runs": runs})
+        write(out, "2_step_cost.json", {"runs": runs, "agreement": agreement})
         md = ["Part 2, step cost (bf16): " + ", ".join(f"{r['preset']} {r['mode']}" for r in runs) + ".", "",
               summary([r for r in runs if "rows" in r]), ""]
         for r in runs:
@@ -208,9 +233,12 @@ def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> d
                 md += [f"### {r['preset']} {r['mode']}: FAILED ({r['error']})", "",
                        f"Compiled before it ended: {done}." if done else "", "```",
                        r.get("run", {}).get("tail", ""), "```", ""]
-        write(out, "2_step_cost.md", "\n".join(md))
+        write(out, "2_step_cost.md", "\n".join(md + agreement_md(agreement)))
     failed = [f"{r['preset']} {r['mode']}" for r in runs if "rows" not in r]
-    return {"status": "failed" if failed else "ok", "note": f"failed: {', '.join(failed)}" if failed else ""}
+    note = f"failed: {', '.join(failed)}" if failed else ""
+    if "error" in agreement:      # an extra measurement: noted, the step cost runs decide the part
+        note = ", ".join(n for n in (note, f"agreement cost: {agreement['error']}") if n)
+    return {"status": "failed" if failed else "ok", "note": note}
 
 
 # ---------------------------------------------------------------- part 3

@@ -14,6 +14,7 @@ The data-wait part runs E2E steps on the real incubate.data.Loader over in-memor
   python -m benchmarks.step_cost --threads 1 --variants compile --jobs e2e,hybrid --no-data
   python -m benchmarks.step_cost --preset vit_b16 --amp bf16         # GPU
   python -m benchmarks.step_cost --preset deit_t32 --amp bf16 --variants compile --time-limit 60   # GPU
+  python -m benchmarks.step_cost --agreement --ranks 2 --threads 1   # the ranks' agreement's cost (agreement_cost.py)
 
 --time-limit S keeps a run inside S seconds (benchmarks/gpu_run.sh): compile variants are compiled
 one after another while the longest compilation so far still fits in 70% of S (the others are
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import agreement_cost
 from benchmarks.data_wait import data_wait
 from benchmarks.step_cost_report import save
 from benchmarks.step_jobs import CRITERION, PRESETS, Job, make_job, step, sync
@@ -359,7 +361,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--time-limit", type=float, default=0, help="seconds: skip compilations and shorten the "
                     "timed rounds to fit (0: no limit)")
     ap.add_argument("--out", default="", help="basename for .json and .md (default benchmarks/results/...)")
+    ap.add_argument("--agreement", action="store_true", help="instead: the ranks' agreement's cost on a step "
+                    "(benchmarks/agreement_cost.py), with it against with it patched to a no-op")
+    agreement_cost.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.agreement:
+        return run_agreement(args)
     args.started = time.perf_counter()
     bad = [v for v in args.variants.split(",") if v and v not in VARIANTS[1:]]
     if bad:
@@ -368,6 +375,17 @@ def main(argv=None) -> dict:
         ap.error("--amp fp16 needs CUDA; use bf16 on CPU")
     res = run_data_only(args) if args.data_only else run(args)
     print("\n" + save(res, args))
+    return res
+
+
+def run_agreement(args) -> dict:
+    args.batch = args.batch or 32
+    args.out = args.out or "benchmarks/results/agreement"
+    res = agreement_cost.run(args)
+    Path(f"{args.out}.json").write_text(json.dumps(res, indent=1))
+    text = agreement_cost.markdown(res)
+    Path(f"{args.out}.md").write_text(text)
+    print(text)
     return res
 
 

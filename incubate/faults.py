@@ -1,26 +1,31 @@
-"""One rank fails, every rank stops: the ranks agree on each step's verdict before the next collective.
+"""One rank fails, every rank stops: the ranks agree on each optimizer step before the next one.
 
-Without this, a rank that meets a NaN loss, an unreadable image or an exception leaves the loop
-while the other ranks wait in their next collective (DDP's gradient all-reduce, the barrier after
-a checkpoint) until the process group's timeout, 30 minutes by default. Instead, every micro-step
-each rank contributes its loss and whether it failed to one small all-reduce (riding on the step's
-existing synchronisation: the loss is already read back with .item()); when any rank failed, its
-message is gathered and every rank raises the same error: rank 0 prints it, the others exit quietly.
+Without this, a rank that meets a NaN, an unreadable image or an exception leaves the loop while
+the other ranks wait in their next collective (DDP's gradient all-reduce, the barrier after a
+checkpoint) until the process group's timeout, 30 minutes by default.
 
-Only the part of a step that runs no collective (reading the batch, forward, loss) is guarded: an
-exception in backward or in the optimizer step leaves that rank without the others, and then
-torchrun's agent, which stops the whole group when one worker exits non-zero, is the safety net.
+A step's parts (reading the batch, forward, loss, backward, the optimizer step) run under a
+StepGuard. A rank whose part fails keeps the failure and still makes every collective the others
+make in that accumulation window (training.micro_step: a stand-in batch, a zero loss); the losses
+stay on the device. Once a window, before its optimizer step, the ranks all-reduce one small
+tensor (failures, every micro-step's loss on every rank, the gradient norm, whether a checkpoint
+is due) and read it back: the one host sync of a step. When a rank failed, its message is gathered
+and every rank raises the same error: rank 0 prints it, the others exit quietly. A failure in the
+optimizer step is agreed on at the next agreement (the next window's, or before an evaluation or
+a save), so nothing is written after it. A rank whose stand-in fails too stops alone (torchrun's
+agent then stops the others, without rank 0's line).
 """
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
 
 from .errors import UserError
+
+FAILED = object()       # what StepGuard.run returns for a part that raised (under torchrun)
 
 
 class StoppedEverywhere(UserError):
@@ -29,10 +34,6 @@ class StoppedEverywhere(UserError):
     def __init__(self, message: str, quiet: bool, cause: BaseException | None = None):
         super().__init__(message)
         self.quiet, self.cause = quiet, cause
-
-
-def rank_env() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def describe(error: BaseException) -> str:
@@ -44,54 +45,106 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-@dataclass
-class Verdict:
-    nonfinite: dict          # {rank: loss value} of the ranks whose loss is NaN or inf
-    save: bool               # some rank asked for a checkpoint now (rank 0's clock: checkpoint_minutes)
+def everywhere(dist, message: str) -> UserError:
+    """An error every rank raises at the same step (they agreed on it): rank 0 alone prints it."""
+    return StoppedEverywhere(message, quiet=dist.rank != 0) if dist.world > 1 else UserError(message)
 
 
-def _raise_agreed(dist, failed: list[int], messages: list, where: str, after: str,
-                  error: BaseException | None) -> None:
-    first = failed[0]
-    text = messages[first] or "failed"
-    if dist.world > 1:
-        text = f"rank {first} of {dist.world} failed {where}: {text}; every rank stopped{after}"
-    elif after:
-        text = f"{text}{after}"
-    raise StoppedEverywhere(text, quiet=dist.rank != 0, cause=error)
-
-
-def agree(dist, error: BaseException | None, loss: float, save: bool = False, where: str = "",
-          after: str = "") -> Verdict:
-    """Every rank's verdict on one micro-step; raises StoppedEverywhere on every rank if one failed.
-
-    `error` is what this rank raised in the guarded part of the step (or None), `loss` its loss
-    value, `save` whether it asks for a checkpoint after this step. One all-reduce of world + 2
-    numbers; a second collective (the messages) only when something failed.
-    """
-    if dist.world == 1:
-        if error is not None:
-            raise error         # alone, a failure is its own line (or traceback) as always
-        return Verdict({0: loss} if not math.isfinite(loss) else {}, save)
-    flags = torch.zeros(dist.world + 2, dtype=torch.float64, device=dist.device)
-    flags[0] = float(error is not None)
-    flags[1] = float(save)
-    flags[2 + dist.rank] = 0.0 if error is not None else loss
-    tdist.all_reduce(flags)     # SUM: each rank owns its own loss slot; NaN and inf survive the sum
-    values = flags.tolist()
-    if values[0] > 0:
-        messages = [None] * dist.world
-        tdist.all_gather_object(messages, describe(error) if error is not None else None)
-        failed = [r for r, m in enumerate(messages) if m is not None]
-        _raise_agreed(dist, failed, messages, where, after, error)
-    losses = values[2:]
-    return Verdict({r: v for r, v in enumerate(losses) if not math.isfinite(v)}, values[1] > 0)
+def _raise_agreed(dist, error: BaseException | None, where: str, after: str) -> None:
+    """Every rank: gather the failing ranks' (where, message) and raise the first rank's."""
+    messages = [None] * dist.world
+    tdist.all_gather_object(messages, (where, describe(error)) if error is not None else None)
+    first = next(r for r, m in enumerate(messages) if m is not None)
+    at, text = messages[first]
+    raise StoppedEverywhere(f"rank {first} of {dist.world} failed {at}: {text}; every rank stopped{after}",
+                            quiet=dist.rank != 0, cause=error)
 
 
 def stop_if_any_failed(dist, error: BaseException | None, where: str = "", after: str = "") -> None:
     """A barrier that also carries failures: every rank raises if one failed (evaluation, saving)."""
     if dist.world == 1:
         if error is not None:
-            raise error
+            raise error         # alone, a failure is its own line (or traceback) as always
         return
-    agree(dist, error, 0.0, where=where, after=after)
+    flag = torch.tensor([float(error is not None)], dtype=torch.float64, device=dist.device)
+    tdist.all_reduce(flag)
+    if flag.item() > 0:
+        _raise_agreed(dist, error, where, after)
+
+
+def guarded(dist, part, where: str = "", after: str = ""):
+    """part() on this rank, then the ranks' agreement on it (every rank raises if one failed)."""
+    error, result = None, None
+    try:
+        result = part()
+    except Exception as e:      # noqa: BLE001 -- every rank must hear of it before its next collective
+        error = e
+    stop_if_any_failed(dist, error, where, after)
+    return result
+
+
+@dataclass
+class Verdict:
+    """What the ranks agreed on for one accumulation window."""
+    losses: list                        # this rank's loss of each micro-step of the window
+    bad_loss: tuple | None = None       # (micro-step in the window, rank, value): the first NaN/inf loss
+    grad_norm: float = 0.0              # the gradient norm (0 with a GradScaler: it skips inf steps itself)
+    save: bool = False                  # some rank asked for a checkpoint now (rank 0's clock: checkpoint_minutes)
+    nonfinite: bool = field(init=False)
+
+    def __post_init__(self):
+        self.nonfinite = self.bad_loss is not None or not math.isfinite(self.grad_norm)
+
+
+class StepGuard:
+    """This rank's failures and losses of one accumulation window, until the ranks agree on them."""
+
+    def __init__(self, dist, accum_steps: int, kept=lambda: ""):
+        self.dist, self.accum, self.kept = dist, accum_steps, kept     # kept(): what a failure's line adds
+        self.losses = torch.zeros(accum_steps, dtype=torch.float64, device=dist.device)
+        self.error, self.where = None, ""
+        self.stand_in = None        # the last batch this rank read: what it steps on after a failure
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def run(self, part, where: str):
+        """part(); a failure raises at once alone, under torchrun it is kept (the first) and FAILED returned."""
+        try:
+            return part()
+        except StopIteration:
+            raise
+        except Exception as e:      # noqa: BLE001 -- agreed on at the window's end, where every rank meets
+            if self.dist.world == 1:
+                raise
+            if self.error is None:
+                self.error, self.where = e, where
+            return FAILED
+
+    def record(self, slot: int, loss: torch.Tensor) -> None:
+        self.losses[slot] = loss.detach()       # stays on the device: no host sync a micro-step
+
+    def check(self) -> None:
+        """Agree now on the failures kept so far (before an evaluation or a save)."""
+        if self.dist.world > 1:
+            stop_if_any_failed(self.dist, self.error, self.where, self.kept())
+
+    def agree(self, save: bool, grad_norm) -> Verdict:
+        """Every rank's verdict on the window: one all-reduce of 2 + world x accum_steps + 1 numbers,
+        read back once; a second collective (the messages) only when a rank failed."""
+        d, a = self.dist, self.accum
+        flags = torch.zeros(3 + d.world * a, dtype=torch.float64, device=d.device)
+        flags[0], flags[1] = float(self.failed), float(save)
+        if grad_norm is not None:
+            flags[2] = grad_norm.detach()       # alike on every rank after DDP's all-reduce: summed, finite or not
+        flags[3 + d.rank * a: 3 + (d.rank + 1) * a] = self.losses
+        if d.world > 1:
+            tdist.all_reduce(flags)     # SUM: each rank owns its own loss slots; NaN and inf survive the sum
+        values = flags.tolist()
+        if values[0] > 0:
+            _raise_agreed(d, self.error, self.where, self.kept())
+        per_rank = [values[3 + r * a: 3 + (r + 1) * a] for r in range(d.world)]
+        bad = next(((i, r, per_rank[r][i]) for i in range(a) for r in range(d.world)
+                    if not math.isfinite(per_rank[r][i])), None)
+        return Verdict(per_rank[d.rank], bad, values[2], values[1] > 0)

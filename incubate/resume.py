@@ -27,7 +27,7 @@ import torch.distributed as tdist
 
 from .checkpoint import load_training_state, previous_checkpoint, save_training_state
 from .errors import UserError
-from .faults import stop_if_any_failed
+from .faults import guarded
 
 
 @dataclass
@@ -188,16 +188,14 @@ def save(ckpt: Path, trained, optimizer, scheduler, scaler, dist, pos, epoch: in
     the one just finished."""
     if mid_epoch:
         pos.ranks = gather_rank_states(dist, rank_state(loss_sum, seen, dist.device))
-    error = None
-    if dist.main:
-        try:
+
+    def write():
+        if dist.main:
             if first is not None:
                 first()
             save_training_state(ckpt, dict(trained.state_dict()), optimizer, scheduler, scaler, epoch,
                                 extra(pos, mid_epoch))
-        except Exception as e:      # noqa: BLE001 -- the other ranks must not wait for rank 0 forever
-            error = e
-    stop_if_any_failed(dist, error, where="while saving a checkpoint")
+    guarded(dist, write, where="while saving a checkpoint")      # the other ranks must not wait for rank 0 forever
 
 
 def restore(ckpt: Path, trained, optimizer, scheduler, scaler, dist, cfg, label: str,
@@ -222,3 +220,55 @@ def restore(ckpt: Path, trained, optimizer, scheduler, scaler, dist, cfg, label:
                  if pos.step else f"after epoch {pos.epoch}/{budget.epochs}")
         print(f"[{label}] resuming {where} from {ckpt}", flush=True)
     return pos
+
+
+class Checkpointer:
+    """A stage's checkpoint: its path, when a save inside an epoch is due (SaveClock), and the
+    stage's training seconds it records (counted from `mark`, banked into the Position)."""
+
+    def __init__(self, stage_dir: Path, tr, cfg, dist, label: str):
+        self.path, self.tr, self.dist, self.label = Path(stage_dir) / "checkpoint.safetensors", tr, dist, label
+        self.clock = SaveClock(cfg, dist.main)
+        self.pos, self.epoch_start, self.mark = None, 0.0, 0.0
+
+    def restore(self, metrics_path: Path, budget) -> Position:
+        tr = self.tr
+        self.pos = restore(self.path, tr.trained, tr.optimizer, tr.scheduler, tr.scaler, self.dist, tr.cfg,
+                           self.label, metrics_path, budget)
+        return self.pos
+
+    def kept(self) -> str:
+        """What a failure's line says of the checkpoint on disk."""
+        return (f"; the last good checkpoint {self.path} is kept (rerun resumes from it)"
+                if self.path.exists() else "")
+
+    def start_epoch(self) -> None:
+        self.epoch_start = self.mark = time.perf_counter()
+
+    def seconds(self) -> float:
+        """The stage's training seconds so far (earlier processes' included)."""
+        return self.pos.seconds + time.perf_counter() - self.mark
+
+    def bank(self) -> None:
+        now = time.perf_counter()
+        self.pos.seconds += now - self.mark
+        self.mark = now
+
+    def due(self, updates_after_step: int) -> bool:
+        return self.clock.due(updates_after_step)
+
+    def save_mid_epoch(self, epoch: int, step: int, loss_sum: float, seen: int) -> None:
+        """After an update inside `epoch`, `step` micro-steps into it (every rank calls this)."""
+        tr, pos = self.tr, self.pos
+        pos.epoch, pos.step = epoch, step
+        self.bank()
+        save(self.path, tr.trained, tr.optimizer, tr.scheduler, tr.scaler, self.dist, pos, epoch, True, loss_sum, seen)
+        pos.step = 0
+        self.clock.saved()
+
+    def save_epoch_end(self, epoch: int, first) -> None:
+        """At the end of `epoch`; rank 0 runs `first` (the epoch's log row) just before writing."""
+        tr = self.tr
+        save(self.path, tr.trained, tr.optimizer, tr.scheduler, tr.scaler, self.dist, self.pos, epoch, False,
+             first=first)
+        self.clock.saved()

@@ -1,7 +1,8 @@
 """TensorBoard event files of one stage: RUN/tensorboard/<stage> (a module: RUN/tensorboard/module_<i>).
 
-`fit` calls an `Events` object at each optimizer update and after each epoch's evaluation. It is a
-no-op unless `train.tensorboard` is on and this is rank 0, so other ranks never touch the files.
+The stage log (stagelog.py) calls an `Events` object at each optimizer update and after each
+epoch's evaluation. It is a no-op unless `train.tensorboard` is on and this is rank 0, so other
+ranks never touch the files.
 
 Every tag uses one step axis, the number of optimizer updates so far. TensorBoard hides a resumed
 run's repeated steps through `purge_step`, which applies to every tag of the folder at once: a
@@ -13,8 +14,6 @@ from __future__ import annotations
 import atexit
 import time
 from pathlib import Path
-
-import torch
 
 TAGS = ("train/loss", "train/lr", "train/samples_per_s", "train/grad_norm", "train/flops",
         "train/epoch_loss", "eval/top1", "eval/loss")
@@ -57,19 +56,6 @@ class Events:
         # A stage stopped by an error (e.g. a NaN loss) still gets its last steps on disk: they are
         # what one looks at to see why.
         atexit.register(self.close)
-
-    def grad_norm(self, params):
-        """When clipping is off: the global L2 norm clip_grad_norm_ would report, without its
-        multiply of every gradient (None when not logging: then nothing is computed)."""
-        if self.writer is None:
-            return None
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return None
-        total = getattr(torch.nn.utils, "get_total_norm", None)      # torch >= 2.6: foreach kernels
-        if total is not None:
-            return total(grads)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
     def update(self, num_updates: int, loss_sum: float, seen: int, epoch_start: float, grad_norm, lr: float):
         """After an optimizer update: loss_sum and seen are the epoch's running (this rank's) totals."""

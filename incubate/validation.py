@@ -8,17 +8,14 @@ update (resume.trim_metrics) and evaluates those updates again.
 """
 from __future__ import annotations
 
-import json
-
 from .data import make_loader
 
 
 class PeriodicEval:
-    def __init__(self, cfg, bundle, data_cfg, seed: int, dist, task, metrics_path, tb, budget,
-                 flops_per_update: int, evaluate, label: str = ""):
+    def __init__(self, cfg, bundle, data_cfg, seed: int, dist, task, log, budget, flops_per_update: int, evaluate):
         self.every, self.amp, self.dist, self.task = cfg.eval_every, cfg.amp, dist, task
-        self.metrics_path, self.tb, self.budget, self.flops_per_update = metrics_path, tb, budget, flops_per_update
-        self.evaluate, self.last, self.label = evaluate, None, label
+        self.log, self.budget, self.flops_per_update = log, budget, flops_per_update
+        self.evaluate, self.last = evaluate, None
         self.loader = None
         if self.every:     # the bundle's test split is already the slice (text_data.load_text)
             self.loader = make_loader(bundle, bundle.test, data_cfg, data_cfg.eval_batch_size, False, seed,
@@ -28,7 +25,7 @@ class PeriodicEval:
         return bool(self.every) and updates % self.every == 0
 
     def run(self, net, updates: int, epoch: int, train_loss: float, seconds: float, final: bool = False) -> None:
-        """Evaluate now (every rank: the metrics are summed over ranks) and write the row (rank 0)."""
+        """Evaluate now (every rank: the metrics are summed over ranks) and log the row (rank 0)."""
         if not self.every or updates == self.last or (final and updates == 0):
             return
         metrics = self.evaluate(net, self.loader, self.dist, self.amp, self.task)
@@ -37,11 +34,4 @@ class PeriodicEval:
                "train_loss": train_loss, "seconds": seconds, **self.task.row(metrics)}
         if self.budget.tokens_per_update:
             row["tokens"] = updates * self.budget.tokens_per_update
-        if not self.dist.main:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.tb.eval(updates, row)
-        read = f", {row['tokens']:,} tokens" if "tokens" in row else ""
-        print(f"[{self.label}] update {updates}/{self.budget.updates}{read}: held-out {self.task.text(metrics)}",
-              flush=True)
+        self.log.write_eval(updates, row, metrics)

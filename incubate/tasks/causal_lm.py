@@ -68,6 +68,3 @@ class CausalLMTask:
 
     def text(self, m: dict) -> str:
         return f"val bits/byte {m['bpb']:.4f} next-token acc {m['acc']:.2f}%"
-
-    def empty(self) -> dict:
-        return {"bpb": float("nan"), "loss": float("nan"), "acc": float("nan")}

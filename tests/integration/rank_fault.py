@@ -1,9 +1,11 @@
 """A torchrun-style worker that meets one fault on rank 1 only, then runs the CLI as usual.
 
-    python -m tests.integration.rank_fault nan|raise|none|slow-restart STAMP incubate-args...
+    python -m tests.integration.rank_fault nan|raise|backward|nangrad|step|none|slow-restart STAMP incubate-args...
 
 nan: rank 1's loss becomes NaN from its 2nd training step on; raise: rank 1's 2nd step raises a
-RuntimeError; none: no patch (the test brings the fault, e.g. a corrupt image in rank 1's shard).
+RuntimeError in the loss; backward: in its backward; nangrad: its 2nd step's backward gives NaN
+gradients (the loss stays finite); step: rank 1's 2nd optimizer.step raises; none: no patch (the
+test brings the fault, e.g. a corrupt image in rank 1's shard).
 The moment rank 1 meets the fault is written to STAMP (time.time()), so the test can measure how
 long every rank takes to stop after it; whether each rank left the process group when the CLI
 returned is written to STAMP.group.RANK ("left" or "joined"), and the names of gloo's threads still
@@ -14,6 +16,7 @@ import sys
 import time
 
 import timm.loss
+import torch
 
 
 def _patch(fault: str, stamp: str) -> None:
@@ -26,6 +29,15 @@ def _patch(fault: str, stamp: str) -> None:
     if fault == "none" or os.environ.get("RANK") != "1":
         return
     calls = []
+    if fault == "step":
+        def fail_second_step(optimizer, args, kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                _stamp(stamp)
+                raise RuntimeError("injected fault in optimizer.step on rank 1")
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+        register_optimizer_step_pre_hook(fail_second_step)
+        return
 
     class Faulty(timm.loss.LabelSmoothingCrossEntropy):
         def forward(self, x, target):
@@ -33,13 +45,35 @@ def _patch(fault: str, stamp: str) -> None:
             calls.append(1)
             if len(calls) < 3:      # the 1st call measures FLOPs, the 2nd is training step 1
                 return loss
-            with open(stamp, "w") as f:
-                f.write(repr(time.time()))
+            if fault in ("backward", "nangrad"):
+                return _FaultyBackward.apply(loss, fault, stamp)
+            _stamp(stamp)
             if fault == "raise":
                 raise RuntimeError("injected fault on rank 1")
             return loss * float("nan")
 
     timm.loss.LabelSmoothingCrossEntropy = Faulty
+
+
+def _stamp(stamp: str) -> None:
+    with open(stamp, "w") as f:
+        f.write(repr(time.time()))
+
+
+class _FaultyBackward(torch.autograd.Function):
+    """The identity forward; its backward raises, or hands on NaN gradients."""
+
+    @staticmethod
+    def forward(ctx, loss, fault, stamp):
+        ctx.fault, ctx.stamp = fault, stamp
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _stamp(ctx.stamp)
+        if ctx.fault == "backward":
+            raise RuntimeError("injected fault in backward on rank 1")
+        return grad * float("nan"), None, None
 
 
 def gloo_threads() -> list[str]:

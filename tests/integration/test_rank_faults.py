@@ -88,6 +88,35 @@ def test_one_rank_nan_or_exception_stops_every_rank(tmp_path, fault, expected):
     assert seconds < STOP_SECONDS
 
 
+@pytest.mark.parametrize("fault, expected", [
+    ("backward", "rank 1 of 2 failed at epoch 1 step 2, in backward: RuntimeError: injected fault in backward "
+                 "on rank 1"),
+    ("step", "rank 1 of 2 failed at epoch 1 step 2, in the optimizer step: RuntimeError: injected fault in "
+             "optimizer.step on rank 1"),
+    ("nangrad", "meta: the gradient norm became nan at epoch 1 step 2; stopped"),
+])
+def test_a_fault_in_backward_or_the_optimizer_step_stops_every_rank_and_keeps_the_checkpoint(tmp_path, fault,
+                                                                                              expected):
+    """Where DDP's collectives run (backward's all-reduce) and after it (the optimizer step): every
+    rank still stops with one line, and the checkpoint saved after update 1 is the one left."""
+    from incubate.checkpoint import load_training_state
+    recipe = write_recipe(tmp_path / "r.yaml", train__batch_size=16, train__checkpoint_every=1, meta__epochs=1)
+    procs, stamp = _start(tmp_path, recipe, fault)
+    ended, outs = _wait(procs)
+    (_, err0), (_, err1) = outs
+    assert [p.returncode for p in procs] == [2, 2], outs
+    lines = [l for l in err0.splitlines() if l.strip()]
+    ckpt = tmp_path / "run/meta/checkpoint.safetensors"
+    assert len(lines) == 1 and lines[0].startswith(f"incubate: error: {expected}"), err0
+    assert f"the last good checkpoint {ckpt} is kept" in lines[0] and err1.strip() == "", outs
+    assert load_training_state(ckpt)[2]["step"] == 1      # saved after update 1; nothing written after the fault
+    assert [Path(f"{stamp}.group.{r}").read_text() for r in (0, 1)] == ["left", "left"]
+    _gloo_gone(stamp)
+    seconds = max(ended.values()) - float(stamp.read_text())
+    print(f"{fault}: every rank stopped {seconds:.2f}s after rank 1 met the fault")
+    assert seconds < STOP_SECONDS
+
+
 def test_one_rank_unreadable_image_stops_every_rank(tmp_path):
     from incubate.config import load_recipe
     from incubate.data import epoch_order, load_data

@@ -76,3 +76,13 @@ def test_data_wait_measures_every_loader_setting(tmp_path):
     assert loaders[0].startswith("batched") and any(lo.startswith("per-image") for lo in loaders)
     assert all(r["steps"] == 2 and 0 <= r["wait_share"] <= 1 for r in res["data_wait"])
     assert "data-wait share (in-memory, batched)" in res["bars"]
+
+
+def test_agreement_cost_times_steps_with_and_without_the_agreement(tmp_path):
+    """--agreement: fits alternately with the step guard and with it patched to a no-op (one process here)."""
+    res = step_cost.main(["--agreement", "--ranks", "1", "--rounds", "2", "--width", "32", "--depth", "1",
+                          "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "ag")])
+    assert [r["agreement"] for r in res["rounds"]] == [True, False] and res["agreement_kind"].startswith("StepGuard")
+    assert all(r["steps"] > 5 and r["median_s"] > 0 for r in res["rounds"])
+    assert res["ratio_with_over_without"] > 0
+    assert "| with the agreement |" in (tmp_path / "ag.md").read_text()

@@ -1,0 +1,191 @@
+"""The parts of a training step: the set-up a stage trains with, one micro-step (read, forward,
+loss, backward) and one optimizer step (clip, step, schedule)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .budget import make_scheduler
+from .errors import UserError
+from .faults import FAILED
+
+
+@dataclass
+class Training:
+    """What one stage trains with: built by set_up, wrapped for the ranks by wrap."""
+    cfg: object
+    dist: object
+    net: nn.Module          # inputs -> logits; DDP-wrapped where the trained part is the whole net
+    trained: nn.Module
+    optimizer: object
+    scheduler: object
+    scaler: object
+    criterion: object
+    flops_criterion: object
+    mixup: object
+    lr: float
+    run_net: nn.Module = None       # net, compiled with train.compile
+    ddp: nn.Module = None           # the DDP wrapper of the trained part, under torchrun
+
+    @property
+    def params(self) -> list:
+        return [p for p in self.trained.parameters() if p.requires_grad]
+
+    def no_sync(self, sync: bool):
+        """DDP's gradient all-reduce only on the micro-step that ends an accumulation window."""
+        return self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
+
+
+def scaled_lr(cfg, world: int) -> float:
+    """The linear scaling rule: lr is given for lr_base_batch samples an update."""
+    return cfg.lr * cfg.batch_size * cfg.accum_steps * world / cfg.lr_base_batch
+
+
+def set_up(net: nn.Module, trained: nn.Module, cfg, budget, bundle, task, dist) -> Training:
+    """timm's optimizer and schedule for `trained`, the fp16 scaler, the task's losses and mixup."""
+    from timm.optim import create_optimizer_v2
+    lr = scaled_lr(cfg, dist.world)
+    # torch's fused AdamW runs on CUDA and, since torch 2.4, on CPU (measured 1.1x there: docs/performance.md)
+    opt_kwargs = {"fused": True} if cfg.fused else {}
+    optimizer = create_optimizer_v2(trained, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
+    scheduler = make_scheduler(optimizer, cfg, budget)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    mixup, criterion, flops_criterion = task.criteria(cfg, bundle)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(net, trained)
+    return Training(cfg, dist, net, trained, optimizer, scheduler, scaler, criterion, flops_criterion, mixup, lr,
+                    run_net=net)
+
+
+def wrap(tr: Training, ddp_attr: str | None) -> None:
+    """Under torchrun DDP wraps only the trained part (`net.<ddp_attr>` for a hybrid); then compile."""
+    dist = tr.dist
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [dist.local_rank] if dist.device.type == "cuda" else None
+        if ddp_attr is None:
+            tr.net = tr.ddp = DDP(tr.net, device_ids=ids)
+        else:
+            setattr(tr.net, ddp_attr, DDP(getattr(tr.net, ddp_attr), device_ids=ids))
+            tr.ddp = getattr(tr.net, ddp_attr)
+    tr.run_net = torch.compile(tr.net) if tr.cfg.compile else tr.net
+
+
+def autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("amp: fp16 needs a CUDA device; use amp: bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def read_batch(batches, mixup):
+    """The next batch (mixup applied) and its number of samples; StopIteration when none is left."""
+    x, y = next(batches)
+    n = len(y)
+    if mixup is not None:
+        x, y = mixup(x, y)
+    return x, y, n
+
+
+def micro_step(tr: Training, guard, batches, slot: int, where: str) -> int:
+    """Read, forward, loss and backward of one micro-step (the loss kept in guard, on the device);
+    returns the batch's samples. Under torchrun a part that fails is kept for the window's agreement
+    and this rank still makes the collectives the others make: a rank that could not read its batch
+    runs the forward (DDP's broadcasts buffers) on its last batch, a zero loss stands for one that
+    failed, and its backward makes DDP's all-reduce."""
+    last = guard.stand_in
+    batch = guard.run(lambda: read_batch(batches, tr.mixup), where)
+    if last is None:        # no stand-in batch yet (the stage's first micro-step here): agree on the read now
+        guard.check()
+    if batch is FAILED:
+        batch = last
+    guard.stand_in = batch
+    x, y, n = batch
+    with autocast(tr.cfg.amp, tr.dist.device):
+        out = guard.run(lambda: tr.run_net(x), where)
+        if out is FAILED:
+            x, y, _ = last or batch
+            out = _forward_again(tr, x)
+        loss = guard.run(lambda: tr.criterion(out, y), where)
+    if loss is FAILED:
+        loss = zero_loss(out)
+    guard.record(slot, loss)
+    if guard.run(lambda: backward(tr, loss), f"{where}, in backward") is FAILED:
+        zero_loss(out).backward()       # DDP's all-reduce, through the graph the failed backward left whole
+    return n
+
+
+def _forward_again(tr: Training, x):
+    """A stand-in forward after this rank's raised: its DDP pre-forward (buffer broadcast) already ran."""
+    if tr.ddp is not None:
+        tr.ddp.require_forward_param_sync = False
+    return tr.run_net(x)
+
+
+def zero_loss(out) -> torch.Tensor:
+    logits = getattr(out, "logits", out)
+    return logits.float().sum() * 0.0
+
+
+def backward(tr: Training, loss: torch.Tensor) -> None:
+    loss = loss / tr.cfg.accum_steps
+    (tr.scaler.scale(loss) if tr.scaler is not None else loss).backward()
+
+
+def grad_norm(params):
+    """The global L2 norm clip_grad_norm_ would report, without its multiply of every gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    total = getattr(torch.nn.utils, "get_total_norm", None)      # torch >= 2.6: foreach kernels
+    if total is not None:
+        return total(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def clip_grads(tr: Training):
+    """clip_grad_norm_ with train.clip_grad, else the norm alone: a tensor on the device (or None)."""
+    if tr.cfg.clip_grad:
+        return torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.clip_grad)
+    return grad_norm(tr.params)
+
+
+def optimizer_step(tr: Training, num_updates: int, norm, want_norm: bool):
+    """Step (through the fp16 scaler: unscale and clip first), clear the gradients and move the
+    schedule to update `num_updates`; returns the gradient norm (a tensor) or None."""
+    if tr.scaler is not None:
+        tr.scaler.unscale_(tr.optimizer)
+        norm = clip_grads(tr) if (tr.cfg.clip_grad or want_norm) else None
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+    else:
+        tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.scheduler.step_update(num_updates=num_updates)
+    return norm
+
+
+def count_step_flops(net: nn.Module, trained: nn.Module, criterion, x, y) -> int:
+    """FLOPs of one training step (forward and backward) measured with FlopCounterMode; on the CPU
+    through the math attention backend, since the fused CPU kernel has no FLOP formula."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    math_attention = sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext()
+    with math_attention, FlopCounterMode(display=False) as counter:
+        criterion(net(x), y).backward()
+    trained.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def enable_grad_checkpointing(net: nn.Module, trained: nn.Module) -> None:
+    """timm's set_grad_checkpointing on the network (a hybrid: target module and meta suffix)."""
+    for module in (net, trained):
+        if hasattr(module, "set_grad_checkpointing"):
+            module.set_grad_checkpointing(True)
+            return
+    raise UserError(f"train.grad_checkpointing: {type(trained).__name__} has no set_grad_checkpointing; "
+                    f"set it to false for this model family")
