@@ -52,6 +52,10 @@ PACKAGES = [("torch", "torch", "2.4", "everything"), ("timm", "timm", "1.0", "ev
 STEP_RUNS = [("deit_t32", 1024, "eager"), ("vit_b16", 256, "eager"), ("vit_b16", 256, "compile"),
              ("deit_t32", 1024, "compile")]
 SMOKE_STEP_RUNS = [("smoke", 4, "eager"), ("smoke", 4, "compile")]
+# the smoke run compiles one network of each kind (E2E, the hybrids owning the stem and the head): a
+# CPU takes seconds a compilation; the meta model is an E2E network of depth K, the middle hybrids alike
+SMOKE_COMPILED = "e2e,hybrid0,hybrid3"
+GPU_TESTS = "tests/gpu"          # every test marked gpu lives here: collecting all of tests/ costs half a minute
 
 
 def _version_tuple(v: str) -> tuple:
@@ -143,7 +147,7 @@ def part_tests(args, out: Path, work: Path, limit: float) -> dict:
     junit = work / "junit.xml"
     junit.unlink(missing_ok=True)
     # a test module that fails to import (another family's package missing there) must not stop the rest
-    res = run_logged([args.python, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "tests",
+    res = run_logged([args.python, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", GPU_TESTS,
                       "--continue-on-collection-errors", f"--junitxml={junit}"], limit, {"INCUBATE_GPU_TESTS_ON": "cpu"} if args.smoke else None)
     res["tests"] = junit_rows(junit)
     res["device"] = "cpu (INCUBATE_GPU_TESTS_ON=cpu)" if args.smoke else "cuda"
@@ -182,8 +186,8 @@ def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> d
         if mode == "eager":
             cmd += ["--jobs", "e2e,meta,hybrid,official"]
         else:
-            cmd += ["--jobs", "e2e,meta,hybrid", "--variants", "compile",
-                    "--variant-jobs", "e2e,meta,hybrid0,hybrid1,hybrid2,hybrid3"]
+            cmd += ["--jobs", "e2e,meta,hybrid", "--variants", "compile", "--variant-jobs",
+                    SMOKE_COMPILED if args.smoke else "e2e,meta,hybrid0,hybrid1,hybrid2,hybrid3"]
         if args.smoke:       # seconds on a CPU: tracing without code generation
             # a 256-wide peak matmul: a CPU without bf16 units takes a minute for the 2048-wide one in bf16
             cmd += ["--device", "cpu", "--threads", "1", "--compile-backend", "aot_eager", "--matmul-n", 256]

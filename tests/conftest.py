@@ -1,3 +1,4 @@
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,24 @@ def gpu_test_device():
     return torch.device("cpu") if os.environ.get(GPU_TESTS_ON) == "cpu" else None
 
 
+def _shared_fixture_group(item) -> str | None:
+    """The module of a test that uses a module- or session-scoped fixture of ours, else None."""
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        for d in defs:
+            if d.scope != "function" and Path(inspect.getfile(d.func)).is_relative_to(ROOT / "tests"):
+                return item.nodeid.split("::")[0]
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
+    # pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests sharing a module fixture go
+    # to one worker, so that it is built once; the `slow` ones are handed out first, so that both
+    # workers end together instead of one starting the slowest test last
+    for item in items:
+        if (group := _shared_fixture_group(item)) is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)      # stable: else as collected
     if gpu_test_device() is not None:
         return
     skip = pytest.mark.skip(reason=f"needs a CUDA device ({GPU_TESTS_ON}=cpu runs it on the CPU)")

@@ -194,6 +194,7 @@ def test_resume_on_a_read_only_file_system(tmp_path, capsys, monkeypatch):
     assert {p.name: p.read_bytes() for p in (src / "meta").iterdir()} == before
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_mount(), reason="needs root and mount namespaces (unshare -m) to mount a small tmpfs")
 def test_real_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes(tmp_path):
     """A tmpfs of a few MB, filled up while epoch 2's checkpoint is being written: the kernel's own ENOSPC."""
@@ -277,6 +278,7 @@ def test_nan_loss_skipped_within_max_nonfinite_skips(tmp_path, capsys, monkeypat
 
 # ---------------------------------------------------------------- processes
 
+@pytest.mark.slow
 def test_second_writer_refused_then_ctrl_c_exits_cleanly(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", meta__epochs=500)
     run = tmp_path / "run"

@@ -133,6 +133,7 @@ def test_a_user_error_in_a_job_is_not_retried_and_names_the_file(local_run, tmp_
     assert proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_torchrun_jobs_on_their_own_ports(tmp_path):
     """launch.devices_per_job 2 (torchrun) for every stage but the module jobs: launch.stages.incubate gives them 1."""
     recipe = _recipe(tmp_path / "r.yaml", train__batch_size=16, launch={
@@ -145,6 +146,7 @@ def test_local_launcher_runs_torchrun_jobs_on_their_own_ports(tmp_path):
         assert f"(local, {world} process(es), 1 thread(s) each)" in (run / s / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_ray_launcher(reference, tmp_path):
     pytest.importorskip("ray")
     recipe = _recipe(tmp_path / "r.yaml")
@@ -161,6 +163,7 @@ def test_launcher_options_need_a_launcher(tiny_recipe, tmp_path):
     assert proc.returncode == 2 and "--jobs, --retries and --address need --launcher" in proc.stderr
 
 
+@pytest.mark.slow
 def test_slurm_launcher_with_submitits_local_executor_and_stage_shapes(tmp_path):
     """launch.stages through submitit's local executor: meta and fine-tune as 2-task jobs (2 ranks of one gloo
     group), the modules as 1-task jobs at once; the 2-task meta model equals a plain 2-process torchrun run."""

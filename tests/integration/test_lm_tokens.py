@@ -156,6 +156,7 @@ def test_gz_files_are_read_as_text(tmp_path):
     assert np.array_equal(a.train.tokens, b.train.tokens) and np.array_equal(a.test.tokens, b.test.tokens)
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_growth_and_gives_the_in_process_weights(token_run, tmp_path):
     recipe, reference, _ = token_run
     run = tmp_path / "run"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -34,6 +35,7 @@ def _mtime(path):
         return None
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_resume_to_the_uninterrupted_weights(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", deterministic=True, train__batch_size=16, meta__epochs=2,
                           train__checkpoint_every=2)
