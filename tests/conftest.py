@@ -31,6 +31,11 @@ def _shared_fixture_group(item) -> str | None:
     return None
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the tests in the reverse order: no test may depend on another having run first")
+
+
 def pytest_collection_modifyitems(config, items):
     # pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests sharing a module fixture go
     # to one worker, so that it is built once; the `slow` ones are handed out first, so that both
@@ -39,6 +44,8 @@ def pytest_collection_modifyitems(config, items):
         if (group := _shared_fixture_group(item)) is not None:
             item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)      # stable: else as collected
+    if config.getoption("reverse_order"):
+        items.reverse()
     if gpu_test_device() is not None:
         return
     skip = pytest.mark.skip(reason=f"needs a CUDA device ({GPU_TESTS_ON}=cpu runs it on the CPU)")

@@ -19,8 +19,9 @@ STAGES = ("meta", "modules/0", "modules/1", "assembled", "finetune")
 
 
 def _recipe(path, launch=None, **changes):
+    changes = {"meta__epochs": 1, "incubate__epochs": 1, **changes}
     return write_recipe(path, model__division=[2, 2], deterministic=True, launch=launch or {"cpus_per_job": 1},
-                        meta__epochs=1, incubate__epochs=1, **changes)
+                        **changes)
 
 
 def _same_weights(a, b):
@@ -103,7 +104,7 @@ def test_a_failing_job_is_retried_then_reported_and_a_rerun_resumes(local_run, r
                 os.kill(pid, signal.SIGKILL)
                 killed.add(pid)
         time.sleep(0.05)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 2 and len(killed) == 2, out + err
     assert "[module 0] skipped: already finished" in out
     assert "[module 1] failed (killed by SIGKILL); retrying from its checkpoint" in out
@@ -163,16 +164,61 @@ def test_launcher_options_need_a_launcher(tiny_recipe, tmp_path):
     assert proc.returncode == 2 and "--jobs, --retries and --address need --launcher" in proc.stderr
 
 
+def _environ(pid):
+    try:
+        return dict(kv.split(b"=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in kv)
+    except OSError:
+        return {}
+
+
+def _descendants(pid):
+    found, frontier = [], [pid]
+    while frontier:
+        kids = _children(frontier.pop())
+        found += kids
+        frontier += [k for k, _ in kids]
+    return found
+
+
+def _kill_rank_when(proc, rank, ready, deadline_s=300):
+    """SIGKILL the stage process (incubate.cli) of `rank` under proc once ready() holds; its pid."""
+    deadline = time.time() + deadline_s
+    while proc.poll() is None and time.time() < deadline:
+        if ready():
+            for pid, cmdline in _descendants(proc.pid):
+                if "incubate.cli" in cmdline and _environ(pid).get(b"RANK") == str(rank).encode():
+                    os.kill(pid, signal.SIGKILL)
+                    return pid
+        time.sleep(0.05)
+    raise AssertionError(f"no rank {rank} to kill: {proc.poll()=}")
+
+
 @pytest.mark.slow
 def test_slurm_launcher_with_submitits_local_executor_and_stage_shapes(tmp_path):
     """launch.stages through submitit's local executor: meta and fine-tune as 2-task jobs (2 ranks of one gloo
-    group), the modules as 1-task jobs at once; the 2-task meta model equals a plain 2-process torchrun run."""
+    group), the modules as 1-task jobs at once. Rank 1 of the meta job is killed after its first checkpoint: the
+    job ends with one line naming it, and the rerun resumes; its meta model equals a plain 2-process torchrun run."""
     pytest.importorskip("submitit")
     stages = {"meta": {"devices_per_node": 2}, "finetune": {"devices_per_node": 2, "time_min": 5}}
-    recipe = _recipe(tmp_path / "r.yaml", train__batch_size=16,
+    recipe = _recipe(tmp_path / "r.yaml", train__batch_size=16, train__checkpoint_every=2, meta__epochs=2,
                      launch={"cpus_per_job": 1, "stages": stages, "slurm": {"cluster": "local", "timeout_min": 10}})
     run = tmp_path / "run"
-    proc = cli("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "slurm", "--jobs", "2", check=True)
+    args = ["run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "slurm", "--jobs", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "incubate.cli", *map(str, args)], cwd=ROOT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _kill_rank_when(proc, 1, (run / "meta/checkpoint.safetensors").exists)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    line = one_error_line(err)
+    assert proc.returncode == 2 and line.startswith(
+        "incubate: error: job(s) failed: meta: rank 1 of 2: killed by SIGKILL (SLURM job "), out + err
+    assert "[meta] FAILED after 1 tries: rank 1 of 2: killed by SIGKILL" in out
+    assert json.loads((run / "meta/manifest.json").read_text())["finished"] is False
+
+    proc = cli(*args, check=True)
+    assert "[meta] resuming" in (run / "meta/log.txt").read_text()
     assert "jobs: finished [module 0, module 1]  skipped []  failed []" in proc.stdout
     assert proc.stdout.index("[module 1] started") < proc.stdout.index("[module 0] finished")
     assert any((run / "slurm").iterdir())          # submitit's own job folders
@@ -184,6 +230,36 @@ def test_slurm_launcher_with_submitits_local_executor_and_stage_shapes(tmp_path)
                    env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True)
     x, y = load_file(run / "meta/model.safetensors"), load_file(ref / "meta/model.safetensors")
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+class _Task:
+    """A submitit job or task: its exit code, or None for a task that died without a result."""
+    def __init__(self, rc, job_id="7_0", tasks=()):
+        self.rc, self.job_id, self.state, self.tasks = rc, job_id, "NODE_FAIL", list(tasks)
+        self.num_tasks = len(self.tasks) or 1
+
+    def task(self, i):
+        return self.tasks[i] if self.tasks else self
+
+    def result(self):
+        if self.rc is None:
+            raise RuntimeError("Job 7 (task: 1) has not produced any output (state: NODE_FAIL)")
+        return self.rc
+
+
+@pytest.mark.parametrize("codes, expected", [
+    ([0, 0], (0, "")),
+    ([1, -9], (-9, "rank 1 of 2: killed by SIGKILL (SLURM job 7; then rank 0: exit 1)")),
+    ([1, None, 0], (1, "rank 1 of 3: ended without a result (SLURM task 7_1, state NODE_FAIL) (SLURM job 7; "
+                       "then rank 0: exit 1)")),
+    ([2, 2], (2, "rank 0 of 2: exit 2 (a user error: not retried) (SLURM job 7; then rank 1: exit 2 (a user "
+                 "error: not retried))")),
+])
+def test_a_failed_slurm_job_names_the_rank_that_failed_first(codes, expected):
+    from incubate.launchers.slurm import job_outcome
+    job = _Task(0, "7", [_Task(rc, f"7_{i}") for i, rc in enumerate(codes)])
+    assert job_outcome(job) == expected
+    assert job_outcome(_Task(None)) == (1, "ended without a result (SLURM task 7_0, state NODE_FAIL)")
 
 
 def test_slurm_multi_node_shape_becomes_the_sbatch_job(tmp_path, monkeypatch):
