@@ -9,7 +9,7 @@ returns the first parts; a part that fails writes its error and the next part ru
   3 accuracy vs cost at full Fashion-MNIST scale, every family with
     an entry in benchmarks/gpu_accuracy.py, sized to the time left   -> 3_accuracy.json, 3_accuracy.md
 Every part's time is its cap or what is left, whichever is less; what a part leaves goes to the next.
---smoke runs the same parts on the CPU at tiny sizes (about a minute and a half on 2 cores).
+--smoke runs the same parts on the CPU at tiny sizes (docs/performance.md gives its time).
 
   bash benchmarks/gpu_run.sh OUTDIR            # on the GPU machine (docs/performance.md: what to carry)
   bash benchmarks/gpu_run.sh --smoke OUTDIR    # anywhere; tests/integration/test_gpu_run_smoke.py runs it
