@@ -22,6 +22,9 @@ from incubate.families import FAMILIES
 from ..conftest import ROOT
 
 
+SMOKE_LIMIT_S = 1500
+
+
 def fake_fashion_mnist(root, n_train=320, n_test=100):
     """Fashion-MNIST's four IDX files (28x28, 10 classes), random pixels: the reader's real path."""
     rng = np.random.default_rng(0)
@@ -39,10 +42,11 @@ def fake_fashion_mnist(root, n_train=320, n_test=100):
 @pytest.mark.slow
 def test_smoke_run_writes_every_file_with_its_content(tmp_path):
     data, out = fake_fashion_mnist(tmp_path / "fmnist"), tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    # the GPU's 9 minutes are no limit for the smoke run: a loaded 2-core machine takes longer (docs/performance.md)
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", GPU_RUN_HARD_LIMIT_S=str(SMOKE_LIMIT_S + 30))
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_run.sh"), "--smoke", str(out), "--work",
-                           str(tmp_path / "work"), "--data", str(data)], env=env, capture_output=True, text=True,
-                          timeout=480)
+                           str(tmp_path / "work"), "--data", str(data), "--limit", str(SMOKE_LIMIT_S)], env=env,
+                          capture_output=True, text=True, timeout=SMOKE_LIMIT_S + 60)
     assert proc.returncode == 0, (proc.stdout[-6000:], proc.stderr[-3000:])
     assert sorted(p.name for p in out.iterdir()) == sorted(gpu_run.FILES)      # nothing else: 8 files at most
 
