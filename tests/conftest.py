@@ -126,7 +126,10 @@ def default_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def cli(*args, check=False, env=None, timeout=600):
+PROCESS_TIMEOUT_S = 1200      # what a whole `incubate run` of processes may take on a loaded 2-core machine
+
+
+def cli(*args, check=False, env=None, timeout=PROCESS_TIMEOUT_S):
     """Run the CLI in a fresh process; returns CompletedProcess."""
     import os
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from incubate import checkpoint
 from incubate.checkpoint import load_training_state
 from incubate.lock import read_holder
-from ..conftest import ROOT, default_signals, make_image_folder, one_error_line, run_main, write_recipe
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, default_signals, make_image_folder, one_error_line, run_main, write_recipe
 
 
 def _meta(capsys, recipe, run, *sets):
@@ -210,7 +210,7 @@ def test_real_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes(t
               f"cp -a {mnt}/run {full}; rm {mnt}/filler; "
               f"{cli} incubate.cli {args} >{out}/2.out 2>{out}/2.err; echo $? >{out}/2.rc")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=600)
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     read = {name: (out / name).read_text() for name in ("1.rc", "1.err", "2.rc", "2.out", "2.err")}
     ckpt = mnt / "run/meta/checkpoint.safetensors"
@@ -239,7 +239,7 @@ def test_real_disk_full_while_writing_the_token_cache_leaves_no_entry_and_a_reru
               f"echo $? >{out}/1.rc; ls -A {mnt}/cache >{out}/1.ls; rm {mnt}/filler; "
               f"{cli} incubate.cli {args} >{out}/2.out 2>{out}/2.err; echo $? >{out}/2.rc; ls -A {mnt}/cache >{out}/2.ls")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=600)
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     read = {p.name: p.read_text() for p in out.iterdir()}
     entries = read["2.ls"].split()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from incubate import lock
 from incubate.launchers import command
-from ..conftest import ROOT, cli, one_error_line, run_main, write_recipe
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, cli, one_error_line, run_main, write_recipe
 
 STAGES = ("meta", "modules/0", "modules/1", "assembled", "finetune")
 
@@ -210,7 +210,7 @@ def test_slurm_launcher_with_submitits_local_executor_and_stage_shapes(tmp_path)
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _kill_rank_when(proc, 1, (run / "meta/checkpoint.safetensors").exists)
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=PROCESS_TIMEOUT_S)
     finally:
         proc.kill()
     line = one_error_line(err)
@@ -219,7 +219,7 @@ def test_slurm_launcher_with_submitits_local_executor_and_stage_shapes(tmp_path)
     assert "[meta] FAILED after 1 tries: rank 1 of 2: killed by SIGKILL" in out
     assert json.loads((run / "meta/manifest.json").read_text())["finished"] is False
 
-    proc = cli(*args, check=True, timeout=900)
+    proc = cli(*args, check=True)
     assert "[meta] resuming " in (run / "meta/log.txt").read_text()
     assert "jobs: finished [module 0, module 1]  skipped []  failed []" in proc.stdout
     assert proc.stdout.index("[module 1] started") < proc.stdout.index("[module 0] finished")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from incubate.checkpoint import load_training_state
-from ..conftest import ROOT, run_main, write_recipe
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, run_main, write_recipe
 
 
 def _weights(path):
@@ -54,7 +54,7 @@ def test_torchrun_two_processes_runs_every_stage(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(tmp_path / "run")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert len(summary) == 8
