@@ -1,4 +1,3 @@
-import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -21,28 +20,15 @@ def gpu_test_device():
     return torch.device("cpu") if os.environ.get(GPU_TESTS_ON) == "cpu" else None
 
 
-def _shared_fixture_group(item) -> str | None:
-    """The module of a test that uses a module- or session-scoped fixture of ours, else None."""
-    info = getattr(item, "_fixtureinfo", None)
-    for defs in (info.name2fixturedefs.values() if info else ()):
-        for d in defs:
-            if d.scope != "function" and Path(inspect.getfile(d.func)).is_relative_to(ROOT / "tests"):
-                return item.nodeid.split("::")[0]
-    return None
-
-
 def pytest_addoption(parser):
     parser.addoption("--reverse-order", action="store_true",
                      help="run the tests in the reverse order: no test may depend on another having run first")
 
 
 def pytest_collection_modifyitems(config, items):
-    # pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests sharing a module fixture go
-    # to one worker, so that it is built once; the `slow` ones are handed out first, so that both
-    # workers end together instead of one starting the slowest test last
-    for item in items:
-        if (group := _shared_fixture_group(item)) is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+    # pytest-xdist (`make test`: `-n 2 --dist loadfile`, a file's tests on one worker, so that its module
+    # fixtures are built once): files with `slow` tests are handed out first, so that both workers end
+    # together instead of one starting the slowest test last
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)      # stable: else as collected
     if config.getoption("reverse_order"):
         items.reverse()
