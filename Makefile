@@ -21,8 +21,12 @@ demo: venv
 demo-lm: venv
 	$(VENV)/bin/incubate run --recipe recipes/quickstart_lm.yaml --out runs/quickstart_lm
 
+# Two workers (pytest-xdist), a file's tests on one (its module fixtures built once), files with slow
+# tests first (tests/conftest.py), hence no reordering by size. TEST_WORKERS=0: one process.
+# (--dist loadgroup would be finer, but pytest-xdist 3.8 cannot group under pytest 9.)
+TEST_WORKERS ?= 2
 test: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # Fashion-MNIST into data/fashion-mnist (git-ignored, 30 MiB) and the token study's prose into
 # data/lm_corpus (13 MiB, gzipped) for benchmarks/gpu_run.sh to carry to a GPU machine; from Debian's

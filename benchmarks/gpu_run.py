@@ -10,7 +10,7 @@ returns the first parts; a part that fails writes its error and the next part ru
   3 accuracy vs cost at full Fashion-MNIST scale, every family with
     an entry in benchmarks/gpu_accuracy.py, sized to the time left   -> 3_accuracy.json, 3_accuracy.md
 Every part's time is its cap or what is left, whichever is less; what a part leaves goes to the next.
---smoke runs the same parts on the CPU at tiny sizes (about a minute and a half on 2 cores).
+--smoke runs the same parts on the CPU at tiny sizes (docs/performance.md gives its time).
 
   bash benchmarks/gpu_run.sh OUTDIR            # on the GPU machine (docs/performance.md: what to carry)
   bash benchmarks/gpu_run.sh --smoke OUTDIR    # anywhere; tests/integration/test_gpu_run_smoke.py runs it
@@ -57,6 +57,10 @@ AGREEMENT_S = 60                 # of part 2, for step_cost.py --agreement
 AGREEMENT = ["--ranks", 1, "--device", "cuda", "--width", 192, "--depth", 12, "--img", 32, "--batch", 64,
              "--rounds", 6]
 SMOKE_AGREEMENT = ["--ranks", 1, "--device", "cpu", "--width", 32, "--depth", 1, "--batch", 32, "--rounds", 2]
+# the smoke run compiles one network of each kind (E2E, the hybrids owning the stem and the head): a
+# CPU takes seconds a compilation; the meta model is an E2E network of depth K, the middle hybrids alike
+SMOKE_COMPILED = "e2e,hybrid0,hybrid3"
+GPU_TESTS = "tests/gpu"          # every test marked gpu lives here: collecting all of tests/ costs half a minute
 
 
 def _version_tuple(v: str) -> tuple:
@@ -148,7 +152,7 @@ def part_tests(args, out: Path, work: Path, limit: float) -> dict:
     junit = work / "junit.xml"
     junit.unlink(missing_ok=True)
     # a test module that fails to import (another family's package missing there) must not stop the rest
-    res = run_logged([args.python, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "tests",
+    res = run_logged([args.python, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", GPU_TESTS,
                       "--continue-on-collection-errors", f"--junitxml={junit}"], limit, {"INCUBATE_GPU_TESTS_ON": "cpu"} if args.smoke else None)
     res["tests"] = junit_rows(junit)
     res["device"] = "cpu (INCUBATE_GPU_TESTS_ON=cpu)" if args.smoke else "cuda"
@@ -195,8 +199,10 @@ def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> d
     agreement = agreement_run(args, work, min(AGREEMENT_S, deadline - time.time()))
     for i, (preset, batch, mode) in enumerate(plan):
         left = deadline - time.time()
-        # an eager run needs little; the compiled runs share what is left
-        limit = min(45.0, left) if mode == "eager" else left / sum(1 for p in plan[i:] if p[2] == "compile")
+        # an eager run needs little on a GPU; the compiled runs share what is left (the smoke run: every run
+        # does, as a loaded CPU can take longer than 45 s for one)
+        limit = (min(45.0, left) if mode == "eager" and not args.smoke else
+                 left / sum(1 for p in plan[i:] if args.smoke or p[2] == "compile"))
         base = work / f"step_cost_{preset}_{mode}"
         for old in (base.with_suffix(".json"), Path(f"{base}.compiled.json")):
             old.unlink(missing_ok=True)
@@ -207,8 +213,8 @@ def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> d
         if mode == "eager":
             cmd += ["--jobs", "e2e,meta,hybrid,official"]
         else:
-            cmd += ["--jobs", "e2e,meta,hybrid", "--variants", "compile",
-                    "--variant-jobs", "e2e,meta,hybrid0,hybrid1,hybrid2,hybrid3"]
+            cmd += ["--jobs", "e2e,meta,hybrid", "--variants", "compile", "--variant-jobs",
+                    SMOKE_COMPILED if args.smoke else "e2e,meta,hybrid0,hybrid1,hybrid2,hybrid3"]
         if args.smoke:       # seconds on a CPU: tracing without code generation
             # a 256-wide peak matmul: a CPU without bf16 units takes a minute for the 2048-wide one in bf16
             cmd += ["--device", "cpu", "--threads", "1", "--compile-backend", "aot_eager", "--matmul-n", 256]

@@ -20,7 +20,18 @@ def gpu_test_device():
     return torch.device("cpu") if os.environ.get(GPU_TESTS_ON) == "cpu" else None
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the tests in the reverse order: no test may depend on another having run first")
+
+
 def pytest_collection_modifyitems(config, items):
+    # pytest-xdist (`make test`: `-n 2 --dist loadfile`, a file's tests on one worker, so that its module
+    # fixtures are built once): files with `slow` tests are handed out first, so that both workers end
+    # together instead of one starting the slowest test last
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)      # stable: else as collected
+    if config.getoption("reverse_order"):
+        items.reverse()
     if gpu_test_device() is not None:
         return
     skip = pytest.mark.skip(reason=f"needs a CUDA device ({GPU_TESTS_ON}=cpu runs it on the CPU)")
@@ -101,7 +112,10 @@ def default_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def cli(*args, check=False, env=None, timeout=600):
+PROCESS_TIMEOUT_S = 1200      # what a whole `incubate run` of processes may take on a loaded 2-core machine
+
+
+def cli(*args, check=False, env=None, timeout=PROCESS_TIMEOUT_S):
     """Run the CLI in a fresh process; returns CompletedProcess."""
     import os
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))

@@ -12,6 +12,7 @@ from ..errors import UserError
 from .base import gpus_a_node
 from .job import Job, Resources
 from .process import execute
+from .scheduler import reason
 
 
 def execute_rank(job: Job, res: Resources) -> int:
@@ -27,6 +28,32 @@ def execute_rank(job: Job, res: Resources) -> int:
         os.environ.pop(key, None)      # inherited from the submitting shell: export() refuses to overwrite
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return execute(job, Resources(procs=1, threads=res.threads))
+
+
+def _task_outcome(task) -> tuple[int, str]:
+    """One task's (rank's) exit code, and why it failed ("" when it did not)."""
+    try:
+        rc = task.result()
+    except Exception:       # no result at all: the task itself died (killed, timed out, node failure, preempted)
+        return 1, f"ended without a result (SLURM task {task.job_id}, state {task.state})"
+    return rc, reason(rc) if rc else ""
+
+
+def job_outcome(sj) -> tuple[int, str]:
+    """A finished job's exit code and one line on why it failed, naming the rank that started it.
+
+    When one rank dies the others fail after it (a collective meets a closed connection), so the
+    rank that died of a signal or without a result is named first, then any other failing rank."""
+    outcomes = [_task_outcome(sj.task(i)) for i in range(sj.num_tasks)]
+    failed = [(r, rc, why) for r, (rc, why) in enumerate(outcomes) if rc != 0]
+    if not failed:
+        return 0, ""
+    if sj.num_tasks == 1:
+        return failed[0][1], failed[0][2]
+    failed.sort(key=lambda f: not (f[1] < 0 or f[2].startswith("ended")))      # stable: else by rank
+    (rank, rc, why), rest = failed[0], failed[1:]
+    others = "".join(f"; then rank {r}: {w}" for r, _, w in rest)
+    return rc, f"rank {rank} of {sj.num_tasks}: {why} (SLURM job {sj.job_id}{others})"
 
 
 class SlurmLauncher:
@@ -96,11 +123,7 @@ class SlurmLauncher:
         sj = handle["job"]
         if not sj.done():
             return None, ""
-        try:
-            codes = sj.results()       # one exit code a task (rank)
-            return next((c for c in codes if c != 0), 0), ""
-        except Exception as e:       # submitit raises the task's failure (timeout, node failure, preemption)
-            return 1, f"SLURM task {sj.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+        return job_outcome(sj)
 
     def stop(self, handle) -> None:
         if handle["job"] is not None:

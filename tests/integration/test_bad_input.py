@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from incubate import checkpoint
 from incubate.checkpoint import load_training_state
 from incubate.lock import read_holder
-from ..conftest import ROOT, default_signals, make_image_folder, one_error_line, run_main, write_recipe
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, default_signals, make_image_folder, one_error_line, run_main, write_recipe
 
 
 def _meta(capsys, recipe, run, *sets):
@@ -194,6 +194,7 @@ def test_resume_on_a_read_only_file_system(tmp_path, capsys, monkeypatch):
     assert {p.name: p.read_bytes() for p in (src / "meta").iterdir()} == before
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_mount(), reason="needs root and mount namespaces (unshare -m) to mount a small tmpfs")
 def test_real_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes(tmp_path):
     """A tmpfs of a few MB, filled up while epoch 2's checkpoint is being written: the kernel's own ENOSPC."""
@@ -209,7 +210,7 @@ def test_real_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes(t
               f"cp -a {mnt}/run {full}; rm {mnt}/filler; "
               f"{cli} incubate.cli {args} >{out}/2.out 2>{out}/2.err; echo $? >{out}/2.rc")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=300)
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     read = {name: (out / name).read_text() for name in ("1.rc", "1.err", "2.rc", "2.out", "2.err")}
     ckpt = mnt / "run/meta/checkpoint.safetensors"
@@ -219,6 +220,37 @@ def test_real_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes(t
     assert load_training_state(full / "meta/checkpoint.safetensors")[2]["epoch"] == 0     # epoch 1's, readable
     assert not list((full / "meta").glob("*.tmp"))
     assert read["2.rc"].strip() == "0" and "resuming after epoch 1/2" in read["2.out"], read
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs root and mount namespaces (unshare -m) to mount a small tmpfs")
+def test_real_disk_full_while_writing_the_token_cache_leaves_no_entry_and_a_rerun_builds_it(tmp_path, capsys):
+    """data.cache_dir on a 1 MB tmpfs, filled up while a module stage writes the cache's train.bin."""
+    from .test_lm_tokens import token_recipe
+    recipe = token_recipe(tmp_path, updates={"meta": 4, "incubate": 2, "finetune": 2})
+    run, mnt, out = tmp_path / "run", tmp_path / "mnt", tmp_path / "out"
+    assert run_main(capsys, "meta", "--recipe", recipe, "--out", run)[0] == 0     # with its own RUN/token_cache
+    before = {p.name: p.read_bytes() for p in (run / "meta").iterdir() if p.name != ".lock"}
+    mnt.mkdir()
+    out.mkdir()
+    cli, args = f"{sys.executable} -m", f"incubate --recipe {recipe} --out {run} --module 0 --set data.cache_dir={mnt}/cache"
+    # a private mount namespace: the tmpfs exists for this one script only, so what it holds is listed out
+    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} || exit 98; "
+              f"{cli} tests.integration.disk_filler token_cache {mnt}/filler {args} >{out}/1.out 2>{out}/1.err; "
+              f"echo $? >{out}/1.rc; ls -A {mnt}/cache >{out}/1.ls; rm {mnt}/filler; "
+              f"{cli} incubate.cli {args} >{out}/2.out 2>{out}/2.err; echo $? >{out}/2.rc; ls -A {mnt}/cache >{out}/2.ls")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=PROCESS_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    read = {p.name: p.read_text() for p in out.iterdir()}
+    entries = read["2.ls"].split()
+    assert read["2.rc"].strip() == "0" and len([e for e in entries if not e.startswith(".")]) == 1, read
+    entry = mnt / "cache" / next(e for e in entries if not e.startswith("."))
+    assert read["1.rc"].strip() == "2" and one_error_line(read["1.err"]) == (
+        f"incubate: error: cannot write the token cache {entry}: No space left on device; free space or choose a "
+        f"writable data.cache_dir, then rerun")
+    assert all(e.startswith(".") for e in read["1.ls"].split()), read["1.ls"]    # no entry, no partial folder
+    assert {p.name: p.read_bytes() for p in (run / "meta").iterdir() if p.name != ".lock"} == before
+    assert json.loads((run / "modules/0/manifest.json").read_text())["finished"] is True
 
 
 def test_evaluate_checkpoint_of_another_architecture(tmp_path, capsys):
@@ -277,6 +309,7 @@ def test_nan_loss_skipped_within_max_nonfinite_skips(tmp_path, capsys, monkeypat
 
 # ---------------------------------------------------------------- processes
 
+@pytest.mark.slow
 def test_second_writer_refused_then_ctrl_c_exits_cleanly(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", meta__epochs=500)
     run = tmp_path / "run"
@@ -285,7 +318,7 @@ def test_second_writer_refused_then_ctrl_c_exits_cleanly(tmp_path, capsys):
                             stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     try:
         metrics = run / "meta/metrics.jsonl"
-        deadline = time.time() + 120
+        deadline = time.time() + 300      # a loaded machine: the start alone can take a minute
         while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read()
@@ -299,7 +332,7 @@ def test_second_writer_refused_then_ctrl_c_exits_cleanly(tmp_path, capsys):
             f"or stop it, or use another --out")
         # Ctrl-C: exit 130 with one line; the checkpoint on disk is complete
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        assert proc.wait(timeout=180) == 130
         assert proc.stderr.read().strip() == ("incubate: interrupted; the last complete checkpoint is kept, "
                                               "rerun the same command to resume")
     finally:

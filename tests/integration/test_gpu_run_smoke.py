@@ -7,6 +7,7 @@ typo, a missing file or a code path never executed. Cheaper tests of the driver'
 import gzip
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from benchmarks import gpu_accuracy, gpu_run
 from incubate.families import FAMILIES
 
 from ..conftest import ROOT
+
+
+SMOKE_LIMIT_S = 1500
 
 
 def fake_fashion_mnist(root, n_train=320, n_test=100):
@@ -35,12 +39,14 @@ def fake_fashion_mnist(root, n_train=320, n_test=100):
     return root
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_file_with_its_content(tmp_path):
     data, out = fake_fashion_mnist(tmp_path / "fmnist"), tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    # the GPU's 9 minutes are no limit for the smoke run: a loaded 2-core machine takes longer (docs/performance.md)
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", GPU_RUN_HARD_LIMIT_S=str(SMOKE_LIMIT_S + 30))
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_run.sh"), "--smoke", str(out), "--work",
-                           str(tmp_path / "work"), "--data", str(data)], env=env, capture_output=True, text=True,
-                          timeout=480)
+                           str(tmp_path / "work"), "--data", str(data), "--limit", str(SMOKE_LIMIT_S)], env=env,
+                          capture_output=True, text=True, timeout=SMOKE_LIMIT_S + 60)
     assert proc.returncode == 0, (proc.stdout[-6000:], proc.stderr[-3000:])
     assert sorted(p.name for p in out.iterdir()) == sorted(gpu_run.FILES)      # nothing else: 8 files at most
 
@@ -62,7 +68,8 @@ def test_smoke_run_writes_every_file_with_its_content(tmp_path):
     assert set(eager) == {"e2e", "meta"} | {f"{j}{i}" for j in ("hybrid", "official") for i in range(4)}
     assert all(r["flops"] > 0 and 0 < r["peak_fraction"] for r in eager.values())
     assert "sum hybrid / sum official" in runs[0]["bars"] and runs[0]["amp"] == "bf16"
-    for job in ("e2e", "meta", "hybrid0", "hybrid3"):
+    assert {j for j in compiled if j.endswith("+compile")} == {f"{j}+compile" for j in gpu_run.SMOKE_COMPILED.split(",")}
+    for job in gpu_run.SMOKE_COMPILED.split(","):
         assert compiled[f"{job}+compile"]["compile_s"] > 0 and compiled[f"{job}+compile"]["speedup_vs_base"]
     md = (out / "2_step_cost.md").read_text()
     assert "MFU" in md and "| smoke | compile | 4 | e2e+compile |" in md and "sum of hybrid steps" in md
@@ -84,6 +91,13 @@ def test_smoke_run_writes_every_file_with_its_content(tmp_path):
     md = (out / "3_accuracy.md").read_text()
     assert md.count("| vit |") == 6 and md.count("| causal_lm |") == 4
     assert all(f"Skipped {f}: family" in md for f in unregistered)
+
+
+def test_every_gpu_test_lives_where_part_1_collects():
+    marks = re.compile(r"^(pytestmark = .*|\s*@)pytest\.mark\.gpu\b", re.M)
+    marked = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py")
+              if marks.search(p.read_text(encoding="utf-8"))}
+    assert marked and all(m.startswith(gpu_run.GPU_TESTS + "/") for m in marked), marked
 
 
 def test_plan_runs_the_cheapest_whole_comparison_first():

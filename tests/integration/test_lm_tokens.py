@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from incubate import resume
 from incubate.cli import main
 
-from ..conftest import ROOT, TINY_LM, make_corpus, one_error_line, run_main
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, TINY_LM, make_corpus, one_error_line, run_main
 
 PER_UPDATE = 16 * 16          # TINY_LM: batch 16 x context 16 tokens an update, one process
 BUDGETS = {"meta": 30, "incubate": 8, "finetune": 8, "e2e": 60, "grow": 20}     # updates
@@ -156,16 +156,21 @@ def test_gz_files_are_read_as_text(tmp_path):
     assert np.array_equal(a.train.tokens, b.train.tokens) and np.array_equal(a.test.tokens, b.test.tokens)
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_growth_and_gives_the_in_process_weights(token_run, tmp_path):
+    """The growth job through the local launcher; the other stages are copied from the in-process run (the
+    launcher's module jobs in tokens give its weights too: test_lm.py's four-job test does the same in epochs)."""
+    import shutil
     recipe, reference, _ = token_run
     run = tmp_path / "run"
+    shutil.copytree(reference, run, ignore=shutil.ignore_patterns("grow", "e2e", "summary.json", "report.png"))
     proc = subprocess.run([sys.executable, "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(run),
                            "--no-e2e", "--grow", "--launcher", "local", "--jobs", "4"],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("meta", "modules/0", "modules/3", "finetune", "grow"):
-        assert _same_weights(reference, run, stage), stage
+    assert "[grow] finished in" in proc.stdout and "[meta] skipped: already finished" in proc.stdout
+    assert _same_weights(reference, run, "grow")
     assert _rows(run, "grow") == _rows(reference, "grow") or [r["update"] for r in _rows(run, "grow")] == [
         r["update"] for r in _rows(reference, "grow")]
 
@@ -176,7 +181,7 @@ def test_torchrun_two_processes_split_the_token_budget(tmp_path):
                            "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(tmp_path / "run"),
                            "--no-e2e", "--grow"],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage, updates in (("meta", 5), ("modules/2", 2), ("finetune", 2), ("grow", 3)):
         m = _manifest(tmp_path / "run", stage)      # two processes read twice the tokens an update

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from incubate.checkpoint import load_training_state
-from ..conftest import ROOT, write_recipe
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, write_recipe
 
 RESNET = dict(model={"family": "resnet", "name": "cifar_resnet14", "kwargs": {}, "division": [2, 2, 2]},
               train__opt="momentum", train__lr=0.05, train__weight_decay=1e-4, train__label_smoothing=0.0)
@@ -28,7 +28,7 @@ def resnet_run(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(tmp / "run")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return recipe, tmp / "run", proc
 

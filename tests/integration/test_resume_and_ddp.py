@@ -10,23 +10,24 @@ import torch
 from safetensors.torch import load_file
 
 from incubate.checkpoint import load_training_state
-from ..conftest import ROOT, cli, write_recipe
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, run_main, write_recipe
 
 
 def _weights(path):
     return load_file(path)
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, capsys):
+    """The uninterrupted run and the resume in this process (run_main): only the killed run needs its own."""
     recipe = write_recipe(tmp_path / "r.yaml", data__train_fraction=0.5, meta__epochs=12, deterministic=True)
-    cli("meta", "--recipe", recipe, "--out", tmp_path / "a", check=True)
+    assert run_main(capsys, "meta", "--recipe", recipe, "--out", tmp_path / "a")[0] == 0
 
     run_b = tmp_path / "b"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "incubate.cli", "meta", "--recipe", str(recipe), "--out",
                              str(run_b)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = run_b / "meta/metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 300      # a loaded machine: the start alone can take a minute
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
@@ -40,8 +41,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     killed_after = state["epoch"] + 1
     assert 2 <= killed_after < 12   # metrics may be one epoch ahead of the checkpoint: trimmed on resume
 
-    resumed = cli("meta", "--recipe", recipe, "--out", run_b, check=True)
-    assert f"resuming after epoch {killed_after}/12" in resumed.stdout
+    rc, resumed, err = run_main(capsys, "meta", "--recipe", recipe, "--out", run_b)
+    assert rc == 0 and f"resuming after epoch {killed_after}/12" in resumed, err
     a, b = _weights(tmp_path / "a/meta/model.safetensors"), _weights(run_b / "meta/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = [json.loads(l) for l in (run_b / "meta/metrics.jsonl").read_text().splitlines()]
@@ -53,7 +54,7 @@ def test_torchrun_two_processes_runs_every_stage(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(tmp_path / "run")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert len(summary) == 8

@@ -11,11 +11,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from incubate.launchers import free_port
-from ..conftest import ROOT, write_recipe
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, write_recipe
 from .test_launchers import _children
 
 KILLS = 2
@@ -34,11 +35,13 @@ def _mtime(path):
         return None
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_resume_to_the_uninterrupted_weights(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", deterministic=True, train__batch_size=16, meta__epochs=2,
                           train__checkpoint_every=2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(_torchrun(recipe, tmp_path / "a"), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(_torchrun(recipe, tmp_path / "a"), cwd=ROOT, env=env, check=True, capture_output=True,
+                   timeout=PROCESS_TIMEOUT_S)
 
     run = tmp_path / "b"
     ckpt = run / "meta/checkpoint.safetensors"
@@ -56,7 +59,7 @@ def test_torchrun_max_restarts_resume_to_the_uninterrupted_weights(tmp_path):
                 last = seen
         time.sleep(0.01)
     try:
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate(timeout=PROCESS_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
