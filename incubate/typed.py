@@ -13,13 +13,6 @@ from typing import Any
 from .errors import UserError
 
 
-def choices(tp) -> tuple:
-    """The values a `Literal[...]` (or an `Optional`/`Annotated` wrapper of one) allows."""
-    while typing.get_origin(tp) in (typing.Annotated, typing.Union):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return typing.get_args(tp)
-
-
 def _either(values) -> str:
     words = [str(v) for v in values]
     return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]

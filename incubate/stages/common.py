@@ -12,9 +12,7 @@ from ..data import DataBundle, eval_crop_pct, load_data
 from ..engine import Dist, barrier, seed_all, setup_dist
 from ..errors import UserError
 from ..families import get_family
-# The run directory's names stay importable from here too (the stages and benchmarks import them so).
-from ..rundir import (FIXED_KEYS, STAGE_DIRS, StageDir, begin_stage, check_run_recipe,  # noqa: F401
-                      claim, finish_stage, stage_dirs, write_run_recipe, write_summary)
+from ..rundir import StageDir, begin_stage, check_run_recipe, finish_stage, stage_dirs, write_run_recipe
 from ..tasks import task_of
 from ..text_data import RESTORE, TOKENIZER_FILE
 
