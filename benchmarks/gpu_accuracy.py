@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from benchmarks import accuracy_vs_cost as acc
+from benchmarks import accuracy_vs_cost as acc, studies
+from benchmarks import token_study as tok
 from benchmarks.results_report import VARIANTS
 from incubate.families import FAMILIES
 
@@ -38,7 +39,7 @@ class Entry:
 # The families' engineers add an entry here and its study in accuracy_vs_cost.STUDIES.
 PART3 = [
     Entry("vit", "gpu",
-          # meta init (the recipe's), the paper's random init (acc.PAPER), depthwise stacking
+          # meta init (the recipe's), the paper's random init (studies.PAPER), depthwise stacking
           variants=["metainit-ftlr3e-4", "paper", "stack-ftlr3e-4"],
           smoke={"depth": 8, "e2e": [1, 2], "meta": [2], "ours": [(1, 1, 1)],
                  "sets": ["model.kwargs.embed_dim=16", "model.kwargs.num_heads=2", "model.kwargs.patch_size=7",
@@ -64,7 +65,7 @@ def variant_sets(name: str) -> list[str]:
 def why_skipped(entry: Entry, smoke: bool) -> str | None:
     if entry.family not in FAMILIES:
         return f"family '{entry.family}' is not registered in incubate.families.FAMILIES"
-    if entry.study not in acc.STUDIES:
+    if entry.study not in studies.STUDIES:
         return f"no study '{entry.study}' in benchmarks/accuracy_vs_cost.py STUDIES"
     if smoke and not entry.smoke:
         return "the entry has no smoke sizes"
@@ -75,12 +76,12 @@ def plan(entry: Entry) -> list[tuple]:
     """(method, depth, fraction, budget, seed, variant) in levels: budget i of every method, then i+1.
     A study in TFLOPs runs ours and growth first (their meta model is the shared cheaper part), then
     E2E, then the meta model alone."""
-    s = acc.STUDIES[entry.study]
+    s = studies.STUDIES[entry.study]
     flops = s.get("budget") == "flops"
     by_level: dict = {}
-    for method, depth, fraction, budget, seed in acc.points(entry.study):
+    for method, depth, fraction, budget, seed in studies.points(entry.study):
         level = s[method].index(budget)
-        names = (acc.tok_variants(entry.study, method, budget) if flops else
+        names = (studies.tok_variants(entry.study, method, budget) if flops else
                  entry.variants if method == "ours" else ["paper"])
         for name in names:
             by_level.setdefault((seed, level), []).append((method, depth, fraction, budget, seed, name))
@@ -91,11 +92,11 @@ def plan(entry: Entry) -> list[tuple]:
 def point_cost(study: str, method: str, budget, depth: int, k: int, meta_done: bool) -> float:
     """A point's cost: TFLOPs in a study of TFLOPs budgets (a meta model already trained not counted),
     else block passes."""
-    if acc.STUDIES[study].get("budget") != "flops":
+    if studies.STUDIES[study].get("budget") != "flops":
         return block_passes(method, budget, depth, k, meta_done)
     if method in ("e2e", "meta"):
         return budget
-    return budget[0] * (1 - (acc.tok.meta_budget(method, *budget) / budget[0] if meta_done else 0))
+    return budget[0] * (1 - (tok.meta_budget(method, *budget) / budget[0] if meta_done else 0))
 
 
 def block_passes(method: str, budget, depth: int, k: int, meta_done: bool) -> float:
@@ -121,27 +122,27 @@ def _meta_done(root: Path, study: str, method: str, budget, depth: int, fraction
     """Whether the meta model a point of ours (or growth) starts from is already trained."""
     if method not in ("ours", "grow"):
         return False
-    if acc.STUDIES[study].get("budget") == "flops":
-        meta_tf = acc.tok.meta_budget(method, *budget)
-        run = acc.tok_run_dir(root, study, "meta", meta_tf, seed, variant)
+    if studies.STUDIES[study].get("budget") == "flops":
+        meta_tf = tok.meta_budget(method, *budget)
+        run = studies.tok_run_dir(root, study, "meta", meta_tf, seed, variant)
     else:
-        run = acc.base_dir(root, study, depth, fraction, seed) / f"meta_{budget[0]}"
+        run = studies.base_dir(root, study, depth, fraction, seed) / f"meta_{budget[0]}"
     return (run / "meta" / "manifest.json").exists()
 
 
 def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> None:
-    s = acc.STUDIES[entry.study]
+    s = studies.STUDIES[entry.study]
     k = 4
     folders = [x.split("idx:", 1)[1] for x in s.get("sets", []) + report["extra_sets"]
                if x.startswith("data.source=idx:")]
     if s.get("budget") == "flops":
-        acc.ensure_data(study=entry.study)
+        studies.ensure_data(study=entry.study)
     else:
-        acc.ensure_data(Path(folders[-1]) if folders else acc.FMNIST)     # the last one set wins, as in the recipe
+        studies.ensure_data(Path(folders[-1]) if folders else studies.FMNIST)     # the last one set wins, as in the recipe
     rates: dict = {}      # method -> the slowest seconds a block pass took so far
     rows = report["rows"]
     for method, depth, fraction, budget, seed, variant in plan(entry):
-        label = f"{method} {acc.budget_label(method, budget)}" + (f" ({variant})" if method == "ours" else "")
+        label = f"{method} {studies.budget_label(method, budget)}" + (f" ({variant})" if method == "ours" else "")
         passes = point_cost(entry.study, method, budget, depth, k, _meta_done(root, entry.study, method, budget,
                                                                               depth, fraction, seed, variant))
         left = deadline - time.time()
@@ -233,8 +234,8 @@ def main(argv=None) -> dict:
             print(f"== {entry.family}: skipped ({why})", flush=True)
             continue
         if args.smoke:      # this process only: the study at its smoke sizes
-            smoke = dict(entry.smoke, sets=acc.STUDIES[entry.study].get("sets", []) + entry.smoke.get("sets", []))
-            acc.STUDIES[entry.study] = dict(acc.STUDIES[entry.study], **smoke)
+            smoke = dict(entry.smoke, sets=studies.STUDIES[entry.study].get("sets", []) + entry.smoke.get("sets", []))
+            studies.STUDIES[entry.study] = dict(studies.STUDIES[entry.study], **smoke)
         try:
             run_entry(entry, Path(args.root), deadline, report, save)
         except Exception as e:

@@ -33,7 +33,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 LIMIT_S = 540                    # 9 minutes for everything
 CAPS = {"tests": 110, "step_cost": 220}     # part 3 takes the rest, less RESERVE_S
@@ -207,7 +206,7 @@ def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> d
         for old in (base.with_suffix(".json"), Path(f"{base}.compiled.json")):
             old.unlink(missing_ok=True)
         # the run's own clock starts after its imports: 12 s of margin for them before the hard limit
-        cmd = [args.python, "benchmarks/step_cost.py", "--preset", preset, "--amp", "bf16", "--no-data",
+        cmd = [args.python, "-m", "benchmarks.step_cost", "--preset", preset, "--amp", "bf16", "--no-data",
                "--batch", batch if big else batch // 2, "--time-limit", f"{max(limit - 12, 5):.0f}", "--out", base,
                "--steps", 2 if args.smoke else 20, "--warmup", 1 if args.smoke else 3]
         if mode == "eager":
@@ -253,7 +252,7 @@ def part_accuracy(args, out: Path, work: Path, limit: float) -> dict:
     base = out / "3_accuracy"
     for old in (base.with_suffix(".json"), base.with_suffix(".md")):     # an earlier run's, in the same OUTDIR
         old.unlink(missing_ok=True)
-    cmd = [args.python, "benchmarks/gpu_accuracy.py", "--out", base, "--root", work / "accuracy",
+    cmd = [args.python, "-m", "benchmarks.gpu_accuracy", "--out", base, "--root", work / "accuracy",
            "--time-limit", f"{max(limit - 15, 1):.0f}"] + (["--data", args.data] if args.data else []) \
         + (["--smoke"] if args.smoke else [])
     res = run_logged(cmd, limit, None)

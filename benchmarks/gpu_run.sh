@@ -16,4 +16,4 @@ fi
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # the driver keeps its own 9-minute budget; this is the backstop if the driver itself hangs
-exec timeout --kill-after=5 "${GPU_RUN_HARD_LIMIT_S:-570}" "$PY" benchmarks/gpu_run.py --python "$PY" "$@"
+exec timeout --kill-after=5 "${GPU_RUN_HARD_LIMIT_S:-570}" "$PY" -m benchmarks.gpu_run --python "$PY" "$@"

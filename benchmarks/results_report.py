@@ -304,12 +304,12 @@ def write_report(rows, docs: Path) -> None:
     for study, title in STUDY_TITLES:
         if study in TOKEN_STUDIES and any(r["study"] == study for r in rows):
             token_report.plot(rows, study, docs / f"{study}.png", title)
-            parts.append(f"### {title}\n\n`python benchmarks/accuracy_vs_cost.py --study {study}` "
+            parts.append(f"### {title}\n\n`python -m benchmarks.accuracy_vs_cost --study {study}` "
                          f"(figure: docs/{study}.png)\n\n{token_report.section(rows, study)}")
         elif any(r["study"] == study for r in rows):
-            cmds = [f"`python benchmarks/accuracy_vs_cost.py --study {study}`"]
+            cmds = [f"`python -m benchmarks.accuracy_vs_cost --study {study}`"]
             for v in sorted({r.get("variant", "paper") for r in rows if r["study"] == study} - {"paper"}):
-                cmds.append(f"`python benchmarks/accuracy_vs_cost.py --study {study} --methods ours --variant {v} "
+                cmds.append(f"`python -m benchmarks.accuracy_vs_cost --study {study} --methods ours --variant {v} "
                             f"{VARIANTS.get(v, '')}` (ours-{v})")
             bar = bar_table(rows, study) if study.startswith("regime") or study == "resnet" else ""
             parts.append(f"### {title}\n\n" + "  \n".join(cmds) + f"\n\n{table(rows, study)}\n"

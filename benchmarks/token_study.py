@@ -15,10 +15,13 @@ meta model of a given budget copies the one meta run of that budget and seed.
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
+
+from incubate.rundir import StageDir
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "lm_tokens.yaml"
@@ -120,6 +123,34 @@ def meta_budget(method: str, total: float, split: str | None) -> float:
 
 def fmt(t: float) -> str:
     return f"{t:g}"
+
+
+def evals(stage, base_flops: float, metric: str) -> list:
+    """[cumulative TFLOPs, metric, tokens] of every evaluation during a stage's training."""
+    if not stage.metrics.exists():
+        return []
+    rows = [json.loads(line) for line in stage.metrics.read_text().splitlines() if line.strip()]
+    return [[round((base_flops + r["flops"]) / 1e12, 4), round(r[f"test_{metric}"], 6), r.get("tokens")]
+            for r in rows if r.get("kind") == "eval"]
+
+
+def tok_row(row: dict, stages: list, ms: list, metric: str) -> dict:
+    """A token-study row: the final stage's eval curve at cumulative FLOPs, the meta model's curve,
+    and, for ours, the hybrids' and the assembly's scores."""
+    by = {(s.stage, s.module): m for s, m in zip(stages, ms)}
+    last = stages[-1]
+    before = sum(m.get("flops", 0) for s, m in zip(stages, ms) if s is not last)
+    row["evals"] = evals(last, before, metric)
+    row["tokens"] = sum(m.get("tokens", 0) for m in ms)
+    if ("meta", None) in by and len(stages) > 1:
+        row["meta_tflops"] = round(by[("meta", None)]["flops"] / 1e12, 3)
+        row[f"meta_{metric}"] = by[("meta", None)]["metrics"][metric]
+        row["meta_evals"] = evals(stages[0], 0, metric)
+    if ("assembled", None) in by:       # the deep model's first point: assembled, before fine-tuning
+        row[f"assembled_{metric}"] = by[("assembled", None)]["metrics"][metric]
+        row["evals"] = [[round(before / 1e12, 4), round(row[f"assembled_{metric}"], 6), None]] + row["evals"]
+        row[f"hybrid_{metric}"] = [by[("incubate", i)]["metrics"][metric] for i in range(len(stages) - 3)]
+    return row
 
 
 if __name__ == "__main__":      # `python -m benchmarks.token_study`: gather data/lm_corpus (make gpu-data does)

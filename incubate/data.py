@@ -119,11 +119,8 @@ def _collate(items):
 
 
 def _posterize(img, bits_to_keep, **kwargs):
-    """timm's posterize, where 0 bits kept gives a black image as in TF and older Pillow.
-
-    timm asks for 0 bits at the top magnitude of PosterizeIncreasing (rand-...-inc1 with mstd
-    reaches it on ~2% of its draws) and Pillow >= 10 refuses 0, which crashed a DataLoader within
-    the first epoch of every paper recipe."""
+    """timm's posterize, where 0 bits kept gives a black image (as in TF): timm asks for 0 bits at
+    PosterizeIncreasing's top magnitude, which Pillow >= 10 refuses."""
     if bits_to_keep <= 0:
         return img.point(lambda _: 0)
     from timm.data.auto_augment import posterize
@@ -245,8 +242,7 @@ class Loader:
         aug = self.cfg.augment
         size = self.bundle.img_size
         if self.train:
-            # color_jitter None: timm's own choice, ColorJitter(0.4) unless auto_augment is set (as
-            # before these keys existed); 0 leaves the op out of the transform altogether.
+            # color_jitter None: timm's own choice (ColorJitter(0.4) unless auto_augment is set); 0: no op.
             jitter = 0.4 if aug.color_jitter is None else (aug.color_jitter or None)
             return _posterize_zero_bits(
                 create_transform(size, is_training=True, auto_augment=aug.auto_augment, color_jitter=jitter,

@@ -1,4 +1,5 @@
-"""Tables of every stage and the accuracy-vs-cost plot of a run directory.
+"""The table of every stage and the plot of the task's headline metric against cost of a run
+directory; the task (incubate/tasks) names its metric columns, headline and which way is better.
 
 Costs are training FLOPs (FlopCounterMode's count of one step x steps, every process) and
 process-seconds (each process's training seconds, summed over processes), as in RUN/summary.json.
@@ -23,11 +24,6 @@ def _fmt_flops(f: float) -> str:
     return f"{f:.0f}"
 
 
-def _cell(entry: dict, metric: str, fmt: str) -> str:
-    """A metric of a table row; "-" where the stage has none (a module saved by a script without metrics)."""
-    return format(entry[metric], fmt) if metric in entry else "-"
-
-
 def _tick(v: float, _=None) -> str:
     """A short axis label: 50M, 1.5G (no fixed decimals, so neighbouring ticks never collide)."""
     for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -46,7 +42,7 @@ def ours_parts(summary: dict) -> list[str]:
     return [k for k in ["meta"] + _modules(summary) + ["finetune"] if k in summary]
 
 
-def ours_total(summary: dict, metric: str = "top1") -> dict | None:
+def ours_total(summary: dict, metric: str) -> dict | None:
     if "finetune" not in summary:
         return None
     parts = [summary[k] for k in ours_parts(summary)]
@@ -70,19 +66,6 @@ def metric_rows(stage: StageDir, kind: str = "epoch") -> list[dict]:
     return rows
 
 
-def _curve(stage: StageDir, base_flops: float, base_seconds: float, total_flops: float, key: str = "test_top1"):
-    """(FLOPs, seconds, metric) after each epoch, or after each evaluation during training where the
-    stage made them (their own FLOPs so far)."""
-    evals = metric_rows(stage, "eval")
-    if evals:
-        return ([base_flops + r["flops"] for r in evals], [base_seconds + r["seconds"] for r in evals],
-                [r[key] for r in evals])
-    lines = metric_rows(stage)
-    n = max(len(lines), 1)
-    return ([base_flops + total_flops * (i + 1) / n for i in range(len(lines))],
-            [base_seconds + l["seconds"] for l in lines], [l[key] for l in lines])
-
-
 def grow_total(summary: dict, metric: str) -> dict | None:
     """Growth's score at its whole cost: the meta model it grew from, then its own training."""
     if "grow" not in summary or "meta" not in summary:
@@ -102,162 +85,132 @@ def shares(summary: dict) -> dict:
     return out
 
 
-def table(summary: dict) -> str:
-    rows = ["| stage | top-1 (%) | seconds | FLOPs | FLOPs, % of ours | seconds, % of ours | trainable params |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+def _cells(task, e: dict) -> str:
+    """The task's metric columns of a row; "-" where the stage has none (a module saved by a script without metrics)."""
+    return " | ".join(fmt.format(e[key]) if key in e else "-" for key, _, fmt in task.columns)
+
+
+def _ours_cells(task, value: float) -> str:
+    """The headline in its column, the task's other metric columns blank (they do not add up)."""
+    return " | ".join(fmt.format(value) if key == task.headline else "" for key, _, fmt in task.columns)
+
+
+def table(summary: dict, task) -> str:
+    """Every stage's metrics (the task's columns), costs and share of ours' cost, as a Markdown table."""
+    rows = [f"| stage | {' | '.join(label for _, label, _ in task.columns)} | seconds | FLOPs | FLOPs, % of ours | "
+            f"seconds, % of ours | trainable params |", "|---" + "|---:" * (len(task.columns) + 5) + "|"]
     share = shares(summary)
 
     def add(name, key):
         e, s = summary[key], share[key]
-        rows.append(f"| {name} | {_cell(e, 'top1', '.2f')} | {e['seconds']:.1f} | {_fmt_flops(e['flops'])} | "
+        rows.append(f"| {name} | {_cells(task, e)} | {e['seconds']:.1f} | {_fmt_flops(e['flops'])} | "
                     f"{s['flops']:.1f} | {s['seconds']:.1f} | {e['trainable_params']:,} |")
     for key in ["meta"] + _modules(summary) + ["assembled", "finetune"]:
         if key in summary:
             add(key.replace("_", " ") if key.startswith("module") else key, key)
-    ours = ours_total(summary)
-    if ours:
-        rows.append(f"| **ours (meta+modules+finetune)** | {ours['top1']:.2f} | {ours['seconds']:.1f} | "
-                    f"{_fmt_flops(ours['flops'])} | 100.0 | 100.0 | |")
+    if ours := ours_total(summary, task.headline):
+        rows.append(f"| **ours (meta+modules+finetune)** | {_ours_cells(task, ours[task.headline])} | "
+                    f"{ours['seconds']:.1f} | {_fmt_flops(ours['flops'])} | 100.0 | 100.0 | |")
     if "e2e" in summary:
         add("**e2e**", "e2e")
-    if grown := grow_total(summary, "top1"):
-        rows.append(f"| **grow (G_stack)** (meta + grow) | {grown['top1']:.2f} | {grown['seconds']:.1f} | "
+    if grown := grow_total(summary, task.headline):
+        rows.append(f"| **grow (G_stack)** (meta + grow) | {_cells(task, summary['grow'])} | {grown['seconds']:.1f} | "
                     f"{_fmt_flops(grown['flops'])} | | | {summary['grow']['trainable_params']:,} |")
     return "\n".join(rows)
 
 
-def stage_curve(run: Path, stage: str, base_flops: float = 0.0, base_seconds: float = 0.0) -> dict | None:
-    """A finished stage's test top-1 after each of its epochs (its metrics.jsonl) at the cumulative
-    cost: `base_*` (what was spent before it) plus its FLOPs (flops_per_step x steps, the manifest,
-    spread evenly over its epochs) and its process-seconds (the epoch line's seconds x processes).
-    None when the stage has not finished or trained no epoch."""
+def stage_curve(run: Path, stage: str, metric: str, base_flops: float = 0.0, base_seconds: float = 0.0) -> dict | None:
+    """A finished stage's test `metric` at the cumulative cost after each of its epochs: `base_*`
+    (what was spent before it) plus its FLOPs (flops_per_step x steps, the manifest, spread evenly
+    over its epochs) and its process-seconds (the epoch line's seconds x processes). Where the stage
+    evaluated during training (train.eval_every), after each evaluation at its own FLOPs and seconds
+    so far. None when the stage has not finished or trained no epoch."""
     sd = StageDir(run, stage)
     m = sd.manifest()
     if not (m and m.get("finished") and m.get("epochs")) or not sd.metrics.exists():
         return None
+    if evals := metric_rows(sd, "eval"):
+        return {"update": [r["update"] for r in evals], "flops": [base_flops + r["flops"] for r in evals],
+                "seconds": [base_seconds + r["seconds"] for r in evals], metric: [r[f"test_{metric}"] for r in evals]}
     rows = metric_rows(sd)
     per_epoch = m["flops_per_step"] * m["steps"] / m["epochs"]
     world = m.get("world_size", 1)
     return {"epoch": [r["epoch"] for r in rows],
             "flops": [base_flops + per_epoch * r["epoch"] for r in rows],
             "seconds": [base_seconds + r["seconds"] * world for r in rows],
-            "top1": [r["test_top1"] for r in rows]}
+            metric: [r[f"test_{metric}"] for r in rows]}
 
 
-def curves(run: Path, summary: dict) -> dict:
-    """What the figure plots: {meta, e2e, ours: per-epoch curves; assembled: one point}. Ours is the
-    fine-tune's curve shifted by the cost of everything before it (meta and modules)."""
+def curves(run: Path, summary: dict, metric: str) -> dict:
+    """What the figure plots: {meta, e2e, ours, grow: curves; assembled: one point}. Ours is the
+    fine-tune's curve shifted by the cost of everything before it (meta and modules), growth's by the
+    meta model's."""
     run = Path(run)
-    out = {name: c for name in ("meta", "e2e") if (c := stage_curve(run, name)) is not None}
+    out = {name: c for name in ("meta", "e2e") if (c := stage_curve(run, name, metric)) is not None}
     before = [summary[k] for k in ours_parts(summary) if k != "finetune"]     # meta and modules
     pre_f, pre_s = sum(p["flops"] for p in before), sum(p["seconds"] for p in before)
     if "assembled" in summary:
-        out["assembled"] = {"flops": [pre_f], "seconds": [pre_s], "top1": [summary["assembled"]["top1"]]}
-    if "finetune" in summary and (c := stage_curve(run, "finetune", pre_f, pre_s)) is not None:
+        out["assembled"] = {"flops": [pre_f], "seconds": [pre_s], metric: [summary["assembled"][metric]]}
+    if "finetune" in summary and (c := stage_curve(run, "finetune", metric, pre_f, pre_s)) is not None:
         out["ours"] = c
+    if "grow" in summary and "meta" in summary:
+        meta = summary["meta"]
+        if (c := stage_curve(run, "grow", metric, meta["flops"], meta["seconds"])) is not None:
+            out["grow"] = c
     return out
 
 
 STYLE = {"meta": ("s-", "tab:blue", "meta model alone"), "e2e": ("o-", "tab:gray", "E2E"),
          "assembled": ("*", "tab:red", "assembled (before fine-tune)"),
-         "ours": ("o-", "tab:red", "ours: meta + modules + fine-tune")}
+         "ours": ("o-", "tab:red", "ours: meta + modules + fine-tune"),
+         "grow": ("o-", "tab:green", "grow (G_stack), after the meta model")}
 
 
-def plot(run: Path, summary: dict, path: Path) -> dict:
-    """Draw report.png (left: FLOPs, right: seconds) and return the curves it plotted."""
+def _panel(ax, data: dict, unit: str, task) -> None:
+    metric = task.headline
+    for name, c in data.items():
+        fmt, color, label = STYLE[name]
+        ax.plot(c[unit], c[metric], fmt, color=color, label=label, ms=14 if name == "assembled" else 4, lw=1.5,
+                zorder=3 if name == "assembled" else 2)
+    if "assembled" in data and "ours" in data:     # fine-tuning starts from the assembled model
+        a, o = data["assembled"], data["ours"]
+        ax.plot([a[unit][0], o[unit][0]], [a[metric][0], o[metric][0]], ":", color="tab:red", lw=1)
+    ax.set_xlim(left=0)       # cost starts at zero for every method: lengths compare
+    ax.set_xlabel("training FLOPs, cumulative" if unit == "flops"
+                  else "training seconds, cumulative (summed over processes)")
+    if unit == "flops":
+        from matplotlib.ticker import FuncFormatter
+        ax.xaxis.set_major_formatter(FuncFormatter(_tick))
+    ax.set_ylabel(task.headline_label + ("" if task.higher_is_better else " (lower is better)"))
+    ax.grid(alpha=0.3)
+
+
+def plot(run: Path, summary: dict, path: Path, task) -> dict:
+    """Draw report.png, the task's headline metric against cost (left: FLOPs, right: seconds), and
+    return the curves it plotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-    data = curves(run, summary)
+    data = curves(run, summary, task.headline)
     recipe = yaml.safe_load((Path(run) / "recipe.yaml").read_text()) or {}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, unit in zip(axes, ("flops", "seconds")):
-        for name, c in data.items():
-            fmt, color, label = STYLE[name]
-            ax.plot(c[unit], c["top1"], fmt, color=color, label=label, ms=14 if name == "assembled" else 4, lw=1.5,
-                    zorder=3 if name == "assembled" else 2)
-        if "assembled" in data and "ours" in data:     # fine-tuning starts from the assembled model
-            a, o = data["assembled"], data["ours"]
-            ax.plot([a[unit][0], o[unit][0]], [a["top1"][0], o["top1"][0]], ":", color="tab:red", lw=1)
-        ax.set_xlim(left=0)       # cost starts at zero for every method: lengths compare
-        ax.set_xlabel("training FLOPs, cumulative" if unit == "flops"
-                      else "training seconds, cumulative (summed over processes)")
-        if unit == "flops":
-            ax.xaxis.set_major_formatter(FuncFormatter(_tick))
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
+        _panel(ax, data, unit, task)
     if data:      # one legend under both panels, where it hides no point
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
-    fig.suptitle(f"{Path(run).resolve().name} (recipe {recipe.get('name', '?')}): test accuracy vs training cost")
+    fig.suptitle(f"{Path(run).resolve().name} (recipe {recipe.get('name', '?')}): {task.headline_label} "
+                 f"vs training cost")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return data
 
 
-def lm_table(summary: dict) -> str:
-    """The table of a language-model run: bits per byte (lower is better), loss and accuracy."""
-    rows = ["| stage | val bits/byte | val loss | next-token acc (%) | seconds | FLOPs | trainable params |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    def add(name, e):
-        rows.append(f"| {name} | {_cell(e, 'bpb', '.4f')} | {_cell(e, 'loss', '.4f')} | {_cell(e, 'acc', '.2f')} | "
-                    f"{e['seconds']:.1f} | "
-                    f"{_fmt_flops(e['flops'])} | {e['trainable_params']:,} |")
-    modules = sorted((k for k in summary if k.startswith("module_")), key=lambda k: int(k.split("_")[1]))
-    for key in ["meta"] + modules + ["assembled", "finetune"]:
-        if key in summary:
-            add(key.replace("_", " ") if key.startswith("module") else key, summary[key])
-    ours = ours_total(summary, "bpb")
-    if ours:
-        rows.append(f"| **ours (meta+modules+finetune)** | {ours['bpb']:.4f} | | | {ours['seconds']:.1f} | "
-                    f"{_fmt_flops(ours['flops'])} | |")
-    if "e2e" in summary:
-        add("**e2e**", summary["e2e"])
-    if grown := grow_total(summary, "bpb"):
-        rows.append(f"| **grow (G_stack)** (meta + grow) | {grown['bpb']:.4f} | {summary['grow']['loss']:.4f} | "
-                    f"{summary['grow']['acc']:.2f} | {grown['seconds']:.1f} | {_fmt_flops(grown['flops'])} | "
-                    f"{summary['grow']['trainable_params']:,} |")
-    return "\n".join(rows)
-
-
-def lm_plot(run: Path, summary: dict, path: Path) -> None:
-    """Validation bits per byte against training FLOPs and seconds: E2E and ours (meta and
-    modules first, then the fine-tune curve)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    k = len(yaml.safe_load((run / "recipe.yaml").read_text())["model"]["division"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, unit in zip(axes, ("flops", "seconds")):
-        pick = (lambda fl, sec: fl) if unit == "flops" else (lambda fl, sec: sec)
-        if "e2e" in summary:
-            fl, sec, bpb = _curve(StageDir(run, "e2e"), 0, 0, summary["e2e"]["flops"], "test_bpb")
-            ax.plot(pick(fl, sec), bpb, "o-", color="tab:gray", label="E2E")
-        if "meta" in summary:
-            fl, sec, bpb = _curve(StageDir(run, "meta"), 0, 0, summary["meta"]["flops"], "test_bpb")
-            ax.plot(pick(fl, sec), bpb, "o:", color="tab:blue", label="meta model alone")
-            pre = [summary["meta"]] + [summary[f"module_{i}"] for i in range(k) if f"module_{i}" in summary]
-            pre_f, pre_s = sum(p["flops"] for p in pre), sum(p["seconds"] for p in pre)
-            if "assembled" in summary:
-                ax.plot(pick(pre_f, pre_s), summary["assembled"]["bpb"], "*", ms=14, color="tab:red",
-                        label="assembled (before fine-tune)")
-            if "finetune" in summary:
-                fl, sec, bpb = _curve(StageDir(run, "finetune"), pre_f, pre_s, summary["finetune"]["flops"], "test_bpb")
-                ax.plot(pick(fl, sec), bpb, "o-", color="tab:red", label="ours (fine-tune)")
-            if "grow" in summary:
-                m = summary["meta"]
-                fl, sec, bpb = _curve(StageDir(run, "grow"), m["flops"], m["seconds"], summary["grow"]["flops"], "test_bpb")
-                ax.plot(pick(fl, sec), bpb, "o-", color="tab:green", label="grow (G_stack), after the meta model")
-        ax.set_xlabel("training FLOPs" if unit == "flops" else "training seconds (all processes)")
-        ax.set_ylabel("validation bits per byte (lower is better)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-    fig.suptitle(f"{run.name}: bits per byte vs training cost")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def run_task(run: Path):
+    """The task of run directory `run`, from its recipe.yaml's model family."""
+    family = (yaml.safe_load((Path(run) / "recipe.yaml").read_text()).get("model") or {}).get("family", "vit")
+    return task_of(get_family(family))
 
 
 def report(run: Path) -> dict:
@@ -265,13 +218,8 @@ def report(run: Path) -> dict:
     if not (run / "recipe.yaml").exists():
         raise UserError(f"{run} is not a run directory (no recipe.yaml); pass the --out of a run")
     summary = write_summary(run)
-    family = (yaml.safe_load((run / "recipe.yaml").read_text()).get("model") or {}).get("family", "vit")
-    if task_of(get_family(family)).name == "causal_lm":
-        print(lm_table(summary))
-        lm_plot(run, summary, run / "report.png")
-        print(f"wrote {run / 'summary.json'} and {run / 'report.png'}")
-        return summary
-    print(table(summary))
-    plot(run, summary, run / "report.png")
+    task = run_task(run)
+    print(table(summary, task))
+    plot(run, summary, run / "report.png", task)
     print(f"wrote {run / 'summary.json'} and {run / 'report.png'}")
     return summary

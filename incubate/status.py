@@ -18,6 +18,7 @@ import yaml
 from .config import load_recipe
 from .errors import UserError
 from .lock import read_holder
+from .report import run_task
 from .rundir import StageDir, stage_dirs
 
 
@@ -80,13 +81,11 @@ def last_epoch(sd: StageDir) -> dict | None:
     return None
 
 
-def _metric(values: dict, prefix: str = "") -> str:
-    """The stage's headline metric: top-1 where the task has one, bits per byte for a language
-    model, else the test loss."""
-    if values.get(f"{prefix}top1") is not None:
-        return f"top-1 {values[f'{prefix}top1']:.2f}%"
-    if values.get(f"{prefix}bpb") is not None:
-        return f"bits/byte {values[f'{prefix}bpb']:.4f}"
+def _metric(values: dict, task, prefix: str = "") -> str:
+    """The stage's headline metric as its task writes it, else the test loss."""
+    value = values.get(f"{prefix}{task.headline}")
+    if value is not None:
+        return task.headline_text.format(value)
     loss = values.get(f"{prefix}loss")
     return f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "no metric"
 
@@ -103,19 +102,19 @@ def _stamp(t: float, now: float) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(t))} ({max(0, now - t):.0f}s ago)"
 
 
-def stage_status(sd: StageDir, epochs: int | None, now: float) -> dict:
+def stage_status(sd: StageDir, epochs: int | None, now: float, task) -> dict:
     m = sd.manifest() if sd.manifest_path.exists() else None
     row = {"stage": sd.label, "path": str(sd.path)}
     if sd.finished():
         met = m.get("metrics", {})
-        return dict(row, state="finished", top1=met.get("top1"), loss=met.get("loss"), epochs=m.get("epochs"),
-                    finished_at=m.get("finished_at"),
-                    detail=f"{_metric(met)}" + (f" after {m['epochs']} epoch(s)" if m.get("epochs") else "")
+        return dict(row, state="finished", **{task.headline: met.get(task.headline)}, loss=met.get("loss"),
+                    epochs=m.get("epochs"), finished_at=m.get("finished_at"),
+                    detail=f"{_metric(met, task)}" + (f" after {m['epochs']} epoch(s)" if m.get("epochs") else "")
                            + f", finished {m.get('finished_at', '?')}")
     last, h = last_epoch(sd), holder(sd)
     of = f"/{epochs}" if epochs is not None else ""
     progress = "no epoch finished yet" if last is None else (
-        f"{_where(last, of)} test {_metric(last, 'test_')}, written {_stamp(last['written'], now)}")
+        f"{_where(last, of)} test {_metric(last, task, 'test_')}, written {_stamp(last['written'], now)}")
     row.update(epoch=last["epoch"] if last else 0, epochs=epochs, written=last["written"] if last else None)
     if h is not None:
         who = f"pid {h['pid']} on {h['host']}, started {h['started'] or '?'}"
@@ -138,7 +137,7 @@ def status(run, out=None) -> list[dict]:
         k = len(recipe.model.division)
     except UserError:        # a recipe of another version: K from the file, no epoch totals
         recipe, k = None, len((yaml.safe_load((run / "recipe.yaml").read_text()) or {})["model"]["division"])
-    now = time.time()
+    task, now = run_task(run), time.time()
     rows = []
     for sd in stage_dirs(run, k):
         if sd.stage == "grow" and not sd.path.exists():     # growth is opt-in (run --grow): listed once begun
@@ -146,7 +145,7 @@ def status(run, out=None) -> list[dict]:
         cfg = "incubate" if sd.stage == "incubate" else sd.stage
         budget = recipe.stage(cfg) if recipe is not None and cfg != "assembled" else None
         epochs = budget.epochs if budget is not None and not budget.tokens else None
-        rows.append(stage_status(sd, epochs, now))
+        rows.append(stage_status(sd, epochs, now, task))
     print(f"run {run} (recipe {recipe.name if recipe else '?'}, K={k}), as of {_stamp(now, now).split(' ')[0]}",
           file=out, flush=True)
     width = max(len(r["stage"]) for r in rows)

@@ -9,7 +9,8 @@ from ..data import make_loader
 from ..engine import evaluate
 from ..errors import UserError
 from ..api import assemble, divide
-from .common import StageDir, begin, finish, prepare
+from ..rundir import StageDir
+from .common import begin, finish, prepare
 
 
 def gather_modules(ctx) -> tuple[list[dict], str]:

@@ -12,9 +12,7 @@ from ..data import DataBundle, eval_crop_pct, load_data
 from ..engine import Dist, barrier, seed_all, setup_dist
 from ..errors import UserError
 from ..families import get_family
-# The run directory's names stay importable from here too (the stages and benchmarks import them so).
-from ..rundir import (FIXED_KEYS, STAGE_DIRS, StageDir, begin_stage, check_run_recipe,  # noqa: F401
-                      claim, finish_stage, stage_dirs, write_run_recipe, write_summary)
+from ..rundir import StageDir, begin_stage, check_run_recipe, finish_stage, stage_dirs, write_run_recipe
 from ..tasks import task_of
 from ..text_data import RESTORE, TOKENIZER_FILE
 
@@ -38,10 +36,10 @@ class Context:
                                           self.bundle.img_size, div, meta=meta)
         return {"name": self.recipe.model.name, "kwargs": kwargs}
 
-    def build(self, meta: bool = False, drop_path: float = 0.0, seed_offset: int = 0):
-        """Build (and initialise, from the recipe's seed) the target or the meta model."""
+    def build(self, meta: bool = False, drop_path: float = 0.0):
+        """Build (and initialise, from the recipe's seed: incubate/seeds.py) the target or the meta model."""
         spec = self.model_spec(meta)
-        seed_all(self.recipe.seed + seed_offset)
+        seed_all(self.recipe.seed)
         return self.family.build(spec["name"], spec["kwargs"], drop_path=drop_path)
 
     def base_manifest(self, stage: StageDir, meta: bool = False) -> dict:
@@ -88,7 +86,7 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
         torch.use_deterministic_algorithms(True, warn_only=True)
     family = get_family(recipe.model.family)
     # Bad data is refused before anything is written; a BPE tokenizer is trained and saved in the run
-    # directory only once the corpus passed every check (config.validate keeps it to LM families).
+    # directory only once the corpus passed every check (recipe_checks.validate keeps it to LM families).
     bundle = load_data(recipe.data, run)
     task_of(family).check_data(bundle, recipe.model.family)
     _check_tokenizer_of_stages(run, recipe, bundle)

@@ -10,9 +10,9 @@ from ..engine import evaluate, setup_dist
 from ..errors import UserError
 from ..families import get_family
 from ..modular import Hybrid, load_strict
+from ..rundir import StageDir
 from ..tasks import task_of
 from ..text_data import RESTORE, TOKENIZER_FILE
-from .common import StageDir
 
 
 def check_tokenizer(bundle, m: dict, weights, run) -> None:

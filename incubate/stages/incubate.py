@@ -6,8 +6,10 @@ from ..config import Recipe
 from ..engine import fit
 from ..errors import UserError
 from ..modular import Hybrid
+from ..rundir import StageDir
 from ..runs import load_into
-from .common import Context, StageDir, begin, finish, prepare, trainable_params
+from ..seeds import stage_seed
+from .common import Context, begin, finish, prepare, trainable_params
 
 
 def load_meta(ctx: Context):
@@ -44,9 +46,7 @@ def main(recipe: Recipe, out, module: int) -> dict:
         return stage.manifest()
     hybrid = build_hybrid(ctx, module, cfg.drop_path, cfg.module_init, cfg.frozen_suffix_grads)
     target = hybrid.runner.model
-    # Each job its own data order (ours), or, with shared_data_order, every job the same one (the
-    # official code's: all its module jobs run with the same seed).
-    seed = recipe.seed + 1 + (0 if cfg.shared_data_order else module)
+    seed = stage_seed(recipe.seed, "incubate", module, cfg.shared_data_order)
     result = fit(hybrid, target, cfg, ctx.bundle, recipe.data, ctx.dist, seed, stage.path,
                  ddp_attr="runner", label=f"module {module}", task=ctx.task)
     manifest.update(result, trainable_params=trainable_params(target), world_size=ctx.dist.world)

@@ -36,6 +36,8 @@ class CausalLMTask:
     headline = "bpb"
     higher_is_better = False
     headline_label = "validation bits per byte"
+    headline_text = "bits/byte {:.4f}"
+    columns = (("bpb", "val bits/byte", "{:.4f}"), ("loss", "val loss", "{:.4f}"), ("acc", "next-token acc (%)", "{:.2f}"))
 
     def check_data(self, bundle, family: str) -> None:
         if not hasattr(bundle, "vocab_size"):

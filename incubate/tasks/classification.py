@@ -14,6 +14,8 @@ class ClassificationTask:
     headline = "top1"               # the metric a run is judged by
     higher_is_better = True
     headline_label = "test top-1 (%)"
+    headline_text = "top-1 {:.2f}%"    # one value in a line of `incubate status`
+    columns = (("top1", "top-1 (%)", "{:.2f}"),)     # the report table's metric columns: key, header, format
 
     def check_data(self, bundle, family: str) -> None:
         if not hasattr(bundle, "mean"):

@@ -164,10 +164,10 @@ def test_the_lm_study_runs_ours_and_growth_first_and_prices_points_by_tflops(tmp
     def fake_point(root, study, method, depth, fraction, budget, seed, args, variant=None):
         time.sleep(0.3)
         ran.append((method, budget, variant))
-        return {"method": method, "budget": gpu_accuracy.acc.budget_label(method, budget), "variant": variant,
+        return {"method": method, "budget": gpu_accuracy.studies.budget_label(method, budget), "variant": variant,
                 "bpb": 2.0, "flops": 1, "seconds": 0.3}
     monkeypatch.setattr(gpu_accuracy.acc, "train_point", fake_point)
-    monkeypatch.setattr(gpu_accuracy.acc, "ensure_data", lambda **kw: None)
+    monkeypatch.setattr(gpu_accuracy.studies, "ensure_data", lambda **kw: None)
     lm = next(e for e in gpu_accuracy.PART3 if e.family == "causal_lm")
     assert gpu_accuracy.PART3[0] is lm       # where depth pays: the first entry of part 3
     assert [(p[0], p[3], p[5]) for p in gpu_accuracy.plan(lm)] == [
@@ -192,7 +192,7 @@ def test_points_that_do_not_fit_in_the_time_left_are_skipped(tmp_path, monkeypat
         return {"method": method, "budget": str(budget), "variant": args.variant, "top1": 50.0, "flops": 1,
                 "seconds": 0.4}
     monkeypatch.setattr(gpu_accuracy.acc, "train_point", fake_point)
-    monkeypatch.setattr(gpu_accuracy.acc, "ensure_data", lambda path: None)
+    monkeypatch.setattr(gpu_accuracy.studies, "ensure_data", lambda path: None)
     report = {"rows": [], "skipped": [], "errors": [], "running": None, "extra_sets": []}
     saved = []
     vit = next(e for e in gpu_accuracy.PART3 if e.family == "vit")

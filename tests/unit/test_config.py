@@ -73,6 +73,48 @@ def test_bad_values_are_one_clear_error(tiny_recipe, sets, match):
         load_recipe(tiny_recipe, sets)
 
 
+@pytest.mark.parametrize("sets, line", [
+    (["train.epoch=3"], "; did you mean train.epochs?"),
+    (["finetune.clipgrad=1"], "; did you mean finetune.clip_grad?"),
+    (["modle.name=x"], "; did you mean model?"),
+])
+def test_an_unknown_key_names_the_closest_valid_one(tiny_recipe, sets, line):
+    with pytest.raises(UserError) as e:
+        load_recipe(tiny_recipe, sets)
+    assert str(e.value).endswith(line) and "\n" not in str(e.value)
+    with pytest.raises(UserError) as e:
+        load_recipe(tiny_recipe, ["train.zzz=1"])
+    assert "did you mean" not in str(e.value)          # nothing close: no guess
+
+
+@pytest.mark.parametrize("sets, line", [
+    (["grow.amp=fp8"], "grow.amp must be none, bf16 or fp16, got 'fp8'"),
+    (["finetune.batch_size=0"], "finetune.batch_size must be >= 1, got 0"),
+    (["e2e.checkpoint_minutes=-1"], "e2e.checkpoint_minutes must be >= 0 (0: save only at the end of each epoch), got -1.0"),
+    (["meta.frozen_suffix_grads=maybe"], "recipe key 'meta.frozen_suffix_grads' must be of type bool, got 'maybe'; "
+                                         "fix the recipe or the --set value"),
+    (["launch.retries=-1"], "launch.retries must be >= 0, got -1"),
+    (["device=tpu"], "device must be auto, cpu or cuda, got 'tpu'"),
+])
+def test_stage_overrides_are_checked_as_train_keys_are(tiny_recipe, sets, line):
+    with pytest.raises(UserError) as e:
+        load_recipe(tiny_recipe, sets)
+    assert str(e.value) == line
+
+
+def test_stage_overrides_hold_typed_values(tiny_recipe):
+    r = load_recipe(tiny_recipe, ["finetune.clip_grad=2", "meta.lr=5e-4", "incubate.epochs=2.0"])
+    assert r.finetune["clip_grad"] == 2.0 and r.meta["lr"] == 5e-4 and r.incubate["epochs"] == 2
+    assert type(r.stage("incubate").epochs) is int and r.stage("meta").lr == 5e-4
+
+
+def test_amp_choices_are_the_configs_literal():
+    import typing
+    from incubate.config import Amp, TrainCfg
+    from incubate.typed import field_types
+    assert typing.get_args(Amp) == ("none", "bf16", "fp16") and field_types(TrainCfg)["amp"] is Amp
+
+
 def test_missing_and_invalid_recipe_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
@@ -106,7 +148,7 @@ LM_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart_lm.yam
 @pytest.mark.parametrize("recipe, sets, match", [
     (None, ["meta.tokens=1000"], r"meta.tokens is a budget in text tokens, but the model classifies images"),
     (LM_RECIPE, ["meta.tokens=-1"], r"meta.tokens must be >= 0, got -1"),
-    (LM_RECIPE, ["train.eval_every=-2"], r"meta.eval_every must be >= 0, got -2"),
+    (LM_RECIPE, ["train.eval_every=-2"], r"train.eval_every must be >= 0, got -2"),
     (LM_RECIPE, ["meta.tokens=4096", "meta.warmup_epochs=1"], r"meta.warmup_epochs 1 with a budget in tokens"),
     (LM_RECIPE, ["meta.warmup_tokens=100"], r"meta.warmup_tokens is the warm-up of a budget in tokens"),
     (LM_RECIPE, ["meta.tokens=4096", "meta.warmup_tokens=9000"], r"meta.warmup_tokens 9000 exceeds the budget"),

@@ -1,12 +1,12 @@
 """benchmarks/accuracy_vs_cost.py --study lm: its recipe, points and run folders."""
-from benchmarks import accuracy_vs_cost as avc
+from benchmarks import studies
 
 
 def test_lm_study_builds_a_16_layer_causal_lm_on_the_pinned_corpus(tmp_path):
-    recipe = avc.make_recipe(16, 1.0, 1, ["e2e.epochs=4"], "lm")
+    recipe = studies.make_recipe(16, 1.0, 1, ["e2e.epochs=4"], "lm")
     assert recipe.model.family == "causal_lm" and recipe.model.division == [4, 4, 4, 4] and recipe.seed == 1
-    assert recipe.data.source == f"text:{avc.PYDOC}" and recipe.stage("e2e").epochs == 4
+    assert recipe.data.source == f"text:{studies.PYDOC}" and recipe.stage("e2e").epochs == 4
     assert recipe.stage("incubate").module_init == "random"          # the paper's; meta/stack are variants
-    assert avc.base_dir(tmp_path, "lm", 16, 1.0, 0).name == "lm_d16_f1.0_s0"
-    methods = {p[0] for p in avc.points("lm")}
-    assert methods == {"e2e", "meta", "ours"} and {p[4] for p in avc.points("lm")} == {0, 1}
+    assert studies.base_dir(tmp_path, "lm", 16, 1.0, 0).name == "lm_d16_f1.0_s0"
+    methods = {p[0] for p in studies.points("lm")}
+    assert methods == {"e2e", "meta", "ours"} and {p[4] for p in studies.points("lm")} == {0, 1}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import accuracy_vs_cost as avc
+from benchmarks import accuracy_vs_cost as avc, studies
 from benchmarks import results_report as rr
 
 
@@ -67,14 +67,14 @@ def test_write_report_replaces_only_the_tables(tmp_path):
 
 
 def test_budgets_select_points_by_their_table_label():
-    pts = list(avc.points("budget", [0], ["160/4+4", "80"]))
+    pts = list(studies.points("budget", [0], ["160/4+4", "80"]))
     assert [(m, b) for m, _, _, b, _ in pts] == [("meta", 80), ("ours", (160, 4, 4)), ("e2e", 80)]
 
 
 def test_depths_and_fractions_select_points():
-    pts = list(avc.points("data", [1], ["40", "20"], fractions=[0.25]))
+    pts = list(studies.points("data", [1], ["40", "20"], fractions=[0.25]))
     assert [(m, f, b) for m, _, f, b, _ in pts] == [("meta", 0.25, 40), ("e2e", 0.25, 20)]
-    assert {d for _, d, _, _, _ in avc.points("depth", [0], depths=[8, 64])} == {8, 64}
+    assert {d for _, d, _, _, _ in studies.points("depth", [0], depths=[8, 64])} == {8, 64}
 
 
 def _metrics(stage: Path, rows) -> None:
@@ -124,11 +124,11 @@ def test_resnet_study_points_have_their_own_folders_recipe_and_three_modules(tmp
     ours = next(r for r in rows if r["method"] == "ours")
     assert ours["hybrid_top1"] == [70.0, 71.0, 72.0] and ours["flops"] == 1e12 + 3 * 1e11 + 2e12
     assert "| 56 | 0.1 | ours | 40/2+2 | 1 | 86.00 ± 0.00 |  | 60.00 | 70.0/71.0/72.0 |" in rr.table(rows, "resnet")
-    recipe = avc.make_recipe(56, 0.1, 1, ["finetune.epochs=3"], "resnet")
+    recipe = studies.make_recipe(56, 0.1, 1, ["finetune.epochs=3"], "resnet")
     assert (recipe.model.family, recipe.model.name, recipe.model.division) == ("resnet", "cifar_resnet56", [9, 9, 9])
     assert recipe.stage("incubate").module_init == "random" and recipe.stage("finetune").lr == 0.1
     assert recipe.stage("incubate").lr == 0.1       # the paper's: the recipe's own 0.01 is for meta init
-    low = avc.make_recipe(56, 0.1, 0, ["incubate.lr=0.01"], "resnet")   # a variant's --set wins
+    low = studies.make_recipe(56, 0.1, 0, ["incubate.lr=0.01"], "resnet")   # a variant's --set wins
     assert low.stage("incubate").lr == 0.01
     assert recipe.seed == 1 and recipe.stage("finetune").epochs == 3
     rr.write_report(rows, tmp_path / "docs")

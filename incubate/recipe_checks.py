@@ -1,0 +1,65 @@
+"""Checks of a recipe that span keys (or need the model family); each key's own type, choices and
+bounds are declared in incubate/config.py and checked as the recipe is read."""
+from __future__ import annotations
+
+from .errors import UserError
+
+def _counts(values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+
+def validate(recipe, stages) -> None:
+    """Refuse, in one line, a recipe whose keys disagree; `stages` are the sections of overrides."""
+    m = recipe.model
+    for name, div in (("model.division", m.division), ("model.meta_division", recipe.meta_division)):
+        if not div or not _counts(div):
+            raise UserError(f"{name} must be a list of positive block counts, got {div}")
+    if len(recipe.meta_division) != len(m.division):
+        raise UserError(f"model.meta_division has {len(recipe.meta_division)} modules but "
+                        f"model.division has {len(m.division)}; give both the same K")
+    from .families import get_family      # here, not at the top: the adapters import timm
+    family = get_family(m.family)
+    family.validate(m)
+    text = getattr(family, "task", "classification") == "causal_lm"
+    for stage in stages:
+        _validate_stage(stage, recipe.stage(stage), family, m.family, text)
+    _validate_tokenizer(recipe.data, text, m.family)
+    if (recipe.data.eval_tokens or recipe.data.cache_dir) and not text:
+        raise UserError("data.eval_tokens and data.cache_dir are for text; remove them for a model that classifies "
+                        "images (train.eval_every evaluates on the whole test set)")
+    if not recipe.data.text_column:
+        raise UserError("data.text_column must name the column of text of jsonl:, parquet: or hf_disk: records, got ''")
+    aug = recipe.data.augment
+    if aug.color_jitter and aug.auto_augment:
+        raise UserError(f"data.augment.color_jitter {aug.color_jitter} with auto_augment {aug.auto_augment!r}: "
+                        f"timm leaves ColorJitter out when auto_augment is set; drop one of the two keys")
+
+
+def _validate_stage(stage: str, cfg, family, family_name: str, text: bool) -> None:
+    if cfg.grad_checkpointing and getattr(family, "no_grad_checkpointing", None):
+        raise UserError(f"{stage}.grad_checkpointing: not for model.family {family_name}: "
+                        f"{family.no_grad_checkpointing}; set it to false")
+    if cfg.decay_milestones is not None and not _counts(cfg.decay_milestones):
+        raise UserError(f"{stage}.decay_milestones must be a list of positive epochs, got {cfg.decay_milestones}")
+    if cfg.tokens and not text:
+        raise UserError(f"{stage}.tokens is a budget in text tokens, but the model classifies images; give "
+                        f"{stage}.epochs instead")
+    if cfg.tokens and cfg.warmup_epochs:
+        raise UserError(f"{stage}.warmup_epochs {cfg.warmup_epochs} with a budget in tokens: give the warm-up as "
+                        f"{stage}.warmup_tokens instead")
+    if cfg.warmup_tokens and not cfg.tokens:
+        raise UserError(f"{stage}.warmup_tokens is the warm-up of a budget in tokens, but {stage} trains for "
+                        f"epochs; use {stage}.warmup_epochs, or set {stage}.tokens")
+    if cfg.warmup_tokens > cfg.tokens:
+        raise UserError(f"{stage}.warmup_tokens {cfg.warmup_tokens} exceeds the budget of {cfg.tokens} tokens")
+
+
+def _validate_tokenizer(data, text: bool, family_name: str) -> None:
+    if data.tokenizer == "byte":
+        return
+    if not text:
+        raise UserError(f"data.tokenizer: {data.tokenizer} tokenizes text for a language model, but model.family "
+                        f"'{family_name}' classifies images; remove data.tokenizer or use model.family causal_lm")
+    if data.vocab_size <= 256:
+        raise UserError(f"data.vocab_size must be more than 256 with data.tokenizer: bpe (the 256 byte tokens and "
+                        f"at least one merge), got {data.vocab_size}; or use data.tokenizer: byte")
