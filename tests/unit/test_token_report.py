@@ -27,3 +27,11 @@ def test_the_bar_needs_the_share_and_a_margin_beyond_both_spreads():
     assert "| ours-metainit | 60/A | 2.1050 | 2.1550 | +0.0500 | 0.0141 | 2 | yes |" in bar
     one_seed = [r for r in _rows() if r["seed"] == 0]
     assert "| 1 | no |" in t.bar_table(one_seed, "lm_tokens")                     # one seed never clears
+
+
+def test_a_stage_warm_up_in_the_study_sets_leaves_its_tokens_as_they_were(tmp_path):
+    # a stage's warmup_tokens alone is refused until its tokens are set: the FLOPs of a token must not need them
+    from benchmarks import token_study as ts
+    key = tuple(ts.sets(tmp_path))
+    plain = ts.budget_sets(key, "meta", 0.5, None)
+    assert ts.budget_sets(key + ("meta.warmup_tokens=1000",), "meta", 0.5, None) == plain
