@@ -10,3 +10,16 @@ def test_lm_study_builds_a_16_layer_causal_lm_on_the_pinned_corpus(tmp_path):
     assert studies.base_dir(tmp_path, "lm", 16, 1.0, 0).name == "lm_d16_f1.0_s0"
     methods = {p[0] for p in studies.points("lm")}
     assert methods == {"e2e", "meta", "ours"} and {p[4] for p in studies.points("lm")} == {0, 1}
+
+
+def test_the_plain_loop_probe_reads_windows_and_counts_bits_per_byte():
+    import numpy as np
+    import torch
+
+    from benchmarks import lm_plain_loop as plain
+    tokens = np.arange(2000, dtype=np.uint8)
+    x, y = plain.windows(tokens, [0, 10])
+    assert x.shape == (2, plain.CONTEXT) and torch.equal(y[:, :-1], x[:, 1:]) and int(y[1, 0]) == 11
+    torch.manual_seed(0)
+    bpb = plain.bits_per_byte(plain.model(1), np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint8))
+    assert abs(bpb - 8.0) < 0.2      # an untrained model over 256 bytes: about 8 bits each
