@@ -78,14 +78,7 @@ def run_jobs(launcher: Launcher, jobs: list[Job], parallel: int, retries: int, o
             while pending and len(running) < slots:
                 job = pending.popleft()
                 tries[job.label] = tries.get(job.label, 0) + 1
-                job.log.parent.mkdir(parents=True, exist_ok=True)
-                with open(job.log, "a") as f:
-                    f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} try {tries[job.label]}/{retries + 1} "
-                            f"{res.describe(launcher.name)}\n")
-                echo.start(job.console)
-                running[job.label] = (job, launcher.submit(job, res), time.perf_counter())
-                print(f"[{job.label}] started, try {tries[job.label]}/{retries + 1}; log {job.log}",
-                      file=out, flush=True)
+                running[job.label] = _start(launcher, job, res, tries[job.label], retries, echo, out)
             for label, (job, handle, t0) in list(running.items()):
                 echo.show(job.console, out)
                 rc, note = launcher.poll(handle)
@@ -93,20 +86,8 @@ def run_jobs(launcher: Launcher, jobs: list[Job], parallel: int, retries: int, o
                     continue
                 echo.show(job.console, out)
                 del running[label]
-                secs = time.perf_counter() - t0
-                if rc == 0 and job.dir.finished():
-                    print(f"[{label}] finished in {secs:.1f}s", file=out, flush=True)
-                    result["finished"].append(label)
-                    continue
-                why = reason(rc, note) if rc != 0 else "exited 0 but its stage is not finished"
-                if tries[label] <= retries and rc != 2:
-                    print(f"[{label}] failed ({why}); retrying from its checkpoint", file=out, flush=True)
+                if not _ended(job, rc, note, time.perf_counter() - t0, tries[label], retries, result, out):
                     pending.appendleft(job)
-                else:
-                    result["failed"][label] = why
-                    lines = "\n".join(f"    | {x}" for x in last_lines(job.log))
-                    print(f"[{label}] FAILED after {tries[label]} tries: {why}; last lines of {job.log}:\n{lines}",
-                          file=out, flush=True)
             if running:
                 time.sleep(0.2)
     except BaseException:
@@ -121,3 +102,31 @@ def run_jobs(launcher: Launcher, jobs: list[Job], parallel: int, retries: int, o
         raise UserError("job(s) failed: " + "; ".join(f"{k}: {v}" for k, v in result["failed"].items())
                         + " (see each job's log.txt; rerun the same command to resume)")
     return result
+
+
+def _start(launcher: Launcher, job: Job, res, attempt: int, retries: int, echo, out) -> tuple:
+    """Submit one try of a job (its log opened with a header line); returns its entry of `running`."""
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log, "a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} try {attempt}/{retries + 1} {res.describe(launcher.name)}\n")
+    echo.start(job.console)
+    entry = (job, launcher.submit(job, res), time.perf_counter())
+    print(f"[{job.label}] started, try {attempt}/{retries + 1}; log {job.log}", file=out, flush=True)
+    return entry
+
+
+def _ended(job: Job, rc: int, note, secs: float, attempt: int, retries: int, result: dict, out) -> bool:
+    """Record how a try ended; False when the job should be tried again (from its checkpoint)."""
+    label = job.label
+    if rc == 0 and job.dir.finished():
+        print(f"[{label}] finished in {secs:.1f}s", file=out, flush=True)
+        result["finished"].append(label)
+        return True
+    why = reason(rc, note) if rc != 0 else "exited 0 but its stage is not finished"
+    if attempt <= retries and rc != 2:
+        print(f"[{label}] failed ({why}); retrying from its checkpoint", file=out, flush=True)
+        return False
+    result["failed"][label] = why
+    lines = "\n".join(f"    | {x}" for x in last_lines(job.log))
+    print(f"[{label}] FAILED after {attempt} tries: {why}; last lines of {job.log}:\n{lines}", file=out, flush=True)
+    return True
