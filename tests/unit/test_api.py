@@ -211,7 +211,8 @@ def _train_a_little(net, x, y, steps=3):
 
 def test_modules_trained_in_a_script_are_assembled_by_the_cli(tiny_recipe, tmp_path, capsys):
     """The CLI's meta model into a script, hybrids trained by a plain loop, written back with
-    save_module: `incubate assemble` takes them, and its weights are incubate.assemble's."""
+    save_module: `incubate assemble` takes them (its weights are incubate.assemble's) and
+    `incubate finetune` fine-tunes them."""
     import json
     from safetensors.torch import load_file
     run = tmp_path / "run"
@@ -251,6 +252,8 @@ def test_modules_trained_in_a_script_are_assembled_by_the_cli(tiny_recipe, tmp_p
         incubate.load_stage(run, "finetune")
     with pytest.raises(incubate.UserError, match="stage 'meta_model' is none of meta, assembled"):
         incubate.load_stage(run, "meta_model")
+    assert run_main(capsys, "finetune", "--recipe", tiny_recipe, "--out", run)[0] == 0     # and fine-tunes them
+    assert set(incubate.load_stage(run, "finetune").state_dict()) == set(cli)
 
 
 def test_meta_model_refuses_a_target_whose_architecture_it_cannot_tell():
