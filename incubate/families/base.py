@@ -175,6 +175,25 @@ def stack_blocks(blocks, meta_blocks) -> None:
             blk.load_state_dict(meta_blocks[j % len(meta_blocks)].state_dict())
 
 
+def weight_shapes(block: nn.Module) -> tuple:
+    """A block's weight names and shapes: blocks alike in this can take each other's weights."""
+    return tuple((k, tuple(v.shape)) for k, v in block.state_dict().items())
+
+
+def stack_by_shape(blocks, metas, missing) -> None:
+    """module_init stack for staged families: each (name, block) takes, in turn, the weights of the
+    meta blocks of its shape; `missing(name)` is the UserError for a block with none."""
+    used: dict = {}
+    for name, blk in blocks:
+        sig = weight_shapes(blk)
+        same = [m for m in metas if weight_shapes(m) == sig]
+        if not same:
+            raise missing(name)
+        n = used.get(sig, 0)
+        blk.load_state_dict(same[n % len(same)].state_dict())
+        used[sig] = n + 1
+
+
 def timm_export_config(model: nn.Module, model_args: dict, data_config: dict, label_names: list) -> dict:
     """config.json in the layout timm's save_for_hf/push_to_hub writes (timm families), so that
     `timm.create_model('local-dir:DIR', pretrained=True)` rebuilds `model` from `model_args`."""

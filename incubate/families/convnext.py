@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .base import copy_stem_and_head, module_of, recorded_spec, remember_spec, timm_export_config
+from .base import copy_stem_and_head, module_of, recorded_spec, remember_spec, stack_by_shape, timm_export_config
 from .resnet import module_stages
 
 STEM = ("stem.",)
@@ -42,10 +42,6 @@ def flat_blocks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
 def stages_starting_at(layers: list[int], block: int) -> list[int]:
     """The stages whose downsampling runs just before flat block `block` (several when stages are empty)."""
     return [s for s in range(len(layers)) if sum(layers[:s]) == block]
-
-
-def _signature(block: nn.Module) -> tuple:
-    return tuple((k, tuple(v.shape)) for k, v in block.state_dict().items())
 
 
 
@@ -194,17 +190,10 @@ class ConvNeXtFamily:
 
     @staticmethod
     def _init_stack(blocks, metas, index: int) -> None:
-        used: dict = {}
-        for name, _, blk in blocks:
-            sig = _signature(blk)
-            same = [m for m in metas if _signature(m) == sig]
-            if not same:
-                raise UserError(f"module_init stack: block {name} of module {index} has no block of its width in "
-                                f"meta module {index} (whose blocks are all in the module's last stage); use "
-                                f"module_init meta, or a division whose modules each keep to one stage")
-            n = used.get(sig, 0)
-            blk.load_state_dict(same[n % len(same)].state_dict())
-            used[sig] = n + 1
+        stack_by_shape([(name, blk) for name, _, blk in blocks], metas, lambda name: UserError(
+            f"module_init stack: block {name} of module {index} has no block of its width in meta module {index} "
+            f"(whose blocks are all in the module's last stage); use module_init meta, or a division whose modules "
+            f"each keep to one stage"))
 
     def keep_only(self, model: nn.Module, division: list[int], index: int) -> nn.Module:
         return self.keep_modules(model, division, {index})

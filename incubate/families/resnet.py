@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import copy_stem_and_head, module_of, recorded_spec, remember_spec, timm_export_config
+from .base import (copy_stem_and_head, module_of, recorded_spec, remember_spec, stack_by_shape, timm_export_config,
+                   weight_shapes)
 
 CIFAR = re.compile(r"cifar_resnet(\d+)$")
 STEM = ("conv1.", "bn1.", "maxpool.")
@@ -90,10 +91,6 @@ def meta_layers(layers: list[int], stages: list[tuple[int, int]], meta_division:
 
 def _last_bn(block: nn.Module) -> nn.Module:
     return block.bn3 if hasattr(block, "bn3") else block.bn2
-
-
-def _signature(block: nn.Module) -> tuple:
-    return tuple((k, tuple(v.shape)) for k, v in block.state_dict().items())
 
 
 class ResNetFamily:
@@ -225,7 +222,7 @@ class ResNetFamily:
                             f"give it more blocks or the meta module fewer")
         for j, (name, blk) in enumerate(blocks):
             if c <= j < c + len(metas):
-                if _signature(blk) != _signature(metas[j - c]):
+                if weight_shapes(blk) != weight_shapes(metas[j - c]):
                     raise UserError(f"module_init meta: block {name} of module {index} has another shape than "
                                     f"meta block {j - c} of that module; use module_init random")
                 blk.load_state_dict(metas[j - c].state_dict())
@@ -236,17 +233,10 @@ class ResNetFamily:
 
     @staticmethod
     def _init_stack(blocks, metas, index: int) -> None:
-        used: dict = {}
-        for name, blk in blocks:
-            sig = _signature(blk)
-            same = [m for m in metas if _signature(m) == sig]
-            if not same:
-                raise UserError(f"module_init stack: block {name} of module {index} has no block of its shape in "
-                                f"meta module {index}; give that meta module more blocks (model.meta_division, "
-                                f"e.g. 2: a strided block and one of the new width) or use module_init meta")
-            n = used.get(sig, 0)
-            blk.load_state_dict(same[n % len(same)].state_dict())
-            used[sig] = n + 1
+        stack_by_shape(blocks, metas, lambda name: UserError(
+            f"module_init stack: block {name} of module {index} has no block of its shape in meta module {index}; "
+            f"give that meta module more blocks (model.meta_division, e.g. 2: a strided block and one of the new "
+            f"width) or use module_init meta"))
 
     def keep_only(self, model: nn.Module, division: list[int], index: int) -> nn.Module:
         return self.keep_modules(model, division, {index})
