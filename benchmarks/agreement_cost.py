@@ -15,6 +15,8 @@ per-micro-step `agree` (main before issue 23) that function answers without a co
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -65,7 +67,8 @@ def worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from incubate import engine, faults
-    dist = engine.setup_dist(args.device)
+    pg = importlib.import_module("incubate.dist") if importlib.util.find_spec("incubate.dist") else engine  # older trees
+    dist = pg.setup_dist(args.device)
     stamps: list = []
     register_optimizer_step_pre_hook(lambda opt, a, k: stamps.append(time.perf_counter()))
     saved = {name: getattr(faults.StepGuard, name) for name in ("run", "record", "check", "agree")} \
@@ -83,7 +86,7 @@ def worker(args) -> None:
     alone = agreement_alone(dist, args.accum)
     if dist.main:
         Path(args.out).write_text(json.dumps({"kind": kind, "rounds": rounds, "agreement_alone_s": alone}))
-    engine.close_dist(True)
+    pg.close_dist(True)
 
 
 def agreement_alone(dist, accum: int, calls: int = 50, repeats: int = 7) -> float:

@@ -37,7 +37,7 @@ from benchmarks import agreement_cost
 from benchmarks.data_wait import data_wait
 from benchmarks.step_cost_report import save
 from benchmarks.step_jobs import CRITERION, PRESETS, Job, make_job, step, sync
-from incubate.engine import autocast, count_step_flops
+from incubate.training import autocast, count_step_flops
 
 COMPILE_SHARE = 0.7      # of --time-limit, for compiling; the rest for the timed rounds
 VARIANTS = ("base", "compile", "bf16", "ckpt", "fused")

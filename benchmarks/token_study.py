@@ -75,7 +75,7 @@ def flops_per_token(recipe_key: tuple, stage: str, module: int = -1) -> float:
     import torch
 
     from incubate.config import load_recipe
-    from incubate.engine import count_step_flops
+    from incubate.training import count_step_flops
     from incubate.families import get_family
     from incubate.modular import Hybrid
     from incubate.tasks.causal_lm import _NextTokenLoss

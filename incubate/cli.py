@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         return 130
     finally:
         if "torch.distributed" in sys.modules:      # under torchrun: leave the process group before exiting
-            from .engine import close_dist
+            from .dist import close_dist
             close_dist(ok)
     return 0
 

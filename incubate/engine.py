@@ -21,12 +21,11 @@ from torch import nn
 from . import resume
 from .budget import Budget, plan
 from .data import make_loader
-from .dist import Dist, barrier, close_dist, setup_dist  # noqa: F401 -- importable from here as before
+from .dist import Dist
 from .faults import FAILED, StepGuard, Verdict, everywhere, guarded
 from .stagelog import StageLog
 from .tasks import get_task
-from .training import (Training, autocast, clip_grads, count_step_flops, enable_grad_checkpointing,  # noqa: F401
-                       micro_step, optimizer_step, set_up, wrap)
+from .training import Training, autocast, clip_grads, count_step_flops, micro_step, optimizer_step, set_up, wrap
 from .validation import PeriodicEval
 
 

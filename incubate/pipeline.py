@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Recipe
-from .engine import setup_dist
+from .dist import setup_dist
 from .stages import assemble, e2e, finetune, grow, incubate, meta
 
 

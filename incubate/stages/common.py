@@ -9,7 +9,8 @@ import torch
 
 from ..config import Recipe
 from ..data import DataBundle, eval_crop_pct, load_data
-from ..engine import Dist, barrier, seed_all, setup_dist
+from ..dist import Dist, barrier, setup_dist
+from ..engine import seed_all
 from ..errors import UserError
 from ..families import get_family
 from ..rundir import StageDir, begin_stage, check_run_recipe, finish_stage, stage_dirs, write_run_recipe

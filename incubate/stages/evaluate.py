@@ -6,7 +6,8 @@ from pathlib import Path
 from ..checkpoint import load_weights, read_json
 from ..config import Recipe
 from ..data import load_data, make_loader
-from ..engine import evaluate, setup_dist
+from ..dist import setup_dist
+from ..engine import evaluate
 from ..errors import UserError
 from ..families import get_family
 from ..modular import Hybrid, load_strict

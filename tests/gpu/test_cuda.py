@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 from incubate.checkpoint import load_training_state
 from incubate.config import DataCfg, TrainCfg
 from incubate.data import load_data
-from incubate.engine import Dist, autocast, fit
+from incubate.dist import Dist
+from incubate.engine import fit
+from incubate.training import autocast
 
 from ..conftest import ROOT, run_main, write_recipe
 from ..unit.test_engine import hybrid

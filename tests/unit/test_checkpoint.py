@@ -9,7 +9,7 @@ import torch
 
 from incubate import checkpoint, resume
 from incubate.checkpoint import (load_training_state, previous_checkpoint, save_training_state, uninterrupted)
-from incubate.engine import Dist
+from incubate.dist import Dist
 from incubate.errors import UserError
 
 

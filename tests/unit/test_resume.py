@@ -10,7 +10,8 @@ from incubate import resume
 from incubate.checkpoint import load_training_state, previous_checkpoint
 from incubate.config import AugmentCfg, DataCfg, TrainCfg
 from incubate.data import load_data
-from incubate.engine import Dist, fit
+from incubate.dist import Dist
+from incubate.engine import fit
 
 
 class Stop(Exception):

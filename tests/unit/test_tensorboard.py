@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from incubate.config import DataCfg, TrainCfg
 from incubate.data import load_data
-from incubate.engine import Dist, fit
+from incubate.dist import Dist
+from incubate.engine import fit
 from incubate.tblog import TAGS, Events, tensorboard_dir
 
 DATA = DataCfg(source="digits", img_size=8, train_fraction=0.2)
