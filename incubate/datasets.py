@@ -28,16 +28,40 @@ class Split:
         return len(self.labels)
 
 
+DIGITS_SPLIT = Path(__file__).with_name("digits_split.npy")    # 1,347 train then 450 test indices
+
+
+def _digits_csv() -> Path | None:
+    """scikit-learn's digits.csv.gz, found without importing scikit-learn (3 s a process)."""
+    import importlib.util
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 8x8 digits (values 0-16) and their labels, as sklearn.datasets.load_digits gives them."""
+    path = _digits_csv()
+    if path is None:        # another layout of scikit-learn: its own loader
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        return d.images, d.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def read_digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
-    xtr, xte, ytr, yte = train_test_split(images, d.target, test_size=0.25, stratify=d.target,
-                                          random_state=0)
-    names = [str(n) for n in d.target_names]
-    return Split(torch.from_numpy(xtr), torch.from_numpy(ytr).long()), \
-        Split(torch.from_numpy(xte), torch.from_numpy(yte).long()), names
+    """scikit-learn's digits, split 3:1 by class as train_test_split(stratify, random_state=0) splits
+    them (that split, stored: the same images on every scikit-learn version)."""
+    images, target = _load_digits()
+    images = (images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
+    order = np.load(DIGITS_SPLIT)
+    train, test = order[:1347], order[1347:]
+    return Split(torch.from_numpy(images[train]), torch.from_numpy(target[train]).long()), \
+        Split(torch.from_numpy(images[test]), torch.from_numpy(target[test]).long()), [str(n) for n in range(10)]
 
 
 def _read_idx_file(path: Path) -> np.ndarray:

@@ -1,4 +1,5 @@
 """Loaders: persistent workers survive epochs; order and augmentation stay (seed, epoch, rank)-determined."""
+import pytest
 import torch
 
 from incubate.config import DataCfg
@@ -60,3 +61,31 @@ def test_paper_randaugment_at_top_magnitude_posterizes_instead_of_crashing():
     img = Image.fromarray((torch.arange(64, dtype=torch.uint8).view(8, 8) * 4).numpy())
     out = op(img)
     assert out.size == img.size and out.getextrema() == (0, 0)
+
+
+@pytest.mark.parametrize("from_csv", [True, False])
+def test_digits_are_scikit_learns_stratified_split_without_importing_it(monkeypatch, from_csv):
+    """read_digits reads the CSV and a stored split: the images train_test_split(stratify, random_state=0)
+    gives, and scikit-learn (3 s a process) is imported only when its CSV is not where it should be."""
+    import builtins
+    import numpy as np
+    from incubate import datasets
+    if not from_csv:
+        monkeypatch.setattr(datasets, "_digits_csv", lambda: None)
+    imported, real_import = [], builtins.__import__
+
+    def recording_import(name, *args, **kwargs):
+        imported.append(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", recording_import)
+    train, test, names = datasets.read_digits()
+    monkeypatch.undo()
+    assert any(n.startswith("sklearn") for n in imported) is not from_csv
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
+    xtr, xte, ytr, yte = train_test_split(images, d.target, test_size=0.25, stratify=d.target, random_state=0)
+    assert torch.equal(train.images, torch.from_numpy(xtr)) and torch.equal(test.images, torch.from_numpy(xte))
+    assert torch.equal(train.labels, torch.from_numpy(ytr)) and torch.equal(test.labels, torch.from_numpy(yte))
+    assert names == [str(n) for n in d.target_names]
