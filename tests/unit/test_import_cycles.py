@@ -120,3 +120,14 @@ def test_a_circle_through_a_function_level_relative_import_is_found(tmp_path):
     graph = import_graph(modules(tmp_path, ("incubate",)))
     assert graph["incubate.sub.a"] == {"incubate.b"} and graph["incubate.c"] == {"incubate.b"}
     assert circles(graph) == [["incubate.b", "incubate.sub.a"]]
+
+
+def test_a_launchers_job_wrapper_starts_without_torch():
+    """A submitit or Ray task only runs `incubate.cli` in a child process: importing what it unpickles
+    (the launchers, the run directory, the checkpoint module) must not cost torch's 3 s import."""
+    import subprocess
+    import sys
+    code = ("import sys, incubate.launchers, incubate.launchers.slurm, incubate.launchers.ray, incubate.rundir\n"
+            "print(sorted(m for m in ('torch', 'timm', 'transformers', 'sklearn') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
