@@ -1,3 +1,4 @@
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -126,11 +127,43 @@ def cli(*args, check=False, env=None, timeout=PROCESS_TIMEOUT_S):
     return proc
 
 
+def in_process(*args, check=False):
+    """The CLI in this process, its output captured without capsys (so module fixtures can use it):
+    a CompletedProcess-like (returncode, stdout, stderr). A fresh process costs 8 s of imports here;
+    the tests that are about processes (launchers, signals, torchrun) still start them."""
+    import io
+    from types import SimpleNamespace
+    from incubate.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _as_in_a_cli_process():
+        rc = main([str(a) for a in args])
+    if check and rc != 0:
+        raise AssertionError(f"incubate {' '.join(map(str, args))} failed:\n{out.getvalue()}\n{err.getvalue()}")
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+@contextlib.contextmanager
+def _as_in_a_cli_process():
+    """The CLI in this process computes as `cli` does: one torch thread (whatever this shell's
+    OMP_NUM_THREADS, so that its weights equal a launcher's jobs'); and what a stage turns on for the
+    whole process (deterministic: true) is put back, so that no test depends on the tests before it."""
+    import torch
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.set_num_threads(threads)
+
+
 def run_main(capsys, *args):
     """The CLI in this process (cheaper than a subprocess): returns (exit code, stdout, stderr)."""
     from incubate.cli import main
     capsys.readouterr()
-    rc = main([str(a) for a in args])
+    with _as_in_a_cli_process():
+        rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err
 

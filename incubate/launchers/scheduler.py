@@ -56,13 +56,15 @@ class _Echo:
             print(f"  {line}", file=out, flush=True)
 
 
-def run_jobs(launcher: Launcher, jobs: list[Job], parallel: int, retries: int, out=sys.stdout) -> dict:
+def run_jobs(launcher: Launcher, jobs: list[Job], parallel: int, retries: int, out=None) -> dict:
     """Run `jobs` (one phase: one stage), at most `parallel` at once, each retried up to `retries`
     times, in that stage's shape; report every job.
 
     Returns {"finished": [...], "skipped": [...], "failed": {label: reason}}; raises UserError
-    naming each failed job once every job has ended.
+    naming each failed job once every job has ended. `out`: where it reports (default: sys.stdout at
+    the call, so that a caller's redirection holds).
     """
+    out = out or sys.stdout
     result = {"finished": [], "skipped": [], "failed": {}}
     pending = deque()
     for job in jobs:

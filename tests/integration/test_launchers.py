@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from incubate import lock
-from ..conftest import ROOT, cli, one_error_line, run_main, write_recipe
+from ..conftest import ROOT, cli, in_process, one_error_line, run_main, write_recipe
 
 STAGES = ("meta", "modules/0", "modules/1", "assembled", "finetune")
 
@@ -34,7 +34,7 @@ def reference(tmp_path_factory):
     """The same recipe run in one process, stage after stage."""
     tmp = tmp_path_factory.mktemp("ref")
     recipe = _recipe(tmp / "r.yaml")
-    cli("run", "--recipe", recipe, "--out", tmp / "run", "--no-e2e", check=True)
+    in_process("run", "--recipe", recipe, "--out", tmp / "run", "--no-e2e", check=True)
     return tmp / "run"
 
 
@@ -42,7 +42,7 @@ def reference(tmp_path_factory):
 def local_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local")
     recipe = _recipe(tmp / "r.yaml")
-    proc = cli("run", "--recipe", recipe, "--out", tmp / "run", "--no-e2e", "--launcher", "local", "--jobs", "2",
+    proc = in_process("run", "--recipe", recipe, "--out", tmp / "run", "--no-e2e", "--launcher", "local", "--jobs", "2",
                check=True)
     return recipe, tmp / "run", proc
 
@@ -63,7 +63,8 @@ def test_local_launcher_runs_module_jobs_at_once_with_the_same_weights(local_run
 def test_local_rerun_skips_every_finished_job(local_run):
     recipe, run, _ = local_run
     before = {s: (run / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
-    proc = cli("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "local", "--jobs", "2", check=True)
+    proc = in_process("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "local", "--jobs", "2",
+                      check=True)
     assert "jobs: finished []  skipped [module 0, module 1]  failed []" in proc.stdout
     assert proc.stdout.count("skipped: already finished") == 5
     assert before == {s: (run / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
@@ -111,7 +112,7 @@ def test_a_failing_job_is_retried_then_reported_and_a_rerun_resumes(local_run, r
     assert "modules/1/log.txt" in out and "    | --- " in out          # the log's last lines
     assert err.strip().splitlines()[-1].startswith("incubate: error: job(s) failed: module 1: killed by SIGKILL")
     assert not (dst / "assembled").exists()                        # nothing after a failed phase ran
-    proc = cli("run", "--recipe", recipe, "--out", dst, "--no-e2e", "--launcher", "local", check=True)
+    proc = in_process("run", "--recipe", recipe, "--out", dst, "--no-e2e", "--launcher", "local", check=True)
     assert "jobs: finished [module 1]  skipped [module 0]  failed []" in proc.stdout
     _same_weights(dst, reference)
 
@@ -124,7 +125,7 @@ def test_a_user_error_in_a_job_is_not_retried_and_names_the_file(local_run, tmp_
     # (an unreadable checkpoint no longer is one: the stage restarts, docs/errors.md row 14)
     lock.hold(dst / "modules/1", f"module 1 of run directory {dst}")
     try:
-        proc = cli("run", "--recipe", recipe, "--out", dst, "--no-e2e", "--launcher", "local", "--retries", "3")
+        proc = in_process("run", "--recipe", recipe, "--out", dst, "--no-e2e", "--launcher", "local", "--retries", "3")
     finally:
         lock.release(dst / "modules/1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -141,7 +142,8 @@ def test_local_launcher_runs_torchrun_jobs_on_their_own_ports(tmp_path):
         "cpus_per_job": 1, "devices_per_job": 2,
         "stages": {"incubate": {"devices_per_node": 1}, "finetune": {"devices_per_node": 1}}})
     run = tmp_path / "run"
-    proc = cli("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "local", "--jobs", "2", check=True)
+    proc = in_process("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "local", "--jobs", "2",
+                      check=True)
     assert "jobs: finished [module 0, module 1]" in proc.stdout
     for s, world in (("meta", 2), ("modules/0", 1), ("modules/1", 1), ("finetune", 1)):
         assert json.loads((run / s / "manifest.json").read_text())["world_size"] == world
@@ -161,7 +163,7 @@ def test_ray_launcher(reference, tmp_path):
 
 
 def test_launcher_options_need_a_launcher(tiny_recipe, tmp_path):
-    proc = cli("run", "--recipe", tiny_recipe, "--out", tmp_path / "run", "--jobs", "2")
+    proc = in_process("run", "--recipe", tiny_recipe, "--out", tmp_path / "run", "--jobs", "2")
     assert proc.returncode == 2 and "--jobs, --retries and --address need --launcher" in proc.stderr
 
 

@@ -1,7 +1,5 @@
 """A tiny language model through every stage of `incubate run`, export to transformers, sampling,
 evaluation and the report; and kill-and-resume of an LM stage."""
-import contextlib
-import io
 import json
 import os
 import signal
@@ -14,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from incubate.cli import main
 
-from ..conftest import PROCESS_TIMEOUT_S, ROOT, TINY_LM, make_corpus, one_error_line, run_main, write_recipe
+from ..conftest import (PROCESS_TIMEOUT_S, ROOT, TINY_LM, in_process, make_corpus, one_error_line, run_main,
+                        write_recipe)
 from ..unit.test_family_contract import LM_KWARGS
 
 
@@ -26,10 +24,7 @@ def lm_run(tmp_path_factory):
     recipe = write_recipe(tmp / "lm.yaml", TINY_LM, data__source=f"text:{make_corpus(tmp / 'corpus')}",
                           meta__tensorboard=True)
     run = tmp / "run"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):      # in this process: one start of Python and torch fewer
-        assert main(["run", "--recipe", str(recipe), "--out", str(run)]) == 0
-    return recipe, run, SimpleNamespace(stdout=out.getvalue())
+    return recipe, run, in_process("run", "--recipe", recipe, "--out", run, check=True)
 
 
 def test_lm_run_writes_every_stage_with_bits_per_byte(lm_run):
@@ -140,14 +135,15 @@ def test_lm_kill_and_resume_equals_uninterrupted(tmp_path, capsys):
 
 def test_lm_local_launcher_with_four_jobs_gives_the_in_process_weights(lm_run, tmp_path):
     """The four module jobs of an LM run at once as separate processes (`--launcher local --jobs 4`),
-    and every stage ends at the weights of the same recipe run stage after stage in one process."""
+    and every stage ends at the weights of the same recipe run stage after stage in one process (the
+    meta model is that run's: a meta job is a job like the others, test_launchers runs one)."""
+    import shutil
     recipe, reference, _ = lm_run
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(run),
-                           "--no-e2e", "--launcher", "local", "--jobs", "4"],
-                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=PROCESS_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(reference / "meta", run / "meta")
+    proc = in_process("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "local", "--jobs", "4",
+                      check=True)
+    assert "[meta] skipped: already finished" in proc.stdout
     assert "jobs: finished [module 0, module 1, module 2, module 3]  skipped []  failed []" in proc.stdout
     assert proc.stdout.index("[module 3] started") < proc.stdout.index("[module 0] finished")   # at once
     for stage in ("meta", "modules/0", "modules/3", "assembled", "finetune"):
@@ -181,10 +177,7 @@ def bpe_run(tmp_path_factory):
     recipe = write_recipe(tmp / "bpe.yaml", TINY_LM, data__source=f"text:{corpus}", data__tokenizer="bpe",
                           data__vocab_size=300)
     run = tmp / "run"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["run", "--recipe", str(recipe), "--out", str(run)]) == 0
-    return recipe, run, out.getvalue()
+    return recipe, run, in_process("run", "--recipe", recipe, "--out", run, check=True).stdout
 
 
 def test_bpe_run_trains_one_tokenizer_that_every_stage_reads(bpe_run, capsys):

@@ -1,4 +1,5 @@
-"""The whole method end to end on the embedded data, through the CLI."""
+"""The whole method end to end on the embedded data, through the CLI (in this process: the tests of
+processes, launchers and signals start their own)."""
 import json
 import shutil
 
@@ -7,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from ..conftest import cli, write_recipe
+from ..conftest import in_process, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     recipe = write_recipe(tmp / "tiny.yaml")
     run = tmp / "run"
-    proc = cli("run", "--recipe", recipe, "--out", run, check=True)
+    proc = in_process("run", "--recipe", recipe, "--out", run, check=True)
     return recipe, run, proc
 
 
@@ -66,7 +67,7 @@ def test_exports_load_strictly_in_plain_timm(finished_run, stage):
 def test_rerun_skips_finished_stages(finished_run):
     recipe, run, _ = finished_run
     before = (run / "finetune/model.safetensors").read_bytes()
-    proc = cli("run", "--recipe", recipe, "--out", run, check=True)
+    proc = in_process("run", "--recipe", recipe, "--out", run, check=True)
     assert proc.stdout.count("already finished") == 8
     assert (run / "finetune/model.safetensors").read_bytes() == before
 
@@ -74,7 +75,7 @@ def test_rerun_skips_finished_stages(finished_run):
 def test_evaluate_any_stage(finished_run):
     recipe, run, _ = finished_run
     for stage in ("meta", "modules/2", "finetune"):
-        proc = cli("evaluate", "--recipe", recipe, "--checkpoint", run / stage, check=True)
+        proc = in_process("evaluate", "--recipe", recipe, "--checkpoint", run / stage, check=True)
         m = json.loads((run / stage / "manifest.json").read_text())
         assert f"test top-1 {m['metrics']['top1']:.2f}%" in proc.stdout
 
@@ -91,7 +92,7 @@ def test_assemble_refuses_a_missing_module(finished_run, tmp_path):
     recipe, run, _ = finished_run
     dst = _copy(run, tmp_path)
     shutil.rmtree(dst / "modules/2")
-    proc = cli("assemble", "--recipe", recipe, "--out", dst)
+    proc = in_process("assemble", "--recipe", recipe, "--out", dst)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "module 2 is missing" in proc.stderr and "modules/2/manifest.json" in proc.stderr
 
@@ -103,7 +104,7 @@ def test_assemble_refuses_a_module_of_another_meta_model(finished_run, tmp_path)
     m = json.loads(path.read_text())
     m["meta_fingerprint"] = "0" * 64
     path.write_text(json.dumps(m))
-    proc = cli("assemble", "--recipe", recipe, "--out", dst)
+    proc = in_process("assemble", "--recipe", recipe, "--out", dst)
     assert proc.returncode == 2 and "modules/1/manifest.json was incubated against another meta model" in proc.stderr
     assert not (dst / "assembled/model.safetensors").exists()
 
@@ -115,7 +116,7 @@ def test_assemble_refuses_a_module_of_another_division(finished_run, tmp_path):
     m = json.loads(path.read_text())
     m["division"] = [2, 1, 1]
     path.write_text(json.dumps(m))
-    proc = cli("assemble", "--recipe", recipe, "--out", dst)
+    proc = in_process("assemble", "--recipe", recipe, "--out", dst)
     assert proc.returncode == 2 and "modules/3/manifest.json was incubated for another recipe or division" in proc.stderr
 
 
@@ -124,14 +125,14 @@ def test_assemble_refuses_a_corrupt_module_file(finished_run, tmp_path):
     dst = _copy(run, tmp_path)
     f = dst / "modules/0/model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    proc = cli("assemble", "--recipe", recipe, "--out", dst)
+    proc = in_process("assemble", "--recipe", recipe, "--out", dst)
     assert proc.returncode == 2 and "modules/0/model.safetensors does not match the SHA-256" in proc.stderr
 
 
 @pytest.mark.parametrize("stage", ["finetune", "e2e"])
 def test_export_loads_as_a_timm_hub_folder(finished_run, stage, tmp_path):
     _, run, _ = finished_run
-    proc = cli("export", run, "--stage", stage, "--to", tmp_path / "hub", check=True)
+    proc = in_process("export", run, "--stage", stage, "--to", tmp_path / "hub", check=True)
     assert f"timm.create_model('local-dir:{tmp_path / 'hub'}', pretrained=True)" in proc.stdout
     m = json.loads((run / stage / "manifest.json").read_text())
     ours = timm.create_model(m["model"]["name"], **m["model"]["kwargs"])
