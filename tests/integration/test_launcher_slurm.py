@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from incubate.launchers import command
-from ..conftest import PROCESS_TIMEOUT_S, ROOT, cli, one_error_line, run_main
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, in_process, one_error_line, run_main
 from .test_launchers import _children, _recipe
 
 
@@ -71,7 +71,7 @@ def test_slurm_launcher_with_submitits_local_executor_and_stage_shapes(tmp_path)
     assert "[meta] FAILED after 1 tries: rank 1 of 2: killed by SIGKILL" in out
     assert json.loads((run / "meta/manifest.json").read_text())["finished"] is False
 
-    proc = cli(*args, check=True)
+    proc = in_process(*args, check=True)
     assert "[meta] resuming " in (run / "meta/log.txt").read_text()
     assert "jobs: finished [module 0, module 1]  skipped []  failed []" in proc.stdout
     assert proc.stdout.index("[module 1] started") < proc.stdout.index("[module 0] finished")

@@ -151,21 +151,7 @@ def test_lm_local_launcher_with_four_jobs_gives_the_in_process_weights(lm_run, t
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
 
 
-def test_lm_torchrun_two_processes_runs_every_stage(tmp_path):
-    corpus = make_corpus(tmp_path / "corpus")
-    recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}", train__batch_size=8)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(tmp_path / "run")],
-                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=PROCESS_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("meta", "modules/0", "modules/3", "assembled", "finetune", "e2e"):
-        m = json.loads((tmp_path / "run" / stage / "manifest.json").read_text())
-        assert m["finished"], stage
-        assert 0 < m["metrics"]["bpb"] < 8, stage       # bits per byte of a byte model: at most 8 untrained
-        if stage != "assembled":
-            assert m["world_size"] == 2, stage
-    assert proc.stdout.count("| **e2e** |") == 1      # only rank 0 reports
+# torchrun: test_lm_tokens.py runs every stage of an LM (E2E and growth too) in two processes
 
 
 # ---------------------------------------------------------------- byte-level BPE (data.tokenizer: bpe)

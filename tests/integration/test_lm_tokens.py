@@ -1,6 +1,5 @@
 """Pre-training in tokens: budgets in tokens, evaluation during training, the token cache and G_stack
 growth, through `incubate run`, the local launcher and torchrun; kill and resume mid-budget; bad values."""
-import contextlib
 import copy
 import io
 import json
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 from incubate import resume
 from incubate.cli import main
 
-from ..conftest import PROCESS_TIMEOUT_S, ROOT, TINY_LM, make_corpus, one_error_line, run_main
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, TINY_LM, in_process, make_corpus, one_error_line, run_main
 
 PER_UPDATE = 16 * 16          # TINY_LM: batch 16 x context 16 tokens an update, one process
 BUDGETS = {"meta": 30, "incubate": 8, "finetune": 8, "e2e": 60, "grow": 20}     # updates
@@ -54,10 +53,7 @@ def token_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tokens")
     recipe = token_recipe(tmp)
     run = tmp / "run"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["run", "--recipe", str(recipe), "--out", str(run), "--grow"]) == 0
-    return recipe, run, out.getvalue()
+    return recipe, run, in_process("run", "--recipe", recipe, "--out", run, "--grow", check=True).stdout
 
 
 def test_every_stage_trains_its_tokens_and_evaluates_every_n_updates(token_run):
@@ -164,29 +160,31 @@ def test_local_launcher_runs_growth_and_gives_the_in_process_weights(token_run, 
     recipe, reference, _ = token_run
     run = tmp_path / "run"
     shutil.copytree(reference, run, ignore=shutil.ignore_patterns("grow", "e2e", "summary.json", "report.png"))
-    proc = subprocess.run([sys.executable, "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(run),
-                           "--no-e2e", "--grow", "--launcher", "local", "--jobs", "4"],
-                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=PROCESS_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = in_process("run", "--recipe", recipe, "--out", run, "--no-e2e", "--grow", "--launcher", "local", "--jobs",
+                      "4", check=True)
     assert "[grow] finished in" in proc.stdout and "[meta] skipped: already finished" in proc.stdout
     assert _same_weights(reference, run, "grow")
     assert _rows(run, "grow") == _rows(reference, "grow") or [r["update"] for r in _rows(run, "grow")] == [
         r["update"] for r in _rows(reference, "grow")]
 
 
-def test_torchrun_two_processes_split_the_token_budget(tmp_path):
-    recipe = token_recipe(tmp_path, updates={"meta": 10, "incubate": 4, "finetune": 4, "grow": 6})
+def test_torchrun_two_processes_run_every_stage_and_split_the_token_budget(tmp_path):
+    """Every stage of an LM (E2E and growth too) under torchrun: two processes read twice the tokens an
+    update, and only rank 0 writes rows and reports."""
+    recipe = token_recipe(tmp_path, updates={"meta": 10, "incubate": 4, "finetune": 4, "e2e": 4, "grow": 6})
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(tmp_path / "run"),
-                           "--no-e2e", "--grow"],
+                           "--grow"],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage, updates in (("meta", 5), ("modules/2", 2), ("finetune", 2), ("grow", 3)):
+    for stage, updates in (("meta", 5), ("modules/0", 2), ("modules/3", 2), ("finetune", 2), ("e2e", 2), ("grow", 3)):
         m = _manifest(tmp_path / "run", stage)      # two processes read twice the tokens an update
         assert m["world_size"] == 2 and (m["updates"], m["tokens"]) == (updates, updates * 2 * PER_UPDATE), stage
+        assert m["finished"] and 0 < m["metrics"]["bpb"] < 8, stage   # bits per byte of a byte model: 8 untrained
         assert [r["update"] for r in _rows(tmp_path / "run", stage)] == [updates], stage    # rank 0 writes, once
+    assert _manifest(tmp_path / "run", "assembled")["finished"]
+    assert proc.stdout.count("| **e2e** |") == 1      # only rank 0 reports
 
 
 def test_bad_budgets_and_slices_get_one_line_and_write_nothing(tmp_path, capsys):
