@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 
-from ..conftest import (PROCESS_TIMEOUT_S, ROOT, TINY_LM, in_process, make_corpus, one_error_line, run_main,
+from ..conftest import (ROOT, TINY_LM, in_process, make_corpus, one_error_line, run_main,
                         write_recipe)
 from ..unit.test_family_contract import LM_KWARGS
 
@@ -133,24 +133,8 @@ def test_lm_kill_and_resume_equals_uninterrupted(tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lm_local_launcher_with_four_jobs_gives_the_in_process_weights(lm_run, tmp_path):
-    """The four module jobs of an LM run at once as separate processes (`--launcher local --jobs 4`),
-    and every stage ends at the weights of the same recipe run stage after stage in one process (the
-    meta model is that run's: a meta job is a job like the others, test_launchers runs one)."""
-    import shutil
-    recipe, reference, _ = lm_run
-    run = tmp_path / "run"
-    shutil.copytree(reference / "meta", run / "meta")
-    proc = in_process("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "local", "--jobs", "4",
-                      check=True)
-    assert "[meta] skipped: already finished" in proc.stdout
-    assert "jobs: finished [module 0, module 1, module 2, module 3]  skipped []  failed []" in proc.stdout
-    assert proc.stdout.index("[module 3] started") < proc.stdout.index("[module 0] finished")   # at once
-    for stage in ("meta", "modules/0", "modules/3", "assembled", "finetune"):
-        a, b = load_file(reference / stage / "model.safetensors"), load_file(run / stage / "model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
-
-
+# launchers: an LM job is a CLI process like any other; test_launchers.py runs module jobs at once and
+# test_lm_tokens.py an LM's growth job, each ending at the in-process weights
 # torchrun: test_lm_tokens.py runs every stage of an LM (E2E and growth too) in two processes
 
 

@@ -46,7 +46,9 @@ def test_every_stage_runs_under_torchrun(resnet_run):
     keys = [set(load_file(run / f"modules/{i}/model.safetensors")) for i in range(3)]
     assert "conv1.weight" in keys[0] and "fc.weight" in keys[2]
     assert all(k.startswith("layer2.") for k in keys[1])    # module 1 = layer2.0, layer2.1 (the strided one first)
-    assert proc.stdout.count("| **e2e** |") == 1
+    assert proc.stdout.count("| **e2e** |") == 1      # only rank 0 reports
+    for stage in ("meta", "module_1", "finetune", "e2e"):  # and only rank 0 writes event files
+        assert len(list((run / "tensorboard" / stage).glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.parametrize("stage", ["assembled", "finetune"])

@@ -49,18 +49,4 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, capsys):
     assert [l["epoch"] for l in lines] == list(range(1, 13))
 
 
-def test_torchrun_two_processes_runs_every_stage(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", train__batch_size=16)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(tmp_path / "run")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "run/summary.json").read_text())
-    assert len(summary) == 8
-    for stage in ("meta", "modules/1", "finetune", "e2e"):
-        m = json.loads((tmp_path / "run" / stage / "manifest.json").read_text())
-        assert m["finished"] and m["world_size"] == 2
-    assert proc.stdout.count("| **e2e** |") == 1      # only rank 0 reports
-    for stage in ("meta", "module_1", "finetune", "e2e"):  # and only rank 0 writes event files
-        assert len(list((tmp_path / "run/tensorboard" / stage).glob("events.out.tfevents.*"))) == 1
+# torchrun of every stage: test_resnet_pipeline.py (its module fixture), test_lm_tokens.py (an LM)
