@@ -135,7 +135,7 @@ def in_process(*args, check=False):
     from types import SimpleNamespace
     from incubate.cli import main
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _as_in_a_cli_process():
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), as_in_a_cli_process():
         rc = main([str(a) for a in args])
     if check and rc != 0:
         raise AssertionError(f"incubate {' '.join(map(str, args))} failed:\n{out.getvalue()}\n{err.getvalue()}")
@@ -143,7 +143,7 @@ def in_process(*args, check=False):
 
 
 @contextlib.contextmanager
-def _as_in_a_cli_process():
+def as_in_a_cli_process():
     """The CLI in this process computes as `cli` does: one torch thread (whatever this shell's
     OMP_NUM_THREADS, so that its weights equal a launcher's jobs'); and what a stage turns on for the
     whole process (deterministic: true) is put back, so that no test depends on the tests before it."""
@@ -162,7 +162,7 @@ def run_main(capsys, *args):
     """The CLI in this process (cheaper than a subprocess): returns (exit code, stdout, stderr)."""
     from incubate.cli import main
     capsys.readouterr()
-    with _as_in_a_cli_process():
+    with as_in_a_cli_process():
         rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err

@@ -194,25 +194,33 @@ def test_resume_on_a_read_only_file_system(tmp_path, capsys, monkeypatch):
     assert {p.name: p.read_bytes() for p in (src / "meta").iterdir()} == before
 
 
+def _fill_a_tmpfs_then_rerun(tmp_path, size: str, filler: str, args: str, after_fill="", after_rerun="") -> dict:
+    """In a private mount namespace (the tmpfs exists for this one script only, so what the test needs of it
+    is copied or listed out by `after_fill` / `after_rerun`): a tmpfs of `size` at tmp_path/mnt, `incubate
+    ARGS` under tests/integration/disk_filler.py (mode `filler`) until the disk is full, the filler removed,
+    then `incubate ARGS` again. Returns tmp_path/out's files: 1.rc, 1.err, 2.rc, 2.out, 2.err and any other."""
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    py = f"{sys.executable} -m"
+    script = (f"mount -t tmpfs -o size={size} tmpfs {mnt} || exit 98; "
+              f"{py} tests.integration.disk_filler {filler} {mnt}/filler {args} >{out}/1.out 2>{out}/1.err; "
+              f"echo $? >{out}/1.rc; {after_fill or ':'}; rm {mnt}/filler; "
+              f"{py} incubate.cli {args} >{out}/2.out 2>{out}/2.err; echo $? >{out}/2.rc; {after_rerun or ':'}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=PROCESS_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    return {p.name: p.read_text() for p in out.iterdir()}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_mount(), reason="needs root and mount namespaces (unshare -m) to mount a small tmpfs")
 def test_real_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes(tmp_path):
     """A tmpfs of a few MB, filled up while epoch 2's checkpoint is being written: the kernel's own ENOSPC."""
     recipe = write_recipe(tmp_path / "r.yaml")
-    mnt, out, full = tmp_path / "mnt", tmp_path / "out", tmp_path / "when_full"
-    mnt.mkdir()
-    out.mkdir()
-    cli = f"{sys.executable} -m"
-    args = f"meta --recipe {recipe} --out {mnt}/run"
-    # a private mount namespace: the tmpfs exists for this one script only, so its state is copied out
-    script = (f"mount -t tmpfs -o size=4m tmpfs {mnt} || exit 98; "
-              f"{cli} tests.integration.disk_filler {mnt}/filler {args} >{out}/1.out 2>{out}/1.err; echo $? >{out}/1.rc; "
-              f"cp -a {mnt}/run {full}; rm {mnt}/filler; "
-              f"{cli} incubate.cli {args} >{out}/2.out 2>{out}/2.err; echo $? >{out}/2.rc")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=PROCESS_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr
-    read = {name: (out / name).read_text() for name in ("1.rc", "1.err", "2.rc", "2.out", "2.err")}
+    mnt, full = tmp_path / "mnt", tmp_path / "when_full"
+    read = _fill_a_tmpfs_then_rerun(tmp_path, "4m", "", f"meta --recipe {recipe} --out {mnt}/run",
+                                    after_fill=f"cp -a {mnt}/run {full}")
     ckpt = mnt / "run/meta/checkpoint.safetensors"
     assert read["1.rc"].strip() == "2" and one_error_line(read["1.err"]) == (
         f"incubate: error: cannot write {ckpt}: No space left on device; the previous checkpoint.safetensors "
@@ -230,18 +238,9 @@ def test_real_disk_full_while_writing_the_token_cache_leaves_no_entry_and_a_reru
     run, mnt, out = tmp_path / "run", tmp_path / "mnt", tmp_path / "out"
     assert run_main(capsys, "meta", "--recipe", recipe, "--out", run)[0] == 0     # with its own RUN/token_cache
     before = {p.name: p.read_bytes() for p in (run / "meta").iterdir() if p.name != ".lock"}
-    mnt.mkdir()
-    out.mkdir()
-    cli, args = f"{sys.executable} -m", f"incubate --recipe {recipe} --out {run} --module 0 --set data.cache_dir={mnt}/cache"
-    # a private mount namespace: the tmpfs exists for this one script only, so what it holds is listed out
-    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} || exit 98; "
-              f"{cli} tests.integration.disk_filler token_cache {mnt}/filler {args} >{out}/1.out 2>{out}/1.err; "
-              f"echo $? >{out}/1.rc; ls -A {mnt}/cache >{out}/1.ls; rm {mnt}/filler; "
-              f"{cli} incubate.cli {args} >{out}/2.out 2>{out}/2.err; echo $? >{out}/2.rc; ls -A {mnt}/cache >{out}/2.ls")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=PROCESS_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr
-    read = {p.name: p.read_text() for p in out.iterdir()}
+    args = f"incubate --recipe {recipe} --out {run} --module 0 --set data.cache_dir={mnt}/cache"
+    read = _fill_a_tmpfs_then_rerun(tmp_path, "1m", "token_cache", args, after_fill=f"ls -A {mnt}/cache >{out}/1.ls",
+                                    after_rerun=f"ls -A {mnt}/cache >{out}/2.ls")
     entries = read["2.ls"].split()
     assert read["2.rc"].strip() == "0" and len([e for e in entries if not e.startswith(".")]) == 1, read
     entry = mnt / "cache" / next(e for e in entries if not e.startswith("."))

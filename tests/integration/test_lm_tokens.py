@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from incubate import resume
 from incubate.cli import main
 
-from ..conftest import (PROCESS_TIMEOUT_S, ROOT, TINY_LM, _as_in_a_cli_process, in_process, make_corpus,
+from ..conftest import (PROCESS_TIMEOUT_S, ROOT, TINY_LM, as_in_a_cli_process, in_process, make_corpus,
                         one_error_line, run_main)
 
 PER_UPDATE = 16 * 16          # TINY_LM: batch 16 x context 16 tokens an update, one process
@@ -116,7 +116,7 @@ def test_mid_budget_kill_and_resume_ends_at_the_uninterrupted_weights(token_run,
             if len(saves) == 3:
                 raise Stop
     monkeypatch.setattr(resume, "save_training_state", stop_after_the_third_mid_epoch_save)
-    with pytest.raises(Stop), _as_in_a_cli_process():
+    with pytest.raises(Stop), as_in_a_cli_process():
         main(["e2e", "--recipe", str(recipe), "--out", str(run), *sets])
     monkeypatch.undo()
     assert saves == [4, 8, 12]
