@@ -28,7 +28,8 @@ class Split:
         return len(self.labels)
 
 
-DIGITS_SPLIT = Path(__file__).with_name("digits_split.npy")    # 1,347 train then 450 test indices
+DIGITS_SPLIT = Path(__file__).with_name("digits_split.npy")    # the train indices, then the test ones
+DIGITS_TEST = 450                                              # test_size=0.25 of 1,797, rounded up
 
 
 def _digits_csv() -> Path | None:
@@ -59,7 +60,7 @@ def read_digits():
     images, target = _load_digits()
     images = (images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
     order = np.load(DIGITS_SPLIT)
-    train, test = order[:1347], order[1347:]
+    train, test = order[:-DIGITS_TEST], order[-DIGITS_TEST:]
     return Split(torch.from_numpy(images[train]), torch.from_numpy(target[train]).long()), \
         Split(torch.from_numpy(images[test]), torch.from_numpy(target[test]).long()), [str(n) for n in range(10)]
 
