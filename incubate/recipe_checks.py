@@ -8,8 +8,9 @@ def _counts(values) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
 
 
-def validate(recipe, stages) -> None:
-    """Refuse, in one line, a recipe whose keys disagree; `stages` are the sections of overrides."""
+def validate(recipe, stages, family_checks: bool = True) -> None:
+    """Refuse, in one line, a recipe whose keys disagree; `stages` are the sections of overrides.
+    family_checks=False leaves out what needs the family's adapter imported (its model keys)."""
     m = recipe.model
     for name, div in (("model.division", m.division), ("model.meta_division", recipe.meta_division)):
         if not div or not _counts(div):
@@ -17,10 +18,11 @@ def validate(recipe, stages) -> None:
     if len(recipe.meta_division) != len(m.division):
         raise UserError(f"model.meta_division has {len(recipe.meta_division)} modules but "
                         f"model.division has {len(m.division)}; give both the same K")
-    from .families import get_family      # here, not at the top: the adapters import timm
-    family = get_family(m.family)
-    family.validate(m)
-    text = getattr(family, "task", "classification") == "causal_lm"
+    from .families import get_family, task_name
+    text = task_name(m.family) == "causal_lm"
+    family = get_family(m.family) if family_checks else None      # imports timm or transformers
+    if family is not None:
+        family.validate(m)
     for stage in stages:
         _validate_stage(stage, recipe.stage(stage), family, m.family, text)
     _validate_tokenizer(recipe.data, text, m.family)

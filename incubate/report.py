@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .families import get_family
-from .tasks import task_of
+from .families import task_name
+from .tasks import get_task
 from .rundir import StageDir, write_summary
 
 
@@ -210,7 +210,7 @@ def plot(run: Path, summary: dict, path: Path, task) -> dict:
 def run_task(run: Path):
     """The task of run directory `run`, from its recipe.yaml's model family."""
     family = (yaml.safe_load((Path(run) / "recipe.yaml").read_text()).get("model") or {}).get("family", "vit")
-    return task_of(get_family(family))
+    return get_task(task_name(family))
 
 
 def report(run: Path) -> dict:

@@ -8,10 +8,9 @@ compares models whatever their tokenizer.
 """
 from __future__ import annotations
 
-import math
+# torch is imported where a method needs it: `incubate status` and `report` read a task without it
 
-import torch
-import torch.nn.functional as F
+import math
 
 from ..errors import UserError
 
@@ -26,6 +25,7 @@ class _NextTokenLoss:
         self.label_smoothing = label_smoothing
 
     def __call__(self, out, y):
+        import torch.nn.functional as F
         logits = logits_of(out)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
                                label_smoothing=self.label_smoothing)
@@ -51,6 +51,8 @@ class CausalLMTask:
         return None, loss, loss
 
     def eval_sums(self, out, y) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
         logits = logits_of(out).float()
         nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
         return torch.stack([nats.double(), (logits.argmax(-1) == y).sum().double(),

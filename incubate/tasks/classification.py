@@ -2,9 +2,7 @@
 label smoothing in training); metrics top-1 accuracy and loss; headline top-1, higher is better."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+# torch is imported where a method needs it: `incubate status` and `report` read a task without it
 
 from ..errors import UserError
 
@@ -27,6 +25,7 @@ class ClassificationTask:
         label smoothing. FLOPs are counted with plain cross-entropy on hard labels."""
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from torch import nn
         if cfg.mixup > 0 or cfg.cutmix > 0:
             mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                           num_classes=bundle.num_classes)
@@ -39,6 +38,8 @@ class ClassificationTask:
 
     def eval_sums(self, out, y) -> torch.Tensor:
         """Summed loss, correct predictions and samples of one batch (float64, summed over ranks)."""
+        import torch
+        import torch.nn.functional as F
         return torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
                             (out.argmax(-1) == y).sum().double(), torch.tensor(float(len(y)), dtype=torch.float64,
                                                                              device=out.device)])

@@ -131,3 +131,19 @@ def test_a_launchers_job_wrapper_starts_without_torch():
             "print(sorted(m for m in ('torch', 'timm', 'transformers', 'sklearn') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_status_and_report_read_a_run_without_torch(tmp_path):
+    """`incubate status` and `report` read files: they answer in about a second instead of the 8 s that
+    torch and timm cost to import (the family registry and the tasks import them when first used)."""
+    import subprocess
+    import sys
+    from tests.conftest import in_process, write_recipe
+    run = tmp_path / "run"
+    in_process("meta", "--recipe", write_recipe(tmp_path / "r.yaml", meta__epochs=1), "--out", run, check=True)
+    code = ("import sys\nfrom incubate.cli import main\n"
+            f"assert main(['status', {str(run)!r}]) == 0 and main(['report', {str(run)!r}]) == 0\n"
+            "print(sorted(m for m in ('torch', 'timm', 'transformers', 'sklearn') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+    assert "  meta       finished     top-1 " in proc.stdout and (run / "report.png").exists()
