@@ -1,89 +1,11 @@
-"""`incubate run --launcher slurm` through submitit: stage shapes, a killed rank, the sbatch job, refusals.
-
-Its own file (pytest-xdist's --dist loadfile keeps a file on one worker): beside the other launchers'
-tests it would make one worker's share longer than the whole suite's half."""
-import json
+"""`incubate run --launcher slurm` through submitit: a failed job's outcome, the sbatch job, refusals
+(a whole run through submitit's local executor, a rank killed, is in test_killed_ranks.py)."""
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from incubate.launchers import command
-from ..conftest import PROCESS_TIMEOUT_S, ROOT, in_process, one_error_line, run_main
-from .test_launchers import _children, _recipe
-
-
-def _environ(pid):
-    try:
-        return dict(kv.split(b"=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in kv)
-    except OSError:
-        return {}
-
-
-def _descendants(pid):
-    found, frontier = [], [pid]
-    while frontier:
-        kids = _children(frontier.pop())
-        found += kids
-        frontier += [k for k, _ in kids]
-    return found
-
-
-def _kill_rank_when(proc, rank, ready, deadline_s=300):
-    """SIGKILL the stage process (incubate.cli) of `rank` under proc once ready() holds; its pid."""
-    deadline = time.time() + deadline_s
-    while proc.poll() is None and time.time() < deadline:
-        if ready():
-            for pid, cmdline in _descendants(proc.pid):
-                if "incubate.cli" in cmdline and _environ(pid).get(b"RANK") == str(rank).encode():
-                    os.kill(pid, signal.SIGKILL)
-                    return pid
-        time.sleep(0.05)
-    raise AssertionError(f"no rank {rank} to kill: {proc.poll()=}")
-
-
-@pytest.mark.slow
-def test_slurm_launcher_with_submitits_local_executor_and_stage_shapes(tmp_path):
-    """launch.stages through submitit's local executor: the meta model as a 2-task job (2 ranks of one gloo
-    group), the modules as 1-task jobs at once. Rank 1 of the meta job is killed after its first checkpoint: the
-    job ends with one line naming it, and the rerun resumes; its meta model equals a plain 2-process torchrun run."""
-    pytest.importorskip("submitit")
-    stages = {"meta": {"devices_per_node": 2}, "finetune": {"time_min": 5}}
-    recipe = _recipe(tmp_path / "r.yaml", train__batch_size=16, train__checkpoint_every=2, meta__epochs=2,
-                     launch={"cpus_per_job": 1, "stages": stages, "slurm": {"cluster": "local", "timeout_min": 10}})
-    run = tmp_path / "run"
-    args = ["run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "slurm", "--jobs", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "incubate.cli", *map(str, args)], cwd=ROOT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _kill_rank_when(proc, 1, (run / "meta/checkpoint.safetensors").exists)
-        out, err = proc.communicate(timeout=PROCESS_TIMEOUT_S)
-    finally:
-        proc.kill()
-    line = one_error_line(err)
-    assert proc.returncode == 2 and line.startswith(
-        "incubate: error: job(s) failed: meta: rank 1 of 2: killed by SIGKILL (SLURM job "), out + err
-    assert "[meta] FAILED after 1 tries: rank 1 of 2: killed by SIGKILL" in out
-    assert json.loads((run / "meta/manifest.json").read_text())["finished"] is False
-
-    proc = in_process(*args, check=True)
-    assert "[meta] resuming " in (run / "meta/log.txt").read_text()
-    assert "jobs: finished [module 0, module 1]  skipped []  failed []" in proc.stdout
-    assert proc.stdout.index("[module 1] started") < proc.stdout.index("[module 0] finished")
-    assert any((run / "slurm").iterdir())          # submitit's own job folders
-    for s, world in (("meta", 2), ("modules/0", 1), ("modules/1", 1), ("finetune", 1)):
-        assert json.loads((run / s / "manifest.json").read_text())["world_size"] == world, s
-        assert f"(slurm, {world} process(es), 1 thread(s) each)" in (run / s / "log.txt").read_text()
-    ref = tmp_path / "ref"
-    subprocess.run(command(["meta", "--recipe", str(recipe), "--out", str(ref)], 2), cwd=ROOT,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"), check=True, capture_output=True)
-    x, y = load_file(run / "meta/model.safetensors"), load_file(ref / "meta/model.safetensors")
-    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+from ..conftest import one_error_line, run_main
+from .test_launchers import _recipe
 
 
 class _Task:
