@@ -3,6 +3,8 @@ node (torchrun inside the task when the job has several devices). Ray is an opti
 (`pip install 'deep-incubate[ray]'`)."""
 from __future__ import annotations
 
+import os
+
 from ..errors import UserError
 from .base import gpus_a_node
 from .job import Job, Resources
@@ -23,7 +25,7 @@ class RayLauncher:
             # address=None starts a local instance unless RAY_ADDRESS names a cluster.
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
+                         configure_logging=False, runtime_env=job_runtime_env())
             except ConnectionError as e:
                 raise UserError(f"cannot reach the Ray cluster at {address}: {e}; start it with "
                                 f"`ray start --head` or drop --address for a local instance") from None
@@ -51,3 +53,10 @@ class RayLauncher:
 
     def stop(self, ref) -> None:
         self.ray.cancel(ref, force=True)
+
+
+def job_runtime_env() -> dict:
+    """Ray raises its workers' niceness by 15 over its raylet's, below everything else on the node: a
+    job runs at the raylet's priority instead (for a local instance, that of `incubate run`), as under
+    the other launchers; unless the user sets Ray's own RAY_worker_niceness."""
+    return {} if "RAY_worker_niceness" in os.environ else {"env_vars": {"RAY_worker_niceness": "0"}}

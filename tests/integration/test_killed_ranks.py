@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from incubate.launchers import command, free_port
 from ..conftest import PROCESS_TIMEOUT_S, ROOT, in_process, one_error_line
-from .test_launchers import _children, _recipe
+from .test_launchers import _children, _descendants, _recipe
 
 KILLS = 2
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -89,15 +89,6 @@ def _environ(pid):
         return dict(kv.split(b"=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in kv)
     except OSError:
         return {}
-
-
-def _descendants(pid):
-    found, frontier = [], [pid]
-    while frontier:
-        kids = _children(frontier.pop())
-        found += kids
-        frontier += [k for k, _ in kids]
-    return found
 
 
 def _kill_rank_when(rank, ready, done, killed, deadline_s=300):
