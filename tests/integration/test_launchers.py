@@ -195,7 +195,7 @@ def test_ray_launcher(reference, tmp_path):
         proc.kill()
     assert proc.returncode == 0, out + err
     assert "jobs: finished [module 0, module 1]  skipped []  failed []" in out
-    assert len(jobs) >= 2 and set(jobs.values()) == {_niceness(os.getpid()) + 2}, jobs
+    assert len(jobs) >= 2 and set(jobs.values()) == {min(_niceness(os.getpid()) + 2, 19)}, jobs
     assert "(ray, 1 process(es), 1 thread(s) each)" in (run / "modules/1/log.txt").read_text()
     _same_weights(run, reference)
 
