@@ -1,7 +1,8 @@
 """The family interface: what an adapter must say about one kind of network so that the rest of the
 code (modular.py, the stages, interop.py) can divide, incubate, assemble and export it without
 knowing which kind it is. A new family is one new file implementing `Family`, registered in
-`FAMILIES` (incubate/families/__init__.py), plus a tiny test configuration in
+`FAMILIES` (incubate/families/__init__.py: a `Builtin` entry naming its module, class and task),
+plus a tiny test configuration in
 tests/unit/test_family_contract.py, whose tests every registered family must pass.
 
 Words: the model's *blocks* are its repeated units, flattened in forward order and numbered from 0
