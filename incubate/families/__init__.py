@@ -49,7 +49,7 @@ class Registry(MutableMapping):
     def task_name(self, name) -> str:
         """The task family `name` trains for, without importing a built-in adapter."""
         entry = self._entries[name]
-        return entry.task if isinstance(entry, Builtin) else getattr(entry, "task", "classification")
+        return entry.task if isinstance(entry, Builtin) else adapter_task(entry)
 
 
 FAMILIES: MutableMapping = Registry({
@@ -72,7 +72,12 @@ def task_name(family: str) -> str:
     """The task the family called `family` trains for (ViT: classification), its adapter not imported."""
     if isinstance(FAMILIES, Registry) and family in FAMILIES:
         return FAMILIES.task_name(family)
-    return getattr(get_family(family), "task", "classification")
+    return adapter_task(get_family(family))
+
+
+def adapter_task(adapter) -> str:
+    """The task an adapter names (`task`); one that names none classifies."""
+    return getattr(adapter, "task", "classification")
 
 
 def register_family(family, target, division: list[int], x, meta_division: list[int] | None = None) -> Family:

@@ -8,6 +8,7 @@ therefore never names a task, and a family cannot be paired with another task's 
 from __future__ import annotations
 
 from ..errors import UserError
+from ..families import adapter_task
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
 
@@ -23,4 +24,4 @@ def get_task(name: str):
 
 def task_of(family) -> object:
     """The task a model family trains for (ViT: classification)."""
-    return get_task(getattr(family, "task", "classification"))
+    return get_task(adapter_task(family))
