@@ -15,6 +15,7 @@ per-micro-step `agree` (main before issue 23) that function answers without a co
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 WARMUP = 3
+WORKER_KEYS = ("device", "threads", "rounds", "width", "depth", "img", "batch", "accum")
 
 
 def patch_out_agreement() -> str:
@@ -66,11 +68,19 @@ def worker(args) -> None:
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     if args.threads:
         torch.set_num_threads(args.threads)
-    from incubate import engine, faults
+    from incubate import engine
     pg = importlib.import_module("incubate.dist") if importlib.util.find_spec("incubate.dist") else engine  # older trees
     dist = pg.setup_dist(args.device)
     stamps: list = []
-    register_optimizer_step_pre_hook(lambda opt, a, k: stamps.append(time.perf_counter()))
+    hook = register_optimizer_step_pre_hook(lambda opt, a, k: stamps.append(time.perf_counter()))
+    try:
+        _fits(args, dist, pg, stamps)
+    finally:
+        hook.remove()        # global: it would outlive this function in a caller's process
+
+
+def _fits(args, dist, pg, stamps: list) -> None:
+    from incubate import engine, faults
     saved = {name: getattr(faults.StepGuard, name) for name in ("run", "record", "check", "agree")} \
         if hasattr(faults, "StepGuard") else {"agree": engine.agree}
     kind, rounds = None, []
@@ -78,9 +88,11 @@ def worker(args) -> None:
         on = r % 2 == 0
         kind = patch_out_agreement() if not on else kind
         stamps.clear()
-        _fit_once(args, dist, Path(args.work) / f"fit{r}")
-        for name, fn in saved.items():
-            setattr(faults.StepGuard if hasattr(faults, "StepGuard") else engine, name, fn)
+        try:
+            _fit_once(args, dist, Path(args.work) / f"fit{r}")
+        finally:
+            for name, fn in saved.items():
+                setattr(faults.StepGuard if hasattr(faults, "StepGuard") else engine, name, fn)
         steps = [b - a for a, b in zip(stamps, stamps[1:])][WARMUP:]
         rounds.append({"agreement": on, "steps": len(steps), "median_s": statistics.median(steps)})
     alone = agreement_alone(dist, args.accum)
@@ -129,6 +141,10 @@ def run(args) -> dict:
     port, raw = free_port(), Path(f"{args.out or 'benchmarks/results/agreement'}.raw.json")
     raw.parent.mkdir(parents=True, exist_ok=True)
     procs, work = [], tempfile.mkdtemp(prefix="agreement_")
+    if args.ranks == 1:     # no group to form: this process is the rank (a second would only import again)
+        worker(argparse.Namespace(out=str(raw), work=work, **{k: getattr(args, k) for k in WORKER_KEYS}))
+        shutil.rmtree(work, ignore_errors=True)
+        return summarize(args, json.loads(raw.read_text()))
     for rank in range(args.ranks):
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
         if args.ranks > 1:
@@ -145,8 +161,7 @@ def run(args) -> dict:
 
 
 def _worker_args(args) -> list:
-    return [f"--{k}={getattr(args, k)}" for k in ("device", "threads", "rounds", "width", "depth", "img", "batch",
-                                                 "accum")]
+    return [f"--{k}={getattr(args, k)}" for k in WORKER_KEYS]
 
 
 def add_arguments(ap) -> None:
@@ -171,7 +186,6 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", required=True)

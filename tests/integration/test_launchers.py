@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ def _recipe(path, launch=None, **changes):
                         **changes)
 
 
-def _same_weights(a, b):
-    for s in STAGES:
+def _same_weights(a, b, stages=STAGES):
+    for s in stages:
         x, y = load_file(a / s / "model.safetensors"), load_file(b / s / "model.safetensors")
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), s
 
@@ -40,8 +41,9 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
+    """Every stage a job; launch.stages gives the fine-tune 2 processes: a torchrun job on a port of its own."""
     tmp = tmp_path_factory.mktemp("local")
-    recipe = _recipe(tmp / "r.yaml")
+    recipe = _recipe(tmp / "r.yaml", launch={"cpus_per_job": 1, "stages": {"finetune": {"devices_per_node": 2}}})
     proc = in_process("run", "--recipe", recipe, "--out", tmp / "run", "--no-e2e", "--launcher", "local", "--jobs", "2",
                check=True)
     return recipe, tmp / "run", proc
@@ -54,10 +56,13 @@ def test_local_launcher_runs_module_jobs_at_once_with_the_same_weights(local_run
     assert out.index("[module 1] started") < out.index("[module 0] finished")
     assert "  [module 0] epoch 1/1 loss" in out and "  [meta] epoch 1/1 loss" in out   # one progress line a job
     assert "jobs: finished [module 0, module 1]  skipped []  failed []" in out
-    for s in STAGES:
+    for s in STAGES[:-1]:
         assert "(local, 1 process(es), 1 thread(s) each)" in (run / s / "log.txt").read_text()
     assert "[module 1] epoch 1/1" in (run / "modules/1/log.txt").read_text()
-    _same_weights(run, reference)
+    _same_weights(run, reference, STAGES[:-1])      # a 2-process fine-tune rounds otherwise
+    assert json.loads((run / "finetune/manifest.json").read_text())["world_size"] == 2
+    log = (run / "finetune/log.txt").read_text()
+    assert "(local, 2 process(es), 1 thread(s) each)" in log and "[finetune] epoch 1/1" in log
 
 
 def test_local_rerun_skips_every_finished_job(local_run):
@@ -71,14 +76,19 @@ def test_local_rerun_skips_every_finished_job(local_run):
 
 
 def _children(pid):
+    """(pid, command line) of each child of `pid`, from /proc/PID/task/*/children: polled every few ms,
+    a scan of all of /proc cost the Ray test 20 s of CPU."""
     out = []
-    for entry in os.listdir("/proc"):
+    for tasks in Path(f"/proc/{pid}/task").glob("*/children"):
         try:
-            stat = open(f"/proc/{entry}/stat").read()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append((int(entry), open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()))
-        except (OSError, ValueError, IndexError):
+            kids = tasks.read_text().split()
+        except OSError:
             continue
+        for kid in map(int, kids):
+            try:
+                out.append((kid, open(f"/proc/{kid}/cmdline", "rb").read().replace(b"\0", b" ").decode()))
+            except OSError:
+                continue
     return out
 
 
@@ -145,35 +155,20 @@ def test_a_user_error_in_a_job_is_not_retried_and_names_the_file(local_run, tmp_
     assert proc.stderr.count("\n") == 1
 
 
-@pytest.mark.slow
-def test_local_launcher_runs_torchrun_jobs_on_their_own_ports(reference, tmp_path):
-    """launch.stages gives the fine-tune 2 processes: the local launcher runs it as a torchrun job on a
-    port of its own (the finished stages before it are copied: a job of every other stage is a CLI
-    process like any; tests/integration/test_killed_ranks.py runs a 2-process meta model)."""
-    recipe = _recipe(tmp_path / "r.yaml", launch={"cpus_per_job": 1, "stages": {"finetune": {"devices_per_node": 2}}})
-    run = tmp_path / "run"
-    for s in STAGES[:-1]:
-        shutil.copytree(reference / s, run / s)
-    proc = in_process("run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "local", "--jobs", "2",
-                      check=True)
-    assert "jobs: finished []  skipped [module 0, module 1]" in proc.stdout
-    assert json.loads((run / "finetune/manifest.json").read_text())["world_size"] == 2
-    log = (run / "finetune/log.txt").read_text()
-    assert "(local, 2 process(es), 1 thread(s) each)" in log and "[finetune] epoch 1/1" in log
-
-
 def _niceness(pid):
     return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[16])
 
 
 @pytest.mark.slow
 def test_ray_launcher(reference, tmp_path):
-    """Ray tasks run the jobs, to the same weights, at the priority of `incubate run` (Ray's own default
-    for its workers, niceness 15, gave a job a few percent of a core beside other work)."""
+    """Ray tasks run the module jobs at once, to the same weights, at the priority of `incubate run` (Ray's
+    own default for its workers, niceness 15, gave a job a few percent of a core beside other work). The
+    other stages are copied: a job of one of them goes through the same scheduler, tested above."""
     pytest.importorskip("ray")
     recipe = _recipe(tmp_path / "r.yaml")
     run = tmp_path / "run"
-    shutil.copytree(reference / "meta", run / "meta")     # a Ray task a job: the modules, assembly and fine-tune
+    for s in ("meta", "assembled", "finetune"):
+        shutil.copytree(reference / s, run / s)
     cmd = [sys.executable, "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(run), "--no-e2e",
            "--launcher", "ray", "--jobs", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_ADDRESS="", RAY_USAGE_STATS_ENABLED="0")
@@ -195,6 +190,7 @@ def test_ray_launcher(reference, tmp_path):
         proc.kill()
     assert proc.returncode == 0, out + err
     assert "jobs: finished [module 0, module 1]  skipped []  failed []" in out
+    assert "[assembled] skipped: already finished" in out and "[finetune] skipped: already finished" in out
     assert len(jobs) >= 2 and set(jobs.values()) == {min(_niceness(os.getpid()) + 2, 19)}, jobs
     assert "(ray, 1 process(es), 1 thread(s) each)" in (run / "modules/1/log.txt").read_text()
     _same_weights(run, reference)

@@ -57,18 +57,6 @@ def _fresh_python(code: str, cwd, *args):
     return proc
 
 
-def test_lm_export_loads_in_transformers_with_no_code_of_ours(lm_run, tmp_path, capsys):
-    _, run, _ = lm_run
-    assert run_main(capsys, "export", run, "--stage", "finetune", "--to", tmp_path / "hf")[0] == 0
-    code = ("import sys, torch, transformers; from safetensors.torch import load_file\n"
-            "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
-            "sd = load_file(sys.argv[2]); own = m.state_dict()\n"
-            "assert all(torch.equal(own[k], v) for k, v in sd.items()) and own.keys() == sd.keys()\n"
-            "print(type(m).__name__, tuple(m(torch.tensor([list(b'def ')])).logits.shape))")
-    proc = _fresh_python(code, tmp_path, tmp_path / "hf", run / "finetune/model.safetensors")
-    assert "LlamaForCausalLM (1, 4, 256)" in proc.stdout
-
-
 def test_sample_evaluate_and_refusals(lm_run, capsys):
     recipe, run, _ = lm_run
     greedy = [run_main(capsys, "sample", run, "--prompt", "def ", "--tokens", "20") for _ in range(2)]
@@ -109,9 +97,9 @@ def test_every_architecture_runs_every_stage_and_exports_to_transformers(name, t
     assert torch.equal(plain(x).logits, ours(x).logits)
 
 
-# kill -9 and resume: test_resume_and_ddp.py kills a real stage process (the checkpoint files are the
-# family's own only in their tensors); test_lm_tokens.py stops an LM mid-budget and resumes it to the
-# uninterrupted weights and evaluation rows
+# kill -9 and resume: tests/gpu/test_cuda.py kills a real stage process (on the CPU in the GPU run's smoke
+# test; the checkpoint files are the family's own only in their tensors); test_lm_tokens.py stops an LM
+# mid-budget and resumes it to the uninterrupted weights and evaluation rows
 
 # launchers: an LM job is a CLI process like any other; test_launchers.py runs module jobs at once and
 # test_lm_tokens.py an LM's growth job, each ending at the in-process weights
@@ -153,25 +141,34 @@ def test_bpe_run_trains_one_tokenizer_that_every_stage_reads(bpe_run, capsys):
     assert (run / "tokenizer.json").stat().st_mtime_ns == mtime
 
 
-def test_bpe_export_loads_in_transformers_with_its_tokenizer(bpe_run, tmp_path, capsys):
-    _, run, _ = bpe_run
-    rc, out, _ = run_main(capsys, "export", run, "--stage", "finetune", "--to", tmp_path / "hf")
-    assert rc == 0 and "transformers.AutoTokenizer.from_pretrained" in out
-    assert (tmp_path / "hf/tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+def test_exports_load_in_transformers_with_no_code_of_ours(lm_run, bpe_run, tmp_path, capsys):
+    """Both runs' fine-tuned models, exported, in one new Python: the byte model alone, the BPE one with
+    its tokenizer (the same ids as our tokenizer.json, and no end-of-text token it never saw)."""
+    for name, (_, run, _) in (("bytes", lm_run), ("bpe", bpe_run)):
+        rc, out, _ = run_main(capsys, "export", run, "--stage", "finetune", "--to", tmp_path / name)
+        assert rc == 0, name
+    bpe = bpe_run[1]
+    assert "transformers.AutoTokenizer.from_pretrained" in out
+    assert (tmp_path / "bpe/tokenizer.json").read_bytes() == (bpe / "tokenizer.json").read_bytes()
     code = ("import sys, torch, transformers, tokenizers; from safetensors.torch import load_file\n"
-            "tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
-            "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
-            "sd = load_file(sys.argv[2]); own = m.state_dict()\n"
-            "assert all(torch.equal(own[k], v) for k, v in sd.items()) and own.keys() == sd.keys()\n"
+            "def load(folder, weights):\n"
+            "    m = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()\n"
+            "    sd = load_file(weights); own = m.state_dict()\n"
+            "    assert all(torch.equal(own[k], v) for k, v in sd.items()) and own.keys() == sd.keys()\n"
+            "    return m\n"
+            "m = load(sys.argv[1], sys.argv[2])\n"
+            "print(type(m).__name__, tuple(m(torch.tensor([list(b'def ')])).logits.shape))\n"
+            "tok = transformers.AutoTokenizer.from_pretrained(sys.argv[3])\n"
+            "m = load(sys.argv[3], sys.argv[4])\n"
             "s = 'def dumps(obj):\\n    return \"h\\u00e9llo \\u2211 \\U0001f600\"  # caf\\u00e9'\n"
             "ids = tok(s)['input_ids']\n"
             "assert tok.decode(ids) == s, tok.decode(ids)\n"
-            "assert ids == tokenizers.Tokenizer.from_file(sys.argv[2].replace('finetune/model.safetensors', "
-            "'tokenizer.json')).encode(s).ids\n"
+            "assert ids == tokenizers.Tokenizer.from_file(sys.argv[5]).encode(s).ids\n"
             "assert m.config.eos_token_id is None and m.generation_config.eos_token_id is None\n"
             "print(type(m).__name__, len(tok), tuple(m(torch.tensor([ids[:8]])).logits.shape))")
-    proc = _fresh_python(code, tmp_path, tmp_path / "hf", run / "finetune/model.safetensors")
-    assert "LlamaForCausalLM 300 (1, 8, 300)" in proc.stdout
+    proc = _fresh_python(code, tmp_path, tmp_path / "bytes", lm_run[1] / "finetune/model.safetensors",
+                         tmp_path / "bpe", bpe / "finetune/model.safetensors", bpe / "tokenizer.json")
+    assert proc.stdout.splitlines() == ["LlamaForCausalLM (1, 4, 256)", "LlamaForCausalLM 300 (1, 8, 300)"]
 
 
 def test_bpe_sample_evaluate_and_a_replaced_tokenizer(bpe_run, tmp_path, capsys):

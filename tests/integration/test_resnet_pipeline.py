@@ -73,8 +73,8 @@ def test_export_loads_strictly_in_plain_timm_and_predicts_the_same(resnet_run, s
 
 
 def test_a_module_job_stopped_after_an_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
-    """In-process stand-in for a kill (tests/integration/test_resume_and_ddp.py kills a real process):
-    the job dies in its second evaluation, after epoch 1's checkpoint, and a rerun goes on from it."""
+    """In-process stand-in for a kill (tests/gpu/test_cuda.py kills a real process; the GPU run's smoke test
+    runs it on the CPU): the job dies in its second evaluation, after epoch 1's checkpoint, and a rerun goes on."""
     from incubate import engine
     from incubate.config import load_recipe
     from incubate.lock import release

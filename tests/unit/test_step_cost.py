@@ -78,10 +78,17 @@ def test_data_wait_measures_every_loader_setting(tmp_path):
     assert "data-wait share (in-memory, batched)" in res["bars"]
 
 
-def test_agreement_cost_times_steps_with_and_without_the_agreement(tmp_path):
-    """--agreement: fits alternately with the step guard and with it patched to a no-op (one process here)."""
+def test_agreement_cost_times_steps_with_and_without_the_agreement(tmp_path, monkeypatch):
+    """--agreement: fits alternately with the step guard and with it patched to a no-op; one rank runs in
+    this very process, and leaves neither its step hook nor the patch behind."""
+    from torch.optim import optimizer
+    from incubate import faults
+    from benchmarks import agreement_cost
+    hooks, guard = dict(optimizer._global_optimizer_pre_hooks), dict(vars(faults.StepGuard))
+    monkeypatch.setattr(agreement_cost.subprocess, "Popen", None)      # no second process
     res = step_cost.main(["--agreement", "--ranks", "1", "--rounds", "2", "--width", "32", "--depth", "1",
                           "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "ag")])
+    assert dict(optimizer._global_optimizer_pre_hooks) == hooks and dict(vars(faults.StepGuard)) == guard
     assert [r["agreement"] for r in res["rounds"]] == [True, False] and res["agreement_kind"].startswith("StepGuard")
     assert all(r["steps"] > 5 and r["median_s"] > 0 for r in res["rounds"])
     assert res["ratio_with_over_without"] > 0
