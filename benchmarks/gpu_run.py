@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -67,17 +68,21 @@ def _version_tuple(v: str) -> tuple:
 
 
 def machine(smoke: bool) -> dict:
-    """Versions found, what is missing (said plainly), and the GPU."""
+    """Versions installed, what is missing (said plainly), and the GPU. Versions are read from the
+    installed distributions, not by importing them (6 s of a 9-minute run); a part that imports a
+    broken one fails with that error in its own file."""
     found, missing = {}, []
     for module, dist, minimum, need in PACKAGES:
         try:
-            mod = importlib.import_module(module)
-            version = getattr(mod, "__version__", "?")
-            found[dist] = version
-            if minimum and _version_tuple(version) < _version_tuple(minimum):
-                missing.append(f"{dist} >= {minimum} (found {version}; needed by {need})")
-        except Exception as e:       # an import that fails for any reason is as good as missing
-            missing.append(f"{dist} ({need}): {type(e).__name__}: {e}")
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(f"{dist} ({need}): not installed")
+            continue
+        found[dist] = version
+        if importlib.util.find_spec(module) is None:
+            missing.append(f"{dist} ({need}): installed, but there is no module {module} to import")
+        elif minimum and _version_tuple(version) < _version_tuple(minimum):
+            missing.append(f"{dist} >= {minimum} (found {version}; needed by {need})")
     env = {"python": platform.python_version(), "packages": found, "missing": missing, "smoke": smoke,
            "cpu_count": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     try:

@@ -10,7 +10,8 @@ most 30 ms after a mid-epoch checkpoint, train.checkpoint_every, appeared). Afte
 
 then the run is started again (a killed `run`) or its launcher retries the job (a killed job),
 which resumes from the last checkpoint. When a run completes, every weights file must equal the
-uninterrupted reference run's, tensor for tensor (CPU, deterministic: true, one thread a job), and
+uninterrupted reference run's (in the harness's process), tensor for tensor (CPU, deterministic:
+true, one thread a job), and
 a fresh round starts until --kills kills were made.
 
     python -m benchmarks.kill_harness --kills 20 --launcher local          # full form
@@ -185,6 +186,25 @@ def equal(a: dict, b: dict) -> bool:
     return all(a[s].keys() == b[s].keys() and all(torch.equal(a[s][k], b[s][k]) for k in a[s]) for s in STAGES)
 
 
+def reference_run(recipe: Path, run: Path, log: Path) -> int:
+    """The uninterrupted run, in this process (a process of its own would only import again), on one
+    thread as every job: the weights each round must end at, whatever launcher the rounds use."""
+    import contextlib
+
+    import torch
+
+    from incubate.cli import main
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(1)
+    try:
+        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            return main(["run", "--recipe", str(recipe), "--out", str(run), "--no-e2e"])
+    finally:       # what the run turned on for the whole process (deterministic: true) is put back
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
 def harness(kills: int, launcher: str, work: Path, seed: int = 0) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     recipe = work / "recipe.yaml"
@@ -193,7 +213,7 @@ def harness(kills: int, launcher: str, work: Path, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     ref = work / "reference"
     shutil.rmtree(ref, ignore_errors=True)
-    if start(run_command(recipe, ref, launcher), work / "reference.log").wait() != 0:
+    if reference_run(recipe, ref, work / "reference.log") != 0:
         raise SystemExit(f"the reference run failed; see {work / 'reference.log'}")
     reference = weights(ref)
     counts = {"kills": 0, "kills_whole_run": 0, "kills_one_job": 0, "kills_while_writing": 0, "kills_mid_epoch": 0,

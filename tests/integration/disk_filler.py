@@ -1,13 +1,16 @@
-"""The CLI, with the file system under the run directory (or the token cache) filled up during a write.
+"""The CLI, with the file system under the run directory (or the token cache) filled up during a write,
+then the same command again with the space given back, both in this one process.
 
-    python -m tests.integration.disk_filler [checkpoint|token_cache] FILLER incubate-args...
+    python -m tests.integration.disk_filler checkpoint|token_cache FILLER OUT AFTER_FILL AFTER_RERUN incubate-args...
 
-checkpoint (the default): when the second training checkpoint of a stage starts being written (the
-first is on disk), FILLER (a file on the same file system) grows until the file system is full,
-then gives back 8 KiB: the checkpoint's write begins and meets the kernel's own ENOSPC part way.
+checkpoint: when the second training checkpoint of a stage starts being written (the first is on
+disk), FILLER (a file on the same file system) grows until the file system is full, then gives back
+8 KiB: the checkpoint's write begins and meets the kernel's own ENOSPC part way.
 token_cache: the same when the first token file of a cache entry (train.bin) starts being written.
-Nothing about the write itself is faked. Meant to run on a small tmpfs (see test_bad_input.py), so
-that filling it is quick.
+Nothing about the write itself is faked. Then the shell command AFTER_FILL runs (to copy or list
+what the test needs out of the file system), FILLER is removed, the filling is undone and the command
+runs again; then AFTER_RERUN. Each run's exit code and output go to OUT/1.rc, 1.out, 1.err and 2.*.
+Meant to run on a small tmpfs (see test_bad_input.py), so that filling it is quick.
 """
 import errno
 import os
@@ -55,8 +58,27 @@ def patch_token_cache(filler: Path) -> None:
     token_cache._write_split = filling
 
 
-if __name__ == "__main__":
-    at = sys.argv.pop(1) if sys.argv[1] in ("checkpoint", "token_cache") else "checkpoint"
-    {"checkpoint": patch_checkpoint, "token_cache": patch_token_cache}[at](Path(sys.argv[1]))
+def run_cli(args: list[str], out: Path, n: int) -> None:
+    import contextlib
     from incubate.cli import main
-    sys.exit(main(sys.argv[2:]))
+    with open(out / f"{n}.out", "w") as o, open(out / f"{n}.err", "w") as e, \
+            contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        rc = main(args)
+    (out / f"{n}.rc").write_text(f"{rc}\n")
+
+
+if __name__ == "__main__":
+    import subprocess
+    at, filler, out, after_fill, after_rerun, args = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), \
+        sys.argv[4], sys.argv[5], sys.argv[6:]
+    module, name = {"checkpoint": ("checkpoint", "save_file"), "token_cache": ("token_cache", "_write_split")}[at]
+    import importlib
+    target = importlib.import_module(f"incubate.{module}")
+    real = getattr(target, name)
+    {"checkpoint": patch_checkpoint, "token_cache": patch_token_cache}[at](filler)
+    run_cli(args, out, 1)
+    subprocess.run(after_fill, shell=True, check=True)
+    filler.unlink()
+    setattr(target, name, real)          # the space is back: the rerun writes as any would
+    run_cli(args, out, 2)
+    subprocess.run(after_rerun, shell=True, check=True)

@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -196,17 +197,15 @@ def test_resume_on_a_read_only_file_system(tmp_path, capsys, monkeypatch):
 
 def _fill_a_tmpfs_then_rerun(tmp_path, size: str, filler: str, args: str, after_fill="", after_rerun="") -> dict:
     """In a private mount namespace (the tmpfs exists for this one script only, so what the test needs of it
-    is copied or listed out by `after_fill` / `after_rerun`): a tmpfs of `size` at tmp_path/mnt, `incubate
-    ARGS` under tests/integration/disk_filler.py (mode `filler`) until the disk is full, the filler removed,
-    then `incubate ARGS` again. Returns tmp_path/out's files: 1.rc, 1.err, 2.rc, 2.out, 2.err and any other."""
+    is copied or listed out by `after_fill` / `after_rerun`): a tmpfs of `size` at tmp_path/mnt, and
+    tests/integration/disk_filler.py (mode `filler`) running `incubate ARGS` until the disk is full, then again
+    with the space back, in one process. Returns tmp_path/out's files: 1.rc, 1.err, 2.rc, 2.out, 2.err and any other."""
     mnt, out = tmp_path / "mnt", tmp_path / "out"
     mnt.mkdir()
     out.mkdir()
-    py = f"{sys.executable} -m"
-    script = (f"mount -t tmpfs -o size={size} tmpfs {mnt} || exit 98; "
-              f"{py} tests.integration.disk_filler {filler} {mnt}/filler {args} >{out}/1.out 2>{out}/1.err; "
-              f"echo $? >{out}/1.rc; {after_fill or ':'}; rm {mnt}/filler; "
-              f"{py} incubate.cli {args} >{out}/2.out 2>{out}/2.err; echo $? >{out}/2.rc; {after_rerun or ':'}")
+    script = (f"mount -t tmpfs -o size={size} tmpfs {mnt} || exit 98; exec {sys.executable} -m "
+              f"tests.integration.disk_filler {filler} {mnt}/filler {out} {shlex.quote(after_fill or ':')} "
+              f"{shlex.quote(after_rerun or ':')} {args}")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
@@ -219,7 +218,7 @@ def test_real_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes(t
     """A tmpfs of a few MB, filled up while epoch 2's checkpoint is being written: the kernel's own ENOSPC."""
     recipe = write_recipe(tmp_path / "r.yaml")
     mnt, full = tmp_path / "mnt", tmp_path / "when_full"
-    read = _fill_a_tmpfs_then_rerun(tmp_path, "4m", "", f"meta --recipe {recipe} --out {mnt}/run",
+    read = _fill_a_tmpfs_then_rerun(tmp_path, "4m", "checkpoint", f"meta --recipe {recipe} --out {mnt}/run",
                                     after_fill=f"cp -a {mnt}/run {full}")
     ckpt = mnt / "run/meta/checkpoint.safetensors"
     assert read["1.rc"].strip() == "2" and one_error_line(read["1.err"]) == (

@@ -203,3 +203,14 @@ def test_points_that_do_not_fit_in_the_time_left_are_skipped(tmp_path, monkeypat
     assert all("needs ~" in s["why"] for s in report["skipped"])
     md = gpu_accuracy.markdown(dict(report, command="c", mode="full", time="t"))
     assert "| vit | e2e | - | 10 | 10.0 | 50.00 |" in md and "Skipped vit meta 40: needs ~" in md
+
+
+def test_the_machine_part_reads_versions_without_importing(monkeypatch):
+    monkeypatch.setattr(gpu_run, "PACKAGES", [("no_such_module", "no-such-dist", None, "nothing"),
+                                              ("no_such_module", "torch", None, "a renamed module"),
+                                              ("json", "torch", "99.0", "the future")])
+    monkeypatch.setattr(gpu_run.importlib, "import_module", None)      # nothing is imported to read a version
+    env = gpu_run.machine(smoke=True)
+    assert env["missing"] == ["no-such-dist (nothing): not installed",
+                              "torch (a renamed module): installed, but there is no module no_such_module to import",
+                              f"torch >= 99.0 (found {env['packages']['torch']}; needed by the future)"]

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,21 +110,31 @@ def _copy_without_module_1(run, tmp_path):
     return dst
 
 
-def test_a_failing_job_is_retried_then_reported_and_a_rerun_resumes(local_run, reference, tmp_path):
-    recipe, run, _ = local_run
-    dst = _copy_without_module_1(run, tmp_path)
-    cmd = [sys.executable, "-m", "incubate.cli", "run", "--recipe", str(recipe), "--out", str(dst), "--no-e2e",
-           "--launcher", "local", "--jobs", "2", "--retries", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    killed, deadline = set(), time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        for pid, cmdline in _children(proc.pid):      # SIGKILL module 1's job on every try
-            if "--module 1" in cmdline and pid not in killed:
+def _kill_every_try_of(marker, done, killed, deadline_s=300):
+    """SIGKILL each job of this process whose command line holds `marker`, once, until done is set."""
+    deadline = time.time() + deadline_s
+    while not done.is_set() and time.time() < deadline:
+        for pid, cmdline in _children(os.getpid()):
+            if marker in cmdline and pid not in killed:
                 os.kill(pid, signal.SIGKILL)
                 killed.add(pid)
         time.sleep(0.05)
-    out, err = proc.communicate(timeout=180)
+
+
+def test_a_failing_job_is_retried_then_reported_and_a_rerun_resumes(local_run, reference, tmp_path):
+    """`incubate run` in this process, a thread SIGKILLing module 1's job on every try."""
+    recipe, run, _ = local_run
+    dst = _copy_without_module_1(run, tmp_path)
+    done, killed = threading.Event(), set()
+    killer = threading.Thread(target=_kill_every_try_of, args=("--module 1", done, killed))
+    killer.start()
+    try:
+        proc = in_process("run", "--recipe", recipe, "--out", dst, "--no-e2e", "--launcher", "local", "--jobs", "2",
+                          "--retries", "1")
+    finally:
+        done.set()
+        killer.join()
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 2 and len(killed) == 2, out + err
     assert "[module 0] skipped: already finished" in out
     assert "[module 1] failed (killed by SIGKILL); retrying from its checkpoint" in out
