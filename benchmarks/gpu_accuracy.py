@@ -49,7 +49,7 @@ PART3 = [
 ]
 # The LM comparison in tokens (issue 20) answers where depth pays: it comes first in part 3.
 PART3.insert(0, Entry("causal_lm", "gpu_lm", smoke={
-    "e2e": [0.002], "meta": [0.002], "ours": [(0.002, "A")], "grow": [(0.002, "A")],
+    "depth": 8, "e2e": [0.002], "meta": [0.002], "ours": [(0.002, "A")], "grow": [(0.002, "A")],
     "sets": ["data.source=text:/usr/share/common-licenses", "model.kwargs.hidden_size=16",
              "model.kwargs.intermediate_size=32", "data.context=32", "data.eval_tokens=2048", "train.batch_size=8",
              "train.lr_base_batch=8", "train.amp=bf16", "train.fused=false", "train.eval_every=10"]}))
