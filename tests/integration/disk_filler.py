@@ -12,8 +12,11 @@ what the test needs out of the file system), FILLER is removed, the filling is u
 runs again; then AFTER_RERUN. Each run's exit code and output go to OUT/1.rc, 1.out, 1.err and 2.*.
 Meant to run on a small tmpfs (see test_bad_input.py), so that filling it is quick.
 """
+import contextlib
 import errno
+import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,7 +62,6 @@ def patch_token_cache(filler: Path) -> None:
 
 
 def run_cli(args: list[str], out: Path, n: int) -> None:
-    import contextlib
     from incubate.cli import main
     with open(out / f"{n}.out", "w") as o, open(out / f"{n}.err", "w") as e, \
             contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
@@ -68,11 +70,9 @@ def run_cli(args: list[str], out: Path, n: int) -> None:
 
 
 if __name__ == "__main__":
-    import subprocess
     at, filler, out, after_fill, after_rerun, args = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), \
         sys.argv[4], sys.argv[5], sys.argv[6:]
     module, name = {"checkpoint": ("checkpoint", "save_file"), "token_cache": ("token_cache", "_write_split")}[at]
-    import importlib
     target = importlib.import_module(f"incubate.{module}")
     real = getattr(target, name)
     {"checkpoint": patch_checkpoint, "token_cache": patch_token_cache}[at](filler)
