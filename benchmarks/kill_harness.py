@@ -191,18 +191,9 @@ def reference_run(recipe: Path, run: Path, log: Path) -> int:
     thread as every job: the weights each round must end at, whatever launcher the rounds use."""
     import contextlib
 
-    import torch
-
-    from incubate.cli import main
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
-    try:
-        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            return main(["run", "--recipe", str(recipe), "--out", str(run), "--no-e2e"])
-    finally:       # what the run turned on for the whole process (deterministic: true) is put back
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    from incubate.cli import as_in_a_cli_process, main
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f), as_in_a_cli_process():
+        return main(["run", "--recipe", str(recipe), "--out", str(run), "--no-e2e"])
 
 
 def harness(kills: int, launcher: str, work: Path, seed: int = 0) -> dict:

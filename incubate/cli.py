@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import sys
@@ -167,3 +168,19 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@contextlib.contextmanager
+def as_in_a_cli_process():
+    """`main` called in another program's process computes as the `incubate` command does: one torch
+    thread (whatever OMP_NUM_THREADS, so that its weights equal a launcher's jobs'); and what a stage
+    turns on for the whole process (deterministic: true) is put back afterwards."""
+    import torch
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.set_num_threads(threads)

@@ -133,7 +133,7 @@ def in_process(*args, check=False):
     the tests that are about processes (launchers, signals, torchrun) still start them."""
     import io
     from types import SimpleNamespace
-    from incubate.cli import main
+    from incubate.cli import as_in_a_cli_process, main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), as_in_a_cli_process():
         rc = main([str(a) for a in args])
@@ -142,25 +142,9 @@ def in_process(*args, check=False):
     return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-@contextlib.contextmanager
-def as_in_a_cli_process():
-    """The CLI in this process computes as `cli` does: one torch thread (whatever this shell's
-    OMP_NUM_THREADS, so that its weights equal a launcher's jobs'); and what a stage turns on for the
-    whole process (deterministic: true) is put back, so that no test depends on the tests before it."""
-    import torch
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.set_num_threads(threads)
-
-
 def run_main(capsys, *args):
     """The CLI in this process (cheaper than a subprocess): returns (exit code, stdout, stderr)."""
-    from incubate.cli import main
+    from incubate.cli import as_in_a_cli_process, main
     capsys.readouterr()
     with as_in_a_cli_process():
         rc = main([str(a) for a in args])

@@ -14,7 +14,6 @@ Meant to run on a small tmpfs (see test_bad_input.py), so that filling it is qui
 """
 import contextlib
 import errno
-import importlib
 import os
 import subprocess
 import sys
@@ -36,7 +35,8 @@ def fill(filler: Path) -> None:
     os.close(fd)
 
 
-def patch_checkpoint(filler: Path) -> None:
+def patch_checkpoint(filler: Path):
+    """Returns what undoes the patch."""
     from incubate import checkpoint
     real = checkpoint.save_file
 
@@ -47,9 +47,11 @@ def patch_checkpoint(filler: Path) -> None:
         return real(tensors, filename, metadata=metadata)
 
     checkpoint.save_file = filling
+    return lambda: setattr(checkpoint, "save_file", real)
 
 
-def patch_token_cache(filler: Path) -> None:
+def patch_token_cache(filler: Path):
+    """Returns what undoes the patch."""
     from incubate import token_cache
     real = token_cache._write_split
 
@@ -59,6 +61,7 @@ def patch_token_cache(filler: Path) -> None:
         return real(path, parts, dtype)
 
     token_cache._write_split = filling
+    return lambda: setattr(token_cache, "_write_split", real)
 
 
 def run_cli(args: list[str], out: Path, n: int) -> None:
@@ -72,13 +75,10 @@ def run_cli(args: list[str], out: Path, n: int) -> None:
 if __name__ == "__main__":
     at, filler, out, after_fill, after_rerun, args = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), \
         sys.argv[4], sys.argv[5], sys.argv[6:]
-    module, name = {"checkpoint": ("checkpoint", "save_file"), "token_cache": ("token_cache", "_write_split")}[at]
-    target = importlib.import_module(f"incubate.{module}")
-    real = getattr(target, name)
-    {"checkpoint": patch_checkpoint, "token_cache": patch_token_cache}[at](filler)
+    undo = {"checkpoint": patch_checkpoint, "token_cache": patch_token_cache}[at](filler)
     run_cli(args, out, 1)
     subprocess.run(after_fill, shell=True, check=True)
     filler.unlink()
-    setattr(target, name, real)          # the space is back: the rerun writes as any would
+    undo()          # the space is back: the rerun writes as any would
     run_cli(args, out, 2)
     subprocess.run(after_rerun, shell=True, check=True)

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from incubate import resume
 from incubate.cli import main
 
-from ..conftest import (PROCESS_TIMEOUT_S, ROOT, TINY_LM, as_in_a_cli_process, in_process, make_corpus,
-                        one_error_line, run_main)
+from incubate.cli import as_in_a_cli_process
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, TINY_LM, in_process, make_corpus, one_error_line, run_main
 
 PER_UPDATE = 16 * 16          # TINY_LM: batch 16 x context 16 tokens an update, one process
 BUDGETS = {"meta": 30, "incubate": 8, "finetune": 8, "e2e": 60, "grow": 20}     # updates
