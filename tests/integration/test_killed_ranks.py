@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from incubate.launchers import command, free_port
 from ..conftest import PROCESS_TIMEOUT_S, ROOT, in_process, one_error_line
-from .test_launchers import _children, _descendants, _recipe
+from .test_launchers import _children, _recipe, kill_jobs
 from .test_rank_faults import gloo_gone
 
 KILLS = 2
@@ -103,19 +103,6 @@ def _environ(pid):
         return {}
 
 
-def _kill_rank_when(rank, ready, done, killed, deadline_s=300):
-    """SIGKILL the stage process (incubate.cli) of `rank` below this process once ready() holds."""
-    deadline = time.time() + deadline_s
-    while not done.is_set() and time.time() < deadline:
-        if ready():
-            for pid, cmdline in _descendants(os.getpid()):
-                if "incubate.cli" in cmdline and _environ(pid).get(b"RANK") == str(rank).encode():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_slurm_launcher_with_submitits_local_executor_and_stage_shapes(reference, tmp_path):
     """launch.stages through submitit's local executor: the meta model as a 2-task job (2 ranks of one gloo
@@ -128,8 +115,10 @@ def test_slurm_launcher_with_submitits_local_executor_and_stage_shapes(reference
     run = tmp_path / "run"
     args = ["run", "--recipe", recipe, "--out", run, "--no-e2e", "--launcher", "slurm", "--jobs", "2"]
     done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_rank_when, args=(1, (run / "meta/checkpoint.safetensors").exists, done,
-                                                            killed))
+    def rank_1_after_a_checkpoint(pid, cmdline):      # its stage process, once the first checkpoint is on disk
+        return ("incubate.cli" in cmdline and _environ(pid).get(b"RANK") == b"1"
+                and (run / "meta/checkpoint.safetensors").exists())
+    killer = threading.Thread(target=kill_jobs, args=(rank_1_after_a_checkpoint, done, killed, 1))
     killer.start()
     try:
         proc = in_process(*args)

@@ -110,14 +110,15 @@ def _copy_without_module_1(run, tmp_path):
     return dst
 
 
-def _kill_every_try_of(marker, done, killed, deadline_s=300):
-    """SIGKILL each job of this process whose command line holds `marker`, once, until done is set."""
+def kill_jobs(match, done, killed: list, most: int | None = None, deadline_s=300):
+    """SIGKILL, once each, every process below this one for which match(pid, cmdline) holds, until done is
+    set or `most` are killed (run in a thread beside an in-process `incubate run`)."""
     deadline = time.time() + deadline_s
-    while not done.is_set() and time.time() < deadline:
-        for pid, cmdline in _children(os.getpid()):
-            if marker in cmdline and pid not in killed:
+    while not done.is_set() and time.time() < deadline and (most is None or len(killed) < most):
+        for pid, cmdline in _descendants(os.getpid()):
+            if pid not in killed and match(pid, cmdline):
                 os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
+                killed.append(pid)
         time.sleep(0.05)
 
 
@@ -125,8 +126,8 @@ def test_a_failing_job_is_retried_then_reported_and_a_rerun_resumes(local_run, r
     """`incubate run` in this process, a thread SIGKILLing module 1's job on every try."""
     recipe, run, _ = local_run
     dst = _copy_without_module_1(run, tmp_path)
-    done, killed = threading.Event(), set()
-    killer = threading.Thread(target=_kill_every_try_of, args=("--module 1", done, killed))
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_jobs, args=(lambda pid, cmdline: "--module 1" in cmdline, done, killed))
     killer.start()
     try:
         proc = in_process("run", "--recipe", recipe, "--out", dst, "--no-e2e", "--launcher", "local", "--jobs", "2",
