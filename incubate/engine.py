@@ -154,8 +154,10 @@ def train_epoch(s: Stage, epoch: int) -> tuple[float, int]:
             except StopIteration:       # fewer batches than planned (data.on_bad_image: skip dropped a whole one)
                 return _add_losses(s.guard.losses.tolist(), samples, loss_sum, seen)
         if sync:
-            loss_sum, seen = end_window(s, epoch, step + 1, micro_steps, samples, loss_sum, seen)
+            loss_sum, seen, ran_out = end_window(s, epoch, step + 1, micro_steps, samples, loss_sum, seen)
             samples = []
+            if ran_out:     # some rank had no batch left (under torchrun): every rank ends the epoch here
+                break
     return loss_sum, seen
 
 
@@ -169,8 +171,9 @@ def _add_losses(losses: list, samples: list, loss_sum: float, seen: int) -> tupl
 
 
 def end_window(s: Stage, epoch: int, steps_done: int, micro_steps: int, samples: list, loss_sum: float,
-               seen: int) -> tuple[float, int]:
-    """The ranks' agreement on an accumulation window, then its optimizer update or its skip."""
+               seen: int) -> tuple[float, int, bool]:
+    """The ranks' agreement on an accumulation window, then its optimizer update or its skip;
+    returns the running sums and whether a rank ran out of batches (the window is then dropped)."""
     tr, pos, guard = s.tr, s.pos, s.guard
     norm = None     # with a GradScaler the norm comes after unscaling, and inf steps are the scaler's to skip
     if tr.scaler is None:
@@ -178,11 +181,13 @@ def end_window(s: Stage, epoch: int, steps_done: int, micro_steps: int, samples:
         norm = None if norm is FAILED else norm
     verdict = guard.agree(s.ckpt.due(pos.num_updates + 1), norm)
     loss_sum, seen = _add_losses(verdict.losses, samples, loss_sum, seen)
-    if verdict.nonfinite:
+    if verdict.ran_out:     # as one process drops the partial window its batches ran out in
+        tr.optimizer.zero_grad(set_to_none=True)
+    elif verdict.nonfinite:
         skip_nonfinite(s, verdict, epoch, steps_done - len(samples))
     else:
         update(s, epoch, verdict.save and steps_done < micro_steps, steps_done, loss_sum, seen, norm)
-    return loss_sum, seen
+    return loss_sum, seen, verdict.ran_out
 
 
 def skip_nonfinite(s: Stage, verdict: Verdict, epoch: int, window_start: int) -> None:
@@ -227,10 +232,20 @@ def end_epoch(s: Stage, epoch: int, train_loss: float) -> dict:
         s.evals.run(tr.run_net, pos.num_updates, epoch, train_loss, s.ckpt.seconds(), final=True)
     metrics = evaluate(tr.run_net, s.test_loader, tr.dist, tr.cfg.amp, s.task)
     s.ckpt.bank()
-    skipped = s.train_loader.take_skipped() + s.test_loader.take_skipped()
-    row = s.log.epoch_row(epoch, train_loss, metrics, tr.optimizer.param_groups[0]["lr"], pos.seconds, skipped)
+    row = s.log.epoch_row(epoch, train_loss, metrics, tr.optimizer.param_groups[0]["lr"], pos.seconds,
+                           skipped_images(s))
     s.ckpt.save_epoch_end(epoch, first=lambda: s.log.write_epoch(row, metrics, pos.num_updates))
     return metrics
+
+
+def skipped_images(s: Stage) -> list:
+    """The distinct unreadable files every rank skipped this epoch (data.on_bad_image: skip)."""
+    skipped = s.train_loader.take_skipped() + s.test_loader.take_skipped()
+    if s.tr.dist.world > 1:
+        every = [None] * s.tr.dist.world
+        tdist.all_gather_object(every, skipped)
+        skipped = sorted({f for files in every for f in files})
+    return skipped
 
 
 def summary(s: Stage, metrics: dict) -> dict:

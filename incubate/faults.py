@@ -12,7 +12,9 @@ tensor (failures, every micro-step's loss on every rank, the gradient norm, whet
 is due) and read it back: the one host sync of a step. When a rank failed, its message is gathered
 and every rank raises the same error: rank 0 prints it, the others exit quietly. A failure in the
 optimizer step is agreed on at the next agreement (the next window's, or before an evaluation or
-a save), so nothing is written after it. A rank whose stand-in fails too stops alone (torchrun's
+a save), so nothing is written after it. A rank whose batches run out before the others' (a batch
+data.on_bad_image: skip dropped whole) steps on its stand-in with a zero loss until the window's
+agreement, where every rank ends the epoch. A rank whose stand-in fails too stops alone (torchrun's
 agent then stops the others, without rank 0's line).
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.distributed as tdist
 from .errors import UserError
 
 FAILED = object()       # what StepGuard.run returns for a part that raised (under torchrun)
+RAN_OUT = object()      # what it returns for a read that found no batch left (under torchrun)
 
 
 class StoppedEverywhere(UserError):
@@ -90,6 +93,7 @@ class Verdict:
     bad_loss: tuple | None = None       # (micro-step in the window, rank, value): the first NaN/inf loss
     grad_norm: float = 0.0              # the gradient norm (0 with a GradScaler: it skips inf steps itself)
     save: bool = False                  # some rank asked for a checkpoint now (rank 0's clock: checkpoint_minutes)
+    ran_out: bool = False               # some rank's batches ran out in this window: every rank ends the epoch
     nonfinite: bool = field(init=False)
 
     def __post_init__(self):
@@ -103,6 +107,7 @@ class StepGuard:
         self.dist, self.accum, self.kept = dist, accum_steps, kept     # kept(): what a failure's line adds
         self.losses = torch.zeros(accum_steps, dtype=torch.float64, device=dist.device)
         self.error, self.where = None, ""
+        self.ran_out = False        # this rank's batches ran out in this window
         self.stand_in = None        # the last batch this rank read: what it steps on after a failure
 
     @property
@@ -110,17 +115,25 @@ class StepGuard:
         return self.error is not None
 
     def run(self, part, where: str):
-        """part(); a failure raises at once alone, under torchrun it is kept (the first) and FAILED returned."""
+        """part(); a failure raises at once alone, under torchrun it is kept (the first) and FAILED
+        returned; a StopIteration (no batch left) likewise raises alone and returns RAN_OUT under torchrun."""
         try:
             return part()
         except StopIteration:
-            raise
+            if self.dist.world == 1:
+                raise
+            self.ran_out = True
+            return RAN_OUT
         except Exception as e:      # noqa: BLE001 -- agreed on at the window's end, where every rank meets
             if self.dist.world == 1:
                 raise
-            if self.error is None:
-                self.error, self.where = e, where
+            self.keep(e, where)
             return FAILED
+
+    def keep(self, error: BaseException, where: str) -> None:
+        """This rank's first failure, for the next agreement."""
+        if self.error is None:
+            self.error, self.where = error, where
 
     def record(self, slot: int, loss: torch.Tensor) -> None:
         self.losses[slot] = loss.detach()       # stays on the device: no host sync a micro-step
@@ -131,20 +144,21 @@ class StepGuard:
             stop_if_any_failed(self.dist, self.error, self.where, self.kept())
 
     def agree(self, save: bool, grad_norm) -> Verdict:
-        """Every rank's verdict on the window: one all-reduce of 2 + world x accum_steps + 1 numbers,
+        """Every rank's verdict on the window: one all-reduce of 4 + world x accum_steps numbers,
         read back once; a second collective (the messages) only when a rank failed."""
         d, a = self.dist, self.accum
-        flags = torch.zeros(3 + d.world * a, dtype=torch.float64, device=d.device)
-        flags[0], flags[1] = float(self.failed), float(save)
+        flags = torch.zeros(4 + d.world * a, dtype=torch.float64, device=d.device)
+        flags[0], flags[1], flags[3] = float(self.failed), float(save), float(self.ran_out)
         if grad_norm is not None:
             flags[2] = grad_norm.detach()       # alike on every rank after DDP's all-reduce: summed, finite or not
-        flags[3 + d.rank * a: 3 + (d.rank + 1) * a] = self.losses
+        flags[4 + d.rank * a: 4 + (d.rank + 1) * a] = self.losses
         if d.world > 1:
             tdist.all_reduce(flags)     # SUM: each rank owns its own loss slots; NaN and inf survive the sum
         values = flags.tolist()
         if values[0] > 0:
             _raise_agreed(d, self.error, self.where, self.kept())
-        per_rank = [values[3 + r * a: 3 + (r + 1) * a] for r in range(d.world)]
+        self.ran_out = False
+        per_rank = [values[4 + r * a: 4 + (r + 1) * a] for r in range(d.world)]
         bad = next(((i, r, per_rank[r][i]) for i in range(a) for r in range(d.world)
                     if not math.isfinite(per_rank[r][i])), None)
-        return Verdict(per_rank[d.rank], bad, values[2], values[1] > 0)
+        return Verdict(per_rank[d.rank], bad, values[2], values[1] > 0, values[3] > 0)

@@ -42,10 +42,11 @@ class StageLog:
 
     def epoch_row(self, epoch: int, train_loss: float, metrics: dict, lr: float, seconds: float,
                   skipped: list) -> dict:
-        """The epoch's metrics.jsonl row (written by write_epoch); names the images a rank skipped."""
+        """The epoch's metrics.jsonl row (written by write_epoch); names the images the ranks skipped."""
         row = {"epoch": epoch + 1, "train_loss": train_loss, **self.task.row(metrics), "lr": lr, "seconds": seconds}
         if skipped:
             row["skipped_images"] = len(skipped)
+        if skipped and self.dist.main:
             print(f"[{self.label}] epoch {epoch + 1}: skipped {len(skipped)} unreadable images "
                   f"(data.on_bad_image: skip), e.g. {skipped[0]}", flush=True)
         return row

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .budget import make_scheduler
 from .errors import UserError
-from .faults import FAILED
+from .faults import FAILED, RAN_OUT
 
 
 @dataclass
@@ -96,13 +96,17 @@ def micro_step(tr: Training, guard, batches, slot: int, where: str) -> int:
     """Read, forward, loss and backward of one micro-step (the loss kept in guard, on the device);
     returns the batch's samples. Under torchrun a part that fails is kept for the window's agreement
     and this rank still makes the collectives the others make: a rank that could not read its batch
-    runs the forward (DDP's broadcasts buffers) on its last batch, a zero loss stands for one that
-    failed, and its backward makes DDP's all-reduce."""
+    (or had none left) runs the forward (DDP's broadcasts buffers) on its last batch, a zero loss
+    stands for one that failed, and its backward makes DDP's all-reduce."""
     last = guard.stand_in
     batch = guard.run(lambda: read_batch(batches, tr.mixup), where)
+    ran_out = batch is RAN_OUT      # its samples count as none, its loss as zero
+    if ran_out and last is None:
+        guard.keep(UserError("this rank's share of the epoch has no readable batch; use fewer ranks or "
+                             "replace the unreadable images"), where)
     if last is None:        # no stand-in batch yet (the stage's first micro-step here): agree on the read now
         guard.check()
-    if batch is FAILED:
+    if batch is FAILED or ran_out:
         batch = last
     guard.stand_in = batch
     x, y, n = batch
@@ -112,12 +116,12 @@ def micro_step(tr: Training, guard, batches, slot: int, where: str) -> int:
             x, y, _ = last or batch
             out = _forward_again(tr, x)
         loss = guard.run(lambda: tr.criterion(out, y), where)
-    if loss is FAILED:
+    if loss is FAILED or ran_out:
         loss = zero_loss(out)
     guard.record(slot, loss)
     if guard.run(lambda: backward(tr, loss), f"{where}, in backward") is FAILED:
         zero_loss(out).backward()       # DDP's all-reduce, through the graph the failed backward left whole
-    return n
+    return 0 if ran_out else n
 
 
 def _forward_again(tr: Training, x):

@@ -4,6 +4,7 @@ The two processes are started directly (the environment torchrun would give them
 torchrun's agent, which would otherwise kill the survivor itself: this checks that the ranks stop
 on their own, within seconds, with one line on rank 0 and nothing on rank 1.
 """
+import json
 import os
 import subprocess
 import sys
@@ -137,3 +138,31 @@ def test_one_rank_unreadable_image_stops_every_rank(tmp_path):
 
 
 # the same on success, every rank leaving the group itself: test_killed_ranks.py (its torchrun reference)
+
+
+def test_a_rank_whose_shard_lost_a_whole_batch_ends_the_epoch_with_the_others(tmp_path):
+    """data.on_bad_image: skip drops rank 1's last batch (both its images unreadable), so rank 1 has
+    one batch fewer than rank 0: it steps on a stand-in while rank 0 trains its last batch (DDP's
+    all-reduce still meets), the ranks agree that one ran out, and both end the epoch there without
+    that window's update, as one process drops a partial window. Without it rank 1 leaves the epoch
+    while rank 0 waits in backward's all-reduce."""
+    from incubate.config import load_recipe
+    from incubate.data import epoch_order, load_data
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    recipe = write_recipe(tmp_path / "r.yaml", data__source=f"imagefolder:{data}", data__train_fraction=1.0,
+                          data__augment={}, data__on_bad_image="skip", train__batch_size=2,
+                          train__eval_every=10_000, meta__epochs=1)
+    split = load_data(load_recipe(recipe).data).train
+    rank1 = epoch_order(len(split), 0, 0, 1, 2, 2, True).tolist()
+    bad = [split.files[i] for i in rank1[-2:]]      # rank 1's last batch, both its images
+    for f in bad:
+        f.write_bytes(b"not an image")
+    procs, stamp = _start(tmp_path, recipe, "none")
+    ended, outs = _wait(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    rows = [json.loads(line) for line in (tmp_path / "run/meta/metrics.jsonl").read_text().splitlines()]
+    epoch_rows, eval_rows = [r for r in rows if "kind" not in r], [r for r in rows if r.get("kind") == "eval"]
+    assert [r["epoch"] for r in epoch_rows] == [1] and epoch_rows[0]["skipped_images"] == 2, rows   # rank 1's, counted
+    assert [r["update"] for r in eval_rows] == [len(rank1) // 2 - 1], rows     # the lost batch's window not applied
+    assert "epoch 1: skipped 2 unreadable images" in outs[0][0] and outs[1][0] == "", outs
+    gloo_gone(stamp)
