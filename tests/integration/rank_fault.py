@@ -91,8 +91,8 @@ if __name__ == "__main__":
     import signal
     faulthandler.register(signal.SIGUSR1)     # a hung test can ask each rank where it is
     _patch(sys.argv[1], sys.argv[2])
-    from incubate.cli import main
-    rc = main(sys.argv[3:])
+    from incubate.cli import console_main
+    rc = console_main(sys.argv[3:])
     if sys.argv[2] != "-":      # whether main left the process group before exiting (STAMP.group.RANK)
         import torch.distributed as tdist
         with open(f"{sys.argv[2]}.group.{os.environ.get('RANK', '0')}", "w") as f:
