@@ -22,6 +22,7 @@ from . import resume
 from .budget import Budget, plan
 from .data import make_loader
 from .dist import Dist
+from .errors import UserError
 from .faults import FAILED, StepGuard, Verdict, everywhere, guarded
 from .stagelog import StageLog
 from .tasks import get_task
@@ -106,7 +107,7 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
     pos = ckpt.restore(log.path, budget)
     start_epoch = pos.epoch
     if pos.flops_per_step is None:
-        pos.flops_per_step = measure_flops(tr, loaders[0])
+        pos.flops_per_step = measure_flops(tr, loaders[0], label)
     wrap(tr, ddp_attr)
     flops_per_update = pos.flops_per_step * cfg.accum_steps * dist.world
     log.open_events(pos.num_updates, flops_per_update)
@@ -123,11 +124,14 @@ def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, s
     return summary(stage, last)
 
 
-def measure_flops(tr: Training, loader) -> int:
+def measure_flops(tr: Training, loader, label: str) -> int:
     """FLOPs of one step, on the epoch's first batch (read on every rank: DDP's set-up waits for all)."""
     def count():
-        x, y = next(iter(loader.epoch(0)))
-        return count_step_flops(tr.net, tr.trained, tr.flops_criterion, x, y)
+        batch = next(iter(loader.epoch(0)), None)
+        if batch is None:
+            raise UserError(f"{label + ': ' if label else ''}no batch of the training data is readable (data.on_bad_image: skip left "
+                            f"none{' on this rank' if tr.dist.world > 1 else ''}); replace the unreadable images")
+        return count_step_flops(tr.net, tr.trained, tr.flops_criterion, batch[0], batch[1])
     return guarded(tr.dist, count, where="while measuring a step's FLOPs")
 
 

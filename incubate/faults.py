@@ -127,13 +127,9 @@ class StepGuard:
         except Exception as e:      # noqa: BLE001 -- agreed on at the window's end, where every rank meets
             if self.dist.world == 1:
                 raise
-            self.keep(e, where)
+            if self.error is None:
+                self.error, self.where = e, where
             return FAILED
-
-    def keep(self, error: BaseException, where: str) -> None:
-        """This rank's first failure, for the next agreement."""
-        if self.error is None:
-            self.error, self.where = error, where
 
     def record(self, slot: int, loss: torch.Tensor) -> None:
         self.losses[slot] = loss.detach()       # stays on the device: no host sync a micro-step
@@ -142,6 +138,21 @@ class StepGuard:
         """Agree now on the failures kept so far (before an evaluation or a save)."""
         if self.dist.world > 1:
             stop_if_any_failed(self.dist, self.error, self.where, self.kept())
+
+    def agree_on_first_read(self) -> bool:
+        """The stage's first read in this process (no stand-in batch yet), agreed on at once: every
+        rank raises if one failed; True when one had no batch left (a resume at its last step), so
+        that every rank ends the epoch before a forward that rank could not stand in for."""
+        if self.dist.world == 1:
+            return False
+        d = self.dist
+        flags = torch.tensor([float(self.failed), float(self.ran_out)], dtype=torch.float64, device=d.device)
+        tdist.all_reduce(flags)
+        failed, ran_out = flags.tolist()
+        if failed > 0:
+            _raise_agreed(d, self.error, self.where, self.kept())
+        self.ran_out = False
+        return ran_out > 0
 
     def agree(self, save: bool, grad_norm) -> Verdict:
         """Every rank's verdict on the window: one all-reduce of 4 + world x accum_steps numbers,

@@ -100,12 +100,9 @@ def micro_step(tr: Training, guard, batches, slot: int, where: str) -> int:
     stands for one that failed, and its backward makes DDP's all-reduce."""
     last = guard.stand_in
     batch = guard.run(lambda: read_batch(batches, tr.mixup), where)
+    if last is None and guard.agree_on_first_read():    # no stand-in yet (the stage's first micro-step here)
+        raise StopIteration     # a rank had no batch left: every rank ends the epoch here, as one process does
     ran_out = batch is RAN_OUT      # its samples count as none, its loss as zero
-    if ran_out and last is None:
-        guard.keep(UserError("this rank's share of the epoch has no readable batch; use fewer ranks or "
-                             "replace the unreadable images"), where)
-    if last is None:        # no stand-in batch yet (the stage's first micro-step here): agree on the read now
-        guard.check()
     if batch is FAILED or ran_out:
         batch = last
     guard.stand_in = batch

@@ -369,3 +369,16 @@ def test_a_finished_stage_is_released_so_another_process_can_skip_it(tmp_path, c
     # this (test) process is still alive: the finished stage must not stay locked by it
     proc = cli("meta", "--recipe", recipe, "--out", tmp_path / "run")
     assert proc.returncode == 0 and "[meta] already finished" in proc.stdout, proc.stderr
+
+
+def test_every_training_image_unreadable_with_skip_is_one_line(tmp_path, capsys):
+    """data.on_bad_image: skip with nothing left to read: the first batch, read to count a step's
+    FLOPs, finds none; one line instead of a StopIteration's traceback, and nothing written."""
+    data = make_image_folder(tmp_path / "data")
+    for f in (data / "train").rglob("*.png"):
+        f.write_bytes(b"not an image")
+    recipe = _folder_recipe(tmp_path, data, data__on_bad_image="skip")
+    rc, out, err = _meta(capsys, recipe, tmp_path / "run")
+    assert rc == 2 and one_error_line(err).startswith(
+        "incubate: error: meta: no batch of the training data is readable (data.on_bad_image: skip left none)"), err
+    assert not (tmp_path / "run/meta/checkpoint.safetensors").exists()

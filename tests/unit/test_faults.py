@@ -36,3 +36,28 @@ def test_alone_a_failing_part_raises_at_once_and_a_working_one_returns_its_resul
     with pytest.raises(StopIteration):
         guard.run(lambda: next(iter([])), "at step 1")
     assert not guard.failed
+
+
+def _peer_adds(monkeypatch, ran_out: bool):
+    """The all-reduce of 2 ranks as this rank sees it: the other rank adds its flags (no failure;
+    whether its batches ran out)."""
+    from incubate import faults
+    monkeypatch.setattr(faults.tdist, "all_reduce", lambda t: t.add_(torch.tensor([0.0, float(ran_out)],
+                                                                                   dtype=t.dtype)))
+
+
+@pytest.mark.parametrize("mine, peer_ran_out", [([], False), ([(torch.zeros(1, 2), torch.zeros(1))], True)],
+                         ids=["this rank ran out", "the other rank ran out"])
+def test_no_batch_left_at_a_stage_s_first_read_ends_the_epoch_on_every_rank(monkeypatch, mine, peer_ran_out):
+    """A resume at a rank's last step (a whole batch dropped by data.on_bad_image: skip): no stand-in
+    batch yet, so every rank ends the epoch before the forward, where DDP's collectives would start."""
+    from types import SimpleNamespace
+    from incubate.training import micro_step
+    _peer_adds(monkeypatch, peer_ran_out)
+    forwards = []
+    tr = SimpleNamespace(mixup=None, cfg=SimpleNamespace(amp="none", accum_steps=1), dist=Dist(world=2),
+                         run_net=forwards.append)
+    guard = StepGuard(tr.dist, 1)
+    with pytest.raises(StopIteration):
+        micro_step(tr, guard, iter(mine), 0, "at epoch 1 step 5")
+    assert forwards == [] and not guard.failed and not guard.ran_out
