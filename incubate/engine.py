@@ -129,8 +129,9 @@ def measure_flops(tr: Training, loader, label: str) -> int:
     def count():
         batch = next(iter(loader.epoch(0)), None)
         if batch is None:
-            raise UserError(f"{label + ': ' if label else ''}no batch of the training data is readable (data.on_bad_image: skip left "
-                            f"none{' on this rank' if tr.dist.world > 1 else ''}); replace the unreadable images")
+            where = " on this rank" if tr.dist.world > 1 else ""
+            raise UserError(f"{label + ': ' if label else ''}no batch of the training data is readable "
+                            f"(data.on_bad_image: skip left none{where}); replace the unreadable images")
         return count_step_flops(tr.net, tr.trained, tr.flops_criterion, batch[0], batch[1])
     return guarded(tr.dist, count, where="while measuring a step's FLOPs")
 
