@@ -10,9 +10,8 @@ most 30 ms after a mid-epoch checkpoint, train.checkpoint_every, appeared). Afte
 
 then the run is started again (a killed `run`) or its launcher retries the job (a killed job),
 which resumes from the last checkpoint. When a run completes, every weights file must equal the
-uninterrupted reference run's (in the harness's process), tensor for tensor (CPU, deterministic:
-true, one thread a job), and
-a fresh round starts until --kills kills were made.
+uninterrupted reference run's (made in the harness's own process), tensor for tensor (CPU,
+deterministic: true, one thread a job), and a fresh round starts until --kills kills were made.
 
     python -m benchmarks.kill_harness --kills 20 --launcher local          # full form
     python -m benchmarks.kill_harness --kills 5 --launcher inline          # the CI form (tests/)

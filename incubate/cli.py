@@ -176,10 +176,6 @@ def console_main(argv=None) -> int:
     return status
 
 
-if __name__ == "__main__":
-    sys.exit(console_main())
-
-
 @contextlib.contextmanager
 def as_in_a_cli_process():
     """`main` called in another program's process computes as the `incubate` command does: one torch
@@ -194,3 +190,7 @@ def as_in_a_cli_process():
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())

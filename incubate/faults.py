@@ -63,16 +63,20 @@ def _raise_agreed(dist, error: BaseException | None, where: str, after: str) -> 
                             quiet=dist.rank != 0, cause=error)
 
 
-def stop_if_any_failed(dist, error: BaseException | None, where: str = "", after: str = "") -> None:
-    """A barrier that also carries failures: every rank raises if one failed (evaluation, saving)."""
+def stop_if_any_failed(dist, error: BaseException | None, where: str = "", after: str = "",
+                       ran_out: bool = False) -> bool:
+    """A barrier that also carries failures: every rank raises if one failed (evaluation, saving);
+    returns whether any rank said it ran out of batches."""
     if dist.world == 1:
         if error is not None:
             raise error         # alone, a failure is its own line (or traceback) as always
-        return
-    flag = torch.tensor([float(error is not None)], dtype=torch.float64, device=dist.device)
-    tdist.all_reduce(flag)
-    if flag.item() > 0:
+        return ran_out
+    flags = torch.tensor([float(error is not None), float(ran_out)], dtype=torch.float64, device=dist.device)
+    tdist.all_reduce(flags)
+    failed, any_ran_out = flags.tolist()
+    if failed > 0:
         _raise_agreed(dist, error, where, after)
+    return any_ran_out > 0
 
 
 def guarded(dist, part, where: str = "", after: str = ""):
@@ -145,14 +149,9 @@ class StepGuard:
         that every rank ends the epoch before a forward that rank could not stand in for."""
         if self.dist.world == 1:
             return False
-        d = self.dist
-        flags = torch.tensor([float(self.failed), float(self.ran_out)], dtype=torch.float64, device=d.device)
-        tdist.all_reduce(flags)
-        failed, ran_out = flags.tolist()
-        if failed > 0:
-            _raise_agreed(d, self.error, self.where, self.kept())
+        ran_out = stop_if_any_failed(self.dist, self.error, self.where, self.kept(), self.ran_out)
         self.ran_out = False
-        return ran_out > 0
+        return ran_out
 
     def agree(self, save: bool, grad_norm) -> Verdict:
         """Every rank's verdict on the window: one all-reduce of 4 + world x accum_steps numbers,

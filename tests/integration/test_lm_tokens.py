@@ -14,9 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from incubate import resume
-from incubate.cli import main
-
-from incubate.cli import as_in_a_cli_process
+from incubate.cli import as_in_a_cli_process, main
 from ..conftest import PROCESS_TIMEOUT_S, ROOT, TINY_LM, in_process, make_corpus, one_error_line, run_main
 
 PER_UPDATE = 16 * 16          # TINY_LM: batch 16 x context 16 tokens an update, one process
