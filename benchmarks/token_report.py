@@ -128,36 +128,58 @@ COLORS = {"e2e": "black", "meta-alone": "tab:olive", "grow (G_stack)": "tab:gree
 
 
 def plot(rows, study, path: Path, title: str) -> None:
+    fig = figure(rows, study, title)
+    if fig is not None:
+        import matplotlib.pyplot as plt
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def figure(rows, study, title: str):
+    """Two panels of the same curves: the whole run, and its end, where the trained models differ by
+    hundredths of a bit per byte; None without rows."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     g = groups(rows, study)
     if not g:
-        return
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    styles = "-", "--", ":", "-."
-    seen = set()
-    for i, ((name, budget), rs) in enumerate(sorted(g.items())):
+        return None
+    fig, (whole, end) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 1.2]})
+    for ax in (whole, end):
+        draw_curves(ax, g, legend=ax is end)
+        ax.set_xlabel("training TFLOPs, cumulative (meta model and modules before ours' and growth's curves)")
+        ax.grid(alpha=0.3)
+    whole.set_ylabel("validation bits per byte (lower is better)")
+    whole.set_xlim(left=0)
+    whole.set_title(title, fontsize=10)
+    top = max(r["flops"] for rs in g.values() for r in rs) / 1e12
+    best = min(r["bpb"] for rs in g.values() for r in rs)
+    end.set_xlim(top * 0.3, top * 1.02)
+    end.set_ylim(best - 0.02, best + 0.45)
+    end.set_title("the same, from 30% of the largest budget on (dotted: the meta models started from)", fontsize=10)
+    end.legend(fontsize=7, ncol=2, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def draw_curves(ax, g: dict, legend: bool) -> None:
+    """Every row's curve, its final point and its meta model's curve (dotted); a colour a method, solid
+    for split A (or none), dashed for split B: a curve's end on the x axis tells its total budget."""
+    labelled = set()
+    for (name, budget), rs in sorted(g.items()):
+        split = budget.partition("/")[2]
+        key = f"{name}, split {split}" if split else name
         for r in rs:
             pts = curve(r)
             if not pts:
                 continue
-            lab = f"{name} {budget}" if (name, budget) not in seen else None
-            seen.add((name, budget))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[i % len(styles)], color=COLORS.get(name, "gray"),
-                    lw=1.2, label=lab)
-            ax.plot([r["flops"] / 1e12], [r["bpb"]], "o", color=COLORS.get(name, "gray"), ms=4)
-            meta = r.get("meta_evals", [])      # the meta model the method started from: thin, dotted
-            ax.plot([p[0] for p in meta], [p[1] for p in meta], ":", color=COLORS.get(name, "gray"), lw=0.8)
-    ax.set_xlabel("training TFLOPs, cumulative (meta model and modules before ours' and growth's curves)")
-    ax.set_ylabel("validation bits per byte (lower is better)")
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            colour = COLORS.get(name, "gray")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if split == "B" else "-", color=colour, lw=1.2,
+                    label=key if legend and key not in labelled else None)
+            labelled.add(key)
+            ax.plot([r["flops"] / 1e12], [r["bpb"]], "o", color=colour, ms=4)
+            meta = r.get("meta_evals", [])      # the meta model the method started from
+            ax.plot([p[0] for p in meta], [p[1] for p in meta], ":", color=colour, lw=0.8)
 
 
 def section(rows, study) -> str:

@@ -1,4 +1,6 @@
 """The token study's report: first FLOPs at which a curve reaches E2E's final bits per byte, and the bar."""
+import pytest
+
 from benchmarks import token_report as t
 
 
@@ -23,7 +25,7 @@ def test_first_reach_is_the_first_evaluation_at_or_below_the_target():
 def test_the_bar_needs_the_share_and_a_margin_beyond_both_spreads():
     bar = t.bar_table(_rows(), "lm_tokens")
     assert "| ours-metainit | 60/A | 34.00 | 0.57x | yes |" in bar                   # 34 / 60 <= 0.6
-    assert "| grow (G_stack) | 60/A | 55.00 | 0.92x | no |"     # seed 1 only at 60 in bar
+    assert "| grow (G_stack) | 60/A | 55.00 | 0.92x | no |" in bar     # seed 0 at 50, seed 1 at 60: the mean
     assert "| ours-metainit | 60/A | 2.1050 | 2.1550 | +0.0500 | 0.0141 | 2 | yes |" in bar
     one_seed = [r for r in _rows() if r["seed"] == 0]
     assert "| 1 | no |" in t.bar_table(one_seed, "lm_tokens")                     # one seed never clears
@@ -35,3 +37,16 @@ def test_a_stage_warm_up_in_the_study_sets_leaves_its_tokens_as_they_were(tmp_pa
     key = tuple(ts.sets(tmp_path))
     plain = ts.budget_sets(key, "meta", 0.5, None)
     assert ts.budget_sets(key + ("meta.warmup_tokens=1000",), "meta", 0.5, None) == plain
+
+
+def test_the_figure_has_the_whole_run_and_a_panel_of_its_end_with_a_legend_line_a_method_and_split():
+    rows = _rows() + [dict(r, budget="60/B", bpb=r["bpb"] + 0.05) for r in _rows() if r["method"] == "ours"]
+    fig = t.figure(rows, "lm_tokens", "title")
+    whole, end = fig.axes
+    assert whole.get_xlim()[0] == 0 and end.get_xlim() == pytest.approx((18.0, 61.2))        # from 30% of 60 TFLOPs on
+    assert end.get_ylim() == pytest.approx((2.08, 2.55))                      # the best final point, 2.10, - 0.02
+    assert [text.get_text() for text in end.get_legend().get_texts()] == [
+        "e2e", "grow (G_stack), split A", "ours-metainit, split A", "ours-metainit, split B"]
+    styles = {line.get_label(): line.get_linestyle() for line in end.get_lines()}
+    assert styles["ours-metainit, split A"] == "-" and styles["ours-metainit, split B"] == "--"
+    assert whole.get_legend() is None and t.figure([], "lm_tokens", "title") is None
