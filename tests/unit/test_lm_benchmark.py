@@ -23,3 +23,13 @@ def test_the_plain_loop_probe_reads_windows_and_counts_bits_per_byte():
     torch.manual_seed(0)
     bpb = plain.bits_per_byte(plain.model(1), np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint8))
     assert abs(bpb - 8.0) < 0.2      # an untrained model over 256 bytes: about 8 bits each
+
+
+def test_the_token_cache_table_gives_each_start_against_the_small_corpus():
+    from benchmarks import token_cache_cost as cost
+    point = lambda wall, rss: {"wall_s": wall, "cpu_s": wall, "peak_rss_mib": rss}
+    r = {"copies": 3, "text_bytes": 105.7e6, "token_file_bytes": 100.8 * 2**20, "repeats": 3,
+         "median": {"small corpus": point(4.87, 1063.9), "cold": point(7.68, 1065.5), "warm": point(6.02, 1084.0)}}
+    md = cost.markdown(r)
+    assert "at 105.7 MB of text (3 copies of data/lm_corpus; token files 100.8 MiB); medians of 3" in md
+    assert "| cold | 7.68 | 7.68 | 1065.5 | +2.81 s | +1.6 |" in md and "| warm | 6.02 | 6.02 | 1084.0 | +1.15 s | +20.1 |" in md
