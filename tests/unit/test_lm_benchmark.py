@@ -27,9 +27,17 @@ def test_the_plain_loop_probe_reads_windows_and_counts_bits_per_byte():
 
 def test_the_token_cache_table_gives_each_start_against_the_small_corpus():
     from benchmarks import token_cache_cost as cost
-    point = lambda wall, rss: {"wall_s": wall, "cpu_s": wall, "peak_rss_mib": rss}
+    point = lambda wall, anon, file: {"wall_s": wall, "anon_mib": anon, "file_mib": file}
     r = {"copies": 3, "text_bytes": 105.7e6, "token_file_bytes": 100.8 * 2**20, "repeats": 3,
-         "median": {"small corpus": point(4.87, 1063.9), "cold": point(7.68, 1065.5), "warm": point(6.02, 1084.0)}}
+         "median": {"small corpus": point(4.79, 639.3, 484.0), "cold": point(7.48, 658.7, 484.1),
+                    "warm": point(5.88, 637.6, 484.2)}}
     md = cost.markdown(r)
     assert "at 105.7 MB of text (3 copies of data/lm_corpus; token files 100.8 MiB); medians of 3" in md
-    assert "| cold | 7.68 | 7.68 | 1065.5 | +2.81 s | +1.6 |" in md and "| warm | 6.02 | 6.02 | 1084.0 | +1.15 s | +20.1 |" in md
+    assert "| cold | 7.48 | +2.69 s | 658.7 | +19.4 | 484.1 | +0.1 |" in md
+    assert "| warm | 5.88 | +1.09 s | 637.6 | -1.7 | 484.2 | +0.2 |" in md
+
+
+def test_resident_memory_is_read_from_proc_and_zero_for_a_process_that_is_gone():
+    import os
+    from benchmarks import token_cache_cost as cost
+    assert cost.resident_kib(os.getpid(), "RssAnon") > 0 and cost.resident_kib(2**22 + 1, "RssAnon") == 0
