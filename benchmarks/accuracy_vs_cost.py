@@ -103,7 +103,7 @@ def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra
     return result_row(study, depth, fraction, method, budget_label(method, budget), seed, run, point_stages(run, method), variant)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", choices=list(STUDIES) + ["all"], default="all",
                     help="all: budget, depth and data (the regime studies are run by name)")
@@ -116,29 +116,64 @@ def main() -> None:
     ap.add_argument("--fractions", default=None, help="comma-separated data fractions to train (default: the study's)")
     ap.add_argument("--budgets", default=None,
                     help="comma-separated budgets to train, as the tables name them (e.g. 40,160/4+4; default: all)")
+    ap.add_argument("--missing", action="store_true",
+                    help="train only the points that --results has no row of (how a new machine resumes a study)")
+    ap.add_argument("--shard", default=None, help="K/N: train every N-th of the points from the K-th (0-based), "
+                    "so that N processes share a study (a meta run two of them need is trained by one, awaited by the other)")
+    ap.add_argument("--plan", action="store_true", help="print the points that would train, and train nothing")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results.json"))
     ap.add_argument("--collect", action="store_true", help="train nothing: gather finished runs into the results")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     root = Path(args.root)
     if not args.collect:
-        studies = ["budget", "depth", "data"] if args.study == "all" else [args.study]
-        for study in studies:
+        todo = planned(args)
+        if args.missing:
+            have = {row_key(r) for r in json.loads(Path(args.results).read_text())} if Path(args.results).exists() else set()
+            todo = [p for p in todo if point_key(*p, default_variant=args.variant) not in have]
+        if args.shard:
+            k, n = (int(x) for x in args.shard.split("/"))
+            todo = todo[k::n]
+        if args.plan:
+            for study, method, depth, fraction, budget, seed, variant in todo:
+                print(f"{study} {method} {budget_label(method, budget)} seed {seed}"
+                      + (f" ({variant or args.variant})" if method == "ours" else ""))
+            return
+        for study in dict.fromkeys(p[0] for p in todo):
             ensure_data(study=study)
-            seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
-            budgets = args.budgets.split(",") if args.budgets else None
-            depths = [int(x) for x in args.depths.split(",")] if args.depths else None
-            fractions = [float(x) for x in args.fractions.split(",")] if args.fractions else None
-            for method, depth, fraction, budget, seed in points(study, seeds, budgets, depths, fractions):
-                if method not in args.methods.split(","):
-                    continue
-                if STUDIES[study].get("budget") != "flops":
-                    train_point(root, study, method, depth, fraction, budget, seed, args)
-                    continue
-                for variant in tok_variants(study, method, budget):
-                    if args.variant in ("paper", variant) or method != "ours":
-                        train_point(root, study, method, depth, fraction, budget, seed, args, variant)
+        for study, method, depth, fraction, budget, seed, variant in todo:
+            train_point(root, study, method, depth, fraction, budget, seed, args, variant)
     rows = publish(Path(args.results), root)
     print(f"{len(rows)} rows in {args.results}; tables in docs/results.md")
+
+
+def planned(args) -> list[tuple]:
+    """(study, method, depth, fraction, budget, seed, variant) of every point the arguments select, in
+    the order they train; variant None: ours' --variant (E2E and the meta model are shared)."""
+    out = []
+    for study in ["budget", "depth", "data"] if args.study == "all" else [args.study]:
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+        budgets = args.budgets.split(",") if args.budgets else None
+        depths = [int(x) for x in args.depths.split(",")] if args.depths else None
+        fractions = [float(x) for x in args.fractions.split(",")] if args.fractions else None
+        for method, depth, fraction, budget, seed in points(study, seeds, budgets, depths, fractions):
+            if method not in args.methods.split(","):
+                continue
+            if STUDIES[study].get("budget") != "flops":
+                out.append((study, method, depth, fraction, budget, seed, None))
+                continue
+            out += [(study, method, depth, fraction, budget, seed, variant) for variant in tok_variants(study, method, budget)
+                    if args.variant in ("paper", variant) or method != "ours"]
+    return out
+
+
+def point_key(study, method, depth, fraction, budget, seed, variant, default_variant: str = "paper") -> tuple:
+    """The row_key that a planned point's row will have."""
+    v = variant or (default_variant if method == "ours" else "paper")
+    return (study, v, depth, fraction, method, budget_label(method, budget), seed)
 
 
 def publish(results: Path, root: Path, docs: Path = ROOT / "docs") -> list[dict]:

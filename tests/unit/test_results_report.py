@@ -115,6 +115,41 @@ def test_collect_merge_keeps_earlier_rows_whose_runs_are_not_on_this_machine():
     assert sorted((r["budget"], r["top1"]) for r in merged) == [("10", 71.0), ("80", 83.0)]
 
 
+def test_missing_trains_only_the_points_without_a_row_and_shards_split_them(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(avc, "train_point", lambda root, study, method, depth, fraction, budget, seed, args, variant=None:
+                        trained.append((method, studies.budget_label(method, budget), seed, variant)))
+    monkeypatch.setattr(avc, "publish", lambda results, root: [])
+    monkeypatch.setattr(avc, "ensure_data", lambda **kw: None)
+    row = lambda method, budget, variant="paper", seed=0: {"study": "lm_tokens", "variant": variant, "depth": 16,
+                                                           "fraction": 1.0, "method": method, "budget": budget, "seed": seed}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([row("meta", "30"), row("ours", "30/A", "stack"), row("e2e", "60")]))
+    common = ["--study", "lm_tokens", "--seeds", "0", "--results", str(results), "--root", str(tmp_path)]
+    avc.main(common + ["--methods", "meta,e2e", "--missing"])
+    assert trained == [("meta", "60", 0, "paper"), ("e2e", "30", 0, "paper")]
+    trained.clear()
+    avc.main(common + ["--methods", "ours", "--budgets", "30/A", "--missing"])
+    assert trained == [("ours", "30/A", 0, "meta"), ("ours", "30/A", 0, "random")]      # stack has its row
+    shards = []
+    for k in (0, 1):
+        trained.clear()
+        avc.main(common + ["--missing", "--shard", f"{k}/2"])
+        shards.append(list(trained))
+    assert not set(shards[0]) & set(shards[1]) and abs(len(shards[0]) - len(shards[1])) <= 1
+    assert len(shards[0]) + len(shards[1]) == len(avc.planned(avc.parse_args(common))) - 3     # every point once
+
+
+def test_plan_prints_the_points_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(avc, "train_point", None)
+    monkeypatch.setattr(avc, "publish", None)
+    avc.main(["--study", "lm_tokens", "--seeds", "1", "--methods", "ours,e2e", "--budgets", "30/A,60", "--plan",
+              "--results", str(tmp_path / "none.json"), "--missing"])
+    assert capsys.readouterr().out.splitlines() == [
+        "lm_tokens ours 30/A seed 1 (meta)", "lm_tokens ours 30/A seed 1 (stack)", "lm_tokens ours 30/A seed 1 (random)",
+        "lm_tokens e2e 60 seed 1"]
+
+
 def test_resnet_study_points_have_their_own_folders_recipe_and_three_modules(tmp_path):
     base = tmp_path / "resnet_d56_f0.1_s0"
     _stage(base / "e2e_20" / "e2e", 85.0, 6.8e13)
