@@ -55,12 +55,13 @@ STUDIES = {
                "e2e": [5, 10, 20, 40], "meta": [20, 40, 80], "ours": [(40, 2, 2), (40, 4, 4), (80, 2, 2), (80, 4, 4)],
                "seeds": [0, 1]},
     # Pre-training in tokens (issue 20): budgets in TFLOPs; ours and growth as (total, split) with the
-    # splits of token_study.py; every init of ours a variant (random at one budget: the paper's, known to
-    # break at this size).
+    # splits of token_study.py; every init of ours a variant (stack at splits A and B, random at one
+    # budget: the paper's, known to break at this size; split C, for how early ours reaches E2E, meta only).
     "lm_tokens": {"recipe": tok.RECIPE, "metric": "bpb", "prefix": "lmtok_", "depth": 16, "fraction": 1.0,
                   "budget": "flops", "e2e": [30, 60], "meta": [30, 60],
-                  "ours": [(30, "A"), (60, "A"), (30, "B"), (60, "B")], "grow": [(30, "A"), (60, "A"), (30, "B"), (60, "B")],
-                  "inits": {"meta": None, "stack": None, "random": [(30, "A")]},
+                  "ours": [(30, "A"), (60, "A"), (30, "B"), (60, "B"), (60, "C")],
+                  "grow": [(30, "A"), (60, "A"), (30, "B"), (60, "B")],
+                  "inits": {"meta": None, "stack": [(30, "A"), (60, "A"), (30, "B"), (60, "B")], "random": [(30, "A")]},
                   "seeds": [0, 1]},
     # benchmarks/gpu_run.sh part 3 (issue 20): where depth should pay, on one H200: width 256, 16 layers
     # (13.6M parameters) against its 4-layer meta model, 1e16 FLOPs a method, bf16; budgets in TFLOPs.

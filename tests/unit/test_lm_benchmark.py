@@ -41,3 +41,11 @@ def test_resident_memory_is_read_from_proc_and_zero_for_a_process_that_is_gone()
     import os
     from benchmarks import token_cache_cost as cost
     assert cost.resident_kib(os.getpid(), "RssAnon") > 0 and cost.resident_kib(2**22 + 1, "RssAnon") == 0
+
+
+def test_split_c_puts_ours_first_deep_model_at_half_the_budget_with_meta_init_only():
+    from benchmarks import token_study as ts
+    meta, modules = ts.SPLITS["C"]
+    assert ts.meta_budget("ours", 60, "C") == 24 and (meta + modules) * 60 == 30      # the assembly at 30 of 60
+    assert studies.tok_variants("lm_tokens", "ours", (60, "C")) == ["meta"]
+    assert studies.tok_variants("lm_tokens", "ours", (60, "B")) == ["meta", "stack"]
