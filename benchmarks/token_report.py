@@ -162,9 +162,12 @@ def figure(rows, study, title: str):
     return fig
 
 
+SPLIT_STYLES = {"B": "--", "C": "-."}      # split A, and methods without a split: solid
+
+
 def draw_curves(ax, g: dict, legend: bool) -> None:
-    """Every row's curve, its final point and its meta model's curve (dotted); a colour a method, solid
-    for split A (or none), dashed for split B: a curve's end on the x axis tells its total budget."""
+    """Every row's curve, its final point and its meta model's curve (dotted); a colour a method, a
+    line style a split (SPLIT_STYLES): a curve's end on the x axis tells its total budget."""
     labelled = set()
     for (name, budget), rs in sorted(g.items()):
         split = budget.partition("/")[2]
@@ -174,7 +177,7 @@ def draw_curves(ax, g: dict, legend: bool) -> None:
             if not pts:
                 continue
             colour = COLORS.get(name, "gray")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if split == "B" else "-", color=colour, lw=1.2,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], SPLIT_STYLES.get(split, "-"), color=colour, lw=1.2,
                     label=key if legend and key not in labelled else None)
             labelled.add(key)
             ax.plot([r["flops"] / 1e12], [r["bpb"]], "o", color=colour, ms=4)

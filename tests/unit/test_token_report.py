@@ -49,4 +49,5 @@ def test_the_figure_has_the_whole_run_and_a_panel_of_its_end_with_a_legend_line_
         "e2e", "grow (G_stack), split A", "ours-metainit, split A", "ours-metainit, split B"]
     styles = {line.get_label(): line.get_linestyle() for line in end.get_lines()}
     assert styles["ours-metainit, split A"] == "-" and styles["ours-metainit, split B"] == "--"
+    assert t.SPLIT_STYLES["C"] not in ("-", "--", ":")          # dotted is the meta models' curves
     assert whole.get_legend() is None and t.figure([], "lm_tokens", "title") is None
