@@ -172,8 +172,9 @@ def planned(args) -> list[tuple]:
 
 def point_key(study, method, depth, fraction, budget, seed, variant, default_variant: str = "paper") -> tuple:
     """The row_key that a planned point's row will have."""
-    v = variant or (default_variant if method == "ours" else "paper")
-    return (study, v, depth, fraction, method, budget_label(method, budget), seed)
+    return row_key({"study": study, "variant": variant or (default_variant if method == "ours" else "paper"),
+                    "depth": depth, "fraction": fraction, "method": method, "budget": budget_label(method, budget),
+                    "seed": seed})
 
 
 def publish(results: Path, root: Path, docs: Path = ROOT / "docs") -> list[dict]:

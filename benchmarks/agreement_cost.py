@@ -138,13 +138,13 @@ def summarize(args, raw: dict) -> dict:
 def run(args) -> dict:
     """Start the ranks (the environment torchrun gives them), wait, and summarize rank 0's result."""
     from incubate.launchers import free_port
-    port, raw = free_port(), Path(f"{args.out or 'benchmarks/results/agreement'}.raw.json")
-    raw.parent.mkdir(parents=True, exist_ok=True)
     procs, work = [], tempfile.mkdtemp(prefix="agreement_")
+    port, raw = free_port(), Path(work) / "rank0.json"       # rank 0's rounds, summarized below; not kept
     if args.ranks == 1:     # no group to form: this process is the rank (a second would only import again)
         worker(argparse.Namespace(out=str(raw), work=work, **{k: getattr(args, k) for k in WORKER_KEYS}))
+        result = json.loads(raw.read_text())
         shutil.rmtree(work, ignore_errors=True)
-        return summarize(args, json.loads(raw.read_text()))
+        return summarize(args, result)
     for rank in range(args.ranks):
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
         if args.ranks > 1:
@@ -154,10 +154,11 @@ def run(args) -> dict:
         cmd += _worker_args(args)
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
+    result = None if any(codes) else json.loads(raw.read_text())
     shutil.rmtree(work, ignore_errors=True)
     if any(codes):
         raise SystemExit(f"agreement benchmark: a rank failed (exit codes {codes})")
-    return summarize(args, json.loads(raw.read_text()))
+    return summarize(args, result)
 
 
 def _worker_args(args) -> list:

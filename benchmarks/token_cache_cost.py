@@ -35,8 +35,8 @@ def make_corpus(out: Path, copies: int) -> tuple[Path, Path, int]:
         for i in range(copies):
             shutil.copytree(src / "python", big / f"copy{i}" / "python")
             shutil.copytree(src / "linux", big / f"copy{i}" / "linux")
+    small.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(sorted((src / "python").rglob("*.gz"))[:100]):      # enough for a held-out window
-        small.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, small / f"{i:03d}_{f.name}")
     text_bytes = sum(len(gzip.decompress(f.read_bytes())) for f in big.rglob("*.gz"))
     return big, small, text_bytes

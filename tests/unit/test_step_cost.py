@@ -93,3 +93,4 @@ def test_agreement_cost_times_steps_with_and_without_the_agreement(tmp_path, mon
     assert all(r["steps"] > 5 and r["median_s"] > 0 for r in res["rounds"])
     assert res["ratio_with_over_without"] > 0
     assert "| with the agreement |" in (tmp_path / "ag.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ag.json", "ag.md"]       # rank 0's dump is not left beside them
