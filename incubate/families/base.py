@@ -15,6 +15,10 @@ Optional: `grow_from_meta(target, meta)`, depthwise growth (G_stack: the target'
 whole meta model's blocks repeated in order, stem and head copied), where the family's blocks are
 one stack of equal shapes (ViT, decoder layers); `incubate grow` refuses a family without it.
 
+Optional: `block_modules(model)`, the model's blocks as modules in forward order (a pruned model's
+remaining ones): the units that `train.parallel: fsdp` shards one by one, and that `incubate plan`
+counts; fsdp refuses a family without it.
+
 `meta_model(target, division, meta_division)` makes the meta model of a target the family built
 (its `build` records the name and kwargs on the model: `remember_spec`), or of one the user made
 where the model says its architecture (a transformers model's config): what `incubate.meta_model`

@@ -241,6 +241,9 @@ class CausalLMFamily:
     def depth(self, model: nn.Module) -> int:
         return len(self.layers(model))
 
+    def block_modules(self, model: nn.Module) -> list[nn.Module]:
+        return list(self.layers(model))
+
     def owner(self, key: str, division: list[int], model: nn.Module = None) -> int:
         """Index of the module that owns a state-dict key (the layouts' key names differ, so `model` is
         not needed)."""

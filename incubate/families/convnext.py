@@ -109,6 +109,9 @@ class ConvNeXtFamily:
     def depth(self, model: nn.Module) -> int:
         return sum(layout(model))
 
+    def block_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [blk for _, _, blk in flat_blocks(model)]
+
     def owner(self, key: str, division: list[int], model: nn.Module) -> int:
         layers = layout(model)
         block = None

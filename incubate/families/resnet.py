@@ -156,6 +156,9 @@ class ResNetFamily:
     def depth(self, model: nn.Module) -> int:
         return sum(layout(model))
 
+    def block_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [blk for _, blk in flat_blocks(model)]
+
     def owner(self, key: str, division: list[int], model: nn.Module) -> int:
         found = BLOCK.match(key)
         block = None

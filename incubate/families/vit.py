@@ -170,6 +170,9 @@ class ViTFamily:
     def depth(self, model: nn.Module) -> int:
         return len(model.blocks)
 
+    def block_modules(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)
+
     def owner(self, key: str, division: list[int], model: nn.Module | None = None) -> int:
         """Index of the module that owns a state-dict key (block keys number blocks globally, so
         the model is not needed)."""

@@ -206,3 +206,21 @@ def test_export_loads_in_the_familys_own_library(c, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     plain = c["load"](tmp_path, json.loads((tmp_path / "config.json").read_text())).eval()
     torch.testing.assert_close(out(plain, x_batch(c)), out(model, x_batch(c)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("c", TINY, ids=IDS)
+def test_block_modules_are_the_depths_blocks_in_order_and_hold_every_block_weight(c):
+    """What fsdp shards one by one: one module a block, distinct, in forward order, and together with
+    the stem and head every parameter of the model."""
+    family = FAMILIES[c["family"]]
+    model = build(c)[0]
+    blocks = family.block_modules(model)
+    assert len(blocks) == family.depth(model) and len({id(b) for b in blocks}) == len(blocks)
+    names = {id(m): n for n, m in model.named_modules()}
+    order = [list(names).index(id(b)) for b in blocks]
+    assert order == sorted(order)
+    one_each = [1] * len(blocks)        # module i is block i: the owner of a block's weight is its index
+    block_of = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in block_of]
+    assert len(named) < len(list(model.parameters()))      # the stem and the head stay outside
+    assert all(family.owner(n, one_each, model) == block_of[id(p)] for n, p in named)
