@@ -82,16 +82,18 @@ def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra
     make = lambda more: make_recipe(depth, fraction, seed, common + more, study)
     run = tok_run_dir(root, study, method, budget, seed, variant)
     if method in ("e2e", "meta"):
-        {"e2e": e2e, "meta": meta}[method].main(make(tok.budget_sets(key, method, budget, None)), run)
+        more = fair_sets(study, method, variant, tok.budget_sets(key, method, budget, None))
+        {"e2e": e2e, "meta": meta}[method].main(make(more), run)
         return result_row(study, depth, fraction, method, budget_label(method, budget), seed, run, point_stages(run, method), variant)
     total, split = budget
     meta_tf = tok.meta_budget(method, total, split)
-    meta_run = tok_run_dir(root, study, "meta", meta_tf, seed, variant)
+    meta_run = tok_run_dir(root, study, "meta", meta_tf, seed, "paper")
     meta.main(make(tok.budget_sets(key, "meta", meta_tf, None)), meta_run)     # once a seed and budget, shared
     if not (run / "meta").exists():
         run.mkdir(parents=True, exist_ok=True)
         shutil.copytree(meta_run / "meta", run / "meta")
-    recipe = make(tok.budget_sets(key, "meta", meta_tf, None) + tok.budget_sets(key, method, total, split)
+    recipe = make(tok.budget_sets(key, "meta", meta_tf, None)
+                  + fair_sets(study, method, variant, tok.budget_sets(key, method, total, split))
                   + ([f"incubate.module_init={variant}"] if method == "ours" else []))
     if method == "grow":
         grow.main(recipe, run)
@@ -101,6 +103,18 @@ def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra
         assemble.main(recipe, run)
         finetune.main(recipe, run)
     return result_row(study, depth, fraction, method, budget_label(method, budget), seed, run, point_stages(run, method), variant)
+
+
+def fair_sets(study, method: str, variant: str, budget: list[str]) -> list[str]:
+    """A point's budget lines, plus what a study gives its baselines to be fair: E2E its variant's
+    lr, and E2E and growth a warm-up of the study's share of their tokens (growth re-warms, as G_stack)."""
+    s = STUDIES[study]
+    out = list(budget) + (s.get("e2e_variants", {}).get(variant, []) if method == "e2e" else [])
+    for line in budget if s.get("warmup") and method in ("e2e", "grow") else []:
+        key, tokens = line.split("=")
+        if key == f"{method}.tokens":
+            out.append(f"{method}.warmup_tokens={int(s['warmup'] * int(tokens))}")
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -140,7 +154,7 @@ def main(argv=None) -> None:
         if args.plan:
             for study, method, depth, fraction, budget, seed, variant in todo:
                 print(f"{study} {method} {budget_label(method, budget)} seed {seed}"
-                      + (f" ({variant or args.variant})" if method == "ours" else ""))
+                      + (f" ({variant or args.variant})" if method == "ours" or variant not in (None, "paper") else ""))
             return
         for study in dict.fromkeys(p[0] for p in todo):
             ensure_data(study=study)

@@ -81,13 +81,41 @@ STUDIES = {
                             "train.batch_size=1024", "train.lr_base_batch=512", "data.eval_batch_size=1000"]},
 }
 
+# The map of which method pays where (issue 34): three data regimes x two depths of width-64 Llama
+# targets (K = 4, one 4-layer meta model a regime and seed), budgets in TFLOPs. Fair baselines: E2E
+# with a warm-up of 5% of its tokens at two learning rates (variants; the better is reported) and
+# growth re-warming its learning rate the same way; ours and growth share split B's meta models.
+MAP_REGIMES = {
+    "small": [f"data.source=text:{PYDOC}", "data.val_fraction=0.1", "data.eval_tokens=0"],   # 221 kB
+    "mid": [f"data.source=text:{tok.MID_CORPUS}", "data.val_fraction=0.05"],                   # 1.38 MB
+    "rich": [],                                     # lm_tokens' 36 MB and its held-out slice
+}
+MAP_E2E_LRS = {16: (2e-3, 1e-3), 64: (1e-3, 5e-4)}     # deeper, lower: the 64-layer E2E at 2e-3 barely trains
+MAP_WARMUP = 0.05
+for _regime, _sets in MAP_REGIMES.items():
+    for _depth in (16, 64):
+        _small = _regime == "rich" and _depth == 64       # the most costly cell: one budget
+        STUDIES[f"map_{_regime}_d{_depth}"] = {
+            "recipe": tok.RECIPE, "metric": "bpb", "prefix": f"map_{_regime}_", "depth": _depth, "fraction": 1.0,
+            "budget": "flops", "e2e": [15] if _small else [15, 30], "meta": [15, 30] if _depth == 16 else [],
+            "ours": [(15, "B")] if _small else [(15, "B"), (30, "B")],
+            "grow": [(15, "B")] if _small else [(15, "B"), (30, "B")],
+            "inits": {"meta": None}, "seeds": [0, 1], "warmup": MAP_WARMUP, "corpus": _regime,
+            "e2e_variants": {f"lr{lr:g}": [f"e2e.lr={lr}"] for lr in MAP_E2E_LRS[_depth]},
+            "sets": _sets + [f"model.division={[_depth // 4] * 4}", f"train.eval_every={50 if _depth == 16 else 25}"]}
+
 
 def ensure_data(path: Path = FMNIST, study: str = "budget") -> None:
-    if STUDIES.get(study, {}).get("budget") == "flops":
-        if not any(x.startswith("data.source=") for x in STUDIES[study].get("sets", [])):
+    s = STUDIES.get(study, {})
+    corpus = s.get("corpus")
+    if corpus in ("mid", "rich"):       # a map regime with a corpus of its own
+        (tok.ensure_mid_corpus if corpus == "mid" else tok.ensure_corpus)()
+        return
+    if s.get("budget") == "flops" and corpus is None:
+        if not any(x.startswith("data.source=") for x in s.get("sets", [])):
             tok.ensure_corpus()     # the study's own corpus, unless its sets name another (a smoke run)
         return
-    if "recipe" in STUDIES.get(study, {}):      # a study with its own corpus (the LM)
+    if "recipe" in s:      # a study with its own corpus (the LM, the map's small regime)
         path, package = PYDOC, PYDOC_PACKAGE
         if path.exists():
             return
@@ -175,7 +203,8 @@ def budget_label(method: str, budget) -> str:
 def tok_run_dir(root: Path, study, method: str, budget, seed: int, variant: str) -> Path:
     base = base_dir(root, study, STUDIES[study]["depth"], 1.0, seed)
     if method in ("e2e", "meta"):
-        return base / f"{method}_{tok.fmt(budget)}"
+        tag = method if variant in ("paper", None) else f"{method}-{variant}"
+        return base / f"{tag}_{tok.fmt(budget)}"
     name = f"{tok.fmt(budget[0])}{budget[1]}"
     return base / (f"grow_{name}" if method == "grow" else f"ours-{variant}_{name}")
 
@@ -183,6 +212,8 @@ def tok_run_dir(root: Path, study, method: str, budget, seed: int, variant: str)
 def tok_variants(study: str, method: str, budget) -> list[str]:
     """The variants a point of a TFLOPs study is trained in: ours in each module init that covers
     its budget; every other method once."""
+    if method == "e2e" and "e2e_variants" in STUDIES[study]:
+        return list(STUDIES[study]["e2e_variants"])
     if method != "ours":
         return ["paper"]
     return [init for init, only in STUDIES[study]["inits"].items() if only is None or budget in only]

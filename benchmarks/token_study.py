@@ -65,6 +65,32 @@ def ensure_corpus(out: Path = CORPUS) -> Path:
     return out
 
 
+# The map's middle regime (issue 34): the Python docs' guides, the tutorial's own kind of prose and a
+# superset of it (tutorial, language reference, HOWTOs: 1.38 MB), read about 4 times by the 16-layer
+# target at the map's largest budget.
+MID_CORPUS = ROOT / "data" / "lm_mid"
+MID_PARTS = ("tutorial", "reference", "howto")
+
+
+def ensure_mid_corpus(out: Path = MID_CORPUS) -> Path:
+    """data/lm_mid: MID_PARTS of python3.11-doc's sources (installed first when missing), as they
+    ship; .VERSIONS is hidden, so not read as text."""
+    if (out / ".VERSIONS").exists():
+        return out
+    src = SOURCES["python"][0]
+    if not src.exists():
+        ensure_corpus()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in MID_PARTS:
+        shutil.copytree(src / part, tmp / part)
+    versions = subprocess.run(["dpkg-query", "-W", "python3.11-doc"], capture_output=True, text=True).stdout
+    (tmp / ".VERSIONS").write_text(versions)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def sets(root: Path) -> list[str]:
     """What every point of the study adds to the recipe: the corpus and one token cache for all
     (a study's own sets, after these, may name another corpus)."""
