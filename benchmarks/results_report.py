@@ -314,6 +314,9 @@ def write_report(rows, docs: Path) -> None:
             bar = bar_table(rows, study) if study.startswith("regime") or study == "resnet" else ""
             parts.append(f"### {title}\n\n" + "  \n".join(cmds) + f"\n\n{table(rows, study)}\n"
                          + (f"\n{bar}\n" if bar else ""))
+    from benchmarks import map_report
+    if any(r["study"].startswith("map_") for r in rows):
+        parts.append(map_report.section(rows, docs))
     block = f"{BEGIN}\n" + "\n".join(parts) + f"{END}"
     md = docs / "results.md"
     text = md.read_text() if md.exists() else f"# Results\n\n{BEGIN}\n{END}\n"

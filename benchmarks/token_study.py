@@ -171,6 +171,8 @@ def tok_row(row: dict, stages: list, ms: list, metric: str) -> dict:
     before = sum(m.get("flops", 0) for s, m in zip(stages, ms) if s is not last)
     row["evals"] = evals(last, before, metric)
     row["tokens"] = sum(m.get("tokens", 0) for m in ms)
+    row["corpus_tokens"] = (ms[-1].get("preprocess") or {}).get("train_tokens")     # passes = tokens / this
+    row["trained_params"] = ms[-1].get("trainable_params")      # the deep model's, in its last stage
     if ("meta", None) in by and len(stages) > 1:
         row["meta_tflops"] = round(by[("meta", None)]["flops"] / 1e12, 3)
         row[f"meta_{metric}"] = by[("meta", None)]["metrics"][metric]

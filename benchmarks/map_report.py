@@ -1,0 +1,149 @@
+"""The map of docs/results.md (issue 34): for each data regime and target depth, which of E2E, the
+meta model alone, growth and ours is best at equal FLOPs, by how much, with seeds and spread.
+
+Rows come from the map_<regime>_d<depth> studies of benchmarks/studies.py. A method's score is its
+validation bits per byte at the end of training (final) or the lowest of its evaluations during
+training (best: what early stopping gets); E2E is the better of its learning-rate variants at each
+budget (by the mean final over seeds). The meta model alone is the same 4-layer model for both depths
+of a regime, trained in the 16-layer cell. Lower is better.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+REGIMES = (("small", "221 kB (the tutorial)"), ("mid", "1.38 MB (tutorial, reference, HOWTOs)"),
+           ("rich", "36 MB (Python and kernel docs)"))
+DEPTHS = (16, 64)
+NAMES = {"e2e": "E2E", "meta": "meta model alone", "grow": "growth", "ours": "ours"}
+
+
+def score(r: dict, kind: str) -> float:
+    """final: the last evaluation; best: the lowest one during training (final included)."""
+    return min([r["bpb"]] + [p[1] for p in r.get("evals", [])]) if kind == "best" else r["bpb"]
+
+
+def cell(rows, regime: str, depth: int) -> dict:
+    """{(method, total TFLOPs): [rows]} of one cell, E2E as its better lr at each budget."""
+    g = defaultdict(list)
+    for r in rows:
+        own = r["study"] == f"map_{regime}_d{depth}"
+        if own or (r["study"] == f"map_{regime}_d16" and r["method"] == "meta"):
+            g[(r["method"], r.get("variant", "paper"), float(r["budget"].split("/")[0]))].append(r)
+    out = {}
+    for (method, variant, total), rs in g.items():
+        if method == "e2e":
+            have = out.get(("e2e", total))
+            if have and statistics.mean(x["bpb"] for x in have) <= statistics.mean(x["bpb"] for x in rs):
+                continue
+        out[(method, total)] = rs
+    return out
+
+
+def stat(rs, kind: str) -> tuple[float, float, int]:
+    vals = [score(r, kind) for r in rs]
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
+
+
+def ranking(c: dict, total: float, kind: str) -> list[tuple]:
+    """[(mean, sd, seeds, method)] at one budget, best first."""
+    return sorted((*stat(rs, kind), m) for (m, t), rs in c.items() if t == total)
+
+
+def verdict(c: dict, total: float, kind: str) -> str:
+    rank = ranking(c, total, kind)
+    if not rank:
+        return "not run yet"
+    (m0, s0, n0, w), rest = rank[0], rank[1:]
+    if not rest:
+        return f"only {NAMES[w]} so far"
+    m1, s1, _, runner = rest[0]
+    sure = "" if n0 >= 2 and m1 - m0 > s0 + s1 else " (within the spread)" if n0 >= 2 else " (1 seed)"
+    return f"**{NAMES[w]}** by {m1 - m0:.3f} over {NAMES[runner]}{sure}"
+
+
+def regime_words(c: dict) -> str:
+    """Tokens a parameter and passes over the text of the largest E2E run of a cell."""
+    e2e = [rs for (m, t), rs in sorted(c.items(), key=lambda kv: kv[0][1]) if m == "e2e"]
+    if not e2e or not e2e[-1][0].get("trained_params") or not e2e[-1][0].get("corpus_tokens"):
+        return ""
+    r = e2e[-1][0]
+    return (f"{r['tokens'] / r['trained_params']:.2g} tokens a parameter, {r['tokens'] / r['corpus_tokens']:.2g} "
+            f"passes at {r['budget']} TFLOPs")
+
+
+def map_table(rows, kind: str = "final") -> str:
+    out = [f"| regime (text) | depth 16: best at 15 / 30 TFLOPs | depth 64: best at 15 / 30 TFLOPs |", "|---|---|---|"]
+    for regime, words in REGIMES:
+        cells = []
+        for depth in DEPTHS:
+            c = cell(rows, regime, depth)
+            totals = sorted({t for _, t in c})
+            cells.append("<br>".join(f"{t:g}: {verdict(c, t, kind)}" for t in totals) or "not run yet")
+            cells[-1] += f"<br>({regime_words(c)})" if regime_words(c) else ""
+        out.append(f"| {regime}: {words} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def detail_table(rows) -> str:
+    out = ["| regime | depth | TFLOPs | method | seeds | final bits/byte | best bits/byte | train loss |",
+           "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for regime, _ in REGIMES:
+        for depth in DEPTHS:
+            c = cell(rows, regime, depth)
+            for (method, total), rs in sorted(c.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                (f, fs, n), (b, bs, _) = stat(rs, "final"), stat(rs, "best")
+                lr = f" ({rs[0]['variant']})" if method == "e2e" else ""
+                loss = [r["train_loss"] for r in rs if "train_loss" in r]
+                out.append(f"| {regime} | {depth} | {total:g} | {NAMES[method]}{lr} | {n} | {f:.4f} ± {fs:.4f} | "
+                           f"{b:.4f} ± {bs:.4f} | {statistics.mean(loss):.3f} |" if loss else
+                           f"| {regime} | {depth} | {total:g} | {NAMES[method]}{lr} | {n} | {f:.4f} ± {fs:.4f} | "
+                           f"{b:.4f} ± {bs:.4f} | |")
+    return "\n".join(out)
+
+
+def plot(rows, path: Path) -> None:
+    """A panel a cell: every seed's curve of evaluations against cumulative TFLOPs."""
+    from benchmarks.token_report import COLORS
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colours = {"e2e": COLORS["e2e"], "meta": COLORS["meta-alone"], "grow": COLORS["grow (G_stack)"],
+               "ours": COLORS["ours-metainit"]}
+    fig, axes = plt.subplots(len(REGIMES), len(DEPTHS), figsize=(12, 12), squeeze=False)
+    for i, (regime, words) in enumerate(REGIMES):
+        for j, depth in enumerate(DEPTHS):
+            ax, c = axes[i][j], cell(rows, regime, depth)
+            named = set()
+            for (method, total), rs in sorted(c.items()):
+                for r in rs:
+                    pts = r.get("evals", [])
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if total > 15 else "--", lw=1,
+                            color=colours[method], label=None if method in named else NAMES[method])
+                    named.add(method)
+            if c:
+                best = min(score(r, "best") for rs in c.values() for r in rs)
+                ax.set_ylim(best - 0.03, best + 0.6)
+                ax.legend(fontsize=7)
+            ax.set_title(f"{regime}: {words}; {depth} layers", fontsize=9)
+            ax.set_xlabel("training TFLOPs (cumulative)")
+            ax.set_ylabel("validation bits per byte")
+            ax.grid(alpha=0.3)
+    fig.suptitle("The map: every seed's held-out curve (solid: 30 TFLOPs budgets, dashed: 15)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def section(rows, docs: Path) -> str:
+    if not any(r["study"].startswith("map_") for r in rows):
+        return ""
+    plot(rows, docs / "map.png")
+    return ("### The map: which method pays in which data regime and at which depth\n\n"
+            "`python -m benchmarks.accuracy_vs_cost --study map_<regime>_d<depth> --missing` for regime small, "
+            "mid, rich and depth 16, 64 (figure: docs/map.png). Best method at equal FLOPs by the final "
+            "bits per byte (mean over seeds), the margin to the next, and whether it clears the added "
+            "standard deviations:\n\n" + map_table(rows, "final") + "\n\nThe same by the best point of each "
+            "run (early stopping):\n\n" + map_table(rows, "best") + "\n\nEvery point (E2E: its better "
+            "learning rate, named):\n\n" + detail_table(rows) + "\n")

@@ -1,0 +1,53 @@
+"""The map (benchmarks/map_report.py) and the fair baselines of its studies (accuracy_vs_cost.fair_sets)."""
+from benchmarks import map_report
+from benchmarks.accuracy_vs_cost import fair_sets
+from benchmarks.studies import STUDIES, tok_run_dir, tok_variants
+
+
+def row(study, method, budget, seed, bpb, variant="paper", evals=()):
+    return {"study": study, "method": method, "budget": budget, "seed": seed, "bpb": bpb, "variant": variant,
+            "evals": [list(e) for e in evals], "tokens": 1000, "trained_params": 100, "corpus_tokens": 250}
+
+
+def test_e2e_is_its_better_lr_and_the_meta_model_alone_comes_from_the_16_layer_cell():
+    rows = [row("map_small_d64", "e2e", "15", s, b, "lr0.001") for s, b in ((0, 3.0), (1, 3.2))]
+    rows += [row("map_small_d64", "e2e", "15", s, b, "lr0.0005") for s, b in ((0, 2.5), (1, 2.7))]
+    rows += [row("map_small_d16", "meta", "15", s, b) for s, b in ((0, 2.1), (1, 2.2))]
+    rows += [row("map_small_d64", "ours", "15/B", s, b) for s, b in ((0, 2.0), (1, 2.02))]
+    c = map_report.cell(rows, "small", 64)
+    assert [r["variant"] for r in c[("e2e", 15.0)]] == ["lr0.0005"] * 2
+    assert [r["bpb"] for r in c[("meta", 15.0)]] == [2.1, 2.2]
+    verdict = map_report.verdict(c, 15.0, "final")
+    assert verdict.startswith("**ours** by 0.140 over meta model alone") and "spread" not in verdict
+    assert "4 passes" in map_report.regime_words(c) and "10 tokens a parameter" in map_report.regime_words(c)
+
+
+def test_best_is_the_lowest_evaluation_and_a_margin_inside_the_spread_is_said():
+    r = row("map_mid_d16", "grow", "30/B", 0, 2.3, evals=[(10, 2.6), (20, 2.25), (30, 2.3)])
+    assert map_report.score(r, "final") == 2.3 and map_report.score(r, "best") == 2.25
+    rows = [row("map_mid_d16", "grow", "30/B", s, b) for s, b in ((0, 2.0), (1, 2.2))]
+    rows += [row("map_mid_d16", "ours", "30/B", s, b) for s, b in ((0, 2.05), (1, 2.25))]
+    assert "within the spread" in map_report.verdict(map_report.cell(rows, "mid", 16), 30.0, "final")
+
+
+def test_e2e_gets_its_variant_lr_and_a_warm_up_and_growth_re_warms_while_ours_is_left_as_it_is():
+    study = "map_small_d64"
+    assert tok_variants(study, "e2e", 15) == ["lr0.001", "lr0.0005"]
+    assert fair_sets(study, "e2e", "lr0.0005", ["e2e.tokens=1000"]) == [
+        "e2e.tokens=1000", "e2e.lr=0.0005", f"e2e.warmup_tokens={int(STUDIES[study]['warmup'] * 1000)}"]
+    assert fair_sets(study, "grow", "paper", ["grow.tokens=2000"]) == ["grow.tokens=2000", "grow.warmup_tokens=100"]
+    assert fair_sets(study, "ours", "meta", ["incubate.tokens=5", "finetune.tokens=9"]) == [
+        "incubate.tokens=5", "finetune.tokens=9"]
+    assert fair_sets("lm_tokens", "e2e", "paper", ["e2e.tokens=7"]) == ["e2e.tokens=7"]     # earlier studies unchanged
+
+
+def test_the_map_and_its_tables_name_every_cell(tmp_path):
+    rows = [row("map_rich_d16", m, b, 0, v, evals=[(1, v + 0.5), (2, v)]) for m, b, v in
+            (("e2e", "15", 2.4), ("meta", "15", 2.2), ("ours", "15/B", 2.3), ("grow", "15/B", 2.25))]
+    rows[0]["variant"] = "lr0.002"
+    md = map_report.section(rows, tmp_path)
+    assert (tmp_path / "map.png").stat().st_size > 10_000
+    assert "**meta model alone** by 0.050 over growth (1 seed)" in md
+    assert md.count("not run yet") == 2 * 4 and "only meta model alone so far" in md and "| rich | 16 | 15 | E2E (lr0.002) | 1 |" in md
+    assert tok_run_dir(tmp_path, "map_rich_d16", "e2e", 15, 0, "lr0.002").name == "e2e-lr0.002_15"
+    assert tok_run_dir(tmp_path, "lm_tokens", "e2e", 30, 0, "paper").name == "e2e_30"
