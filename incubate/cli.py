@@ -11,6 +11,7 @@ import sys
 from . import console
 from .config import load_recipe
 from .errors import UserError
+from .stage_registry import ALL, ASSEMBLED, FINETUNE, META, by_command, names, whole_models
 
 
 def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
@@ -21,23 +22,21 @@ def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
                    help="override a recipe value, e.g. --set train.lr=1e-3 (repeatable)")
 
 
+# a stage's options beside --out (stage_registry.Stage.args): what its main takes after the recipe
+_STAGE_OPTIONS = {"module": dict(type=int, help="module index, 0..K-1"),
+                  "checkpoint": dict(help="a stage folder or its model.safetensors")}
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="incubate", description="Deep Model Assembling / Deep Incubation")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, text in (("meta", "train the meta model end to end"),
-                       ("assemble", "stitch modules 0..K-1 into the target and evaluate it"),
-                       ("finetune", "fine-tune the assembled model end to end"),
-                       ("e2e", "the E2E baseline: same target, data and recipe"),
-                       ("grow", "the growth baseline (G_stack): the target from the meta model's layers "
-                                "repeated in order, then end to end")):
-        _common(sub.add_parser(name, help=text))
-    p = sub.add_parser("incubate", help="train target module I inside the frozen meta model")
-    _common(p)
-    p.add_argument("--module", type=int, required=True, help="module index, 0..K-1")
-    p = sub.add_parser("evaluate", help="accuracy and loss of any stage's weights")
-    _common(p, out=False)
-    p.add_argument("--checkpoint", required=True, help="a stage folder or its model.safetensors")
+    for stage in ALL:        # one subcommand a stage, the registry's options
+        p = sub.add_parser(stage.command, help=stage.help)
+        _common(p, out="out" in stage.args)
+        for name in stage.args:
+            if name != "out":
+                p.add_argument(f"--{name}", required=True, **_STAGE_OPTIONS[name])
     p = sub.add_parser("run", help="every stage in order, skipping finished ones")
     _common(p)
     p.add_argument("--no-e2e", action="store_true", help="skip the E2E baseline")
@@ -52,15 +51,15 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-official", help="an official Deep-Incubation checkpoint as a finished stage")
     p.add_argument("checkpoint", help="the .pth file the official code saved")
     _common(p)
-    p.add_argument("--as", dest="as_", required=True, choices=("meta", "assembled"), help="the stage it becomes")
+    p.add_argument("--as", dest="as_", required=True, choices=(META, ASSEMBLED), help="the stage it becomes")
     p = sub.add_parser("export", help="a finished stage as a timm/hub folder, or a transformers folder for a "
                        "language model (model.safetensors + config.json, and the tokenizer with BPE)")
     p.add_argument("run", help="run directory")
-    p.add_argument("--stage", required=True, choices=("finetune", "assembled", "e2e"))
+    p.add_argument("--stage", required=True, choices=names(weights="target"))
     p.add_argument("--to", required=True, help="folder to write")
     p = sub.add_parser("sample", help="a language model's continuation of a prompt")
     p.add_argument("run", help="run directory")
-    p.add_argument("--stage", default="finetune", choices=("meta", "assembled", "finetune", "e2e"))
+    p.add_argument("--stage", default=FINETUNE, choices=whole_models())
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to write (bytes, or BPE tokens)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: seeded sampling")
@@ -99,18 +98,12 @@ def dispatch(args) -> None:
             raise UserError(f"--jobs must be >= 1 and --retries >= 0, got {args.jobs} and {args.retries}")
         run(recipe, args.out, with_e2e=not args.no_e2e, with_grow=args.grow, launcher=args.launcher, jobs=args.jobs,
             retries=args.retries, address=args.address)
-    elif args.cmd == "evaluate":
-        from .stages import evaluate
-        evaluate.main(recipe, args.checkpoint)
     elif args.cmd == "import-official":
         from .interop import import_official
         import_official(recipe, args.checkpoint, args.out, args.as_)
-    elif args.cmd == "incubate":
-        from .stages import incubate
-        incubate.main(recipe, args.out, args.module)
     else:
-        import importlib
-        importlib.import_module(f"incubate.stages.{args.cmd}").main(recipe, args.out)
+        stage = by_command(args.cmd)
+        stage.main()(recipe, *(getattr(args, name) for name in stage.args))
 
 
 def _stdout_reader_gone() -> bool:

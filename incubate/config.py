@@ -12,10 +12,11 @@ import yaml
 
 from .errors import UserError
 from .recipe_checks import validate
+from .stage_registry import launched, names
 from .typed import Overrides, Range, Sections, build
 
-STAGES = ("meta", "incubate", "finetune", "e2e", "grow")
-LAUNCH_STAGES = ("meta", "incubate", "assemble", "finetune", "e2e", "grow")
+STAGES = names(trains=True)         # the recipe's sections of a stage's own train values (fields of Recipe)
+LAUNCH_STAGES = launched()          # keys of launch.stages: the subcommands a launcher starts
 
 Amp = Literal["none", "bf16", "fp16"]
 AtLeast0 = Annotated[int, Range(ge=0)]

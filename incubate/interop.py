@@ -29,6 +29,8 @@ from .errors import UserError
 from .families import get_family
 from .modular import load_strict
 from .rundir import StageDir, claim
+from .runs import load_model
+from .stage_registry import META, names
 from .stages.common import finish, prepare, preprocess
 
 
@@ -124,12 +126,12 @@ def import_official(recipe: Recipe, ckpt, out, as_: str) -> dict:
     if recipe.model.family != "vit":
         raise UserError(f"import-official reads the official code's ViT checkpoints; the recipe's model.family is "
                         f"'{recipe.model.family}': use a vit recipe")
-    meta = as_ == "meta"
+    meta = as_ == META
     if not getattr(get_family(recipe.model.family), "imports_official", False):
         raise UserError(f"import-official reads the official code's ViT checkpoints; model.family "
                         f"'{recipe.model.family}' has none to import: train its meta model with `incubate meta`")
     ctx = prepare(recipe, out)
-    stage = StageDir(ctx.run, "meta" if meta else "assembled")
+    stage = StageDir(ctx.run, as_)
     claim(stage)
     if stage.finished():
         raise UserError(f"{stage.path} already holds a finished {stage.label} model; importing would overwrite "
@@ -165,21 +167,19 @@ def _manifest_preprocess(run: Path, m: dict) -> dict:
 
 
 def export(run, stage_name: str, to) -> Path:
-    run, dest = Path(run), Path(to)
-    m = StageDir(run, stage_name).manifest() if run.is_dir() and stage_name in ("finetune", "assembled", "e2e") else None
+    run, dest, targets = Path(run), Path(to), names(weights="target")
+    m = StageDir(run, stage_name).manifest() if run.is_dir() and stage_name in targets else None
     if m and m.get("family") == "causal_lm":       # a language model: a transformers folder
         from .lm_tools import export_lm
         return export_lm(run, stage_name, to)
-    if stage_name not in ("finetune", "assembled", "e2e"):
-        raise UserError(f"--stage must be finetune, assembled or e2e, got {stage_name!r}")
+    if stage_name not in targets:
+        raise UserError(f"--stage must be one of {', '.join(targets)} (a target model), got {stage_name!r}")
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist")
     stage = StageDir(run, stage_name)
-    m = stage.require_finished(f"run `incubate {'assemble' if stage_name == 'assembled' else stage_name}` first")
-    state = stage.load()
-    family = get_family(m["family"])
-    model = family.build(m["model"]["name"], m["model"]["kwargs"])
-    load_strict(model, state, stage.weights, f"its manifest's model ({m['model']['name']})")
+    m = stage.require_finished()
+    model = load_model(stage)
+    state, family = model.state_dict(), get_family(m["family"])
     provenance = {"run": str(run.resolve()), "stage": stage_name, "sha256": m["sha256"]}
     old = dest / "config.json"
     same = old.exists() and (read_json(old).get("deep_incubate") or {}).get("sha256") == m["sha256"]

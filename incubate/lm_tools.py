@@ -20,12 +20,12 @@ import torch
 
 from .checkpoint import read_json, write_json_atomic
 from .errors import UserError
-from .families import get_family
-from .modular import load_strict
-from .rundir import StageDir
+from .rundir import StageDir, check_tokenizer
+from .runs import load_model
+from .stage_registry import whole_models
 from .text_data import RESTORE, TOKENIZER_FILE, read_tokenizer
 
-LM_STAGES = ("meta", "assembled", "finetune", "e2e")
+LM_STAGES = whole_models()     # the stages whose weights are one whole language model
 
 
 def load_lm(run, stage_name: str):
@@ -36,12 +36,10 @@ def load_lm(run, stage_name: str):
     if stage_name not in LM_STAGES:
         raise UserError(f"--stage must be one of {', '.join(LM_STAGES)}, got {stage_name!r}")
     stage = StageDir(run, stage_name)
-    m = stage.require_finished(f"run `incubate {'assemble' if stage_name == 'assembled' else stage_name}` first")
+    m = stage.require_finished()
     if m["family"] != "causal_lm":
         raise UserError(f"{run} trains a '{m['family']}' model, not a language model (model.family causal_lm)")
-    model = get_family("causal_lm").build(m["model"]["name"], m["model"]["kwargs"])
-    load_strict(model, stage.load(), stage.weights, f"its manifest's model ({m['model']['name']})")
-    return model.eval(), m, stage
+    return load_model(stage).eval(), m, stage
 
 
 def stage_tokenizer(run, m: dict):
@@ -55,9 +53,7 @@ def stage_tokenizer(run, m: dict):
     if not path.exists():
         raise UserError(f"{path} does not exist: this run's models read its BPE tokens; {RESTORE}")
     tok, digest = read_tokenizer(path, m["num_classes"], RESTORE)
-    if digest != pre.get("tokenizer_sha256"):
-        raise UserError(f"{path} is not the tokenizer {m['stage']} was trained with (SHA-256 {digest[:12]}, its "
-                        f"manifest says {str(pre.get('tokenizer_sha256'))[:12]}); {RESTORE}")
+    check_tokenizer(m, digest, path, m["stage"])
     return tok, path
 
 

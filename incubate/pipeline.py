@@ -11,30 +11,25 @@ from pathlib import Path
 
 from .config import Recipe
 from .dist import setup_dist
-from .stages import assemble, e2e, finetune, grow, incubate, meta
+from .stage_registry import ALL, E2E, GROW
 
 
 def phases(recipe: Recipe, out, with_e2e: bool = True, with_grow: bool = False) -> list[list]:
-    """The stage graph: each phase needs every job of the phases before it; jobs of one phase are independent."""
+    """The stage graph in the registry's order: each phase needs every job of the phases before it;
+    jobs of one phase (the K module jobs) are independent."""
     from .launchers import Job
-    run = Path(out).resolve()
-    graph = [[Job("meta", run)], [Job("incubate", run, i) for i in range(len(recipe.model.division))],
-             [Job("assemble", run)], [Job("finetune", run)]]
-    return graph + ([[Job("e2e", run)]] if with_e2e else []) + ([[Job("grow", run)]] if with_grow else [])
+    run, k = Path(out).resolve(), len(recipe.model.division)
+    on = {E2E: with_e2e, GROW: with_grow}      # the run's switches of its optional stages
+    picked = [s for s in ALL if s.in_run == "always" or (s.in_run != "never" and on.get(s.name, s.in_run == "default"))]
+    return [[Job(s.command, run, i) for i in (range(k) if s.per_module else [None])] for s in picked]
 
 
 def run(recipe: Recipe, out, with_e2e: bool = True, launcher: str | None = None, jobs: int = 1,
         retries: int | None = None, address: str | None = None, with_grow: bool = False) -> dict:
     if launcher is None:
-        meta.main(recipe, out)
-        for i in range(len(recipe.model.division)):
-            incubate.main(recipe, out, i)
-        assemble.main(recipe, out)
-        finetune.main(recipe, out)
-        if with_e2e:
-            e2e.main(recipe, out)
-        if with_grow:
-            grow.main(recipe, out)
+        for phase in phases(recipe, out, with_e2e, with_grow):
+            for job in phase:
+                job.main(recipe, out)
     else:
         from .launchers import make_launcher, run_jobs
         from .rundir import write_run_recipe

@@ -15,6 +15,7 @@ from .errors import UserError
 from .families import task_name
 from .tasks import get_task
 from .rundir import StageDir, write_summary
+from .stage_registry import ASSEMBLED, E2E, FINETUNE, GROW, META
 
 
 def _fmt_flops(f: float) -> str:
@@ -39,14 +40,14 @@ def _modules(summary: dict) -> list[str]:
 def ours_parts(summary: dict) -> list[str]:
     """The summary keys whose training cost is ours: meta, every module and fine-tune (assembling
     trains nothing: its seconds are one evaluation)."""
-    return [k for k in ["meta"] + _modules(summary) + ["finetune"] if k in summary]
+    return [k for k in [META] + _modules(summary) + [FINETUNE] if k in summary]
 
 
 def ours_total(summary: dict, metric: str) -> dict | None:
-    if "finetune" not in summary:
+    if FINETUNE not in summary:
         return None
     parts = [summary[k] for k in ours_parts(summary)]
-    return {metric: summary["finetune"][metric], "seconds": sum(p["seconds"] for p in parts),
+    return {metric: summary[FINETUNE][metric], "seconds": sum(p["seconds"] for p in parts),
             "flops": sum(p["flops"] for p in parts)}
 
 
@@ -68,9 +69,9 @@ def metric_rows(stage: StageDir, kind: str = "epoch") -> list[dict]:
 
 def grow_total(summary: dict, metric: str) -> dict | None:
     """Growth's score at its whole cost: the meta model it grew from, then its own training."""
-    if "grow" not in summary or "meta" not in summary:
+    if GROW not in summary or META not in summary:
         return None
-    return {metric: summary["grow"][metric], **{u: summary["meta"][u] + summary["grow"][u] for u in ("seconds", "flops")}}
+    return {metric: summary[GROW][metric], **{u: summary[META][u] + summary[GROW][u] for u in ("seconds", "flops")}}
 
 
 def shares(summary: dict) -> dict:
@@ -80,7 +81,7 @@ def shares(summary: dict) -> dict:
     keys = ours_parts(summary)
     total = {u: sum(summary[k][u] for k in keys) for u in ("flops", "seconds")}
     out = {}
-    for k in [k for k in summary if k in keys or k in ("assembled", "e2e")]:
+    for k in [k for k in summary if k in keys or k in (ASSEMBLED, E2E)]:
         out[k] = {u: 100.0 * summary[k][u] / total[u] if total[u] else float("nan") for u in ("flops", "seconds")}
     return out
 
@@ -105,17 +106,17 @@ def table(summary: dict, task) -> str:
         e, s = summary[key], share[key]
         rows.append(f"| {name} | {_cells(task, e)} | {e['seconds']:.1f} | {_fmt_flops(e['flops'])} | "
                     f"{s['flops']:.1f} | {s['seconds']:.1f} | {e['trainable_params']:,} |")
-    for key in ["meta"] + _modules(summary) + ["assembled", "finetune"]:
+    for key in [META] + _modules(summary) + [ASSEMBLED, FINETUNE]:
         if key in summary:
             add(key.replace("_", " ") if key.startswith("module") else key, key)
     if ours := ours_total(summary, task.headline):
         rows.append(f"| **ours (meta+modules+finetune)** | {_ours_cells(task, ours[task.headline])} | "
                     f"{ours['seconds']:.1f} | {_fmt_flops(ours['flops'])} | 100.0 | 100.0 | |")
-    if "e2e" in summary:
-        add("**e2e**", "e2e")
+    if E2E in summary:
+        add("**e2e**", E2E)
     if grown := grow_total(summary, task.headline):
-        rows.append(f"| **grow (G_stack)** (meta + grow) | {_cells(task, summary['grow'])} | {grown['seconds']:.1f} | "
-                    f"{_fmt_flops(grown['flops'])} | | | {summary['grow']['trainable_params']:,} |")
+        rows.append(f"| **grow (G_stack)** (meta + grow) | {_cells(task, summary[GROW])} | {grown['seconds']:.1f} | "
+                    f"{_fmt_flops(grown['flops'])} | | | {summary[GROW]['trainable_params']:,} |")
     return "\n".join(rows)
 
 
@@ -146,34 +147,34 @@ def curves(run: Path, summary: dict, metric: str) -> dict:
     fine-tune's curve shifted by the cost of everything before it (meta and modules), growth's by the
     meta model's."""
     run = Path(run)
-    out = {name: c for name in ("meta", "e2e") if (c := stage_curve(run, name, metric)) is not None}
-    before = [summary[k] for k in ours_parts(summary) if k != "finetune"]     # meta and modules
+    out = {name: c for name in (META, E2E) if (c := stage_curve(run, name, metric)) is not None}
+    before = [summary[k] for k in ours_parts(summary) if k != FINETUNE]     # meta and modules
     pre_f, pre_s = sum(p["flops"] for p in before), sum(p["seconds"] for p in before)
-    if "assembled" in summary:
-        out["assembled"] = {"flops": [pre_f], "seconds": [pre_s], metric: [summary["assembled"][metric]]}
-    if "finetune" in summary and (c := stage_curve(run, "finetune", metric, pre_f, pre_s)) is not None:
+    if ASSEMBLED in summary:
+        out[ASSEMBLED] = {"flops": [pre_f], "seconds": [pre_s], metric: [summary[ASSEMBLED][metric]]}
+    if FINETUNE in summary and (c := stage_curve(run, FINETUNE, metric, pre_f, pre_s)) is not None:
         out["ours"] = c
-    if "grow" in summary and "meta" in summary:
-        meta = summary["meta"]
-        if (c := stage_curve(run, "grow", metric, meta["flops"], meta["seconds"])) is not None:
-            out["grow"] = c
+    if GROW in summary and META in summary:
+        meta = summary[META]
+        if (c := stage_curve(run, GROW, metric, meta["flops"], meta["seconds"])) is not None:
+            out[GROW] = c
     return out
 
 
-STYLE = {"meta": ("s-", "tab:blue", "meta model alone"), "e2e": ("o-", "tab:gray", "E2E"),
-         "assembled": ("*", "tab:red", "assembled (before fine-tune)"),
+STYLE = {META: ("s-", "tab:blue", "meta model alone"), E2E: ("o-", "tab:gray", "E2E"),
+         ASSEMBLED: ("*", "tab:red", "assembled (before fine-tune)"),
          "ours": ("o-", "tab:red", "ours: meta + modules + fine-tune"),
-         "grow": ("o-", "tab:green", "grow (G_stack), after the meta model")}
+         GROW: ("o-", "tab:green", "grow (G_stack), after the meta model")}
 
 
 def _panel(ax, data: dict, unit: str, task) -> None:
     metric = task.headline
     for name, c in data.items():
         fmt, color, label = STYLE[name]
-        ax.plot(c[unit], c[metric], fmt, color=color, label=label, ms=14 if name == "assembled" else 4, lw=1.5,
-                zorder=3 if name == "assembled" else 2)
-    if "assembled" in data and "ours" in data:     # fine-tuning starts from the assembled model
-        a, o = data["assembled"], data["ours"]
+        ax.plot(c[unit], c[metric], fmt, color=color, label=label, ms=14 if name == ASSEMBLED else 4, lw=1.5,
+                zorder=3 if name == ASSEMBLED else 2)
+    if ASSEMBLED in data and "ours" in data:     # fine-tuning starts from the assembled model
+        a, o = data[ASSEMBLED], data["ours"]
         ax.plot([a[unit][0], o[unit][0]], [a[metric][0], o[metric][0]], ":", color="tab:red", lw=1)
     ax.set_xlim(left=0)       # cost starts at zero for every method: lengths compare
     ax.set_xlabel("training FLOPs, cumulative" if unit == "flops"

@@ -12,8 +12,8 @@ from .checkpoint import (load_weights, previous_checkpoint, read_json, save_weig
 from .config import Recipe, dump_recipe
 from .errors import UserError
 from .lock import hold, release
-
-STAGE_DIRS = {"meta": "meta", "assembled": "assembled", "finetune": "finetune", "e2e": "e2e", "grow": "grow"}
+from .stage_registry import META, in_folders
+from .stage_registry import stage as registered
 # Parts of the recipe that must not change inside one run directory: what the weights and the
 # dataset are. Training settings, loader settings and augmentation may change between stages.
 FIXED_KEYS = ("model.family", "model.name", "model.kwargs", "model.division", "model.meta_division",
@@ -24,15 +24,28 @@ FIXED_KEYS = ("model.family", "model.name", "model.kwargs", "model.division", "m
 class StageDir:
     def __init__(self, run: Path, stage: str, module: int | None = None):
         self.run, self.stage, self.module = Path(run), stage, module
-        self.path = self.run / "modules" / str(module) if stage == "incubate" else self.run / STAGE_DIRS[stage]
+        self.path = self.run / registered(stage).folder.format(module=module)
         self.weights = self.path / "model.safetensors"
         self.manifest_path = self.path / "manifest.json"
         self.metrics = self.path / "metrics.jsonl"
         self.checkpoint = self.path / "checkpoint.safetensors"
 
+    @classmethod
+    def at(cls, folder: Path) -> "StageDir":
+        """The stage whose folder is `folder`, as its manifest.json names it (the run is the folder's
+        parent, or its grandparent for a module's RUN/modules/<i>)."""
+        m = read_json(Path(folder) / "manifest.json")
+        depth = len(Path(registered(m["stage"]).folder).parts)
+        return cls(Path(folder).parents[depth - 1], m["stage"], m.get("module"))
+
+    @property
+    def hint(self) -> str:
+        """How a person makes this stage: `run `incubate <command>` first`."""
+        return registered(self.stage).hint(self.module)
+
     @property
     def label(self) -> str:
-        return f"module {self.module}" if self.stage == "incubate" else self.stage
+        return f"module {self.module}" if registered(self.stage).per_module else self.stage
 
     def manifest(self) -> dict | None:
         return read_json(self.manifest_path) if self.manifest_path.exists() else None
@@ -41,9 +54,12 @@ class StageDir:
         m = self.manifest()
         return bool(m and m.get("finished") and self.weights.exists())
 
-    def require_finished(self, hint: str) -> dict:
+    def require_finished(self, hint: str | None = None) -> dict:
+        """The finished stage's manifest, else one line that says how to make it (`hint`, by default
+        the stage's command)."""
         m = self.manifest()
         if not (m and m.get("finished")):
+            hint = hint or self.hint
             raise UserError(f"{self.label} has not finished: {self.manifest_path} is missing or unfinished; {hint}")
         return m
 
@@ -53,8 +69,25 @@ class StageDir:
 
 
 def stage_dirs(run: Path, k: int) -> list[StageDir]:
-    return ([StageDir(run, "meta")] + [StageDir(run, "incubate", i) for i in range(k)]
-            + [StageDir(run, s) for s in ("assembled", "finetune", "e2e", "grow")])
+    """Every stage folder of a run whose target has `k` modules, in the order the stages run."""
+    return [StageDir(run, s, i) for s in in_folders() for i in (range(k) if registered(s).per_module else [None])]
+
+
+def meta_fingerprint(run: Path) -> str:
+    """The run's finished meta model's fingerprint (the SHA-256 of its weights file), which every
+    stage made from it records."""
+    how = f"{registered(META).hint()} (or `incubate import-official CKPT --as {META}`)"
+    return StageDir(run, META).require_finished(how)["sha256"]
+
+
+def check_tokenizer(m: dict, have: str, path: Path, what) -> None:
+    """Refuse the tokenizer at `path` (SHA-256 `have`) unless it is the one manifest `m`'s stage
+    (`what`) was trained with."""
+    from .bpe import RESTORE         # here: reading a run's folders needs no tokenizer code
+    want = (m.get("preprocess") or {}).get("tokenizer_sha256")
+    if want and want != have:
+        raise UserError(f"{path} (SHA-256 {have[:12]}) is not the tokenizer {what} was trained with ({want[:12]}, "
+                        f"its manifest); {RESTORE}")
 
 
 def check_run_recipe(run: Path, recipe: Recipe) -> None:
@@ -142,7 +175,7 @@ def write_summary(run: Path) -> dict:
         m = sd.manifest() if sd.manifest_path.exists() else None
         if not m or not m.get("finished"):
             continue
-        key = f"module_{sd.module}" if sd.stage == "incubate" else sd.stage
+        key = f"module_{sd.module}" if sd.module is not None else sd.stage
         summary[key] = {"stage": sd.stage, "module": sd.module, **m["metrics"],
                         "seconds": m.get("process_seconds", m.get("seconds", 0.0)),
                         "flops": m.get("flops", 0), "trainable_params": m.get("trainable_params", 0),

@@ -9,13 +9,15 @@ from pathlib import Path
 
 from torch import nn
 
-from .api import Divided, _mark, divide, record, trained_module
+from .api import Divided, _mark, divide, hybrid, record, trained_module
 from .errors import UserError
 from .families import get_family
 from .families.base import SPEC
 from .lock import release
 from .modular import Hybrid, load_strict
-from .rundir import STAGE_DIRS, StageDir, begin_stage, finish_stage
+from .rundir import StageDir, begin_stage, finish_stage, meta_fingerprint
+from .stage_registry import INCUBATE, META, in_folders
+from .stage_registry import stage as registered
 
 # what a module's manifest repeats from the meta model's: the run's data, classes and recipe
 SHARED = ("recipe", "classes", "num_classes", "data", "preprocess", "target_model")
@@ -24,34 +26,53 @@ SHARED = ("recipe", "classes", "num_classes", "data", "preprocess", "target_mode
 def load_into(model: nn.Module, stage: StageDir, what: str) -> nn.Module:
     """Load a finished stage's weights into `model` strictly and record its family and division (a
     meta model: also its target's division and its fingerprint)."""
-    command = "incubate --module N" if stage.module is not None else stage.stage
-    m = stage.require_finished(f"run `incubate {command}` first")
+    m = stage.require_finished()
     load_strict(model, stage.load(), stage.weights, what)
-    meta = stage.stage == "meta"
+    meta = stage.stage == META
     return _mark(model, Divided(m["family"], tuple(m["division"]),
                                 tuple(m["target_division"]) if meta else None,
-                                m["sha256"] if meta else None, taken=stage.stage == "incubate"))
+                                m["sha256"] if meta else None, taken=stage.module is not None))
 
 
-def load_stage(run, stage: str = "meta", module: int | None = None) -> nn.Module:
+def load_model(stage: StageDir) -> nn.Module:
+    """The model a finished stage left (a module stage: that module alone), built from its manifest
+    and loaded strictly: what every reader of a finished stage (API, evaluate, export, sample) uses."""
+    m = stage.require_finished()
+    fam = get_family(m["family"])
+    model = fam.build(m["model"]["name"], m["model"]["kwargs"])
+    if stage.module is not None:
+        fam.keep_only(model, m["division"], stage.module)
+    what = f"module {stage.module} of its manifest's model" if stage.module is not None else "its manifest's model"
+    return load_into(model, stage, f"{what} ({m['model']['name']})")
+
+
+def load_hybrid(stage: StageDir) -> Hybrid:
+    """A finished module inside its run's finished meta model: incubate.hybrid of the two, the module's
+    weights loaded strictly (what the module computes, as it was trained)."""
+    m = stage.require_finished()
+    meta = load_model(StageDir(stage.run, META))
+    target = divide(get_family(m["family"]).build(m["model"]["name"], m["model"]["kwargs"]), m["division"],
+                    m["family"])
+    net = hybrid(meta, target, stage.module)
+    load_strict(trained_module(net), stage.load(), stage.weights, f"module {stage.module} of its manifest's model")
+    return net
+
+
+def load_stage(run, stage: str = META, module: int | None = None) -> nn.Module:
     """The model a finished stage of run directory `run` left (stage: meta, assembled, finetune,
     e2e, grow; or incubate with `module`: that module alone), built from its manifest and loaded
     strictly. A meta model read so can make hybrids whose modules `save_module` writes back."""
-    if stage not in STAGE_DIRS and stage != "incubate":
-        raise UserError(f"stage {stage!r} is none of {', '.join([*STAGE_DIRS, 'incubate'])}")
-    if (stage == "incubate") != (module is not None):
-        raise UserError("a module is read with stage='incubate' and module=N, and only so")
-    sd = StageDir(Path(run), stage, module)
-    m = sd.require_finished(f"run that stage first (`incubate {stage}`)")
-    fam = get_family(m["family"])
-    model = fam.build(m["model"]["name"], m["model"]["kwargs"])
-    if module is not None:
-        fam.keep_only(model, m["division"], module)
-    return load_into(model, sd, f"its manifest's model ({m['model']['name']})")
+    known = in_folders()
+    if stage not in known:
+        raise UserError(f"stage {stage!r} is none of {', '.join(s for s in known if s != INCUBATE)}, {INCUBATE}")
+    if registered(stage).per_module != (module is not None):
+        raise UserError(f"a module is read with stage='{INCUBATE}' and module=N, and only so")
+    return load_model(StageDir(Path(run), stage, module))
 
 
 def _meta_manifest(run: Path) -> dict:
-    return StageDir(run, "meta").require_finished("run `incubate meta` first, or import a meta model")
+    meta_fingerprint(run)        # a missing meta model: the one line every stage made from it says
+    return StageDir(run, META).manifest()
 
 
 def target_model(run) -> nn.Module:
@@ -61,7 +82,7 @@ def target_model(run) -> nn.Module:
     m = _meta_manifest(run)
     spec = m.get("target_model")
     if spec is None:
-        raise UserError(f"{StageDir(run, 'meta').manifest_path} names no target model (written before it "
+        raise UserError(f"{StageDir(run, META).manifest_path} names no target model (written before it "
                         f"recorded one); rerun `incubate meta` in a new run directory")
     model = get_family(m["family"]).build(spec["name"], spec["kwargs"])
     return divide(model, m["target_division"], m["family"])
@@ -71,12 +92,12 @@ def _module_manifest(net: Hybrid, run: Path, meta: dict, metrics: dict | None) -
     target = trained_module(net)
     spec = json.loads(json.dumps(getattr(target, SPEC, None)))
     if net.fingerprint != meta["sha256"]:
-        raise UserError(f"the hybrid's meta model is not the one in {run / 'meta'}; make the hybrid from "
-                        f"incubate.load_stage('{run}', 'meta')")
+        raise UserError(f"the hybrid's meta model is not the one in {StageDir(run, META).path}; make the hybrid "
+                        f"from incubate.load_stage('{run}', {META!r})")
     if spec != meta.get("target_model") or net.division != meta["target_division"]:
         raise UserError(f"the hybrid's target is not the target model of {run} (its recipe's); make it with "
                         f"incubate.target_model('{run}')")
-    manifest = {"stage": "incubate", "module": net.index, "family": meta["family"], "model": spec,
+    manifest = {"stage": INCUBATE, "module": net.index, "family": meta["family"], "model": spec,
                 "division": net.division, "target_division": net.division, "meta_division": net.meta_division,
                 "meta_fingerprint": meta["sha256"], **{k: meta.get(k) for k in SHARED},
                 "metrics": dict(metrics or {}), "trainable_params": sum(p.numel() for p in target.parameters()),
@@ -94,7 +115,7 @@ def save_module(net: Hybrid, run, metrics: dict | None = None) -> dict:
     if not isinstance(net, Hybrid) or record(trained_module(net)) is None:
         raise UserError("save_module takes a hybrid made by incubate.hybrid(meta, target, i)")
     manifest = _module_manifest(net, run, _meta_manifest(run), metrics)
-    stage = StageDir(run, "incubate", net.index)
+    stage = StageDir(run, INCUBATE, net.index)
     if stage.finished():
         raise UserError(f"{stage.path} holds a finished module {net.index} already; delete that folder to "
                         f"replace it")

@@ -13,12 +13,14 @@ from the same target weights E2E starts from. The offsets below seed `fit`:
 """
 from __future__ import annotations
 
-OFFSETS = {"meta": 0, "e2e": 0, "finetune": -1, "grow": 1000}
+from .stage_registry import E2E, FINETUNE, GROW, INCUBATE, META
+
+OFFSETS = {META: 0, E2E: 0, FINETUNE: -1, GROW: 1000}
 FIRST_MODULE = 1
 
 
 def stage_seed(seed: int, stage: str, module: int | None = None, shared_data_order: bool = False) -> int:
     """The seed `fit` trains stage `stage` (module `module` of the incubate stage) with."""
-    if stage == "incubate":
+    if stage == INCUBATE:
         return seed + FIRST_MODULE + (0 if shared_data_order else module)
     return seed + OFFSETS[stage]

@@ -20,6 +20,7 @@ from .errors import UserError
 from .lock import read_holder
 from .report import run_task
 from .rundir import StageDir, stage_dirs
+from .stage_registry import stage as registered
 
 
 def _flock_holders(path: Path) -> set[int] | None:
@@ -140,10 +141,10 @@ def status(run, out=None) -> list[dict]:
     task, now = run_task(run), time.time()
     rows = []
     for sd in stage_dirs(run, k):
-        if sd.stage == "grow" and not sd.path.exists():     # growth is opt-in (run --grow): listed once begun
+        stage = registered(sd.stage)
+        if stage.in_run == "opt-in" and not sd.path.exists():     # not in a plain `incubate run`: listed once begun
             continue
-        cfg = "incubate" if sd.stage == "incubate" else sd.stage
-        budget = recipe.stage(cfg) if recipe is not None and cfg != "assembled" else None
+        budget = recipe.stage(sd.stage) if recipe is not None and stage.trains else None
         epochs = budget.epochs if budget is not None and not budget.tokens else None
         rows.append(stage_status(sd, epochs, now, task))
     print(f"run {run} (recipe {recipe.name if recipe else '?'}, K={k}), as of {_stamp(now, now).split(' ')[0]}",

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..rundir import StageDir
+from ..stage_registry import by_command
 
 
 @dataclass
@@ -16,7 +17,7 @@ class Job:
 
     @property
     def dir(self) -> StageDir:
-        return StageDir(self.run, "assembled" if self.stage == "assemble" else self.stage, self.module)
+        return StageDir(self.run, by_command(self.stage).name, self.module)
 
     @property
     def label(self) -> str:
@@ -30,6 +31,10 @@ class Job:
     def console(self) -> Path:
         """What the job says to the person at `incubate run` (incubate/console.py), beside its log."""
         return self.dir.path / "console.txt"
+
+    def main(self, recipe, out) -> dict:
+        """Run the job in this process (`incubate run` without a launcher), against run directory `out`."""
+        return by_command(self.stage).main()(recipe, out, *([self.module] if self.module is not None else []))
 
     def args(self) -> list[str]:
         extra = ["--module", str(self.module)] if self.module is not None else []

@@ -9,22 +9,22 @@ from ..data import make_loader
 from ..engine import evaluate
 from ..errors import UserError
 from ..api import assemble, divide
-from ..rundir import StageDir
+from ..rundir import StageDir, meta_fingerprint
+from ..stage_registry import ASSEMBLED, INCUBATE
 from .common import begin, finish, prepare
 
 
 def gather_modules(ctx) -> tuple[list[dict], str]:
     """Every module's weights, refusing missing, foreign or stale ones with the file's name."""
     recipe, run = ctx.recipe, ctx.run
-    fingerprint = StageDir(run, "meta").require_finished("run `incubate meta` first")["sha256"]
+    fingerprint = meta_fingerprint(run)
     spec, division = ctx.model_spec(), recipe.model.division
     parts = []
     for i in range(len(division)):
-        sd = StageDir(run, "incubate", i)
+        sd = StageDir(run, INCUBATE, i)
         m = sd.manifest()
         if not (m and m.get("finished")):
-            raise UserError(f"module {i} is missing or unfinished ({sd.manifest_path}); run "
-                            f"`incubate incubate --module {i}` first")
+            raise UserError(f"module {i} is missing or unfinished ({sd.manifest_path}); {sd.hint}")
         if m.get("model") != spec or m.get("division") != division:
             raise UserError(f"{sd.manifest_path} was incubated for another recipe or division "
                             f"({m.get('model', {}).get('name')}, division {m.get('division')}); "
@@ -38,7 +38,7 @@ def gather_modules(ctx) -> tuple[list[dict], str]:
 
 def main(recipe: Recipe, out) -> dict:
     ctx = prepare(recipe, out)
-    stage = StageDir(ctx.run, "assembled")
+    stage = StageDir(ctx.run, ASSEMBLED)
     if stage.finished():
         return begin(ctx, stage, {}) or stage.manifest()
     parts, fingerprint = gather_modules(ctx)
@@ -52,7 +52,7 @@ def main(recipe: Recipe, out) -> dict:
                     recipe.seed, ctx.dist.rank, ctx.dist.world, ctx.dist.device)
     metrics = evaluate(model, loader, ctx.dist, task=ctx.task)
     if ctx.dist.main:
-        print(f"[assembled] {ctx.task.text(metrics)} before fine-tuning", flush=True)
+        print(f"[{stage.label}] {ctx.task.text(metrics)} before fine-tuning", flush=True)
     seconds = time.perf_counter() - t0
     manifest.update(metrics=ctx.task.final(metrics), epochs=0, seconds=seconds,
                     process_seconds=seconds * ctx.dist.world, flops=0, steps=0, trainable_params=0,

@@ -11,11 +11,11 @@ from ..config import Recipe
 from ..data import DataBundle, eval_crop_pct, load_data
 from ..dist import Dist, barrier, setup_dist
 from ..engine import seed_all
-from ..errors import UserError
 from ..families import get_family
-from ..rundir import StageDir, begin_stage, check_run_recipe, finish_stage, stage_dirs, write_run_recipe
+from ..rundir import (StageDir, begin_stage, check_run_recipe, check_tokenizer, finish_stage, stage_dirs,
+                      write_run_recipe)
 from ..tasks import task_of
-from ..text_data import RESTORE, TOKENIZER_FILE
+from ..text_data import TOKENIZER_FILE
 
 
 @dataclass
@@ -72,11 +72,7 @@ def _check_tokenizer_of_stages(run: Path, recipe: Recipe, bundle) -> None:
     if not have:
         return
     for sd in stage_dirs(run, len(recipe.model.division)):
-        m = sd.manifest() if sd.manifest_path.exists() else None
-        want = ((m or {}).get("preprocess") or {}).get("tokenizer_sha256")
-        if want and want != have:
-            raise UserError(f"{run / TOKENIZER_FILE} (SHA-256 {have[:12]}) is not the tokenizer {sd.path} was "
-                            f"trained with ({want[:12]}, its manifest); {RESTORE}")
+        check_tokenizer(sd.manifest() or {}, have, run / TOKENIZER_FILE, sd.path)
 
 
 def prepare(recipe: Recipe, out: str | Path) -> Context:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ..config import Recipe
+from ..stage_registry import E2E
 from .train import train_stage
 
 
 def main(recipe: Recipe, out) -> dict:
-    return train_stage(recipe, out, "e2e")
+    return train_stage(recipe, out, E2E)

@@ -4,18 +4,18 @@ from __future__ import annotations
 from ..config import Recipe
 from ..modular import load_strict
 from ..rundir import StageDir
+from ..stage_registry import ASSEMBLED, FINETUNE
 from .train import train_stage
 
 
 def _assembled(ctx, stage: StageDir) -> str:
-    assembled = StageDir(ctx.run, "assembled")
-    return assembled.require_finished("run `incubate assemble` first")["meta_fingerprint"]
+    return StageDir(ctx.run, ASSEMBLED).require_finished()["meta_fingerprint"]
 
 
 def _from_assembled(ctx, model) -> None:
-    assembled = StageDir(ctx.run, "assembled")
+    assembled = StageDir(ctx.run, ASSEMBLED)
     load_strict(model, assembled.load(), assembled.weights, "the recipe's target model")
 
 
 def main(recipe: Recipe, out) -> dict:
-    return train_stage(recipe, out, "finetune", check=_assembled, start=_from_assembled)
+    return train_stage(recipe, out, FINETUNE, check=_assembled, start=_from_assembled)

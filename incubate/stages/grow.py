@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ..config import Recipe
 from ..errors import UserError
-from ..rundir import StageDir
+from ..rundir import StageDir, meta_fingerprint
+from ..stage_registry import GROW
 from .incubate import load_meta
 from .train import train_stage
 
@@ -14,7 +15,7 @@ def _growable(ctx, stage: StageDir) -> str:
     if not hasattr(ctx.family, "grow_from_meta"):
         raise UserError(f"model.family {ctx.recipe.model.family} cannot be grown depthwise (its blocks are not one "
                         f"stack of equal shapes); use incubate run without --grow")
-    fingerprint = StageDir(ctx.run, "meta").require_finished("run `incubate meta` first")["sha256"]
+    fingerprint = meta_fingerprint(ctx.run)
     if stage.finished() and stage.manifest().get("meta_fingerprint") != fingerprint:
         raise UserError(f"{stage.path} was grown from another meta model; delete that folder to redo it")
     return fingerprint
@@ -26,4 +27,4 @@ def _from_meta(ctx, model) -> None:
 
 
 def main(recipe: Recipe, out) -> dict:
-    return train_stage(recipe, out, "grow", check=_growable, start=_from_meta)
+    return train_stage(recipe, out, GROW, check=_growable, start=_from_meta)

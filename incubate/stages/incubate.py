@@ -6,17 +6,17 @@ from ..config import Recipe
 from ..engine import fit
 from ..errors import UserError
 from ..modular import Hybrid
-from ..rundir import StageDir
+from ..rundir import StageDir, meta_fingerprint
 from ..runs import load_into
 from ..seeds import stage_seed
+from ..stage_registry import INCUBATE, META
 from .common import Context, begin, finish, prepare, trainable_params
 
 
 def load_meta(ctx: Context):
     """The finished meta model of the run (the recipe's, loaded strictly), and its fingerprint."""
-    stage = StageDir(ctx.run, "meta")
-    stage.require_finished("run `incubate meta` first, or `incubate import-official CKPT --as meta`")
-    meta = load_into(ctx.build(meta=True), stage, "the recipe's meta model")
+    meta_fingerprint(ctx.run)       # a missing meta model: one line that says how to make it
+    meta = load_into(ctx.build(meta=True), StageDir(ctx.run, META), "the recipe's meta model")
     return meta, api.record(meta).fingerprint
 
 
@@ -35,9 +35,9 @@ def main(recipe: Recipe, out, module: int) -> dict:
     if not 0 <= module < k:
         raise UserError(f"--module {module} is out of range: the recipe divides the target into {k} modules "
                         f"(0..{k - 1})")
-    stage = StageDir(ctx.run, "incubate", module)
-    cfg = recipe.stage("incubate")
-    fingerprint = StageDir(ctx.run, "meta").require_finished("run `incubate meta` first (or import a meta model)")["sha256"]
+    stage = StageDir(ctx.run, INCUBATE, module)
+    cfg = recipe.stage(INCUBATE)
+    fingerprint = meta_fingerprint(ctx.run)
     manifest = ctx.base_manifest(stage)
     manifest["meta_fingerprint"] = fingerprint
     if stage.finished() and stage.manifest().get("meta_fingerprint") != fingerprint:
@@ -46,7 +46,7 @@ def main(recipe: Recipe, out, module: int) -> dict:
         return stage.manifest()
     hybrid = build_hybrid(ctx, module, cfg.drop_path, cfg.module_init, cfg.frozen_suffix_grads)
     target = hybrid.runner.model
-    seed = stage_seed(recipe.seed, "incubate", module, cfg.shared_data_order)
+    seed = stage_seed(recipe.seed, INCUBATE, module, cfg.shared_data_order)
     result = fit(hybrid, target, cfg, ctx.bundle, recipe.data, ctx.dist, seed, stage.path,
                  ddp_attr="runner", label=f"module {module}", task=ctx.task)
     manifest.update(result, trainable_params=trainable_params(target), world_size=ctx.dist.world)

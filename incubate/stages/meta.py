@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ..config import Recipe
+from ..stage_registry import META
 from .train import train_stage
 
 
 def main(recipe: Recipe, out) -> dict:
-    return train_stage(recipe, out, "meta", meta=True)
+    return train_stage(recipe, out, META, meta=True)
