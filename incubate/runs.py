@@ -34,14 +34,18 @@ def load_into(model: nn.Module, stage: StageDir, what: str) -> nn.Module:
                                 m["sha256"] if meta else None, taken=stage.module is not None))
 
 
+def _built(m: dict) -> nn.Module:
+    """A fresh model of the family, name and arguments a manifest records."""
+    return get_family(m["family"]).build(m["model"]["name"], m["model"]["kwargs"])
+
+
 def load_model(stage: StageDir) -> nn.Module:
     """The model a finished stage left (a module stage: that module alone), built from its manifest
     and loaded strictly: what every reader of a finished stage (API, evaluate, export, sample) uses."""
     m = stage.require_finished()
-    fam = get_family(m["family"])
-    model = fam.build(m["model"]["name"], m["model"]["kwargs"])
+    model = _built(m)
     if stage.module is not None:
-        fam.keep_only(model, m["division"], stage.module)
+        get_family(m["family"]).keep_only(model, m["division"], stage.module)
     what = f"module {stage.module} of its manifest's model" if stage.module is not None else "its manifest's model"
     return load_into(model, stage, f"{what} ({m['model']['name']})")
 
@@ -51,9 +55,7 @@ def load_hybrid(stage: StageDir) -> Hybrid:
     weights loaded strictly (what the module computes, as it was trained)."""
     m = stage.require_finished()
     meta = load_model(StageDir(stage.run, META))
-    target = divide(get_family(m["family"]).build(m["model"]["name"], m["model"]["kwargs"]), m["division"],
-                    m["family"])
-    net = hybrid(meta, target, stage.module)
+    net = hybrid(meta, divide(_built(m), m["division"], m["family"]), stage.module)
     load_strict(trained_module(net), stage.load(), stage.weights, f"module {stage.module} of its manifest's model")
     return net
 
