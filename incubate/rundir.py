@@ -76,7 +76,7 @@ def stage_dirs(run: Path, k: int) -> list[StageDir]:
 def meta_fingerprint(run: Path) -> str:
     """The run's finished meta model's fingerprint (the SHA-256 of its weights file), which every
     stage made from it records."""
-    how = f"{registered(META).hint()} (or `incubate import-official CKPT --as {META}`)"
+    how = f"{registered(META).hint()}, or `incubate import-official CKPT --as {META}`"
     return StageDir(run, META).require_finished(how)["sha256"]
 
 
