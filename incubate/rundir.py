@@ -14,6 +14,7 @@ from .errors import UserError
 from .lock import hold, release
 from .stage_registry import META, in_folders
 from .stage_registry import stage as registered
+
 # Parts of the recipe that must not change inside one run directory: what the weights and the
 # dataset are. Training settings, loader settings and augmentation may change between stages.
 FIXED_KEYS = ("model.family", "model.name", "model.kwargs", "model.division", "model.meta_division",
@@ -35,6 +36,9 @@ class StageDir:
         """The stage whose folder is `folder`, as its manifest.json names it (the run is the folder's
         parent, or its grandparent for a module's RUN/modules/<i>)."""
         m = read_json(Path(folder) / "manifest.json")
+        if m.get("stage") not in in_folders():
+            raise UserError(f"{Path(folder) / 'manifest.json'} names no stage of a run directory ({m.get('stage')!r}); "
+                            f"pass a stage folder of a run directory")
         depth = len(Path(registered(m["stage"]).folder).parts)
         return cls(Path(folder).parents[depth - 1], m["stage"], m.get("module"))
 

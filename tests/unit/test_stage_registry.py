@@ -9,6 +9,7 @@ import pytest
 from incubate import cli, config, stage_registry
 from incubate.checkpoint import write_json_atomic
 from incubate.config import Recipe
+from incubate.errors import UserError
 from incubate.pipeline import phases
 from incubate.rundir import StageDir, stage_dirs
 from incubate.stage_registry import ALL, by_command, names
@@ -51,10 +52,13 @@ def test_a_stage_folder_names_its_stage_and_run(tmp_path):
         write_json_atomic(sd.manifest_path, {"stage": sd.stage, "module": sd.module})
         found = StageDir.at(sd.path)
         assert (found.run, found.stage, found.module, found.path) == (run, sd.stage, sd.module, sd.path)
+    write_json_atomic(run / "meta/manifest.json", {"stage": "meta_model"})
+    with pytest.raises(UserError, match="names no stage of a run directory \\('meta_model'\\)"):
+        StageDir.at(run / "meta")
     assert [sd.label for sd in stage_dirs(run, 2)][:3] == ["meta", "module 0", "module 1"]
-    with pytest.raises(Exception, match="module 1 has not finished.*incubate incubate --module 1"):
+    with pytest.raises(UserError, match="module 1 has not finished.*incubate incubate --module 1"):
         StageDir(run, "incubate", 1).require_finished()
-    with pytest.raises(Exception, match="assembled has not finished.*run `incubate assemble` first"):
+    with pytest.raises(UserError, match="assembled has not finished.*run `incubate assemble` first"):
         StageDir(run, "assembled").require_finished()
 
 
