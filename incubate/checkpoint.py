@@ -192,7 +192,7 @@ def load_weights(path: Path, sha256: str | None = None) -> dict:
                         f"stage folder and rerun that stage") from None
 
 
-def _jsonable(obj):
+def jsonable(obj):
     try:
         json.dumps(obj)
         return True
@@ -234,7 +234,7 @@ def save_training_state(path: Path, model_state: dict, optimizer, scheduler, sca
                 opt_meta["state"][str(idx)][name] = "__tensor__"
             else:
                 opt_meta["state"][str(idx)][name] = value
-    sched = {k: v for k, v in scheduler.state_dict().items() if _jsonable(v)} if scheduler else None
+    sched = {k: v for k, v in scheduler.state_dict().items() if jsonable(v)} if scheduler else None
     plain = _plain(tensors)
     meta = {"epoch": epoch, "optimizer": opt_meta, "scheduler": sched,
             "scaler": scaler.state_dict() if scaler is not None else None, **extra,

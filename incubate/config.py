@@ -107,6 +107,9 @@ class TrainCfg:
     fused: bool = False             # fused AdamW (CUDA and CPU)
     compile: bool = False           # torch.compile the whole network (trained and frozen parts)
     grad_checkpointing: bool = False   # recompute block activations in backward (memory for time)
+    # ddp: every process holds the whole trained part; fsdp: FSDP2 shards it (and its gradients and
+    # optimizer state) block by block over the processes, for models whose state outgrows one device
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     # Incubate stage only. true: meta modules after the target compute no weight gradients (ours);
     # false: the official code's semantics (they accumulate .grad nobody reads), for ablations.
     frozen_suffix_grads: bool = True

@@ -26,6 +26,7 @@ from .errors import UserError
 from .faults import FAILED, StepGuard, Verdict, everywhere, guarded
 from .stagelog import StageLog
 from .tasks import get_task
+from .parallel import Trainee, check_fsdp, gpu_defaults, sharded
 from .training import Training, autocast, clip_grads, count_step_flops, micro_step, optimizer_step, set_up, wrap
 from .validation import PeriodicEval
 
@@ -43,18 +44,30 @@ def evaluate(net: nn.Module, loader, dist: Dist, amp: str = "none", task=None) -
     was_training = net.training
     net.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
+    missing = missing_batches(loader, dist) if dist.world > 1 and sharded(net) else 0
 
     def sum_split():
+        x = None
         for x, y in loader.epoch(0):
             with autocast(amp, dist.device):
                 out = net(x)
             sums.add_(task.eval_sums(out, y))
+        for _ in range(missing if x is not None else 0):     # FSDP's forward is a collective: match the others'
+            with autocast(amp, dist.device):
+                net(x)
 
     guarded(dist, sum_split, where="while evaluating")      # every rank hears of a failure before the all-reduce
     if dist.world > 1:
         tdist.all_reduce(sums)
     net.train(was_training)
     return task.metrics(sums, loader.bundle)
+
+
+def missing_batches(loader, dist: Dist) -> int:
+    """How many batches fewer than the rank with the most this rank evaluates (0 or 1)."""
+    count = torch.tensor([len(loader)], device=dist.device)
+    tdist.all_reduce(count, op=tdist.ReduceOp.MAX)
+    return int(count.item()) - len(loader)
 
 
 def nonfinite_message(label: str, value: float, where: str, ckpt: Path, allowed: int, what: str = "loss") -> str:
@@ -86,29 +99,32 @@ class Stage:
         return self.ckpt.pos
 
 
-def fit(net: nn.Module, trained: nn.Module, cfg, bundle, data_cfg, dist: Dist, seed: int,
-        stage_dir: Path, ddp_attr: str | None = None, label: str = "", task=None) -> dict:
-    """Train `trained`'s parameters through `net` (inputs -> logits) for the stage's budget.
+def fit(part: Trainee, cfg, bundle, data_cfg, dist: Dist, seed: int, stage_dir: Path, label: str = "",
+        task=None) -> dict:
+    """Train `part.model`'s parameters through `part.net` (inputs -> logits) for the stage's budget.
 
-    `ddp_attr` names the attribute of `net` that holds the trained part when they differ (a
-    hybrid); DDP wraps only that part. `task` (default classification) gives the losses and
-    metrics. Returns final metrics and costs; resumes from stage_dir/checkpoint.safetensors when
-    it exists.
+    DDP or FSDP (train.parallel) wraps only `part.root`. `task` (default classification) gives the
+    losses and metrics. Returns final metrics and costs; resumes from the stage's checkpoint when
+    it has one.
     """
     task = task or get_task("classification")
-    net.to(dist.device)
+    check_fsdp(cfg, part.family, label)
+    gpu_defaults(dist.device, cfg.amp, torch.are_deterministic_algorithms_enabled())
+    part.net.to(dist.device)
     loaders = [make_loader(bundle, split, data_cfg, batch, train, seed, dist.rank, dist.world, dist.device)
                for split, batch, train in ((bundle.train, cfg.batch_size, True),
                                            (bundle.test, data_cfg.eval_batch_size, False))]
     budget = plan(cfg, len(loaders[0]), getattr(bundle, "context", 0), dist.world, label, len(bundle.train))
-    tr = set_up(net, trained, cfg, budget, bundle, task, dist)
+    tr = set_up(part, cfg, bundle, task, dist)
     log = StageLog(stage_dir, cfg, dist, label, task, budget)
     ckpt = resume.Checkpointer(stage_dir, tr, cfg, dist, label)
+    ckpt.check_format()
+    flops = None if ckpt.exists() else measure_flops(tr, loaders[0], label)     # on the plain network
+    wrap(tr, budget)
     pos = ckpt.restore(log.path, budget)
     start_epoch = pos.epoch
     if pos.flops_per_step is None:
-        pos.flops_per_step = measure_flops(tr, loaders[0], label)
-    wrap(tr, ddp_attr)
+        pos.flops_per_step = flops if flops is not None else measure_flops(tr, loaders[0], label)
     flops_per_update = pos.flops_per_step * cfg.accum_steps * dist.world
     log.open_events(pos.num_updates, flops_per_update)
     evals = PeriodicEval(cfg, bundle, data_cfg, seed, dist, task, log, budget, flops_per_update, evaluate)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .parallel import Trainee
 
 
 def bounds(division: list[int], index: int) -> tuple[int, int]:
@@ -110,6 +111,13 @@ class Hybrid(nn.Module):
         """Parameters of the meta modules after the target (those backward passes through)."""
         return [p for name, p in self.meta.named_parameters()
                 if self.family.owner(name, self.meta_division, self.meta) > self.index]
+
+    def trainee(self):
+        """The trained part as the loop wraps it: the module runner (DDP's wrapper goes in its place)."""
+        return Trainee(self, self.runner.model, self.runner, self.family, put_root=self._put_runner)
+
+    def _put_runner(self, runner: nn.Module) -> None:
+        self.runner = runner
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute blocks in backward: the target module's, and the meta suffix's (whose

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .checkpoint import load_training_state, previous_checkpoint, save_training_state
+from . import sharded
+from .checkpoint import jsonable, load_training_state, previous_checkpoint, save_training_state
 from .errors import UserError
 from .faults import guarded
 
@@ -198,21 +199,38 @@ def save(ckpt: Path, trained, optimizer, scheduler, scaler, dist, pos, epoch: in
     guarded(dist, write, where="while saving a checkpoint")      # the other ranks must not wait for rank 0 forever
 
 
-def restore(ckpt: Path, trained, optimizer, scheduler, scaler, dist, cfg, label: str,
-             metrics_path: Path, budget):
+def restore(ckpt: Path, tr, dist, label: str, metrics_path: Path, budget):
     """The Position to start from: the newest readable checkpoint's, or the start of the stage."""
     loaded = load(ckpt, label, dist)
     if loaded is None:
-        if dist.main:
-            metrics_path.write_text("")
-        return Position()
+        return _from_scratch(dist, metrics_path)
     model_state, opt_state, meta = loaded
-    trained.load_state_dict(model_state, strict=True)
-    optimizer.load_state_dict(opt_state)
+    tr.trained.load_state_dict(model_state, strict=True)
+    tr.optimizer.load_state_dict(opt_state)
+    return _resumed(meta, tr, dist, label, ckpt, metrics_path, budget)
+
+
+def restore_sharded(ckpt: Path, tr, dist, label: str, metrics_path: Path, budget):
+    """restore, from a sharded checkpoint (train.parallel: fsdp), at any number of processes."""
+    found = sharded.newest(ckpt)
+    if found is None:
+        return _from_scratch(dist, metrics_path)
+    meta = sharded.load(found, tr.trained, tr.optimizer)
+    return _resumed(meta, tr, dist, label, found, metrics_path, budget)
+
+
+def _from_scratch(dist, metrics_path: Path) -> Position:
+    if dist.main:
+        metrics_path.write_text("")
+    return Position()
+
+
+def _resumed(meta: dict, tr, dist, label: str, ckpt: Path, metrics_path: Path, budget) -> Position:
+    """The schedule and scaler of a loaded checkpoint, its position, and the metrics it covers."""
     if meta.get("scheduler"):
-        scheduler.load_state_dict(meta["scheduler"])
-    if scaler is not None and meta.get("scaler"):
-        scaler.load_state_dict(meta["scaler"])
+        tr.scheduler.load_state_dict(meta["scheduler"])
+    if tr.scaler is not None and meta.get("scaler"):
+        tr.scaler.load_state_dict(meta["scaler"])
     pos = position(meta, dist.world, ckpt)
     if dist.main:
         trim_metrics(metrics_path, pos.epoch, pos.num_updates)
@@ -222,19 +240,54 @@ def restore(ckpt: Path, trained, optimizer, scheduler, scaler, dist, cfg, label:
     return pos
 
 
+def save_sharded(ckpt: Path, tr, dist, meta: dict, first=None) -> None:
+    """Every rank writes its shards (sharded.save); rank 0 runs `first` (the epoch's metrics line) before."""
+    def run_first():
+        if dist.main and first is not None:
+            first()
+    guarded(dist, run_first, where="while saving a checkpoint")
+    sched = tr.scheduler.state_dict() if tr.scheduler else None
+    state = {"scheduler": {k: v for k, v in sched.items() if jsonable(v)} if sched else None,
+             "scaler": tr.scaler.state_dict() if tr.scaler is not None else None, **meta}
+    sharded.save(ckpt, tr.trained, tr.optimizer, state, dist)
+
+
+def check_format(stage_dir: Path, parallel: str) -> None:
+    """A stage resumes with the checkpoint format it was saved in: refuse the other one in one line."""
+    plain = Path(stage_dir) / "checkpoint.safetensors"
+    has_plain = plain.exists() or previous_checkpoint(plain).exists()
+    has_sharded = sharded.newest(sharded.folder(stage_dir)) is not None
+    if parallel == "fsdp" and has_plain:
+        raise UserError(f"{stage_dir} holds a checkpoint of train.parallel: ddp ({plain.name}); resume it with "
+                        f"--set train.parallel=ddp, or move it away to restart this stage under fsdp")
+    if parallel == "ddp" and has_sharded:
+        raise UserError(f"{stage_dir} holds a sharded checkpoint of train.parallel: fsdp ({sharded.NAME}); "
+                        f"resume it with --set train.parallel=fsdp, or move it away to restart this stage")
+
+
 class Checkpointer:
-    """A stage's checkpoint: its path, when a save inside an epoch is due (SaveClock), and the
-    stage's training seconds it records (counted from `mark`, banked into the Position)."""
+    """A stage's checkpoint: its path (one safetensors file, or a sharded folder under fsdp), when a
+    save inside an epoch is due (SaveClock), and the stage's training seconds it records (counted from
+    `mark`, banked into the Position)."""
 
     def __init__(self, stage_dir: Path, tr, cfg, dist, label: str):
-        self.path, self.tr, self.dist, self.label = Path(stage_dir) / "checkpoint.safetensors", tr, dist, label
+        self.stage_dir, self.tr, self.dist, self.label = Path(stage_dir), tr, dist, label
+        self.sharded = cfg.parallel == "fsdp"
+        self.path = sharded.folder(stage_dir) if self.sharded else self.stage_dir / "checkpoint.safetensors"
         self.clock = SaveClock(cfg, dist.main)
         self.pos, self.epoch_start, self.mark = None, 0.0, 0.0
 
+    def check_format(self) -> None:
+        check_format(self.stage_dir, self.tr.cfg.parallel)
+
+    def exists(self) -> bool:
+        if self.sharded:
+            return sharded.newest(self.path) is not None
+        return self.path.exists() or previous_checkpoint(self.path).exists()
+
     def restore(self, metrics_path: Path, budget) -> Position:
-        tr = self.tr
-        self.pos = restore(self.path, tr.trained, tr.optimizer, tr.scheduler, tr.scaler, self.dist, tr.cfg,
-                           self.label, metrics_path, budget)
+        how = restore_sharded if self.sharded else restore
+        self.pos = how(self.path, self.tr, self.dist, self.label, metrics_path, budget)
         return self.pos
 
     def kept(self) -> str:
@@ -259,16 +312,24 @@ class Checkpointer:
 
     def save_mid_epoch(self, epoch: int, step: int, loss_sum: float, seen: int) -> None:
         """After an update inside `epoch`, `step` micro-steps into it (every rank calls this)."""
-        tr, pos = self.tr, self.pos
+        pos = self.pos
         pos.epoch, pos.step = epoch, step
         self.bank()
-        save(self.path, tr.trained, tr.optimizer, tr.scheduler, tr.scaler, self.dist, pos, epoch, True, loss_sum, seen)
+        self._save(epoch, True, loss_sum, seen)
         pos.step = 0
         self.clock.saved()
 
     def save_epoch_end(self, epoch: int, first) -> None:
         """At the end of `epoch`; rank 0 runs `first` (the epoch's log row) just before writing."""
-        tr = self.tr
-        save(self.path, tr.trained, tr.optimizer, tr.scheduler, tr.scaler, self.dist, self.pos, epoch, False,
-             first=first)
+        self._save(epoch, False, first=first)
         self.clock.saved()
+
+    def _save(self, epoch: int, mid_epoch: bool, loss_sum: float = 0.0, seen: int = 0, first=None) -> None:
+        tr, dist, pos = self.tr, self.dist, self.pos
+        if not self.sharded:
+            save(self.path, tr.trained, tr.optimizer, tr.scheduler, tr.scaler, dist, pos, epoch, mid_epoch,
+                 loss_sum, seen, first)
+            return
+        if mid_epoch:
+            pos.ranks = gather_rank_states(dist, rank_state(loss_sum, seen, dist.device))
+        save_sharded(self.path, tr, dist, {"epoch": epoch, **extra(pos, mid_epoch)}, first)

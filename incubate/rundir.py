@@ -165,6 +165,8 @@ def finish_stage(stage: StageDir, state: dict, manifest: dict) -> dict:
         write_json_atomic(stage.manifest_path, manifest)
         stage.checkpoint.unlink(missing_ok=True)
         previous_checkpoint(stage.checkpoint).unlink(missing_ok=True)
+        from .sharded import remove     # torch on first use: a process that only reads manifests starts sooner
+        remove(stage.path)      # train.parallel: fsdp's checkpoint folders
         write_summary(stage.run)
     release(stage.path)
     return manifest

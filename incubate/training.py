@@ -12,31 +12,44 @@ from torch.utils.flop_counter import FlopCounterMode
 from .budget import make_scheduler
 from .errors import UserError
 from .faults import FAILED, RAN_OUT
+from .parallel import Trainee, replicate, shard
 
 
 @dataclass
 class Training:
-    """What one stage trains with: built by set_up, wrapped for the ranks by wrap."""
+    """What one stage trains with: built by set_up, wrapped for the ranks (and its optimizer made) by wrap."""
     cfg: object
     dist: object
-    net: nn.Module          # inputs -> logits; DDP-wrapped where the trained part is the whole net
-    trained: nn.Module
-    optimizer: object
-    scheduler: object
+    part: Trainee
     scaler: object
     criterion: object
     flops_criterion: object
     mixup: object
     lr: float
+    optimizer: object = None
+    scheduler: object = None
     run_net: nn.Module = None       # net, compiled with train.compile
     ddp: nn.Module = None           # the DDP wrapper of the trained part, under torchrun
+    fsdp: nn.Module = None          # the trained part's root, sharded, under train.parallel: fsdp
+
+    @property
+    def net(self) -> nn.Module:
+        """Inputs -> logits (DDP-wrapped where the trained part is the whole net)."""
+        return self.part.net
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.part.model
 
     @property
     def params(self) -> list:
         return [p for p in self.trained.parameters() if p.requires_grad]
 
     def no_sync(self, sync: bool):
-        """DDP's gradient all-reduce only on the micro-step that ends an accumulation window."""
+        """The gradient all-reduce (DDP) or reduce-scatter (FSDP) only on the micro-step that ends an
+        accumulation window."""
+        if self.fsdp is not None:
+            self.fsdp.set_requires_gradient_sync(sync)
         return self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
 
 
@@ -45,34 +58,33 @@ def scaled_lr(cfg, world: int) -> float:
     return cfg.lr * cfg.batch_size * cfg.accum_steps * world / cfg.lr_base_batch
 
 
-def set_up(net: nn.Module, trained: nn.Module, cfg, budget, bundle, task, dist) -> Training:
-    """timm's optimizer and schedule for `trained`, the fp16 scaler, the task's losses and mixup."""
-    from timm.optim import create_optimizer_v2
-    lr = scaled_lr(cfg, dist.world)
-    # torch's fused AdamW runs on CUDA and, since torch 2.4, on CPU (measured 1.1x there: docs/performance.md)
-    opt_kwargs = {"fused": True} if cfg.fused else {}
-    optimizer = create_optimizer_v2(trained, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
-    scheduler = make_scheduler(optimizer, cfg, budget)
+def set_up(part: Trainee, cfg, bundle, task, dist) -> Training:
+    """The fp16 scaler, the task's losses and mixup, gradient checkpointing: what a step needs
+    before the trained part is wrapped (its FLOPs are counted on the plain network)."""
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     mixup, criterion, flops_criterion = task.criteria(cfg, bundle)
     if cfg.grad_checkpointing:
-        enable_grad_checkpointing(net, trained)
-    return Training(cfg, dist, net, trained, optimizer, scheduler, scaler, criterion, flops_criterion, mixup, lr,
-                    run_net=net)
+        enable_grad_checkpointing(part.net, part.model)
+    return Training(cfg, dist, part, scaler, criterion, flops_criterion, mixup, scaled_lr(cfg, dist.world),
+                    run_net=part.net)
 
 
-def wrap(tr: Training, ddp_attr: str | None) -> None:
-    """Under torchrun DDP wraps only the trained part (`net.<ddp_attr>` for a hybrid); then compile."""
-    dist = tr.dist
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [dist.local_rank] if dist.device.type == "cuda" else None
-        if ddp_attr is None:
-            tr.net = tr.ddp = DDP(tr.net, device_ids=ids)
-        else:
-            setattr(tr.net, ddp_attr, DDP(getattr(tr.net, ddp_attr), device_ids=ids))
-            tr.ddp = getattr(tr.net, ddp_attr)
-    tr.run_net = torch.compile(tr.net) if tr.cfg.compile else tr.net
+def wrap(tr: Training, budget) -> None:
+    """The one place the trained part meets the ranks: FSDP shards it (train.parallel: fsdp, in any
+    number of processes), DDP replicates it under torchrun; then timm's optimizer and schedule over
+    the trained model's parameters (FSDP's, once sharded), then compile."""
+    from timm.optim import create_optimizer_v2
+    cfg, dist = tr.cfg, tr.dist
+    if cfg.parallel == "fsdp":
+        tr.fsdp = shard(tr.part, cfg.amp, dist.device)
+    elif dist.world > 1:
+        tr.ddp = replicate(tr.part, dist)
+    # torch's fused AdamW runs on CUDA and, since torch 2.4, on CPU (measured 1.1x there: docs/performance.md)
+    opt_kwargs = {"fused": True} if cfg.fused else {}
+    tr.optimizer = create_optimizer_v2(tr.trained, opt=cfg.opt, lr=tr.lr, weight_decay=cfg.weight_decay,
+                                       **opt_kwargs)
+    tr.scheduler = make_scheduler(tr.optimizer, cfg, budget)
+    tr.run_net = torch.compile(tr.net) if cfg.compile else tr.net
 
 
 def autocast(amp: str, device: torch.device):
@@ -151,9 +163,25 @@ def grad_norm(params):
 
 def clip_grads(tr: Training):
     """clip_grad_norm_ with train.clip_grad, else the norm alone: a tensor on the device (or None)."""
+    if tr.fsdp is not None:
+        return clip_sharded(tr.params, tr.cfg.clip_grad)
     if tr.cfg.clip_grad:
         return torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.clip_grad)
     return grad_norm(tr.params)
+
+
+def clip_sharded(params, max_norm):
+    """clip_grad_norm_ for FSDP's sharded gradients: the norm of every rank's shards together (one
+    all-reduce), then every shard scaled by the same factor."""
+    from torch.distributed.tensor import DTensor
+    norm = grad_norm(params)
+    if norm is None:
+        return None
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def optimizer_step(tr: Training, num_updates: int, norm, want_norm: bool):

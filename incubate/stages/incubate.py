@@ -6,6 +6,7 @@ from ..config import Recipe
 from ..engine import fit
 from ..errors import UserError
 from ..modular import Hybrid
+from ..parallel import full_state
 from ..rundir import StageDir, meta_fingerprint
 from ..runs import load_into
 from ..seeds import stage_seed
@@ -47,7 +48,7 @@ def main(recipe: Recipe, out, module: int) -> dict:
     hybrid = build_hybrid(ctx, module, cfg.drop_path, cfg.module_init, cfg.frozen_suffix_grads)
     target = hybrid.runner.model
     seed = stage_seed(recipe.seed, INCUBATE, module, cfg.shared_data_order)
-    result = fit(hybrid, target, cfg, ctx.bundle, recipe.data, ctx.dist, seed, stage.path,
-                 ddp_attr="runner", label=f"module {module}", task=ctx.task)
+    result = fit(hybrid.trainee(), cfg, ctx.bundle, recipe.data, ctx.dist, seed, stage.path,
+                 label=f"module {module}", task=ctx.task)
     manifest.update(result, trainable_params=trainable_params(target), world_size=ctx.dist.world)
-    return finish(ctx, stage, target.state_dict(), manifest)
+    return finish(ctx, stage, full_state(target), manifest)

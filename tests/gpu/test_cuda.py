@@ -33,8 +33,9 @@ def _fit(tmp_path, net, trained, device, **train):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = DataCfg(source="digits", img_size=8, train_fraction=0.2, eval_batch_size=512)   # one eval shape
     cfg = TrainCfg(epochs=1, batch_size=32, lr=2e-3, lr_base_batch=32, **train)
-    return fit(net, trained, cfg, load_data(data), data, Dist(device=device), seed=0, stage_dir=tmp_path,
-               ddp_attr="runner", label="gpu-test")
+    assert trained is net.runner.model
+    return fit(net.trainee(), cfg, load_data(data), data, Dist(device=device), seed=0, stage_dir=tmp_path,
+               label="gpu-test")
 
 
 def test_bf16_autocast_trains_a_hybrid_on_the_device(gpu_device, tmp_path):

@@ -12,6 +12,8 @@ from incubate.config import AugmentCfg, DataCfg, TrainCfg
 from incubate.data import load_data
 from incubate.dist import Dist
 from incubate.engine import fit
+from incubate.families import get_family
+from incubate.parallel import Trainee
 
 
 class Stop(Exception):
@@ -33,7 +35,7 @@ def _fit(stage_dir, per_image):
                    checkpoint_every=2, warmup_epochs=0)
     net = _model()
     stage_dir.mkdir(exist_ok=True)
-    fit(net, net, cfg, load_data(data), data, Dist(), seed=3, stage_dir=stage_dir, label="t")
+    fit(Trainee.whole(net, get_family("vit")), cfg, load_data(data), data, Dist(), seed=3, stage_dir=stage_dir, label="t")
     return net
 
 
@@ -78,6 +80,6 @@ def test_checkpoint_minutes_saves_inside_the_epoch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(resume, "save_training_state", record)
     net = _model()
-    fit(net, net, cfg, load_data(data), data, Dist(), seed=0, stage_dir=tmp_path, label="t")
+    fit(Trainee.whole(net, get_family("vit")), cfg, load_data(data), data, Dist(), seed=0, stage_dir=tmp_path, label="t")
     assert steps == list(range(1, 8)) + [None]     # after every update but the epoch's last, then the epoch's end
     assert load_file(tmp_path / "checkpoint.safetensors").keys()

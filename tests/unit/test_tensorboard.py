@@ -16,6 +16,8 @@ from incubate.config import DataCfg, TrainCfg
 from incubate.data import load_data
 from incubate.dist import Dist
 from incubate.engine import fit
+from incubate.families import get_family
+from incubate.parallel import Trainee
 from incubate.tblog import TAGS, Events, tensorboard_dir
 
 DATA = DataCfg(source="digits", img_size=8, train_fraction=0.2)
@@ -27,7 +29,7 @@ def _fit(stage_dir: Path, epochs: int, **train):
                             num_heads=2, in_chans=1, num_classes=10)
     cfg = TrainCfg(epochs=epochs, batch_size=32, lr=2e-3, lr_base_batch=32, **train)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    return fit(net, net, cfg, load_data(DATA), DATA, Dist(), seed=0, stage_dir=stage_dir, label="tb")
+    return fit(Trainee.whole(net, get_family("vit")), cfg, load_data(DATA), DATA, Dist(), seed=0, stage_dir=stage_dir, label="tb")
 
 
 def _scalars(folder: Path) -> dict:
