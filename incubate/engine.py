@@ -108,7 +108,7 @@ def fit(part: Trainee, cfg, bundle, data_cfg, dist: Dist, seed: int, stage_dir: 
     it has one.
     """
     task = task or get_task("classification")
-    check_fsdp(cfg, part.family, label)
+    check_fsdp(cfg, part.family)      # the CLI's recipe check says it first; the API's callers meet it here
     gpu_defaults(dist.device, cfg.amp, torch.are_deterministic_algorithms_enabled())
     part.net.to(dist.device)
     loaders = [make_loader(bundle, split, data_cfg, batch, train, seed, dist.rank, dist.world, dist.device)

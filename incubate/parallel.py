@@ -34,17 +34,17 @@ class Trainee:
         return cls(model, model, model, family)
 
 
-def check_fsdp(cfg, family, label: str = "") -> None:
-    """The refusals of train.parallel: fsdp, before anything is written."""
+def check_fsdp(cfg, family, key: str = "train.parallel") -> None:
+    """The refusals of `parallel: fsdp` (`key` names it), before anything is written."""
     if cfg.parallel != "fsdp":
         return
-    where = f"{label}: " if label else ""
     if not hasattr(family, "block_modules"):
-        raise UserError(f"{where}train.parallel: fsdp needs the family's blocks, and model.family "
-                        f"{getattr(family, 'name', type(family).__name__)} names none (no block_modules); use train.parallel: ddp for it")
+        name = getattr(family, "name", type(family).__name__)
+        raise UserError(f"{key}: fsdp shards a model block by block, and model.family {name} names no blocks "
+                        f"(its adapter has no block_modules); use {key}=ddp for this family")
     if cfg.amp == "fp16":
-        raise UserError(f"{where}train.parallel: fsdp trains with amp bf16 or none, not fp16 (FSDP has no "
-                        f"fp16 gradient scaler here); use --set train.amp=bf16")
+        raise UserError(f"{key}: fsdp trains with amp bf16 or none, not fp16 (no gradient scaler for sharded "
+                        f"gradients here); use --set train.amp=bf16")
 
 
 def mixed_precision(amp: str):

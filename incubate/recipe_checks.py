@@ -38,6 +38,9 @@ def validate(recipe, stages, family_checks: bool = True) -> None:
 
 
 def _validate_stage(stage: str, cfg, family, family_name: str, text: bool) -> None:
+    if family is not None:
+        from .parallel import check_fsdp
+        check_fsdp(cfg, family, f"{stage}.parallel")
     if cfg.grad_checkpointing and getattr(family, "no_grad_checkpointing", None):
         raise UserError(f"{stage}.grad_checkpointing: not for model.family {family_name}: "
                         f"{family.no_grad_checkpointing}; set it to false")

@@ -4,7 +4,7 @@
 
 nan: rank 1's loss becomes NaN from its 2nd training step on; raise: rank 1's 2nd step raises a
 RuntimeError in the loss; backward: in its backward; nangrad: its 2nd step's backward gives NaN
-gradients (the loss stays finite); step: rank 1's 2nd optimizer.step raises; none: no patch (the
+gradients (the loss stays finite); step: rank 1's 2nd optimizer.step raises (step:N: its Nth); none: no patch (the
 test brings the fault, e.g. a corrupt image in rank 1's shard).
 The moment rank 1 meets the fault is written to STAMP (time.time()), so the test can measure how
 long every rank takes to stop after it; whether each rank left the process group when the CLI
@@ -29,10 +29,12 @@ def _patch(fault: str, stamp: str) -> None:
     if fault == "none" or os.environ.get("RANK") != "1":
         return
     calls = []
-    if fault == "step":
+    if fault.split(":")[0] == "step":
+        nth = int(fault.split(":")[1]) if ":" in fault else 2
+
         def fail_second_step(optimizer, args, kwargs):
             calls.append(1)
-            if len(calls) == 2:
+            if len(calls) == nth:
                 _stamp(stamp)
                 raise RuntimeError("injected fault in optimizer.step on rank 1")
         from torch.optim.optimizer import register_optimizer_step_pre_hook

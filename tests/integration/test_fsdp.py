@@ -1,0 +1,164 @@
+"""train.parallel: fsdp on 2 gloo ranks: the same weights as DDP in every stage (a tiny ViT and a tiny
+Llama, `incubate run --grow`: meta, module hybrids, assemble, fine-tune, E2E, growth), a kill -9 in the
+middle of a stage resumes to the uninterrupted weights, a failing rank stops both with one line, and its
+2-rank sharded checkpoint resumes in one process; the bad values get one line each.
+
+The four pipelines run in one pair of ranks (tests/integration/fsdp_runs.py): torch's imports once."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from incubate.launchers import command, free_port
+from ..conftest import PROCESS_TIMEOUT_S, ROOT, TINY_LM, in_process, make_corpus, one_error_line, write_recipe
+from .test_launchers import _descendants
+from .test_rank_faults import _wait
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+STAGES = ("meta", "modules/0", "modules/1", "assembled", "finetune", "e2e", "grow")
+
+
+def _vit(path, **changes):
+    return write_recipe(path, **{"model__division": [2, 2], "train__batch_size": 16, "train__clip_grad": 1.0,
+                                 "train__checkpoint_every": 2, "meta__epochs": 1, "data__train_fraction": 0.15,
+                                 **changes})
+
+
+def _lm(path, corpus):
+    return write_recipe(path, TINY_LM, model__division=[2, 2], data__source=f"text:{corpus}", train__clip_grad=1.0,
+                        meta__epochs=1)
+
+
+def _torchrun(module_args: list) -> list:
+    """torchrun's command for 2 ranks of a module other than incubate.cli."""
+    cmd = command(["-"], 2)
+    at = cmd.index("incubate.cli")
+    return cmd[:at] + module_args
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """`incubate run --grow` of each tiny model under fsdp and under ddp, 2 ranks."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    recipes = {"vit": _vit(tmp / "vit.yaml"), "lm": _lm(tmp / "lm.yaml", make_corpus(tmp / "corpus"))}
+    argvs = [["run", "--grow", "--recipe", str(r), "--out", str(tmp / f"{name}_{par}"), "--set", f"train.parallel={par}"]
+             for name, r in recipes.items() for par in ("fsdp", "ddp")]
+    t0 = time.time()
+    proc = subprocess.run(_torchrun(["tests.integration.fsdp_runs", json.dumps(argvs)]), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"four 2-rank pipelines: {time.time() - t0:.1f}s")
+    return tmp, recipes
+
+
+def _losses(stage: Path) -> list:
+    return [json.loads(l)["train_loss"] for l in (stage / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["vit", "lm"])
+def test_fsdp_and_ddp_reach_the_same_weights_and_losses_in_every_stage(runs, name):
+    tmp, _ = runs
+    for stage in STAGES:
+        fsdp, ddp = tmp / f"{name}_fsdp" / stage, tmp / f"{name}_ddp" / stage
+        a, b = load_file(fsdp / "model.safetensors"), load_file(ddp / "model.safetensors")
+        assert a.keys() == b.keys(), stage
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=f"{stage} {k}")
+        if (fsdp / "metrics.jsonl").exists():
+            assert _losses(fsdp) == pytest.approx(_losses(ddp), abs=1e-4), stage
+            assert json.loads((fsdp / "manifest.json").read_text())["train"]["parallel"] == "fsdp"
+        assert not list(fsdp.glob("checkpoint*")), stage     # a finished stage keeps its weights alone
+
+
+def test_kill_9_in_the_middle_of_an_fsdp_stage_resumes_to_the_uninterrupted_weights(runs, tmp_path):
+    tmp, recipes = runs
+    args = ["meta", "--recipe", str(recipes["vit"]), "--out", str(tmp_path / "run"), "--set", "train.parallel=fsdp"]
+    proc = subprocess.Popen(command(args, 2), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state, deadline = tmp_path / "run/meta/checkpoint.dcp/state.json", time.time() + 240
+    while proc.poll() is None and not state.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    for pid in [pid for pid, _ in _descendants(proc.pid)] + [proc.pid]:     # both ranks, then torchrun
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (tmp_path / "run/meta/model.safetensors").exists()
+    again = subprocess.run(command(args, 2), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=PROCESS_TIMEOUT_S)
+    assert again.returncode == 0 and "resuming in epoch 1/1 after step" in again.stdout, again.stdout + again.stderr
+    resumed, reference = load_file(tmp_path / "run/meta/model.safetensors"), load_file(tmp / "vit_fsdp/meta/model.safetensors")
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in resumed)
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def _fail_rank_1_in_epoch_2(runs, tmp_path) -> tuple:
+    """Rank 1's first optimizer step of epoch 2 raises: both ranks stop, rank 0 with one line."""
+    tmp, _ = runs
+    updates = json.loads((tmp / "vit_fsdp/meta/manifest.json").read_text())["updates"]   # one epoch's, at 2 ranks
+    recipe = _vit(tmp_path / "r.yaml", meta__epochs=2, train__checkpoint_every=0, train__parallel="fsdp")
+    procs = []
+    port = str(free_port())
+    for rank in (0, 1):
+        env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.integration.rank_fault", f"step:{updates + 1}",
+                                       str(tmp_path / "stamp"), "meta", "--recipe", str(recipe), "--out",
+                                       str(tmp_path / "run")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    _, outs = _wait(procs)
+    return recipe, procs, outs
+
+
+def test_a_failing_rank_stops_both_and_the_sharded_checkpoint_resumes_in_one_process(runs, tmp_path):
+    recipe, procs, ((_, err0), (_, err1)) = _fail_rank_1_in_epoch_2(runs, tmp_path)
+    assert [p.returncode for p in procs] == [2, 2], (err0, err1)
+    line = one_error_line(err0)
+    assert line.startswith("incubate: error: rank 1 of 2 failed at epoch 2 step ") and "in the optimizer step" in line
+    assert "every rank stopped" in line and err1.strip() == "", err1
+    ckpt = tmp_path / "run/meta/checkpoint.dcp"
+    before = _digest(ckpt)
+
+    # the same run under ddp, or the checkpoint in a run of another model: one line each, nothing harmed
+    proc = in_process("meta", "--recipe", recipe, "--out", tmp_path / "run", "--set", "train.parallel=ddp")
+    assert "holds a sharded checkpoint of train.parallel: fsdp" in one_error_line(proc.stderr)
+    other = tmp_path / "other/meta"
+    other.mkdir(parents=True)
+    shutil.copytree(ckpt, other / ckpt.name)
+    wider = _vit(tmp_path / "wider.yaml", meta__epochs=2, train__parallel="fsdp", model__kwargs__embed_dim=32)
+    proc = in_process("meta", "--recipe", wider, "--out", tmp_path / "other")
+    assert "holds another model than this recipe trains" in one_error_line(proc.stderr)
+    assert _digest(ckpt) == before == _digest(other / ckpt.name)
+
+    proc = in_process("meta", "--recipe", recipe, "--out", tmp_path / "run", check=True)   # one process
+    assert "resuming after epoch 1/2" in proc.stdout
+    assert (tmp_path / "run/meta/model.safetensors").exists() and not ckpt.exists()
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.amp=fp16"], "meta.parallel: fsdp trains with amp bf16 or none, not fp16"),
+    (["meta.parallel=ddp", "e2e.parallel=fsdp", "e2e.amp=fp16"], "e2e.parallel: fsdp trains with amp bf16"),
+    ([], "meta.parallel: fsdp shards a model block by block, and model.family vit names no blocks"),
+])
+def test_bad_fsdp_values_are_one_line_before_anything_is_written(tmp_path, monkeypatch, sets, message):
+    from incubate.families import get_family
+    if not sets:
+        monkeypatch.delattr(type(get_family("vit")), "block_modules")
+    recipe = _vit(tmp_path / "r.yaml", train__parallel="fsdp")
+    proc = in_process("meta", "--recipe", recipe, "--out", tmp_path / "run", *[a for s in sets for a in ("--set", s)])
+    assert message in one_error_line(proc.stderr)
+    assert not (tmp_path / "run").exists()
