@@ -59,7 +59,14 @@ def _fit_once(args, dist, stage_dir: Path) -> None:
     cfg = TrainCfg(epochs=1, batch_size=args.batch, accum_steps=args.accum, lr=1e-3, lr_base_batch=args.batch,
                    warmup_epochs=0, tensorboard=False)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    fit(net, net, cfg, load_data(data), data, dist, seed=0, stage_dir=stage_dir, label="agree")
+    try:        # this tree's fit takes typed parts: the trained part and the StageRun (incubate/parallel.py)
+        from incubate.families import get_family
+        from incubate.parallel import Trainee
+        from incubate.training import StageRun
+    except ImportError:     # a tree before them: fit(net, trained, cfg, bundle, data, dist, seed=, stage_dir=, label=)
+        fit(net, net, cfg, load_data(data), data, dist, seed=0, stage_dir=stage_dir, label="agree")
+        return
+    fit(Trainee.whole(net, get_family("vit")), cfg, load_data(data), data, StageRun(dist, 0, stage_dir, "agree"))
 
 
 def worker(args) -> None:

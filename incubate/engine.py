@@ -1,8 +1,9 @@
-"""The one training loop every stage uses, and evaluation.
+"""The one training loop every stage uses.
 
-`fit` orchestrates named parts: the training set-up and one micro-step and optimizer step
-(training.py), the checkpointer that saves inside and at the end of epochs (resume.py), the stage
-log (stagelog.py), evaluation during training (validation.py). The task (incubate/tasks: image
+`fit` orchestrates typed parts: the trained part and the one place it is wrapped for the ranks
+(parallel.py), the training set-up and one micro-step and optimizer step (training.py), the
+checkpointer that saves and restores, the clock that says when and the stopwatch (resume.py), the
+stage log (stagelog.py), evaluation (validation.py). The task (incubate/tasks: image
 classification or causal language modelling) gives the batch transform, the losses and the
 metrics. Under torchrun the ranks agree on every step (faults.py), so one failing rank stops them all.
 """
@@ -26,48 +27,16 @@ from .errors import UserError
 from .faults import FAILED, StepGuard, Verdict, everywhere, guarded
 from .stagelog import StageLog
 from .tasks import get_task
-from .parallel import Trainee, check_fsdp, gpu_defaults, sharded
-from .training import Training, autocast, clip_grads, count_step_flops, micro_step, optimizer_step, set_up, wrap
-from .validation import PeriodicEval
+from .parallel import Trainee, check_fsdp, gpu_defaults
+from .training import (StageRun, Training, clip_grads, count_step_flops, micro_step, optimizer_step, set_up,
+                       wrap)
+from .validation import PeriodicEval, evaluate
 
 
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-
-
-@torch.no_grad()
-def evaluate(net: nn.Module, loader, dist: Dist, amp: str = "none", task=None) -> dict:
-    """The task's metrics on a split (classification: top-1 and loss), summed over every rank."""
-    task = task or get_task("classification")
-    was_training = net.training
-    net.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=dist.device)
-    missing = missing_batches(loader, dist) if dist.world > 1 and sharded(net) else 0
-
-    def sum_split():
-        x = None
-        for x, y in loader.epoch(0):
-            with autocast(amp, dist.device):
-                out = net(x)
-            sums.add_(task.eval_sums(out, y))
-        for _ in range(missing if x is not None else 0):     # FSDP's forward is a collective: match the others'
-            with autocast(amp, dist.device):
-                net(x)
-
-    guarded(dist, sum_split, where="while evaluating")      # every rank hears of a failure before the all-reduce
-    if dist.world > 1:
-        tdist.all_reduce(sums)
-    net.train(was_training)
-    return task.metrics(sums, loader.bundle)
-
-
-def missing_batches(loader, dist: Dist) -> int:
-    """How many batches fewer than the rank with the most this rank evaluates (0 or 1)."""
-    count = torch.tensor([len(loader)], device=dist.device)
-    tdist.all_reduce(count, op=tdist.ReduceOp.MAX)
-    return int(count.item()) - len(loader)
 
 
 def nonfinite_message(label: str, value: float, where: str, ckpt: Path, allowed: int, what: str = "loss") -> str:
@@ -81,63 +50,73 @@ def nonfinite_message(label: str, value: float, where: str, ckpt: Path, allowed:
 
 @dataclass
 class Stage:
-    """Everything one stage's loop works with."""
+    """Everything one stage's loop works with: its typed parts."""
     tr: Training
-    ckpt: resume.Checkpointer
+    ckpt: resume.Checkpointer       # saves and restores; its SaveClock says when a save is due
+    watch: resume.Stopwatch         # the stage's training seconds
     log: StageLog
     evals: PeriodicEval
     budget: Budget
     train_loader: object
     test_loader: object
-    task: object
-    seed: int
-    label: str
+    run: StageRun
     guard: StepGuard
 
     @property
     def pos(self) -> resume.Position:
         return self.ckpt.pos
 
+    @property
+    def task(self):
+        return self.run.task
 
-def fit(part: Trainee, cfg, bundle, data_cfg, dist: Dist, seed: int, stage_dir: Path, label: str = "",
-        task=None) -> dict:
+    @property
+    def label(self) -> str:
+        return self.run.label
+
+
+def fit(part: Trainee, cfg, bundle, data_cfg, run: StageRun) -> dict:
     """Train `part.model`'s parameters through `part.net` (inputs -> logits) for the stage's budget.
 
-    DDP or FSDP (train.parallel) wraps only `part.root`. `task` (default classification) gives the
-    losses and metrics. Returns final metrics and costs; resumes from the stage's checkpoint when
-    it has one.
+    DDP or FSDP (train.parallel) wraps only `part.root`. Returns final metrics and costs; resumes from
+    the stage's checkpoint when it has one.
     """
-    task = task or get_task("classification")
+    run.task = run.task or get_task("classification")
+    dist, label, task = run.dist, run.label, run.task
     check_fsdp(cfg, part.family)      # the CLI's recipe check says it first; the API's callers meet it here
     gpu_defaults(dist.device, cfg.amp, torch.are_deterministic_algorithms_enabled())
     part.net.to(dist.device)
-    loaders = [make_loader(bundle, split, data_cfg, batch, train, seed, dist.rank, dist.world, dist.device)
+    loaders = [make_loader(bundle, split, data_cfg, batch, train, run.seed, dist.rank, dist.world, dist.device)
                for split, batch, train in ((bundle.train, cfg.batch_size, True),
                                            (bundle.test, data_cfg.eval_batch_size, False))]
     budget = plan(cfg, len(loaders[0]), getattr(bundle, "context", 0), dist.world, label, len(bundle.train))
     tr = set_up(part, cfg, bundle, task, dist)
-    log = StageLog(stage_dir, cfg, dist, label, task, budget)
-    ckpt = resume.Checkpointer(stage_dir, tr, cfg, dist, label)
+    log = StageLog(run.stage_dir, cfg, dist, label, task, budget)
+    ckpt = resume.Checkpointer(run.stage_dir, tr, cfg, dist, label)
     ckpt.check_format()
     flops = None if ckpt.exists() else measure_flops(tr, loaders[0], label)     # on the plain network
     wrap(tr, budget)
     pos = ckpt.restore(log.path, budget)
-    start_epoch = pos.epoch
     if pos.flops_per_step is None:
         pos.flops_per_step = flops if flops is not None else measure_flops(tr, loaders[0], label)
     flops_per_update = pos.flops_per_step * cfg.accum_steps * dist.world
     log.open_events(pos.num_updates, flops_per_update)
-    evals = PeriodicEval(cfg, bundle, data_cfg, seed, dist, task, log, budget, flops_per_update, evaluate)
-    guard = StepGuard(dist, cfg.accum_steps, ckpt.kept)
-    stage = Stage(tr, ckpt, log, evals, budget, *loaders, task, seed, label, guard)
+    evals = PeriodicEval(cfg, bundle, data_cfg, run, log, budget, flops_per_update)
+    stage = Stage(tr, ckpt, resume.Stopwatch(pos), log, evals, budget, *loaders, run,
+                  StepGuard(dist, cfg.accum_steps, ckpt.kept))
+    return train_stage(stage, pos.epoch)
+
+
+def train_stage(s: "Stage", start_epoch: int) -> dict:
+    """The epochs from `start_epoch` on, then the stage's summary."""
     last = None
-    for epoch in range(start_epoch, budget.epochs):
-        loss_sum, seen = train_epoch(stage, epoch)
-        last = end_epoch(stage, epoch, loss_sum / max(seen, 1))
-    log.close()
+    for epoch in range(start_epoch, s.budget.epochs):
+        loss_sum, seen = train_epoch(s, epoch)
+        last = end_epoch(s, epoch, loss_sum / max(seen, 1))
+    s.log.close()
     if last is None:        # nothing left to train: the metrics of the weights as they are
-        last = evaluate(tr.run_net, loaders[1], dist, cfg.amp, task)
-    return summary(stage, last)
+        last = evaluate(s.tr.run_net, s.test_loader, s.tr.dist, s.tr.cfg.amp, s.task)
+    return summary(s, last)
 
 
 def measure_flops(tr: Training, loader, label: str) -> int:
@@ -155,8 +134,8 @@ def measure_flops(tr: Training, loader, label: str) -> int:
 def train_epoch(s: Stage, epoch: int) -> tuple[float, int]:
     """One epoch's micro-steps (on a resume from a mid-epoch checkpoint's step): (loss sum, samples)."""
     tr, pos, dist = s.tr, s.pos, s.tr.dist
-    s.ckpt.start_epoch()
-    seed_all(s.seed * 1_000_003 + epoch * 1009 + dist.rank)
+    s.watch.start_epoch()
+    seed_all(s.run.seed * 1_000_003 + epoch * 1009 + dist.rank)
     first, loss_sum, seen = pos.step, 0.0, 0
     if first:       # mid-epoch: this rank's RNG and running sums as they were at that step
         loss_sum, seen = resume.restore_rank_state(pos.ranks[dist.rank], dist.device)
@@ -234,14 +213,15 @@ def update(s: Stage, epoch: int, save: bool, steps_done: int, loss_sum: float, s
     pos.num_updates += 1
     stepped = guard.run(lambda: optimizer_step(tr, pos.num_updates, norm, s.log.wants_grad_norm),
                         f"at epoch {epoch + 1} step {steps_done}, in the optimizer step")
-    s.log.update(pos.num_updates, loss_sum, seen, s.ckpt.epoch_start, None if stepped is FAILED else stepped,
+    s.log.update(pos.num_updates, loss_sum, seen, s.watch.epoch_start, None if stepped is FAILED else stepped,
                  tr.optimizer.param_groups[0]["lr"])
     evaluate_now = s.evals.due(pos.num_updates)
     if evaluate_now or save:
         guard.check()       # a failed optimizer step is agreed on before anything is evaluated or written
     if evaluate_now:
-        s.evals.run(tr.run_net, pos.num_updates, epoch, loss_sum / max(seen, 1), s.ckpt.seconds())
+        s.evals.run(tr.run_net, pos.num_updates, epoch, loss_sum / max(seen, 1), s.watch.seconds())
     if save:        # an epoch's end is saved by end_epoch anyway
+        s.watch.bank()
         s.ckpt.save_mid_epoch(epoch, steps_done, loss_sum, seen)
 
 
@@ -250,9 +230,9 @@ def end_epoch(s: Stage, epoch: int, train_loss: float) -> dict:
     tr, pos = s.tr, s.pos
     s.guard.check()
     if epoch == s.budget.epochs - 1:      # the curve ends at the stage's last update
-        s.evals.run(tr.run_net, pos.num_updates, epoch, train_loss, s.ckpt.seconds(), final=True)
+        s.evals.run(tr.run_net, pos.num_updates, epoch, train_loss, s.watch.seconds(), final=True)
     metrics = evaluate(tr.run_net, s.test_loader, tr.dist, tr.cfg.amp, s.task)
-    s.ckpt.bank()
+    s.watch.bank()
     row = s.log.epoch_row(epoch, train_loss, metrics, tr.optimizer.param_groups[0]["lr"], pos.seconds,
                            skipped_images(s))
     s.ckpt.save_epoch_end(epoch, first=lambda: s.log.write_epoch(row, metrics, pos.num_updates))

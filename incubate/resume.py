@@ -182,20 +182,16 @@ class SaveClock:
         self.last = time.monotonic()
 
 
-def save(ckpt: Path, trained, optimizer, scheduler, scaler, dist, pos, epoch: int,
-          mid_epoch: bool, loss_sum: float = 0.0, seen: int = 0, first=None) -> None:
-    """Every rank calls this (a mid-epoch checkpoint gathers every rank's RNG); rank 0 runs
-    `first` (the epoch's metrics line) and writes. `epoch` is the epoch saved inside (mid_epoch) or
-    the one just finished."""
-    if mid_epoch:
-        pos.ranks = gather_rank_states(dist, rank_state(loss_sum, seen, dist.device))
-
+def save(ckpt: Path, tr, dist, meta: dict, first=None) -> None:
+    """The one-file checkpoint: rank 0 runs `first` (the epoch's metrics line) and writes; `meta` holds
+    the epoch (saved inside, or just finished) and the position."""
     def write():
         if dist.main:
             if first is not None:
                 first()
-            save_training_state(ckpt, dict(trained.state_dict()), optimizer, scheduler, scaler, epoch,
-                                extra(pos, mid_epoch))
+            rest = {k: v for k, v in meta.items() if k != "epoch"}
+            save_training_state(ckpt, dict(tr.trained.state_dict()), tr.optimizer, tr.scheduler, tr.scaler,
+                                meta["epoch"], rest)
     guarded(dist, write, where="while saving a checkpoint")      # the other ranks must not wait for rank 0 forever
 
 
@@ -265,17 +261,35 @@ def check_format(stage_dir: Path, parallel: str) -> None:
                         f"resume it with --set train.parallel=fsdp, or move it away to restart this stage")
 
 
+class Stopwatch:
+    """A stage's training seconds: earlier processes' (in the Position) and this one's, counted from
+    `mark` and banked into the Position before a save."""
+
+    def __init__(self, pos: Position):
+        self.pos, self.epoch_start, self.mark = pos, 0.0, 0.0
+
+    def start_epoch(self) -> None:
+        self.epoch_start = self.mark = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.pos.seconds + time.perf_counter() - self.mark
+
+    def bank(self) -> None:
+        now = time.perf_counter()
+        self.pos.seconds += now - self.mark
+        self.mark = now
+
+
 class Checkpointer:
-    """A stage's checkpoint: its path (one safetensors file, or a sharded folder under fsdp), when a
-    save inside an epoch is due (SaveClock), and the stage's training seconds it records (counted from
-    `mark`, banked into the Position)."""
+    """A stage's checkpoint (one safetensors file, or a sharded folder under fsdp): it restores and
+    saves the training state; its SaveClock says when a save inside an epoch is due."""
 
     def __init__(self, stage_dir: Path, tr, cfg, dist, label: str):
         self.stage_dir, self.tr, self.dist, self.label = Path(stage_dir), tr, dist, label
         self.sharded = cfg.parallel == "fsdp"
         self.path = sharded.folder(stage_dir) if self.sharded else self.stage_dir / "checkpoint.safetensors"
         self.clock = SaveClock(cfg, dist.main)
-        self.pos, self.epoch_start, self.mark = None, 0.0, 0.0
+        self.pos = None
 
     def check_format(self) -> None:
         check_format(self.stage_dir, self.tr.cfg.parallel)
@@ -295,41 +309,22 @@ class Checkpointer:
         return (f"; the last good checkpoint {self.path} is kept (rerun resumes from it)"
                 if self.path.exists() else "")
 
-    def start_epoch(self) -> None:
-        self.epoch_start = self.mark = time.perf_counter()
-
-    def seconds(self) -> float:
-        """The stage's training seconds so far (earlier processes' included)."""
-        return self.pos.seconds + time.perf_counter() - self.mark
-
-    def bank(self) -> None:
-        now = time.perf_counter()
-        self.pos.seconds += now - self.mark
-        self.mark = now
-
     def due(self, updates_after_step: int) -> bool:
         return self.clock.due(updates_after_step)
 
     def save_mid_epoch(self, epoch: int, step: int, loss_sum: float, seen: int) -> None:
-        """After an update inside `epoch`, `step` micro-steps into it (every rank calls this)."""
+        """After an update inside `epoch`, `step` micro-steps into it (every rank calls this): every
+        rank's RNG and running sums go with it."""
         pos = self.pos
         pos.epoch, pos.step = epoch, step
-        self.bank()
-        self._save(epoch, True, loss_sum, seen)
+        pos.ranks = gather_rank_states(self.dist, rank_state(loss_sum, seen, self.dist.device))
+        self._save({"epoch": epoch, **extra(pos, True)})
         pos.step = 0
-        self.clock.saved()
 
     def save_epoch_end(self, epoch: int, first) -> None:
         """At the end of `epoch`; rank 0 runs `first` (the epoch's log row) just before writing."""
-        self._save(epoch, False, first=first)
-        self.clock.saved()
+        self._save({"epoch": epoch, **extra(self.pos, False)}, first)
 
-    def _save(self, epoch: int, mid_epoch: bool, loss_sum: float = 0.0, seen: int = 0, first=None) -> None:
-        tr, dist, pos = self.tr, self.dist, self.pos
-        if not self.sharded:
-            save(self.path, tr.trained, tr.optimizer, tr.scheduler, tr.scaler, dist, pos, epoch, mid_epoch,
-                 loss_sum, seen, first)
-            return
-        if mid_epoch:
-            pos.ranks = gather_rank_states(dist, rank_state(loss_sum, seen, dist.device))
-        save_sharded(self.path, tr, dist, {"epoch": epoch, **extra(pos, mid_epoch)}, first)
+    def _save(self, meta: dict, first=None) -> None:
+        (save_sharded if self.sharded else save)(self.path, self.tr, self.dist, meta, first)
+        self.clock.saved()

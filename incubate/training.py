@@ -16,6 +16,17 @@ from .parallel import Trainee, replicate, shard
 
 
 @dataclass
+class StageRun:
+    """Where and as what a stage trains: its ranks, its seed, its folder, its name in lines, its task
+    (the losses and metrics; default classification)."""
+    dist: object
+    seed: int
+    stage_dir: object
+    label: str = ""
+    task: object = None
+
+
+@dataclass
 class Training:
     """What one stage trains with: built by set_up, wrapped for the ranks (and its optimizer made) by wrap."""
     cfg: object

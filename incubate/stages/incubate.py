@@ -11,6 +11,7 @@ from ..rundir import StageDir, meta_fingerprint
 from ..runs import load_into
 from ..seeds import stage_seed
 from ..stage_registry import INCUBATE, META
+from ..training import StageRun
 from .common import Context, begin, finish, prepare, trainable_params
 
 
@@ -48,7 +49,7 @@ def main(recipe: Recipe, out, module: int) -> dict:
     hybrid = build_hybrid(ctx, module, cfg.drop_path, cfg.module_init, cfg.frozen_suffix_grads)
     target = hybrid.runner.model
     seed = stage_seed(recipe.seed, INCUBATE, module, cfg.shared_data_order)
-    result = fit(hybrid.trainee(), cfg, ctx.bundle, recipe.data, ctx.dist, seed, stage.path,
-                 label=f"module {module}", task=ctx.task)
+    run = StageRun(ctx.dist, seed, stage.path, label=f"module {module}", task=ctx.task)
+    result = fit(hybrid.trainee(), cfg, ctx.bundle, recipe.data, run)
     manifest.update(result, trainable_params=trainable_params(target), world_size=ctx.dist.world)
     return finish(ctx, stage, full_state(target), manifest)

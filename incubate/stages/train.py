@@ -11,6 +11,7 @@ from ..engine import fit
 from ..parallel import Trainee, full_state
 from ..rundir import StageDir
 from ..seeds import stage_seed
+from ..training import StageRun
 from .common import Context, begin, finish, prepare, trainable_params
 
 # Refuses what the stage cannot start from and returns the meta fingerprint its manifest records.
@@ -35,7 +36,7 @@ def train_stage(recipe: Recipe, out, name: str, meta: bool = False, check: Check
     model = ctx.build(meta=meta, drop_path=cfg.drop_path)
     if start:
         start(ctx, model)
-    result = fit(Trainee.whole(model, ctx.family), cfg, ctx.bundle, recipe.data, ctx.dist,
-                 stage_seed(recipe.seed, name), stage.path, label=name, task=ctx.task)
+    run = StageRun(ctx.dist, stage_seed(recipe.seed, name), stage.path, label=name, task=ctx.task)
+    result = fit(Trainee.whole(model, ctx.family), cfg, ctx.bundle, recipe.data, run)
     manifest.update(result, trainable_params=trainable_params(model), world_size=ctx.dist.world)
     return finish(ctx, stage, full_state(model), manifest)

@@ -21,7 +21,7 @@ from incubate.config import DataCfg, TrainCfg
 from incubate.data import load_data
 from incubate.dist import Dist
 from incubate.engine import fit
-from incubate.training import autocast
+from incubate.training import StageRun, autocast
 
 from ..conftest import ROOT, run_main, write_recipe
 from ..unit.test_engine import hybrid
@@ -34,8 +34,7 @@ def _fit(tmp_path, net, trained, device, **train):
     data = DataCfg(source="digits", img_size=8, train_fraction=0.2, eval_batch_size=512)   # one eval shape
     cfg = TrainCfg(epochs=1, batch_size=32, lr=2e-3, lr_base_batch=32, **train)
     assert trained is net.runner.model
-    return fit(net.trainee(), cfg, load_data(data), data, Dist(device=device), seed=0, stage_dir=tmp_path,
-               label="gpu-test")
+    return fit(net.trainee(), cfg, load_data(data), data, StageRun(Dist(device=device), 0, tmp_path, "gpu-test"))
 
 
 def test_bf16_autocast_trains_a_hybrid_on_the_device(gpu_device, tmp_path):

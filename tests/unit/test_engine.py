@@ -11,7 +11,7 @@ from incubate.config import DataCfg, TrainCfg
 from incubate.data import load_data
 from incubate.dist import Dist
 from incubate.engine import fit
-from incubate.training import enable_grad_checkpointing
+from incubate.training import StageRun, enable_grad_checkpointing
 from incubate.families import get_family
 from incubate.modular import Hybrid
 
@@ -77,7 +77,7 @@ def _fit(tmp_path, net, trained, **train):
     bundle = load_data(data)
     cfg = TrainCfg(epochs=1, batch_size=32, lr=2e-3, lr_base_batch=32, **train)
     assert trained is net.runner.model
-    return fit(net.trainee(), cfg, bundle, data, Dist(), seed=0, stage_dir=tmp_path, label="test")
+    return fit(net.trainee(), cfg, bundle, data, StageRun(Dist(), 0, tmp_path, "test"))
 
 
 def test_bf16_autocast_trains_a_hybrid_on_cpu(tmp_path):
@@ -125,7 +125,7 @@ def test_multistep_schedule_divides_the_lr_by_10_at_each_milestone(tmp_path):
     data = DataCfg(source="digits", img_size=8, train_fraction=0.1)
     cfg = TrainCfg(epochs=4, batch_size=32, lr=0.1, lr_base_batch=32, opt="momentum", sched="multistep",
                    decay_milestones=[2, 3], weight_decay=1e-4, label_smoothing=0.0)
-    fit(h.trainee(), cfg, load_data(data), data, Dist(), seed=0, stage_dir=tmp_path, label="test")
+    fit(h.trainee(), cfg, load_data(data), data, StageRun(Dist(), 0, tmp_path, "test"))
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.1, 0.01, 0.001, 0.001])
 

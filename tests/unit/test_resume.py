@@ -14,6 +14,7 @@ from incubate.dist import Dist
 from incubate.engine import fit
 from incubate.families import get_family
 from incubate.parallel import Trainee
+from incubate.training import StageRun
 
 
 class Stop(Exception):
@@ -35,7 +36,7 @@ def _fit(stage_dir, per_image):
                    checkpoint_every=2, warmup_epochs=0)
     net = _model()
     stage_dir.mkdir(exist_ok=True)
-    fit(Trainee.whole(net, get_family("vit")), cfg, load_data(data), data, Dist(), seed=3, stage_dir=stage_dir, label="t")
+    fit(Trainee.whole(net, get_family("vit")), cfg, load_data(data), data, StageRun(Dist(), 3, stage_dir, "t"))
     return net
 
 
@@ -80,6 +81,6 @@ def test_checkpoint_minutes_saves_inside_the_epoch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(resume, "save_training_state", record)
     net = _model()
-    fit(Trainee.whole(net, get_family("vit")), cfg, load_data(data), data, Dist(), seed=0, stage_dir=tmp_path, label="t")
+    fit(Trainee.whole(net, get_family("vit")), cfg, load_data(data), data, StageRun(Dist(), 0, tmp_path, "t"))
     assert steps == list(range(1, 8)) + [None]     # after every update but the epoch's last, then the epoch's end
     assert load_file(tmp_path / "checkpoint.safetensors").keys()

@@ -18,6 +18,7 @@ from incubate.dist import Dist
 from incubate.engine import fit
 from incubate.families import get_family
 from incubate.parallel import Trainee
+from incubate.training import StageRun
 from incubate.tblog import TAGS, Events, tensorboard_dir
 
 DATA = DataCfg(source="digits", img_size=8, train_fraction=0.2)
@@ -29,7 +30,7 @@ def _fit(stage_dir: Path, epochs: int, **train):
                             num_heads=2, in_chans=1, num_classes=10)
     cfg = TrainCfg(epochs=epochs, batch_size=32, lr=2e-3, lr_base_batch=32, **train)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    return fit(Trainee.whole(net, get_family("vit")), cfg, load_data(DATA), DATA, Dist(), seed=0, stage_dir=stage_dir, label="tb")
+    return fit(Trainee.whole(net, get_family("vit")), cfg, load_data(DATA), DATA, StageRun(Dist(), 0, stage_dir, "tb"))
 
 
 def _scalars(folder: Path) -> dict:
