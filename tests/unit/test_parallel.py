@@ -108,3 +108,28 @@ def test_tf32_and_cudnn_autotuning_on_cuda_in_fp32_only(cuda_settings):
     applied = gpu_defaults(torch.device("cuda", 0), "none")
     assert applied["cudnn.benchmark"] and torch.backends.cudnn.benchmark
     assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+
+
+def test_fsdp_in_one_process_trains_a_hybrid_as_ddp_does(tmp_path, group_of_one):
+    """Accumulation (set_requires_gradient_sync), clipping of sharded gradients, mixup, eval_every and
+    grad checkpointing under fsdp: the weights of the same fit without it; the meta model untouched."""
+    from incubate.config import DataCfg, TrainCfg
+    from incubate.data import load_data
+    from incubate.engine import fit
+    from incubate.training import StageRun
+    from .test_engine import hybrid
+    data = DataCfg(source="digits", img_size=8, train_fraction=0.05)      # 5 steps: fsdp's DTensors are slow on tiny CPU models
+    nets = {}
+    for parallel in ("ddp", "fsdp"):
+        (tmp_path / parallel).mkdir()
+        net = nets[parallel] = hybrid(1)
+        cfg = TrainCfg(epochs=1, batch_size=16, accum_steps=2, lr=2e-3, lr_base_batch=32, clip_grad=0.5, mixup=0.2,
+                       eval_every=2, grad_checkpointing=True, parallel=parallel)
+        fit(net.trainee(), cfg, load_data(data), data, StageRun(Dist(), 0, tmp_path / parallel, "t"))
+    from incubate.parallel import full_state
+    want, got = nets["ddp"].runner.model.state_dict(), full_state(nets["fsdp"].runner.model)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert all(not isinstance(p, torch.distributed.tensor.DTensor) for p in nets["fsdp"].meta.parameters())
+    assert (tmp_path / "fsdp/checkpoint.dcp/state.json").exists()      # its epoch-end checkpoint, sharded
