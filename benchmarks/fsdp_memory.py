@@ -54,9 +54,10 @@ def _state_bytes(net, model, optimizer) -> dict:
 
 
 def _vit(args, depth: int):
-    import timm
-    return timm.create_model("vit_base_patch16_224", img_size=args.img, patch_size=args.patch, embed_dim=args.width,
-                             depth=depth, num_heads=max(args.width // 64, 1), num_classes=1000)
+    from incubate.families import get_family     # its build records the arguments a meta model needs
+    return get_family("vit").build("vit_base_patch16_224", dict(
+        img_size=args.img, patch_size=args.patch, embed_dim=args.width, depth=depth,
+        num_heads=max(args.width // 64, 1), num_classes=1000))
 
 
 def _part(args):
