@@ -61,7 +61,7 @@ def test_set_overrides_and_stage_merge(tiny_recipe):
     (["meta.lr=fast"], r"'meta.lr' must be of type float"),
     (["model.division=[2,1]"], r"sums to 3 blocks but model.kwargs.depth is 4"),
     (["model.division=[1,1,1,1,1]", "model.kwargs.depth=5", "model.meta_division=[1,1]"], r"has 2 modules"),
-    (["model.division=[0,4]"], r"positive block counts"),
+    (["model.division=[0,4]"], r"model.division\[0\] must be >= 1, got 0"),
     (["data.train_fraction=0"], r"train_fraction must be in"),
     (["train.amp=fp8"], r"amp must be none, bf16 or fp16"),
     (["incubate.module_init=copy"], r"incubate.module_init must be random, meta or stack"),
