@@ -204,16 +204,21 @@ def _number(value) -> float | None:
     return None
 
 
+def _key(where: str) -> str:
+    """How a message names the value: a command-line argument (--seed) as itself, else as a recipe key."""
+    return where if where.startswith("--") else f"recipe key '{where}'"
+
+
 def _within_int64(value: int, where: str) -> int:
     if not -INT_BOUND <= value < INT_BOUND:
-        raise UserError(f"recipe key '{where}' is {value}, beyond the 64-bit integers torch computes with")
+        raise UserError(f"{_key(where)} is {value}, beyond the 64-bit integers torch computes with")
     return value
 
 
 def _finite(value: float, where: str) -> float:
     """Every float of the recipe is finite: no key means anything by NaN or infinity."""
     if not math.isfinite(value):
-        raise UserError(f"recipe key '{where}' must be a finite number, got {value}")
+        raise UserError(f"{_key(where)} must be a finite number, got {value}")
     return value
 
 
