@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import stat
 import typing
 from pathlib import Path
 
@@ -213,3 +215,38 @@ def test_damaged_files_of_a_finished_run_give_one_line_and_leave_the_rest(finish
           f"{named} answers named the damaged file; {len(found)} wrong")
     assert not found, "\n".join(map(str, found[:40]))
     assert snapshot(run) == before
+
+
+# ----------------------------------------------------------------- validate, then write; file modes
+
+def test_a_refused_command_or_one_that_changes_nothing_leaves_the_finished_run_as_it_was(finished, tmp_path):
+    recipe, run = finished
+    before, stamp = snapshot(run), (run / "recipe.yaml").stat().st_mtime_ns
+    refused = [("incubate", "--recipe", recipe, "--out", run, "--module", "-1", "--set", "train.lr=0.5"),
+               ("export", run, "--stage", "finetune", "--to", run),
+               ("export", run, "--stage", "finetune", "--to", run / "meta" / "x"),
+               ("export", run, "--stage", "finetune", "--to", ""),
+               ("meta", "--recipe", recipe, "--out", run / "meta"),
+               ("meta", "--recipe", recipe, "--out", ""),
+               ("meta", "--recipe", recipe, "--out", run, "--set", "train.lr=.nan"),
+               ("meta", "--recipe", recipe, "--out", run, "--set", "train.opt=adamww")]
+    for argv in refused:
+        proc = in_process(*argv)
+        assert proc.returncode == 2 and one_line(proc), (argv, proc.stderr)
+    # every stage finished: a rerun with other training settings trains nothing, so rewrites nothing
+    in_process("run", "--recipe", recipe, "--out", run, "--set", "train.lr=0.5", check=True)
+    assert snapshot(run) == dict(before, **{k: snapshot(run)[k] for k in REWRITTEN})
+    assert (run / "recipe.yaml").stat().st_mtime_ns == stamp
+
+
+def test_weights_and_exports_get_the_umask_mode(finished, tmp_path):
+    recipe, run = finished
+    old = os.umask(0o022)
+    try:
+        in_process("export", run, "--stage", "finetune", "--to", tmp_path / "shared", check=True)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "shared").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
+    assert stat.S_IMODE((tmp_path / "shared").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in run.rglob("model.safetensors")} == {0o666 & ~old}
