@@ -23,7 +23,8 @@ from .typed import Range, Text, coerce
 Path_ = Annotated[str, Text(note="name a folder or a file")]
 ARGS = {"module": AtLeast0, "jobs": AtLeast1, "retries": AtLeast0, "tokens": AtLeast1,
         "temperature": Annotated[float, Range(ge=0, note="0: greedy")], "seed": Seed, "recipe": Path_,
-        "out": Path_, "to": Path_, "run": Path_, "checkpoint": Path_}
+        "out": Path_, "to": Path_, "run": Path_, "checkpoint": Path_,
+        "prompt": Annotated[str, Text(note="the text to continue")]}
 
 
 def _common(p: argparse.ArgumentParser, out: bool = True) -> None:

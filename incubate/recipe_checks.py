@@ -45,6 +45,9 @@ def _validate_stage(stage: str, cfg, family, family_name: str, text: bool) -> No
     if cfg.warmup_tokens and not cfg.tokens:
         raise UserError(f"{stage}.warmup_tokens is the warm-up of a budget in tokens, but {stage} trains for "
                         f"epochs; use {stage}.warmup_epochs, or set {stage}.tokens")
+    if cfg.sched == "rsqrt" and not (cfg.warmup_epochs or cfg.warmup_tokens):
+        raise UserError(f"{stage}.sched rsqrt decays over the warm-up's length, and {stage} has none; set "
+                        f"{stage}.warmup_epochs (or warmup_tokens), or use another sched")
     if cfg.warmup_tokens > cfg.tokens:
         raise UserError(f"{stage}.warmup_tokens {cfg.warmup_tokens} exceeds the budget of {cfg.tokens} tokens")
 

@@ -33,7 +33,7 @@ def is_scheduler(name: str) -> bool:
     try:
         with warnings.catch_warnings():      # timm's deprecation notes (plateau) are not the recipe's business
             warnings.simplefilter("ignore")
-            scheduler, _ = create_scheduler_v2(opt, sched=name, num_epochs=4, decay_milestones=[1, 2])
+            scheduler, _ = create_scheduler_v2(opt, sched=name, num_epochs=4, warmup_epochs=1, decay_milestones=[1, 2])
     except (ValueError, TypeError, KeyError, AssertionError):
         return False
     return scheduler is not None
