@@ -68,8 +68,10 @@ class DataCfg:
     # text: byte (vocabulary 256, nothing to train) | bpe (byte-level BPE trained on the training split,
     # saved once as RUN/tokenizer.json)
     tokenizer: Literal["byte", "bpe"] = "byte"
-    vocab_size: Annotated[int, Range(ge=1, le=2 ** 32, note="token ids are at most 32-bit")] = 1024         # text, tokenizer bpe: tokens in the vocabulary (the 256 bytes and the merges)
-    val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1      # text: share of the bytes held out (whole files of a folder, else a tail)
+    # text, tokenizer bpe: tokens in the vocabulary (the 256 bytes and the merges)
+    vocab_size: Annotated[int, Range(ge=1, le=2 ** 32, note="token ids are at most 32-bit")] = 1024
+    # text: share of the bytes held out (whole files of a folder, else a tail)
+    val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
     train_fraction: Fraction = 1.0  # class-balanced subset of the training split
     subset_seed: Seed = 0
     num_workers: AtLeast0 = 0
@@ -153,7 +155,8 @@ class LaunchCfg:
     devices_per_job: AtLeast0 = 0   # GPUs (CPU: processes) a job; 0 = split the visible GPUs; > 1 runs torchrun
     cpus_per_job: AtLeast0 = 0      # CPU threads a job; 0 = split the machine's cores between running jobs
     retries: AtLeast0 = 0           # extra tries of a failed job (each resumes from its checkpoint)
-    slurm: Annotated[dict, Plain()] = field(default_factory=dict)   # submitit parameters, e.g. {slurm_partition: gpu, timeout_min: 4320}
+    # submitit parameters, e.g. {slurm_partition: gpu, timeout_min: 4320}
+    slurm: Annotated[dict, Plain()] = field(default_factory=dict)
     # Per-stage shapes, e.g. {meta: {nodes: 4, devices_per_node: 8}}; a stage left out gets one node
     # with devices_per_job devices.
     stages: Annotated[dict, Sections(StageShape, LAUNCH_STAGES)] = field(default_factory=dict)

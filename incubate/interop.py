@@ -192,7 +192,8 @@ def export(run, stage_name: str, to) -> Path:
     state, family = model.state_dict(), get_family(m["family"])
     provenance = {"run": str(run.resolve()), "stage": stage_name, "sha256": m["sha256"]}
     old = dest / "config.json"
-    same = old.exists() and (read_json(old, dict, fix=EXPORT_FIX).get("deep_incubate") or {}).get("sha256") == m["sha256"]
+    provenance_of_old = (read_json(old, dict, fix=EXPORT_FIX).get("deep_incubate") or {}) if old.exists() else {}
+    same = old.exists() and provenance_of_old.get("sha256") == m["sha256"]
     if not same and (old.exists() or (dest / "model.safetensors").exists()):
         raise UserError(f"{dest} already holds another model; export into an empty or new folder")
     try:

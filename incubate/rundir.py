@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from .checkpoint import load_weights, previous_checkpoint, save_weights, uninterrupted, write_json_atomic, write_text_atomic
+from .checkpoint import (load_weights, previous_checkpoint, save_weights, uninterrupted, write_json_atomic,
+                         write_text_atomic)
 from .config import Recipe, dump_recipe
 from .errors import UserError
 from .lock import hold, release

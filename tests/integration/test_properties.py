@@ -165,6 +165,7 @@ DAMAGE = {"empty": lambda b: b"", "truncated": lambda b: b[: len(b) // 2], "bina
 # three: a short JSON value is just another few bytes of garbage to them
 TEXT_FILES = (".json", ".jsonl", ".yaml")
 REWRITTEN = {"summary.json", "report.png"}     # what `report` (and a rerun, which ends with it) makes anew
+READ_BY_BOTH = ("recipe.yaml", "manifest.json")  # status and report name these when they do not read
 
 
 def commands(recipe: Path, run: Path, tmp: Path) -> dict:
@@ -173,7 +174,7 @@ def commands(recipe: Path, run: Path, tmp: Path) -> dict:
             "rerun": ["run", "--recipe", recipe, "--out", run]}
 
 
-def _judge(name: str, proc, changed: set, damaged: str) -> str | None:
+def _judge(name: str, proc, changed: set, damaged: str, kind: str) -> str | None:
     """What is wrong with a command's answer to a damaged file (None: nothing)."""
     text = proc.stdout + proc.stderr
     if "Traceback" in text or proc.returncode not in (0, 2):
@@ -183,6 +184,8 @@ def _judge(name: str, proc, changed: set, damaged: str) -> str | None:
     warnings = [line for line in proc.stderr.splitlines() if line.strip()]
     if proc.returncode == 0 and any(not line.startswith("incubate: warning: ") for line in warnings):
         return f"stray output on stderr: {proc.stderr[-300:]}"
+    if name in ("status", "report") and damaged.endswith(READ_BY_BOTH) and damaged not in text and kind != "truncated":
+        return "the damaged file is not named"          # (half a YAML or JSON-lines file may still read)
     allowed = REWRITTEN if name in ("report", "rerun") else set()
     if changed - allowed - ({damaged} if damaged in allowed else set()):
         return f"changed {sorted(changed)}"
@@ -205,7 +208,7 @@ def test_damaged_files_of_a_finished_run_give_one_line_and_leave_the_rest(finish
                 cases += 1
                 proc = in_process(*argv)
                 now = snapshot(run)
-                if (why := _judge(name, proc, {k for k in damaged if now.get(k) != damaged[k]}, rel)) is not None:
+                if (why := _judge(name, proc, {k for k in damaged if now.get(k) != damaged[k]}, rel, kind)) is not None:
                     found.append((rel, kind, name, why))
                 named += rel in proc.stdout + proc.stderr
                 for p, data in pristine.items():        # the run as it was, for the next case
