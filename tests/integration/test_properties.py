@@ -184,8 +184,9 @@ def _judge(name: str, proc, changed: set, damaged: str, kind: str) -> str | None
     warnings = [line for line in proc.stderr.splitlines() if line.strip()]
     if proc.returncode == 0 and any(not line.startswith("incubate: warning: ") for line in warnings):
         return f"stray output on stderr: {proc.stderr[-300:]}"
-    if name in ("status", "report") and damaged.endswith(READ_BY_BOTH) and damaged not in text and kind != "truncated":
-        return "the damaged file is not named"          # (half a YAML or JSON-lines file may still read)
+    named = damaged in text or kind == "truncated"      # half a YAML or JSON file may still read
+    if name in ("status", "report") and damaged.endswith(READ_BY_BOTH) and not named:
+        return "the damaged file is not named"
     allowed = REWRITTEN if name in ("report", "rerun") else set()
     if changed - allowed - ({damaged} if damaged in allowed else set()):
         return f"changed {sorted(changed)}"
