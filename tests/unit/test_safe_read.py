@@ -52,7 +52,8 @@ def test_a_recipe_that_is_not_utf8_names_the_byte(tmp_path):
 
 @pytest.mark.parametrize("data, match", [
     (b"", "is not valid JSON"), (b'{"a": ', "is not valid JSON"), (b"\xff\xfe\x00", "is not UTF-8 text"),
-    (b"null", "holds null, not a mapping"), (b"[1]", "holds a list, not a mapping"), (b"[" * 100000, "nests too deeply"),
+    (b"null", "holds null, not a mapping"), (b"[1]", "holds a list, not a mapping"),
+    (b"[" * 100000, "nests too deeply"),
 ])
 def test_read_json_turns_damage_into_one_line_with_the_fix(tmp_path, data, match):
     path = tmp_path / "manifest.json"
