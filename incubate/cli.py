@@ -6,12 +6,25 @@ import contextlib
 import gc
 import os
 import select
+import signal
 import sys
+import threading
+
+from typing import Annotated
 
 from . import console
-from .config import load_recipe
+from .config import AtLeast0, AtLeast1, Seed, load_recipe
 from .errors import UserError
 from .stage_registry import ALL, ASSEMBLED, FINETUNE, META, by_command, names, whole_models
+from .typed import Range, Text, coerce
+
+# The command line's own values, checked by the recipe's mechanism (typed.py) before any command runs;
+# the paths must name something (an empty --out would be the current folder).
+Path_ = Annotated[str, Text(note="name a folder or a file")]
+ARGS = {"module": AtLeast0, "jobs": AtLeast1, "retries": AtLeast0, "tokens": AtLeast1,
+        "temperature": Annotated[float, Range(ge=0, note="0: greedy")], "seed": Seed, "recipe": Path_,
+        "out": Path_, "to": Path_, "run": Path_, "checkpoint": Path_,
+        "prompt": Annotated[str, Text(note="the text to continue")]}
 
 
 def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
@@ -72,7 +85,16 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_args(args) -> None:
+    """Refuse, in one line, an argument out of its range (--module -1, --temperature nan, --out '')."""
+    for name, tp in ARGS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            coerce(value, tp, f"--{name}" if name != "run" else "the run directory argument")
+
+
 def dispatch(args) -> None:
+    check_args(args)
     if args.cmd == "report":
         from .report import report
         report(args.run)
@@ -94,8 +116,6 @@ def dispatch(args) -> None:
         from .pipeline import run
         if args.launcher is None and (args.jobs != 1 or args.retries is not None or args.address):
             raise UserError("--jobs, --retries and --address need --launcher local, ray or slurm")
-        if args.jobs < 1 or (args.retries or 0) < 0:
-            raise UserError(f"--jobs must be >= 1 and --retries >= 0, got {args.jobs} and {args.retries}")
         run(recipe, args.out, with_e2e=not args.no_e2e, with_grow=args.grow, launcher=args.launcher, jobs=args.jobs,
             retries=args.retries, address=args.address)
     elif args.cmd == "import-official":
@@ -125,10 +145,27 @@ def _quiet_after_closed_stdout() -> int:
     return 141
 
 
+def _interrupt_once(signum, frame):
+    """Ctrl-C: one KeyboardInterrupt, and the presses after it ignored while the command winds down (a
+    second KeyboardInterrupt raised inside the clean-up or the error line would end in a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _catch_ctrl_c():
+    """Install _interrupt_once where Python's own handler is (not where SIGINT is ignored: nohup ... &);
+    returns the handler to put back when the command ends without an interrupt."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupt_once)
+    return previous
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     console.attach()
     ok = False
+    previous = _catch_ctrl_c()
     try:
         dispatch(args)
         sys.stdout.flush()      # a reader that left early fails here, inside the try, not at exit
@@ -148,12 +185,17 @@ def main(argv=None) -> int:
                       f"disk are intact: fix this, then rerun the same command (--debug shows where)")
         return 2
     except KeyboardInterrupt:
+        previous = None         # the rest of the process ignores Ctrl-C: it is on its way out
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if args.debug:
             raise
         print("incubate: interrupted; the last complete checkpoint is kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
     finally:
+        if previous is not None and signal.getsignal(signal.SIGINT) is _interrupt_once:
+            signal.signal(signal.SIGINT, previous)
         if "torch.distributed" in sys.modules:      # under torchrun: leave the process group before exiting
             from .dist import close_dist
             close_dist(ok)

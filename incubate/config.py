@@ -12,8 +12,10 @@ import yaml
 
 from .errors import UserError
 from .recipe_checks import validate
+from . import registries
+from .safe_read import kind, parse_yaml, read_yaml
 from .stage_registry import launched, names
-from .typed import Overrides, Range, Sections, build
+from .typed import REGISTRIES, Choices, Items, Overrides, Plain, Range, Sections, Text, build
 
 STAGES = names(trains=True)         # the recipe's sections of a stage's own train values (fields of Recipe)
 LAUNCH_STAGES = launched()          # keys of launch.stages: the subcommands a launcher starts
@@ -22,24 +24,31 @@ Amp = Literal["none", "bf16", "fp16"]
 AtLeast0 = Annotated[int, Range(ge=0)]
 AtLeast1 = Annotated[int, Range(ge=1)]
 Fraction = Annotated[float, Range(gt=0, le=1)]
+NonNegative = Annotated[float, Range(ge=0)]
+Blocks = Annotated[list, Items(AtLeast1, min_len=1)]      # blocks a module, one count a module
+Name = Annotated[str, Text()]
+Seed = Annotated[int, Range(ge=0, lt=2 ** 32, note="a 32-bit seed, as numpy takes")]
+Optimizer = Annotated[str, Choices(registries.is_optimizer, registries.optimizers, "timm's optimizers")]
+Scheduler = Annotated[str, Choices(registries.is_scheduler, registries.schedulers, "timm's schedulers")]
 
 
 @dataclass
 class ModelCfg:
-    family: str = "vit"                      # adapter in incubate/families
-    name: str = "vit_tiny_patch16_224"       # timm model name
-    kwargs: dict = field(default_factory=dict)   # timm overrides: img_size, patch_size, depth, ...
-    division: list = field(default_factory=lambda: [3, 3, 3, 3])   # target blocks a module
-    meta_division: Optional[list] = None     # meta blocks a module; default one each
+    family: Name = "vit"                     # adapter in incubate/families
+    name: Name = "vit_tiny_patch16_224"      # timm model name
+    kwargs: Annotated[dict, Plain()] = field(default_factory=dict)   # timm overrides: img_size, patch_size, depth, ...
+    division: Blocks = field(default_factory=lambda: [3, 3, 3, 3])   # target blocks a module
+    meta_division: Optional[Blocks] = None   # meta blocks a module; default one each
 
 
 @dataclass
 class AugmentCfg:
-    shift: int = 0                  # random translation in pixels (in-memory data, batched)
+    shift: AtLeast0 = 0             # random translation in pixels (in-memory data, batched)
     hflip: bool = False
-    auto_augment: Optional[str] = None   # timm string, e.g. rand-m9-mstd0.5-inc1 (per-image path)
-    re_prob: float = 0.0            # random erasing probability (per-image path)
-    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])   # RandomResizedCrop (images)
+    auto_augment: Optional[Name] = None   # timm string, e.g. rand-m9-mstd0.5-inc1 (per-image path)
+    re_prob: Annotated[float, Range(ge=0, le=1)] = 0.0    # random erasing probability (per-image path)
+    # RandomResizedCrop's area range (images): two fractions, the smaller first
+    crop_scale: Annotated[list, Items(Fraction, length=2, ordered=True)] = field(default_factory=lambda: [0.08, 1.0])
     # timm's ColorJitter strength; unset = timm's choice (0.4, none beside auto_augment, as in DeiT); 0 = off
     color_jitter: Optional[Annotated[float, Range(ge=0, note="0 = off")]] = None
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"   # resize filter, train and eval
@@ -52,21 +61,23 @@ class AugmentCfg:
 @dataclass
 class DataCfg:
     shorthand: ClassVar[str] = "source"     # `data: digits` is `data: {source: digits}`
-    source: str = "digits"          # digits | idx:PATH | imagefolder:PATH | cifar10:PATH | cifar100:PATH | text:PATH
+    source: Name = "digits"          # digits | idx:PATH | imagefolder:PATH | cifar10:PATH | cifar100:PATH | text:PATH
                                     # | jsonl:PATH | parquet:PATH | hf_disk:PATH (text in records, read with datasets)
-    img_size: int = 32
-    context: int = 256              # text: tokens a window (the model's context)
+    img_size: AtLeast1 = 32
+    context: AtLeast1 = 256         # text: tokens a window (the model's context)
     # text: byte (vocabulary 256, nothing to train) | bpe (byte-level BPE trained on the training split,
     # saved once as RUN/tokenizer.json)
     tokenizer: Literal["byte", "bpe"] = "byte"
-    vocab_size: int = 1024          # text, tokenizer bpe: tokens in the vocabulary (the 256 bytes and the merges)
-    val_fraction: float = 0.1       # text: share of the bytes held out (whole files of a folder, else a tail)
+    # text, tokenizer bpe: tokens in the vocabulary (the 256 bytes and the merges)
+    vocab_size: Annotated[int, Range(ge=1, le=2 ** 32, note="token ids are at most 32-bit")] = 1024
+    # text: share of the bytes held out (whole files of a folder, else a tail)
+    val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
     train_fraction: Fraction = 1.0  # class-balanced subset of the training split
-    subset_seed: int = 0
-    num_workers: int = 0
+    subset_seed: Seed = 0
+    num_workers: AtLeast0 = 0
     pin_memory: bool = False
     persistent_workers: bool = False
-    eval_batch_size: int = 256
+    eval_batch_size: AtLeast1 = 256
     on_bad_image: Literal["stop", "skip"] = "stop"   # an unreadable image file: stop (name it) | skip (count it)
     # Repeated augmentation (DeiT's RASampler): each training image in this many augmented copies an
     # epoch, on different ranks; the epoch keeps the dataset's length. 1 = off.
@@ -76,7 +87,7 @@ class DataCfg:
     # the split, the same for every stage); 0 = all of it
     eval_tokens: Annotated[int, Range(ge=0, note="0: the whole held-out split")] = 0
     # text: folder of the token cache (default RUN/token_cache); a shared one tokenizes a corpus once
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[Name] = None
     text_column: str = "text"       # jsonl:, parquet:, hf_disk: sources: the column of strings that holds the text
 
 
@@ -89,20 +100,21 @@ class TrainCfg:
     epochs: AtLeast0 = 10
     batch_size: AtLeast1 = 64       # per process, per micro-step
     accum_steps: AtLeast1 = 1
-    lr: float = 5e-4                # for an effective batch of lr_base_batch; scaled linearly
-    lr_base_batch: int = 512
-    min_lr: float = 1e-6
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-6
-    weight_decay: float = 0.05
-    opt: str = "adamw"              # any timm optimizer name
-    sched: str = "cosine"           # any timm scheduler name
-    decay_milestones: Optional[list] = None   # sched multistep: epochs at which the lr is divided by 10
-    clip_grad: Optional[float] = None
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    drop_path: float = 0.0
+    lr: Annotated[float, Range(gt=0)] = 5e-4   # for an effective batch of lr_base_batch; scaled linearly
+    lr_base_batch: AtLeast1 = 512
+    min_lr: NonNegative = 1e-6
+    warmup_epochs: AtLeast0 = 0
+    warmup_lr: NonNegative = 1e-6
+    weight_decay: NonNegative = 0.05
+    opt: Optimizer = "adamw"        # any timm optimizer name (timm.optim.list_optimizers())
+    sched: Scheduler = "cosine"     # any timm scheduler name that create_scheduler_v2 makes
+    # sched multistep: epochs at which the lr is divided by 10, in increasing order
+    decay_milestones: Optional[Annotated[list, Items(AtLeast1, min_len=1, ordered=True)]] = None
+    clip_grad: Optional[Annotated[float, Range(gt=0)]] = None
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    mixup: NonNegative = 0.0        # alpha of mixup's Beta distribution; 0 = off
+    cutmix: NonNegative = 0.0       # alpha of cutmix's Beta distribution; 0 = off
+    drop_path: Annotated[float, Range(ge=0, lt=1)] = 0.0
     amp: Amp = "none"
     fused: bool = False             # fused AdamW (CUDA and CPU)
     compile: bool = False           # torch.compile the whole network (trained and frozen parts)
@@ -146,7 +158,8 @@ class LaunchCfg:
     devices_per_job: AtLeast0 = 0   # GPUs (CPU: processes) a job; 0 = split the visible GPUs; > 1 runs torchrun
     cpus_per_job: AtLeast0 = 0      # CPU threads a job; 0 = split the machine's cores between running jobs
     retries: AtLeast0 = 0           # extra tries of a failed job (each resumes from its checkpoint)
-    slurm: dict = field(default_factory=dict)   # submitit parameters, e.g. {slurm_partition: gpu, timeout_min: 4320}
+    # submitit parameters, e.g. {slurm_partition: gpu, timeout_min: 4320}
+    slurm: Annotated[dict, Plain()] = field(default_factory=dict)
     # Per-stage shapes, e.g. {meta: {nodes: 4, devices_per_node: 8}}; a stage left out gets one node
     # with devices_per_job devices.
     stages: Annotated[dict, Sections(StageShape, LAUNCH_STAGES)] = field(default_factory=dict)
@@ -163,8 +176,8 @@ StageOverrides = Annotated[dict, Overrides(TrainCfg)]     # a stage's own values
 
 @dataclass
 class Recipe:
-    name: str = "recipe"
-    seed: int = 0
+    name: Name = "recipe"
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -221,7 +234,7 @@ def parse_set(items: list[str]) -> list[tuple[list[str], Any]]:
             raise UserError(f"--set '{item}' is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         out.append((key.strip().split("."), value))
@@ -246,26 +259,37 @@ def apply_overrides(raw: dict, overrides: list[tuple[list[str], Any]]) -> dict:
     return raw
 
 
+RECIPE_FIX = "pass --recipe with a YAML file (see recipes/)"
+
+
+def read_recipe_file(path: str | Path, fix: str = RECIPE_FIX) -> dict:
+    """The mapping of keys in a recipe file, read within safe_read's limits; an empty file is refused
+    (it would train every default, which nobody means)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe file {p} does not exist; {fix}")
+    raw = read_yaml(p, "recipe file", fix)
+    if raw is None:
+        raise UserError(f"recipe file {p} is empty (no keys); {fix}, e.g. one of recipes/")
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe file {p} must hold a mapping of keys, got {kind(raw)}; {fix}")
+    return raw
+
+
 def load_recipe(path: str | Path | None, sets: list[str] | None = None, family_checks: bool = True) -> Recipe:
     """The recipe at `path` with `sets` applied, every key checked; family_checks=False leaves out the
-    checks that import the family's adapter (for reading a run directory's recipe, checked when written)."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"recipe file {p} does not exist; pass --recipe with a YAML file "
-                            f"(see recipes/)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"recipe file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"recipe file {p} must hold a mapping of keys, got {type(raw).__name__}")
+    checks that import the family's adapter or timm's registries (for reading a run directory's
+    recipe, checked when written)."""
+    raw = read_recipe_file(path) if path is not None else {}
     overrides = parse_set(sets or [])
     _one_budget(raw)
     _one_budget(apply_overrides({}, overrides))
     raw = apply_overrides(_budget_replaced(raw, overrides), overrides)
-    recipe = build(Recipe, raw)
+    token = REGISTRIES.set(family_checks)
+    try:
+        recipe = build(Recipe, raw)
+    finally:
+        REGISTRIES.reset(token)
     validate(recipe, STAGES, family_checks)
     return recipe
 

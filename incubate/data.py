@@ -55,6 +55,9 @@ def load_data(cfg, run=None, train_tokenizer: bool = True):
     if kind not in readers:
         raise UserError(f"unknown data.source '{cfg.source}'; use digits, idx:PATH, imagefolder:PATH, "
                         f"cifar10:PATH, cifar100:PATH, or for text text:PATH, jsonl:PATH, parquet:PATH, hf_disk:PATH")
+    if kind == "digits" and arg:
+        raise UserError(f"data.source '{cfg.source}': digits is the built-in data set and takes no path; "
+                        f"use digits, or idx:PATH / imagefolder:PATH for files")
     if kind != "digits":
         if not arg:
             raise UserError(f"data.source '{cfg.source}' needs a path, e.g. {kind}:/data/{kind}")

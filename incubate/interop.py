@@ -28,7 +28,7 @@ from .engine import evaluate
 from .errors import UserError
 from .families import get_family
 from .modular import load_strict
-from .rundir import StageDir, claim
+from .rundir import StageDir, check_destination, claim, write_run_recipe
 from .runs import load_model
 from .stage_registry import META, names
 from .stages.common import finish, prepare, preprocess
@@ -120,6 +120,15 @@ def fit_state(model: torch.nn.Module, state: dict, path: Path, what: str) -> Non
     load_strict(model, state, path, f"the recipe's {what}")
 
 
+def _refuse_to_overwrite(stage: StageDir) -> None:
+    if stage.finished():
+        raise UserError(f"{stage.path} already holds a finished {stage.label} model; importing would overwrite "
+                        f"it: use a new --out or move that folder away")
+    if stage.checkpoint.exists():
+        raise UserError(f"{stage.path} holds a {stage.label} model in training ({stage.checkpoint.name}); "
+                        f"use a new --out or move that folder away")
+
+
 def import_official(recipe: Recipe, ckpt, out, as_: str) -> dict:
     """Write an official checkpoint as RUN/meta (then `incubate incubate` works) or RUN/assembled."""
     ckpt = Path(ckpt)
@@ -132,16 +141,13 @@ def import_official(recipe: Recipe, ckpt, out, as_: str) -> dict:
                         f"'{recipe.model.family}' has none to import: train its meta model with `incubate meta`")
     ctx = prepare(recipe, out)
     stage = StageDir(ctx.run, as_)
-    claim(stage)
-    if stage.finished():
-        raise UserError(f"{stage.path} already holds a finished {stage.label} model; importing would overwrite "
-                        f"it: use a new --out or move that folder away")
-    if stage.checkpoint.exists():
-        raise UserError(f"{stage.path} holds a {stage.label} model in training ({stage.checkpoint.name}); "
-                        f"use a new --out or move that folder away")
     state = official_state(read_official(ckpt), recipe.meta_division if meta else recipe.model.division, ckpt)
+    _refuse_to_overwrite(stage)        # before anything is written: a refused import leaves the run as it was
     model = ctx.build(meta=meta)
     fit_state(model, state, ckpt, "meta model" if meta else "target model")
+    write_run_recipe(ctx.run, recipe)
+    claim(stage)
+    _refuse_to_overwrite(stage)        # again under the lock: another process may have written it meanwhile
     t0 = time.perf_counter()
     model.to(ctx.dist.device)
     loader = Loader(ctx.bundle, ctx.bundle.test, recipe.data, recipe.data.eval_batch_size, False,
@@ -166,8 +172,12 @@ def _manifest_preprocess(run: Path, m: dict) -> dict:
     return preprocess(load_data(data), data.augment)
 
 
+EXPORT_FIX = "export into an empty or new folder"
+
+
 def export(run, stage_name: str, to) -> Path:
     run, dest, targets = Path(run), Path(to), names(weights="target")
+    check_destination(to, "--to", run)       # not the run itself, nor any run's folders
     m = StageDir(run, stage_name).manifest() if run.is_dir() and stage_name in targets else None
     if m and m.get("family") == "causal_lm":       # a language model: a transformers folder
         from .lm_tools import export_lm
@@ -182,7 +192,8 @@ def export(run, stage_name: str, to) -> Path:
     state, family = model.state_dict(), get_family(m["family"])
     provenance = {"run": str(run.resolve()), "stage": stage_name, "sha256": m["sha256"]}
     old = dest / "config.json"
-    same = old.exists() and (read_json(old).get("deep_incubate") or {}).get("sha256") == m["sha256"]
+    provenance_of_old = (read_json(old, dict, fix=EXPORT_FIX).get("deep_incubate") or {}) if old.exists() else {}
+    same = old.exists() and provenance_of_old.get("sha256") == m["sha256"]
     if not same and (old.exists() or (dest / "model.safetensors").exists()):
         raise UserError(f"{dest} already holds another model; export into an empty or new folder")
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_json, write_json_atomic
+from .checkpoint import read_json, umask_mode, write_json_atomic
 from .errors import UserError
 from .rundir import StageDir, check_tokenizer
 from .runs import load_model
@@ -62,7 +62,8 @@ def export_lm(run, stage_name: str, to) -> Path:
     tok, tok_path = stage_tokenizer(run, m)
     dest = Path(to)
     old = dest / "config.json"
-    same = old.exists() and (read_json(old).get("deep_incubate") or {}).get("sha256") == m["sha256"]
+    same = old.exists() and (read_json(old, dict, fix="export into an empty or new folder").get("deep_incubate")
+                             or {}).get("sha256") == m["sha256"]
     if not same and (old.exists() or (dest / "model.safetensors").exists()):
         raise UserError(f"{dest} already holds another model; export into an empty or new folder")
     scratch = dest.parent / f".{dest.name}.export-{os.getpid()}"
@@ -88,6 +89,7 @@ def export_lm(run, stage_name: str, to) -> Path:
                                                     f"{TOKENIZER_FILE} (SHA-256 {pre['tokenizer_sha256']})")
         for f in sorted(scratch.iterdir()):
             if f.name != "config.json":
+                umask_mode(f)           # transformers' safetensors writer leaves the weights 0600
                 os.replace(f, dest / f.name)
         write_json_atomic(dest / "config.json", config)      # last: a folder with a config is complete
     except OSError as e:

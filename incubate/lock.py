@@ -26,14 +26,15 @@ def read_holder(path: Path) -> dict:
     """What the lock file says of its last holder: {pid, host, started} (missing items are None).
 
     Only reads: the holder may still be writing its stage (`incubate status` calls this)."""
-    try:
-        lines = Path(path).read_text().splitlines()
+    try:        # any bytes: a damaged lock file reads as no holder, never as an error
+        lines = Path(path).read_bytes()[:4096].decode("utf-8", errors="replace").splitlines()
     except OSError:
         lines = []
     lines += [""] * 3
     pid = lines[0].strip()
-    return {"pid": int(pid) if pid.isdigit() else None, "host": lines[1].strip() or None,
-            "started": lines[2].strip() or None}
+    ok = pid.isascii() and pid.isdigit() and 0 < int(pid) < 1 << 22      # Linux's pid_max at most
+    return {"pid": int(pid) if ok else None, "host": lines[1].strip()[:255] or None,
+            "started": lines[2].strip()[:64] or None}
 
 
 def _holder(path: Path) -> str:

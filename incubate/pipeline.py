@@ -32,9 +32,11 @@ def run(recipe: Recipe, out, with_e2e: bool = True, launcher: str | None = None,
                 job.main(recipe, out)
     else:
         from .launchers import make_launcher, run_jobs
-        from .rundir import write_run_recipe
+        from .rundir import check_run_recipe, write_run_recipe
+        check_run_recipe(Path(out), recipe)
         engine = make_launcher(launcher, recipe, Path(out), address)   # refuses a shape it cannot run first
-        write_run_recipe(Path(out), recipe)      # the jobs read the run's recipe.yaml, nothing else
+        if not all(job.dir.finished() for phase in phases(recipe, out, with_e2e, with_grow) for job in phase):
+            write_run_recipe(Path(out), recipe)      # the jobs read the run's recipe.yaml, nothing else
         for phase in phases(recipe, out, with_e2e, with_grow):
             run_jobs(engine, phase, jobs, recipe.launch.retries if retries is None else retries)
     if setup_dist(recipe.device).main:

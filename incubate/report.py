@@ -6,15 +6,14 @@ process-seconds (each process's training seconds, summed over processes), as in 
 """
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
-
-import yaml
 
 from .errors import UserError
 from .families import task_name
+from .safe_read import read_json_lines
 from .tasks import get_task
-from .rundir import StageDir, write_summary
+from .rundir import StageDir, finished_manifests, run_recipe, write_summary
 from .stage_registry import ASSEMBLED, E2E, FINETUNE, GROW, META
 
 
@@ -54,17 +53,10 @@ def ours_total(summary: dict, metric: str) -> dict | None:
 def metric_rows(stage: StageDir, kind: str = "epoch") -> list[dict]:
     """A stage's metrics.jsonl rows: those of its epochs, or (kind "eval") its evaluations during
     training (train.eval_every)."""
-    if not stage.metrics.exists():
-        return []
-    rows = []
-    for line in stage.metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue        # a line being written
-        if (row.get("kind", "epoch") == "eval") == (kind == "eval"):
-            rows.append(row)
-    return rows
+    need = ("update", "flops", "seconds") if kind == "eval" else ("epoch", "seconds")
+    # a line being written, or damaged, is left out: the curve shows the rest
+    return [row for row in read_json_lines(stage.metrics) if (row.get("kind", "epoch") == "eval") == (kind == "eval")
+            and all(isinstance(row.get(k), (int, float)) for k in need)]
 
 
 def grow_total(summary: dict, metric: str) -> dict | None:
@@ -127,13 +119,17 @@ def stage_curve(run: Path, stage: str, metric: str, base_flops: float = 0.0, bas
     evaluated during training (train.eval_every), after each evaluation at its own FLOPs and seconds
     so far. None when the stage has not finished or trained no epoch."""
     sd = StageDir(run, stage)
-    m = sd.manifest()
+    try:
+        m = sd.manifest()
+    except UserError:       # report names it (finished_manifests); the figure leaves it out
+        return None
     if not (m and m.get("finished") and m.get("epochs")) or not sd.metrics.exists():
         return None
-    if evals := metric_rows(sd, "eval"):
+    scored = lambda rows: [r for r in rows if isinstance(r.get(f"test_{metric}"), (int, float))]
+    if evals := scored(metric_rows(sd, "eval")):
         return {"update": [r["update"] for r in evals], "flops": [base_flops + r["flops"] for r in evals],
                 "seconds": [base_seconds + r["seconds"] for r in evals], metric: [r[f"test_{metric}"] for r in evals]}
-    rows = metric_rows(sd)
+    rows = scored(metric_rows(sd))
     per_epoch = m["flops_per_step"] * m["steps"] / m["epochs"]
     world = m.get("world_size", 1)
     return {"epoch": [r["epoch"] for r in rows],
@@ -189,29 +185,54 @@ def _panel(ax, data: dict, unit: str, task) -> None:
 def plot(run: Path, summary: dict, path: Path, task) -> dict:
     """Draw report.png, the task's headline metric against cost (left: FLOPs, right: seconds), and
     return the curves it plotted."""
+    data = curves(run, summary, task.headline)
+    try:
+        name = run_recipe(run).get("name", "?")
+    except UserError:       # report names it
+        name = "?"
+    _draw(run, data, path, task, name)
+    return data
+
+
+def _draw(run: Path, data: dict, path: Path, task, name: str) -> None:
+    """The figure of `data` (what curves() read), saved to `path`; reads nothing from the run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    data = curves(run, summary, task.headline)
-    recipe = yaml.safe_load((Path(run) / "recipe.yaml").read_text()) or {}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, unit in zip(axes, ("flops", "seconds")):
         _panel(ax, data, unit, task)
     if data:      # one legend under both panels, where it hides no point
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
-    fig.suptitle(f"{Path(run).resolve().name} (recipe {recipe.get('name', '?')}): {task.headline_label} "
+    fig.suptitle(f"{Path(run).resolve().name} (recipe {name}): {task.headline_label} "
                  f"vs training cost")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return data
 
 
 def run_task(run: Path):
-    """The task of run directory `run`, from its recipe.yaml's model family."""
-    family = (yaml.safe_load((Path(run) / "recipe.yaml").read_text()).get("model") or {}).get("family", "vit")
-    return get_task(task_name(family))
+    """The task of run directory `run`, from its recipe.yaml's model family (the recipe damaged: from a
+    finished stage's manifest; an unknown family: classification)."""
+    try:
+        family = run_recipe(run)["model"].get("family", "vit")
+    except UserError:
+        family = next((m.get("family") for _, m in finished_manifests(run)[0] if m.get("family")), "vit")
+    try:
+        return get_task(task_name(family) if isinstance(family, str) else "classification")
+    except (UserError, KeyError):
+        return get_task("classification")
+
+
+def damage(run: Path) -> list[str]:
+    """One line for each file of the run that `status` and `report` could not read (they show the rest)."""
+    try:
+        run_recipe(run)
+        lines = []
+    except UserError as e:
+        lines = [str(e)]
+    return lines + finished_manifests(run)[1]
 
 
 def report(run: Path) -> dict:
@@ -223,4 +244,6 @@ def report(run: Path) -> dict:
     print(table(summary, task))
     plot(run, summary, run / "report.png", task)
     print(f"wrote {run / 'summary.json'} and {run / 'report.png'}")
+    for line in damage(run):
+        print(f"incubate: warning: {line} (the report leaves it out)", file=sys.stderr)
     return summary

@@ -152,7 +152,7 @@ def trim_metrics(path: Path, epochs_done: int, updates_done: int | None = None) 
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
             if row.get("kind") == "eval" and updates_done is not None:
@@ -160,7 +160,7 @@ def trim_metrics(path: Path, epochs_done: int, updates_done: int | None = None) 
                     keep.append(line)
             elif row["epoch"] <= epochs_done:
                 keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
             continue
     path.write_text("".join(k + "\n" for k in keep))
 

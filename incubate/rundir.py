@@ -2,16 +2,16 @@
 and summary.json. Only folders and files; what trains a stage is in incubate/stages."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-import yaml
-
-from .checkpoint import (load_weights, previous_checkpoint, read_json, save_weights, uninterrupted,
-                         write_json_atomic, write_text_atomic)
+from .checkpoint import (load_weights, previous_checkpoint, save_weights, uninterrupted, write_json_atomic,
+                         write_text_atomic)
 from .config import Recipe, dump_recipe
 from .errors import UserError
 from .lock import hold, release
+from .safe_read import kind, read_json, read_yaml
 from .stage_registry import META, in_folders
 from .stage_registry import stage as registered
 
@@ -52,7 +52,10 @@ class StageDir:
         return f"module {self.module}" if registered(self.stage).per_module else self.stage
 
     def manifest(self) -> dict | None:
-        return read_json(self.manifest_path) if self.manifest_path.exists() else None
+        """The stage's manifest.json (None before the stage began); a damaged one is one line."""
+        if not self.manifest_path.exists():
+            return None
+        return read_json(self.manifest_path, dict, "manifest", f"delete {self.path} and rerun that stage")
 
     def finished(self) -> bool:
         m = self.manifest()
@@ -94,12 +97,62 @@ def check_tokenizer(m: dict, have: str, path: Path, what) -> None:
                         f"its manifest); {RESTORE}")
 
 
+RUN_RECIPE_FIX = ("restore it from a copy (every stage's manifest.json names the model and data it was made "
+                  "with), or use a new --out")
+
+
+def run_recipe(run: Path) -> dict:
+    """The mapping in RUN/recipe.yaml, read within safe_read's limits; damage is one line."""
+    raw = read_yaml(Path(run) / "recipe.yaml", "the run's recipe", RUN_RECIPE_FIX)
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise UserError(f"the run's recipe {Path(run) / 'recipe.yaml'} holds {kind(raw)} with no model section; "
+                        f"{RUN_RECIPE_FIX}")
+    return raw
+
+
+def run_modules(run: Path) -> int:
+    """K of the run: its recipe's division, or, the recipe being damaged, its modules/<i> folders."""
+    try:
+        division = run_recipe(run)["model"].get("division")
+        if isinstance(division, list) and division:
+            return len(division)
+    except UserError:
+        pass
+    found = [int(p.name) for p in (Path(run) / "modules").glob("*") if p.name.isdigit() and p.name.isascii()]
+    return max(found) + 1 if found else 0
+
+
+def is_run_directory(path: Path) -> bool:
+    """A folder holding a recipe.yaml beside a stage folder: what --out made."""
+    path = Path(path)
+    tops = {registered(s).folder.split("/")[0] for s in in_folders()}      # modules/{module} -> modules
+    return (path / "recipe.yaml").is_file() and any((path / d).is_dir() for d in tops)
+
+
+def check_destination(path, flag: str, own_run: Path | None = None) -> Path:
+    """A folder a command writes (`flag`: --out, --to): named, and not inside a run directory's own
+    folders (--to: not the run directory either), where it would mix with a run's stages."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty; pass the folder to write")
+    if "\0" in str(path):
+        raise UserError(f"{flag} holds a NUL character; pass a folder name")
+    p = Path(path).resolve()
+    inside = [q for q in ([p] if flag != "--out" else []) + list(p.parents) if is_run_directory(q)]
+    if own_run is not None and (p == Path(own_run).resolve() or Path(own_run).resolve() in p.parents):
+        inside.insert(0, Path(own_run))
+    if inside:
+        raise UserError(f"{flag} {path} is inside run directory {inside[0]}, whose folders hold its stages; "
+                        f"pass a folder outside it")
+    return p
+
+
 def check_run_recipe(run: Path, recipe: Recipe) -> None:
-    """Refuse a recipe whose FIXED_KEYS differ from the run directory's recipe.yaml."""
-    saved = run / "recipe.yaml"
-    if not saved.exists():
+    """Refuse an --out inside another run, and a recipe whose FIXED_KEYS differ from the run
+    directory's recipe.yaml."""
+    check_destination(run, "--out")
+    if not (run / "recipe.yaml").exists():
         return
-    old = yaml.safe_load(saved.read_text()) or {}
+    old = run_recipe(run)
     new = recipe.to_dict()
     defaults = Recipe().to_dict()      # a key an older version did not write has its default
 
@@ -118,12 +171,13 @@ def check_run_recipe(run: Path, recipe: Recipe) -> None:
 
 
 def write_run_recipe(run: Path, recipe: Recipe) -> None:
-    """RUN/recipe.yaml, refusing a run directory made with another model or data."""
+    """RUN/recipe.yaml, refusing a run directory made with another model or data; called only by a
+    command about to train or write a stage (one that changes nothing leaves the file as it is)."""
     check_run_recipe(run, recipe)
     try:
         run.mkdir(parents=True, exist_ok=True)
         text, path = dump_recipe(recipe), run / "recipe.yaml"
-        if not (path.exists() and path.read_text() == text):
+        if not (path.exists() and path.read_bytes() == text.encode()):
             write_text_atomic(path, text)
     except OSError as e:
         raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
@@ -172,19 +226,35 @@ def finish_stage(stage: StageDir, state: dict, manifest: dict) -> dict:
     return manifest
 
 
+def finished_manifests(run: Path) -> tuple[list, list[str]]:
+    """(stage folder, manifest) of every finished stage whose manifest reads, and one line for each
+    that does not (`status` and `report` show the rest and name these)."""
+    found, damaged = [], []
+    for sd in stage_dirs(run, run_modules(run)):
+        try:
+            m = sd.manifest()
+            if m and m.get("finished") and not isinstance(m.get("metrics"), dict):
+                raise UserError(f"{sd.manifest_path} has no metrics mapping; delete {sd.path} and rerun that stage")
+        except UserError as e:
+            damaged.append(str(e))
+            continue
+        if m and m.get("finished"):
+            found.append((sd, m))
+    return found, damaged
+
+
 def write_summary(run: Path) -> dict:
     """RUN/summary.json: one entry a finished stage (the task's metrics, e.g. top1 and loss, or bpb,
-    loss and acc; seconds, FLOPs, trainable params)."""
-    k = len(yaml.safe_load((run / "recipe.yaml").read_text())["model"]["division"])
+    loss and acc; seconds, FLOPs, trainable params); a damaged manifest's stage is left out. The file
+    is rewritten only when its content changes."""
     summary = {}
-    for sd in stage_dirs(run, k):
-        m = sd.manifest() if sd.manifest_path.exists() else None
-        if not m or not m.get("finished"):
-            continue
+    for sd, m in finished_manifests(run)[0]:
         key = f"module_{sd.module}" if sd.module is not None else sd.stage
         summary[key] = {"stage": sd.stage, "module": sd.module, **m["metrics"],
                         "seconds": m.get("process_seconds", m.get("seconds", 0.0)),
                         "flops": m.get("flops", 0), "trainable_params": m.get("trainable_params", 0),
                         "epochs": m.get("epochs", 0)}
-    write_json_atomic(run / "summary.json", summary)
+    path, text = run / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n"
+    if not (path.is_file() and path.read_bytes() == text.encode()):
+        write_text_atomic(path, text)
     return summary

@@ -7,19 +7,17 @@ only the lock file (pid, host, start time) and the age of the last metrics line 
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from pathlib import Path
 
-import yaml
-
 from .config import load_recipe
 from .errors import UserError
 from .lock import read_holder
 from .report import run_task
-from .rundir import StageDir, stage_dirs
+from .rundir import StageDir, run_modules, run_recipe, stage_dirs
+from .safe_read import read_json_lines
 from .stage_registry import stage as registered
 
 
@@ -70,22 +68,19 @@ def holder(sd: StageDir) -> dict | None:
 def last_epoch(sd: StageDir) -> dict | None:
     """The stage's last metrics line, with `written`: when the file was last written (epoch seconds)."""
     try:
-        lines = [line for line in sd.metrics.read_text().splitlines() if line.strip()]
         written = sd.metrics.stat().st_mtime
     except OSError:
         return None
-    for line in reversed(lines):     # the writer may be half-way through the last line
-        try:
-            return dict(json.loads(line), written=written)
-        except json.JSONDecodeError:
-            continue
-    return None
+    # the writer may be half-way through the last line; a damaged line is passed over too
+    rows = [r for r in read_json_lines(sd.metrics) if isinstance(r.get("epoch"), int)
+            and (r.get("kind") != "eval" or isinstance(r.get("update"), int))]
+    return dict(rows[-1], written=written) if rows else None
 
 
 def _metric(values: dict, task, prefix: str = "") -> str:
     """The stage's headline metric as its task writes it, else the test loss."""
     value = values.get(f"{prefix}{task.headline}")
-    if value is not None:
+    if isinstance(value, (int, float)):
         return task.headline_text.format(value)
     loss = values.get(f"{prefix}loss")
     return f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "no metric"
@@ -104,10 +99,18 @@ def _stamp(t: float, now: float) -> str:
 
 
 def stage_status(sd: StageDir, epochs: int | None, now: float, task) -> dict:
+    """The stage's row; a file of it that does not read makes it "damaged", the line naming that file."""
+    try:
+        return _stage_status(sd, epochs, now, task)
+    except UserError as e:
+        return {"stage": sd.label, "path": str(sd.path), "state": "damaged", "detail": str(e)}
+
+
+def _stage_status(sd: StageDir, epochs: int | None, now: float, task) -> dict:
     m = sd.manifest() if sd.manifest_path.exists() else None
     row = {"stage": sd.label, "path": str(sd.path)}
     if sd.finished():
-        met = m.get("metrics", {})
+        met = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
         return dict(row, state="finished", **{task.headline: met.get(task.headline)}, loss=met.get("loss"),
                     epochs=m.get("epochs"), finished_at=m.get("finished_at"),
                     detail=f"{_metric(met, task)}" + (f" after {m['epochs']} epoch(s)" if m.get("epochs") else "")
@@ -133,11 +136,14 @@ def status(run, out=None) -> list[dict]:
     run = Path(run)
     if not (run / "recipe.yaml").is_file():
         raise UserError(f"{run} is not a run directory (no recipe.yaml); pass the --out of a run")
+    damaged = ""
     try:
+        run_recipe(run)
         recipe = load_recipe(run / "recipe.yaml", family_checks=False)
         k = len(recipe.model.division)
-    except UserError:        # a recipe of another version: K from the file, no epoch totals
-        recipe, k = None, len((yaml.safe_load((run / "recipe.yaml").read_text()) or {})["model"]["division"])
+    except UserError as e:   # damaged, or of another version: K from the file or the folders, no epoch totals
+        recipe, k = None, run_modules(run)
+        damaged = f"; {e}" if "recipe.yaml" in str(e) and "unknown recipe key" not in str(e) else ""
     task, now = run_task(run), time.time()
     rows = []
     for sd in stage_dirs(run, k):
@@ -147,8 +153,8 @@ def status(run, out=None) -> list[dict]:
         budget = recipe.stage(sd.stage) if recipe is not None and stage.trains else None
         epochs = budget.epochs if budget is not None and not budget.tokens else None
         rows.append(stage_status(sd, epochs, now, task))
-    print(f"run {run} (recipe {recipe.name if recipe else '?'}, K={k}), as of {_stamp(now, now).split(' ')[0]}",
-          file=out, flush=True)
+    print(f"run {run} (recipe {recipe.name if recipe else '?'}, K={k}), as of {_stamp(now, now).split(' ')[0]}"
+          f"{damaged}", file=out, flush=True)
     width = max(len(r["stage"]) for r in rows)
     for r in rows:
         print(f"  {r['stage']:<{width}}  {r['state']:<11}  {r['detail']}".rstrip(), file=out, flush=True)

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import UserError
+from .safe_read import read_json
 
 CACHE_DIR = "token_cache"       # in the run directory, unless data.cache_dir names another folder
 FORMAT = 1                      # bumped when the layout of an entry changes
@@ -80,21 +81,25 @@ def load(folder: Path) -> Tokens | None:
     if not folder.is_dir():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise _damaged(folder, f"meta.json unreadable: {e}") from None
+        meta = read_json(meta_path, dict, "token cache metadata", "")
+        sizes = {split: (int(meta[split]["bytes"]), int(meta[split]["tokens"]), str(meta[split]["sha256"]))
+                 for split in ("train", "test")}
+        files = [[Path(p) for p in meta[f"{split}_files"]] for split in ("train", "test")]
+        dtype = np.dtype(meta["dtype"])
+    except UserError as e:
+        raise _damaged(folder, f"meta.json unreadable: {str(e).split(';')[0]}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise _damaged(folder, f"meta.json lacks {e}") from None
     maps = {}
     for split in ("train", "test"):
+        size, n, sha = sizes[split]
         path = folder / f"{split}.bin"
-        if not path.exists() or path.stat().st_size != meta[split]["bytes"]:
+        if not path.exists() or path.stat().st_size != size or n * dtype.itemsize != size:
             raise _damaged(folder, f"{path.name} is missing or of another size than meta.json says")
-        if _digest(path) != meta[split]["sha256"]:
+        if _digest(path) != sha:
             raise _damaged(folder, f"{path.name} does not match its SHA-256 in meta.json")
-        n = meta[split]["tokens"]
-        maps[split] = (np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(n,)) if n
-                       else np.zeros(0, dtype=np.dtype(meta["dtype"])))
-    return Tokens(maps["train"], maps["test"], [Path(p) for p in meta["train_files"]],
-                  [Path(p) for p in meta["test_files"]])
+        maps[split] = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+    return Tokens(maps["train"], maps["test"], *files)
 
 
 def _write_split(path: Path, parts: Iterable[np.ndarray], dtype) -> dict:

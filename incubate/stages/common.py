@@ -87,9 +87,6 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
     bundle = load_data(recipe.data, run)
     task_of(family).check_data(bundle, recipe.model.family)
     _check_tokenizer_of_stages(run, recipe, bundle)
-    if dist.main:
-        write_run_recipe(run, recipe)
-    barrier(dist)
     return Context(recipe, run, dist, bundle, family)
 
 
@@ -106,7 +103,11 @@ def finish(ctx: Context, stage: StageDir, state: dict, manifest: dict) -> dict:
 
 
 def begin(ctx: Context, stage: StageDir, manifest: dict) -> bool:
-    """Returns False when the stage already finished (then it is skipped); rank 0 locks the stage folder."""
+    """Returns False when the stage already finished (then it is skipped); rank 0 locks the stage folder.
+    The run's recipe.yaml is written here, once the stage is to run: a command refused before, or one
+    that finds every stage finished, leaves it as it is."""
+    if ctx.dist.main and not stage.finished():
+        write_run_recipe(ctx.run, ctx.recipe)
     if not begin_stage(stage, manifest, ctx.dist.main):
         return False
     barrier(ctx.dist)

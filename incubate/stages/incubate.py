@@ -32,11 +32,11 @@ def build_hybrid(ctx: Context, index: int, drop_path: float = 0.0, module_init: 
 
 
 def main(recipe: Recipe, out, module: int) -> dict:
-    ctx = prepare(recipe, out)
     k = len(recipe.model.division)
-    if not 0 <= module < k:
+    if not 0 <= module < k:       # before prepare: a refused command reads no data and writes nothing
         raise UserError(f"--module {module} is out of range: the recipe divides the target into {k} modules "
                         f"(0..{k - 1})")
+    ctx = prepare(recipe, out)
     stage = StageDir(ctx.run, INCUBATE, module)
     cfg = recipe.stage(INCUBATE)
     fingerprint = meta_fingerprint(ctx.run)

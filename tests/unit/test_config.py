@@ -61,7 +61,7 @@ def test_set_overrides_and_stage_merge(tiny_recipe):
     (["meta.lr=fast"], r"'meta.lr' must be of type float"),
     (["model.division=[2,1]"], r"sums to 3 blocks but model.kwargs.depth is 4"),
     (["model.division=[1,1,1,1,1]", "model.kwargs.depth=5", "model.meta_division=[1,1]"], r"has 2 modules"),
-    (["model.division=[0,4]"], r"positive block counts"),
+    (["model.division=[0,4]"], r"model.division\[0\] must be >= 1, got 0"),
     (["data.train_fraction=0"], r"train_fraction must be in"),
     (["train.amp=fp8"], r"amp must be none, bf16 or fp16"),
     (["incubate.module_init=copy"], r"incubate.module_init must be random, meta or stack"),
@@ -165,3 +165,37 @@ def test_a_stage_budget_in_tokens_replaces_the_shared_epochs_and_reads_1e6():
     assert (recipe.stage("meta").tokens, recipe.stage("e2e").tokens) == (1_000_000, 250_000)
     assert recipe.stage("incubate").tokens == 0 and recipe.stage("incubate").epochs == 1
     assert load_recipe(LM_RECIPE, ["train.tokens=4096", "meta.epochs=3"]).stage("meta").tokens == 0   # its own budget
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["data.persistent_workers=true"], r"data.persistent_workers keeps DataLoader workers alive, but data.num_workers is 0"),
+    (["data.augment.shift=8"], r"data.augment.shift 8 moves images by their whole size \(data.img_size 8\)"),
+    (["meta.sched=rsqrt"], r"meta.sched rsqrt decays over the warm-up's length, and meta has none"),
+    (["train.sched=none"], r"train.sched must be one of timm's schedulers: cosine, .*; got 'none'"),
+    (["data.augment.crop_scale=[0.9, 0.2]"], r"data.augment.crop_scale must be in increasing order, got \[0.9, 0.2\]"),
+])
+def test_keys_that_only_make_sense_together(tiny_recipe, sets, match):
+    with pytest.raises(UserError, match=match):
+        load_recipe(tiny_recipe, sets)
+
+
+def test_digits_takes_no_path():
+    from incubate.config import DataCfg
+    from incubate.data import load_data
+    with pytest.raises(UserError, match=r"data.source 'digits:/data': digits is the built-in data set and takes no path"):
+        load_data(DataCfg(source="digits:/data"))
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["run", "--recipe", "R", "--out", "OUT", "--launcher", "local", "--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["sample", "OUT", "--prompt", "x", "--seed", "-1"], "--seed must be in [0, 4294967296) (a 32-bit seed, as numpy takes), got -1"),
+    (["sample", "OUT", "--prompt", "", "--tokens", "5"], "--prompt must not be empty (the text to continue)"),
+    (["sample", "OUT", "--prompt", "x", "--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["evaluate", "--recipe", "R", "--checkpoint", ""], "--checkpoint must not be empty (name a folder or a file)"),
+])
+def test_command_line_values_are_checked_by_the_schema(tiny_recipe, tmp_path, argv, line):
+    from tests.conftest import in_process, one_error_line
+    argv = [{"R": str(tiny_recipe), "OUT": str(tmp_path / "run")}.get(a, a) for a in argv]
+    proc = in_process(*argv)
+    assert proc.returncode == 2 and one_error_line(proc.stderr) == f"incubate: error: {line}"
+    assert not (tmp_path / "run").exists()
