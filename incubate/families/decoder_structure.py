@@ -303,7 +303,8 @@ def _find(cls: type, config, probe, name: str) -> Structure:
         counts = ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
         raise refuse(name, f"its {len(kinds)} layers attend differently ({counts}), and a module's layers are "
                            f"copied between depths")
-    with torch.random.fork_rng(devices=[]):      # the probe leaves the caller's random stream as it was
+    # the probe leaves the caller's random stream as it was, and runs on the CPU whatever the default device
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(0)
         try:
             model = cls(probe).eval()
