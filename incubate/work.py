@@ -29,7 +29,7 @@ class Work:
     def manifest(self) -> dict:
         """What a stage's manifest says of its cost (rundir's summary and the report read it)."""
         return {"seconds": self.seconds, "process_seconds": self.seconds, "flops": self.flops,
-                "flops_per_step": self.flops_per_step, "steps": self.steps, "epochs": 1,
+                "flops_per_step": self.flops_per_step, "steps": self.steps,
                 "samples": self.samples, "tokens": self.tokens}
 
 
