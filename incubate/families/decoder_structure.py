@@ -28,6 +28,8 @@ from ..errors import UserError
 
 EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 MASKS = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask"}
+# lists that are no per-layer values: a kind a layer (checked on its own), token ids, layer indices
+NOT_PER_LAYER = ("layer_types", "token_id", "idxs")
 PROBE_VOCAB, PROBE_LAYERS, PROBE_TOKENS = 64, 2, 8
 EXAMPLES = "a dense decoder such as llama, qwen3, gemma, phi3, granite or gpt2 (docs/api.md lists them)"
 _CACHE: dict = {}
@@ -133,7 +135,9 @@ def check_config(config) -> None:
         raise refuse(name, "it is a mixture of experts (its layouts and meta init know dense MLPs only)")
     n = config.num_hidden_layers
     for key, value in config.to_dict().items():
-        if key != "layer_types" and isinstance(value, list) and len(value) == n and len(set(map(repr, value))) > 1:
+        if key.endswith(NOT_PER_LAYER):
+            continue
+        if isinstance(value, list) and len(value) == n and len(set(map(repr, value))) > 1:
             raise refuse(name, f"its config sets {key} differently for its {n} layers ({value}), and a module's "
                                f"layers are copied between depths")
 
