@@ -58,7 +58,8 @@ def _depth(fam, model) -> int:
     except UserError:
         raise
     if depth < 1:
-        raise UserError(f"{type(model).__name__} has no blocks the {fam.name} family finds; pass a model of that family")
+        raise UserError(f"{type(model).__name__} has no blocks the {fam.name} family finds; pass a model of "
+                        f"that family")
     return depth
 
 

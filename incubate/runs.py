@@ -20,8 +20,8 @@ from .stage_registry import stage as registered
 from .work import ATTR as WORK
 
 # config entries that change neither the weights nor the forward (a user's own model may keep its defaults)
-NOT_ARCHITECTURE = {"bos_token_id", "eos_token_id", "use_cache", "transformers_version", "architectures", "_name_or_path",
-                    "dtype", "torch_dtype", "output_attentions", "output_hidden_states", "return_dict"}
+NOT_ARCHITECTURE = {"bos_token_id", "eos_token_id", "use_cache", "transformers_version", "architectures",
+                    "_name_or_path", "dtype", "torch_dtype", "output_attentions", "output_hidden_states", "return_dict"}
 # what a module's manifest repeats from the meta model's: the run's data, classes and recipe
 SHARED = ("recipe", "classes", "num_classes", "data", "preprocess", "target_model")
 

@@ -155,9 +155,11 @@ class CausalLMFamily:
     def _config(self, name: str, kwargs: dict):
         from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoConfig
+        # transformers 5 configs are strict dataclasses, and some of their properties have no setter
+        refused = (TypeError, ValueError, AttributeError, NotImplementedError, StrictDataclassError)
         try:
             return AutoConfig.for_model(name, **kwargs, use_cache=False)
-        except (TypeError, ValueError, AttributeError, NotImplementedError, StrictDataclassError) as e:     # strict dataclasses
+        except refused as e:
             why = " ".join(line.strip() for line in str(e).strip().splitlines())
             error = UserError(f"cannot build a {name} model with model.kwargs {kwargs}: {why}; fix model.kwargs")
         raise error from None
@@ -241,8 +243,8 @@ class CausalLMFamily:
         mode "meta": its first layers are copies of the meta module's layers and the others start as
         the identity (the projections that end both residual branches zeroed, e.g. Llama's o_proj and
         down_proj, GPT-2's attn.c_proj and mlp.c_proj), so the module computes what the meta module
-        computes (the projections found on the probe: decoder_structure.py). mode "stack": depthwise stacking, every layer a copy of a meta layer, cycling
-        through the meta module's layers.
+        computes (the projections found on the probe: decoder_structure.py). mode "stack": depthwise
+        stacking, every layer a copy of a meta layer, cycling through the meta module's layers.
         Module 0 copies the embeddings and module K-1 the final norm and lm_head in both modes.
         """
         layout = self.structure(target)

@@ -148,7 +148,8 @@ def refuse(name: str, why: str) -> UserError:
 
 def _constants(config) -> dict:
     value = lambda key: getattr(config, key, None)      # noqa: E731
-    return {"embedding_multiplier": value("embedding_multiplier"), "embedding_dropout": value("embedding_dropout") or 0.0,
+    return {"embedding_multiplier": value("embedding_multiplier"),
+            "embedding_dropout": value("embedding_dropout") or 0.0,
             "logits_scaling": value("logits_scaling"), "logit_scale": value("logit_scale"),
             "softcap": value("final_logit_softcapping")}
 
