@@ -31,11 +31,36 @@ class Windows(Dataset):
         return {"input_ids": w[:-1], "labels": w[1:]}
 
 
+class Images(Dataset):
+    """One split's images as the stages evaluate them (the eval transform, no augmentation):
+    `pixel_values` the model's input, `labels` the class. Training augmentation is per batch in the
+    stages' loader (`RunData.loader`) or per image in `RunData.transform(train=True)`."""
+
+    def __init__(self, bundle, split, augment):
+        from .data import image_transform
+        self.bundle, self.split = bundle, split
+        self.transform = image_transform(bundle, augment, train=False) if split.images is None else None
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict:
+        from .data import _prepare
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self.transform is None:      # in memory: resized and normalised as the stages' loader does
+            x = _prepare(self.split.images[i:i + 1], self.bundle.img_size, self.bundle.mean, self.bundle.std)[0]
+        else:
+            from PIL import Image
+            x = self.transform(Image.open(self.split.files[i]).convert("RGB"))
+        return {"pixel_values": x, "labels": int(self.split.labels[i])}
+
+
 @dataclass
 class RunData:
-    """What `incubate.run_data(run)` gives: the run's recipe and data bundle; for text its tokenizer
-    (a tokenizers.Tokenizer, None for byte tokens: token i is byte i) and its training and held-out
-    windows (`Windows`); `loader` gives the stages' own batches for either modality."""
+    """What `incubate.run_data(run)` gives: the run's recipe and data bundle; its training and held-out
+    datasets (text: `Windows`, with the tokenizer, a tokenizers.Tokenizer or None for byte tokens:
+    token i is byte i; images: `Images`, with `transform`); `loader` gives the stages' own batches."""
     recipe: object
     bundle: object
     tokenizer: object = None
@@ -45,6 +70,13 @@ class RunData:
     @property
     def text(self) -> bool:
         return hasattr(self.bundle, "vocab_size")
+
+    def transform(self, train: bool = True):
+        """The timm transform the stages apply to an image file (training: with the recipe's augmentation)."""
+        from .data import image_transform
+        if self.text:
+            raise UserError("a language model's run has no image transform; its windows are token ids")
+        return image_transform(self.bundle, self.recipe.data.augment, train)
 
     def loader(self, split: str = "train", batch: int | None = None, seed: int = 0, device: str = "cpu"):
         """The loader a stage builds (one process): `epoch(e)` yields (inputs, targets) batches of
@@ -67,7 +99,8 @@ def run_data(run) -> RunData:
     recipe = load_recipe(run / "recipe.yaml", family_checks=False)
     bundle = load_data(recipe.data, run, train_tokenizer=False)
     if not hasattr(bundle, "vocab_size"):
-        return RunData(recipe, bundle)
+        aug = recipe.data.augment
+        return RunData(recipe, bundle, None, Images(bundle, bundle.train, aug), Images(bundle, bundle.test, aug))
     tokenizer = None
     if bundle.tokenizer != "byte":
         from .bpe import RESTORE, TOKENIZER_FILE, read_tokenizer

@@ -90,3 +90,18 @@ def test_run_data_is_the_stages_data_with_the_runs_bpe_tokenizer(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ours, stage))
     with pytest.raises(incubate.UserError, match="holds no recipe.yaml"):
         incubate.run_data(tmp_path / "nowhere")
+
+
+def test_run_data_of_an_image_run_gives_the_stages_images_and_transforms(tmp_path):
+    from incubate.data import load_data, make_loader
+    from incubate.rundir import write_run_recipe
+    from ..conftest import TINY
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", TINY))
+    run = tmp_path / "run"
+    write_run_recipe(run, recipe)
+    bundle, data = load_data(recipe.data, run), incubate.run_data(run)
+    assert data.tokenizer is None and len(data.train) == len(bundle.train.labels)
+    item = data.held_out[2]
+    held = next(make_loader(bundle, bundle.test, recipe.data, 4, False, 0, 0, 1, "cpu").epoch(0))
+    assert item["labels"] == int(held[1][2]) and torch.equal(item["pixel_values"], held[0][2])
+    assert callable(data.transform(train=True))
