@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import copy_stem_and_head, init_blocks_from_meta, module_of, remember_spec, stack_blocks
-from .decoder_structure import EXAMPLES, Structure, attention_kinds, check_architecture, check_config, refuse
+from .decoder_structure import EXAMPLES, Structure, check_architecture, check_config, check_kinds, refuse
 
 
 # What the recipe may not set: it comes from the division, the data or this adapter.
@@ -96,7 +96,7 @@ class CausalLMFamily:
             config = self._config(cfg.name, dict(kwargs, num_hidden_layers=depth))
             if getattr(config, "sub_configs", None) or not hasattr(config, "num_hidden_layers"):
                 check_config(config)        # no single decoder: refused before its layers are asked
-            self._refuse_mixed_layers(cfg.name, config)
+            check_kinds(config)
             check_config(config)
         check_architecture(_causal_lm_class(config), config)
 
@@ -116,15 +116,6 @@ class CausalLMFamily:
             if kwargs.get(key):
                 raise UserError(f"model.kwargs.{key}: true is not for the causal_lm family: {why}; remove it")
 
-    def _refuse_mixed_layers(self, name: str, config) -> None:
-        kinds = attention_kinds(config)
-        if len(set(kinds)) > 1:
-            counts = ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
-            raise UserError(f"model.kwargs give the {len(kinds)} layers of {name} different attention ({counts}: "
-                            f"a sliding window on some layers only); the causal_lm family needs every layer alike "
-                            f"(a module's layers are copied between depths): e.g. use_sliding_window: false, or "
-                            f"max_window_layers: 0")
-
     def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
                      meta: bool = False) -> dict:
         """The config arguments that fix the architecture (saved in manifests): the recipe's, with one
@@ -135,7 +126,7 @@ class CausalLMFamily:
         kwargs.update(num_hidden_layers=sum(division), vocab_size=num_classes, max_position_embeddings=img_size,
                       tie_word_embeddings=False)
         kwargs.update(self._no_special_tokens(cfg.name, kwargs, num_classes))
-        self._refuse_mixed_layers(cfg.name, self._config(cfg.name, kwargs))
+        check_kinds(self._config(cfg.name, kwargs))
         return kwargs
 
     def _no_special_tokens(self, name: str, kwargs: dict, vocab: int) -> dict:

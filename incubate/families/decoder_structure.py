@@ -142,6 +142,16 @@ def check_config(config) -> None:
                                f"layers are copied between depths")
 
 
+def check_kinds(config) -> None:
+    """Refuse layers of different attention kinds (the recipe and the API alike: one line)."""
+    kinds = attention_kinds(config)
+    if len(set(kinds)) > 1:
+        counts = ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
+        raise refuse(config.model_type, f"its {len(kinds)} layers attend differently ({counts}), and a module's "
+                                        f"layers are copied between depths (give every layer one kind, e.g. qwen2's "
+                                        f"use_sliding_window: false or max_window_layers: 0)")
+
+
 def refuse(name: str, why: str) -> UserError:
     return UserError(f"the causal_lm family does not build {name}: {why}; use {EXAMPLES}")
 
@@ -303,11 +313,7 @@ def _find(cls: type, config, probe, name: str) -> Structure:
         raise refuse(name, f"it is made of several models (its config holds {', '.join(sorted(config.sub_configs))})")
     if any(getattr(config, key, None) for key in EXPERTS):
         raise refuse(name, "it is a mixture of experts (its layouts and meta init know dense MLPs only)")
-    kinds = attention_kinds(config)
-    if len(set(kinds)) > 1:
-        counts = ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
-        raise refuse(name, f"its {len(kinds)} layers attend differently ({counts}), and a module's layers are "
-                           f"copied between depths")
+    check_kinds(config)
     # the probe leaves the caller's random stream as it was, and runs on the CPU whatever the default device
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(0)

@@ -30,7 +30,7 @@ def _hf_model(name: str, **kw):
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "biogpt", "gpt_neox_japanese"])
+@pytest.mark.parametrize("name", ["mixtral", "biogpt", "gpt_neox_japanese", "gemma2"])
 def test_the_recipe_and_the_api_refuse_an_architecture_with_the_same_line(name, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, model__name=name, model__kwargs=KW, model__division=[1, 1])
     with pytest.raises(incubate.UserError) as by_recipe:
