@@ -4,7 +4,6 @@ module stage `incubate assemble` takes. The folders, manifests, locks and atomic
 incubate/rundir.py's, the same the CLI's stages use."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
