@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _WHERE = {
     "divide": "api", "meta_model": "api", "hybrid": "api", "assemble": "api", "Hybrid": "modular",
-    "load_stage": "runs", "target_model": "runs", "save_module": "runs",
-    "register_family": "families", "get_family": "families", "check_family": "contract", "Family": "families",
+    "load_stage": "runs", "target_model": "runs", "save_module": "runs", "run_data": "run_data", "track": "work",
+    "register_family": "families", "get_family": "families", "check_family": "families", "Family": "families",
     "UserError": "errors",
 }
 __all__ = list(_WHERE)

@@ -46,15 +46,33 @@ def _blocks(division, what: str) -> tuple:
     return tuple(division)
 
 
+def _depth(fam, model) -> int:
+    """The model's block count, or one line when the family cannot read this model at all."""
+    if not isinstance(model, nn.Module):
+        raise UserError(f"a {type(model).__name__} is no torch model (nn.Module); pass the model itself")
+    try:
+        depth = fam.depth(model)
+    except (AttributeError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{type(model).__name__} is not a model the {fam.name} family knows ({type(e).__name__}: "
+                        f"{e}); pass a model of that family, or register a family for it") from None
+    except UserError:
+        raise
+    if depth < 1:
+        raise UserError(f"{type(model).__name__} has no blocks the {fam.name} family finds; pass a model of "
+                        f"that family")
+    return depth
+
+
 def divide(model: nn.Module, division: list[int], family: str) -> nn.Module:
     """Record that `model` is of `family` (a registered name: vit, resnet, causal_lm, ...) and that
     `division` splits its blocks into modules (module 0 also owns the stem, module K-1 the head).
     Checks the division covers the model's blocks; returns the same model."""
     fam = get_family(family)
     division = _blocks(division, "division")
-    if fam.depth(model) != sum(division):
+    depth = _depth(fam, model)
+    if depth != sum(division):
         raise UserError(f"division {list(division)} has {sum(division)} blocks but the {family} model has "
-                        f"{fam.depth(model)}; make the division sum to {fam.depth(model)}")
+                        f"{depth}; make the division sum to {depth}")
     return _mark(model, Divided(fam.name, division))
 
 

@@ -120,10 +120,11 @@ def check_meta_init(family, target: nn.Module, meta: nn.Module, division: list[i
 
 
 def check_family(family, target: nn.Module, division: list[int], x, meta_division: list[int] | None = None) -> None:
-    """Run the family contract on a tiny `target` of the family divided by `division`, with an example
-    input batch `x`: the protocol's methods, the module round trip, modules composing to the forward,
-    meta shapes at every boundary, hybrids training only their module, meta init. Raises UserError
-    (one line) at the first failure; the models given are not changed."""
+    """Run the family contract on a tiny `target` of the family (an adapter; `incubate.check_family`
+    also takes a registered family's name) divided by `division`, with an example input batch `x`: the protocol's methods, the module
+    round trip, modules composing to the forward, meta shapes at every boundary, hybrids training only
+    their module, meta init. Raises UserError (one line) at the first failure; the models given are
+    not changed."""
     check_protocol(family)
     division = list(division)
     meta_division = list(meta_division or [1] * len(division))

@@ -223,6 +223,23 @@ def make_loader(bundle, split, cfg, batch: int, train: bool, seed: int, rank: in
     return cls(bundle, split, cfg, batch, train, seed, rank, world, device)
 
 
+def image_transform(bundle, aug, train: bool):
+    """timm's transform of one image file as the stages apply it: for training with data.augment's
+    augmentation, else the eval transform (incubate.run_data hands it to a script too)."""
+    from timm.data import create_transform
+    size = bundle.img_size
+    if train:
+        # color_jitter None: timm's own choice (ColorJitter(0.4) unless auto_augment is set); 0: no op.
+        jitter = 0.4 if aug.color_jitter is None else (aug.color_jitter or None)
+        return _posterize_zero_bits(
+            create_transform(size, is_training=True, auto_augment=aug.auto_augment, color_jitter=jitter,
+                             re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count,
+                             scale=tuple(aug.crop_scale), hflip=0.5 if aug.hflip else 0.0,
+                             mean=bundle.mean, std=bundle.std, interpolation=aug.interpolation))
+    return create_transform(size, is_training=False, mean=bundle.mean, std=bundle.std,
+                            crop_pct=eval_crop_pct(aug, size), interpolation=aug.interpolation)
+
+
 class Loader:
     """Batches of one split for one rank; `epoch(e)` yields (images, labels) on `device`."""
 
@@ -241,19 +258,7 @@ class Loader:
             self.tensor = _prepare(split.images, bundle.img_size, bundle.mean, bundle.std)
 
     def _transform(self):
-        from timm.data import create_transform
-        aug = self.cfg.augment
-        size = self.bundle.img_size
-        if self.train:
-            # color_jitter None: timm's own choice (ColorJitter(0.4) unless auto_augment is set); 0: no op.
-            jitter = 0.4 if aug.color_jitter is None else (aug.color_jitter or None)
-            return _posterize_zero_bits(
-                create_transform(size, is_training=True, auto_augment=aug.auto_augment, color_jitter=jitter,
-                                 re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count,
-                                 scale=tuple(aug.crop_scale), hflip=0.5 if aug.hflip else 0.0,
-                                 mean=self.bundle.mean, std=self.bundle.std, interpolation=aug.interpolation))
-        return create_transform(size, is_training=False, mean=self.bundle.mean, std=self.bundle.std,
-                                crop_pct=eval_crop_pct(aug, size), interpolation=aug.interpolation)
+        return image_transform(self.bundle, self.cfg.augment, self.train)
 
     def __len__(self):
         n = len(self.split)

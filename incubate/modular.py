@@ -74,6 +74,16 @@ class ModuleRunner(nn.Module):
         return run_module(self.family, self.model, self.division, self.index, x)
 
 
+class HybridOutput(dict):
+    """A hybrid's output with labels: a dict (what Trainer reads) whose keys are attributes too."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
 class Hybrid(nn.Module):
     """The meta model with meta module `index` replaced by target module `index`.
 
@@ -130,7 +140,21 @@ class Hybrid(nn.Module):
         self.meta.eval()
         return self
 
-    def forward(self, x):
+    def forward(self, x=None, labels=None, input_ids=None, pixel_values=None):
+        """The family's output for input `x` (or, by the names transformers' Trainer and datasets use,
+        `input_ids` / `pixel_values`). With `labels` (a class or the next token at every position,
+        aligned with the output: not shifted) a dict of `loss` (cross-entropy, -100 ignored) and
+        `logits`, as Trainer expects; without, the output itself."""
+        x = next((v for v in (x, input_ids, pixel_values) if v is not None), None)
+        if x is None:
+            raise UserError("a hybrid's forward takes its input as x, input_ids or pixel_values; none was given")
+        out = self._run(x)
+        if labels is None:
+            return out
+        loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1))
+        return HybridOutput(loss=loss, logits=out)
+
+    def _run(self, x):
         with torch.no_grad():
             for j in range(self.index):
                 x = run_module(self.family, self.meta, self.meta_division, j, x)

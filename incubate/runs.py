@@ -4,7 +4,6 @@ module stage `incubate assemble` takes. The folders, manifests, locks and atomic
 incubate/rundir.py's, the same the CLI's stages use."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
@@ -12,13 +11,16 @@ from torch import nn
 from .api import Divided, _mark, divide, hybrid, record, trained_module
 from .errors import UserError
 from .families import get_family
-from .families.base import SPEC
 from .lock import release
 from .modular import Hybrid, load_strict
 from .rundir import StageDir, begin_stage, finish_stage, meta_fingerprint
 from .stage_registry import INCUBATE, META, in_folders
 from .stage_registry import stage as registered
+from .work import ATTR as WORK
 
+# config entries that change neither the weights nor the forward (a user's own model may keep its defaults)
+NOT_ARCHITECTURE = {"bos_token_id", "eos_token_id", "use_cache", "transformers_version", "architectures",
+                    "_name_or_path", "dtype", "torch_dtype", "output_attentions", "output_hidden_states", "return_dict"}
 # what a module's manifest repeats from the meta model's: the run's data, classes and recipe
 SHARED = ("recipe", "classes", "num_classes", "data", "preprocess", "target_model")
 
@@ -90,20 +92,51 @@ def target_model(run) -> nn.Module:
     return divide(model, m["target_division"], m["family"])
 
 
+def _differs(net: Hybrid, spec: dict, family: str) -> str | None:
+    """What makes the hybrid's target another model than the run's target `spec` (None: the same):
+    the family, the configuration a transformers model carries, then module i's weight names and shapes
+    against the run's target built on the meta device (no memory, no init)."""
+    target = trained_module(net)
+    if net.family.name != family:
+        return f"its family is {net.family.name}, the run's {family}"
+    import torch
+    with torch.device("meta"):
+        reference = net.family.build(spec["name"], spec["kwargs"])
+    config, want_config = getattr(target, "config", None), getattr(reference, "config", None)
+    if hasattr(config, "to_dict") and hasattr(want_config, "to_dict"):        # a transformers model
+        have, want = config.to_dict(), want_config.to_dict()
+        for key in sorted(have.keys() | want.keys()):
+            if key not in NOT_ARCHITECTURE and have.get(key) != want.get(key):
+                return f"its config says {key}={have.get(key)!r}, the run's {want.get(key)!r}"
+    want = {k: tuple(v.shape) for k, v in net.family.keep_only(reference, net.division, net.index).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    for key in sorted(want.keys() | have.keys()):
+        if want.get(key) != have.get(key):
+            return f"module {net.index}'s weight {key} is {have.get(key)} here, {want.get(key)} in the run's target"
+    return None
+
+
 def _module_manifest(net: Hybrid, run: Path, meta: dict, metrics: dict | None) -> dict:
     target = trained_module(net)
-    spec = json.loads(json.dumps(getattr(target, SPEC, None)))
+    spec = meta.get("target_model")
     if net.fingerprint != meta["sha256"]:
         raise UserError(f"the hybrid's meta model is not the one in {StageDir(run, META).path}; make the hybrid "
                         f"from incubate.load_stage('{run}', {META!r})")
-    if spec != meta.get("target_model") or net.division != meta["target_division"]:
-        raise UserError(f"the hybrid's target is not the target model of {run} (its recipe's); make it with "
-                        f"incubate.target_model('{run}')")
+    if net.division != meta["target_division"]:
+        raise UserError(f"the hybrid's target is divided {net.division}, the run's {meta['target_division']}; "
+                        f"divide it as the run does")
+    why = _differs(net, spec, meta["family"]) if spec else "the run's meta manifest names no target model"
+    if why:
+        raise UserError(f"the hybrid's target is not the target model of {run}: {why}; build it with the run's "
+                        f"configuration, e.g. incubate.target_model('{run}')")
     manifest = {"stage": INCUBATE, "module": net.index, "family": meta["family"], "model": spec,
                 "division": net.division, "target_division": net.division, "meta_division": net.meta_division,
                 "meta_fingerprint": meta["sha256"], **{k: meta.get(k) for k in SHARED},
                 "metrics": dict(metrics or {}), "trainable_params": sum(p.numel() for p in target.parameters()),
                 "trained_by": "a script (incubate.save_module)", "finished": False}
+    work = getattr(net, WORK, None)         # incubate.track(net) measured the script's loop
+    if work is not None:
+        manifest.update(work.manifest())
     return manifest
 
 
@@ -111,7 +144,8 @@ def save_module(net: Hybrid, run, metrics: dict | None = None) -> dict:
     """Write the module `net` (a hybrid of the run's meta model and target, trained by any loop) as
     run directory `run`'s finished module stage, RUN/modules/<i>: weights and manifest, atomically and
     under the stage's lock, as `incubate incubate` writes it; `incubate assemble` then takes it.
-    `metrics` (e.g. the task's {"bpb", "loss", "acc"}) go to the manifest and summary.json. A module
+    `metrics` (e.g. the task's {"bpb", "loss", "acc"}) go to the manifest and summary.json, and the
+    seconds, samples, tokens and FLOPs `incubate.track(net)` measured (0 without it). A module
     that finished already is refused (delete its folder to replace it). Returns the manifest."""
     run = Path(run)
     if not isinstance(net, Hybrid) or record(trained_module(net)) is None:

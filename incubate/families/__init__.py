@@ -95,6 +95,13 @@ def register_family(family, target, division: list[int], x, meta_division: list[
     return family
 
 
+def check_family(family, target, division: list[int], x, meta_division: list[int] | None = None) -> None:
+    """incubate.check_family: the family contract (contract.check_family) on an adapter or on the
+    registered family of that name."""
+    from ..contract import check_family as run_contract
+    run_contract(get_family(family) if isinstance(family, str) else family, target, division, x, meta_division)
+
+
 def __getattr__(name: str):
     if name == "Family":          # the protocol imports torch
         from .base import Family

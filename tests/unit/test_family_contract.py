@@ -65,11 +65,15 @@ TINY = [
          division=[3, 3, 1], meta_division=[1, 2, 1], stack=([2, 2, 2, 1], [1, 1, 1, 1]), load=_load_timm_hub_folder),
 ]
 # language models: token ids in (vocabulary CLASSES, context IMG), next-token logits out; one a
-# transformers model type the causal_lm family builds (mistral: a sliding window shorter than IMG)
+# transformers model type the causal_lm family builds (mistral: a sliding window shorter than IMG; granite
+# and cohere: model-level constants away from 1, carried by the stem and the head)
 LM = dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
 LM_KWARGS = {"llama": LM, "mistral": dict(LM, sliding_window=5), "qwen2": LM, "qwen3": dict(LM, head_dim=8),
              "olmo": LM, "olmo2": LM, "gemma": dict(LM, head_dim=8), "phi3": LM,
-             "gpt2": dict(hidden_size=16, num_attention_heads=2, n_inner=32)}
+             "gpt2": dict(hidden_size=16, num_attention_heads=2, n_inner=32), "starcoder2": LM,
+             "granite": dict(LM, embedding_multiplier=3.0, logits_scaling=4.0, residual_multiplier=0.5,
+                             attention_multiplier=0.25),
+             "stablelm": LM, "helium": dict(LM, head_dim=8), "cohere": dict(LM, logit_scale=0.5)}
 TINY += [dict(family="causal_lm", name=name, kwargs=kwargs, division=[2, 3, 2], meta_division=[1, 2, 1],
               stack=([3, 4, 2], [1, 2, 1]), load=_load_transformers_folder, tokens=True)
          for name, kwargs in LM_KWARGS.items()]
