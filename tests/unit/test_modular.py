@@ -154,8 +154,8 @@ def test_shared_data_order_gives_every_module_job_the_same_seed(tiny_recipe, tmp
     meta.main(load_recipe(tiny_recipe), run)
     seen = {}
 
-    def fake_fit(net, trained, cfg, bundle, data_cfg, dist, seed, stage_dir, **kw):
-        seen.setdefault(cfg.shared_data_order, []).append(seed)
+    def fake_fit(part, cfg, bundle, data_cfg, run):
+        seen.setdefault(cfg.shared_data_order, []).append(run.seed)
         raise RuntimeError("stop after the seed is known")
 
     monkeypatch.setattr(incubate, "fit", fake_fit)
