@@ -40,6 +40,16 @@ _STAGE_OPTIONS = {"module": dict(type=int, help="module index, 0..K-1"),
                   "checkpoint": dict(help="a stage folder or its model.safetensors")}
 
 
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-memory", default="80GiB", help="memory of one device (default 80GiB)")
+    p.add_argument("--devices-per-node", type=int, default=8)
+    p.add_argument("--device-tflops", type=float, default=989.0, help="peak TFLOP/s of a device (default: H100 bf16)")
+    p.add_argument("--mfu", type=float, default=0.4, help="share of the peak a step reaches, in (0, 1]")
+    p.add_argument("--classes", type=int, help="image recipes: classes (plan reads no data)")
+    p.add_argument("--train-samples", type=int, help="training samples an epoch, to price epoch budgets")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="incubate", description="Deep Model Assembling / Deep Incubation")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -77,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to write (bytes, or BPE tokens)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: seeded sampling")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p = sub.add_parser("plan", help="what every stage and module job needs (memory a device under DDP and FSDP, "
+                       "FLOPs, GPU-hours) before any GPU is rented; nothing is trained or allocated")
+    _common(p, out=False)
+    _plan_options(p)
     p = sub.add_parser("report", help="table of every stage and report.png")
     p.add_argument("run", help="run directory")
     p = sub.add_parser("status", help="which stages finished, which are running (where, which epoch), which not "
@@ -112,6 +126,11 @@ def dispatch(args) -> None:
         export(args.run, args.stage, args.to)
         return
     recipe = load_recipe(args.recipe, args.set)
+    if args.cmd == "plan":
+        from .plan import Options, parse_memory, run_cli
+        run_cli(recipe, Options(parse_memory(args.device_memory), args.devices_per_node, args.device_tflops, args.mfu,
+                                args.classes, args.train_samples), args.json)
+        return
     if args.cmd == "run":
         from .pipeline import run
         if args.launcher is None and (args.jobs != 1 or args.retries is not None or args.address):

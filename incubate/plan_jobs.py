@@ -1,0 +1,179 @@
+"""The networks `incubate plan` traces, one a stage or module job, as the stages build them (the
+target, the meta model, hybrid i with the target pruned to module i), and their traces turned into
+the plan's figures (incubate/plan.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .families import get_family, task_name
+from .families.base import weight_shapes
+from .memory import FSDP_REFERENCES, StepShape, Trace, rescale, scaled_trace, trace_step
+
+WORLDS = (1, 2, 4, 8, 16, 32, 64)       # devices at which FSDP's peak is given
+CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "idx": 10}     # sources whose classes are known
+
+
+@dataclass
+class Job:
+    """One stage or module job's figures (bytes, FLOPs, hours)."""
+    name: str
+    stage: str
+    params: int
+    trained: int
+    frozen: int
+    unit: str                       # token | sample
+    flops_per_unit: float
+    budget_units: int | None        # tokens or samples of the stage's budget; None: unknown
+    state: dict                     # model state unsharded: params, grads, optimizer (bytes)
+    ddp: dict                       # devices -> peak bytes a device
+    fsdp: dict
+    scaled: bool
+    run: dict = field(default_factory=dict)     # how it runs at --device-memory: mode, devices, hours
+
+    @property
+    def flops(self) -> float | None:
+        return None if self.budget_units is None else self.flops_per_unit * self.budget_units
+
+
+
+
+@dataclass
+class Setting:
+    """What the plan knows of a recipe without reading its data."""
+    recipe: object
+    family: object
+    text: bool
+    classes: int            # classes, or the vocabulary for text
+    in_chans: int
+    size: int               # image side, or the context for text
+    samples: int | None     # training samples an epoch (text: windows of `size` tokens)
+    notes: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, recipe, classes: int | None, train_samples: int | None) -> "Setting":
+        family = get_family(recipe.model.family)
+        d, kind = recipe.data, recipe.data.source.partition(":")[0]
+        if task_name(recipe.model.family) == "causal_lm":
+            vocab = 256 if d.tokenizer == "byte" else d.vocab_size
+            notes = [f"vocabulary {vocab} (data.tokenizer: {d.tokenizer}), context {d.context}"]
+            return cls(recipe, family, True, vocab, 1, d.context, train_samples, notes)
+        classes = classes or CLASSES.get(kind)
+        if classes is None:
+            raise UserError(f"incubate plan does not read data.source '{d.source}' to count its classes; pass "
+                            f"--classes N (e.g. --classes 1000 for ImageNet-1K)")
+        samples = None if train_samples is None else int(train_samples * d.train_fraction)
+        notes = [f"{classes} classes, {d.img_size}px images"]
+        return cls(recipe, family, False, classes, 1 if kind in ("digits", "idx") else 3, d.img_size, samples, notes)
+
+    def kwargs(self, division: list, meta: bool = False) -> dict:
+        return self.family.model_kwargs(self.recipe.model, self.classes, self.in_chans, self.size, division, meta=meta)
+
+    def build(self, division: list, meta: bool = False, drop_path: float = 0.0):
+        return self.family.build(self.recipe.model.name, self.kwargs(division, meta), drop_path=drop_path)
+
+
+def _data(s: Setting, batch: int):
+    import torch
+    if s.text:
+        return lambda: (lambda x: (x, x))(torch.randint(0, s.classes, (batch, s.size)))
+    return lambda: (torch.randn(batch, s.in_chans, s.size, s.size), torch.randint(0, s.classes, (batch,)))
+
+
+def _loss(s: Setting, cfg):
+    """The training loss (images: cross-entropy on hard labels; mixup's soft targets differ by one
+    batch x classes tensor)."""
+    if s.text:
+        from .tasks.causal_lm import _NextTokenLoss
+        return _NextTokenLoss(cfg.label_smoothing)
+    from torch import nn
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def _uniform(s: Setting) -> bool:
+    """Whether the family's blocks are one stack of equal shapes (depth can be scaled exactly)."""
+    import torch
+    with torch.device("meta"):
+        blocks = s.family.block_modules(s.build(s.recipe.meta_division, meta=True))
+    return len({weight_shapes(b) for b in blocks}) == 1
+
+
+def _maker(s: Setting, stage: str, index: int, drop_path: float, uniform: bool):
+    """make(depth) -> (net, trained, model): depth the blocks of the scaled part (None: the recipe's)."""
+    from .modular import Hybrid
+    division, meta_div = list(s.recipe.model.division), s.recipe.meta_division
+    if stage == "meta":
+        def make(depth):
+            model = s.build(meta_div, meta=True, drop_path=drop_path)
+            return model, model, model
+        return make, None
+    if stage == "incubate":
+        def make(depth):
+            div = division if depth is None else [depth if j == index else 1 for j in range(len(division))]
+            target = s.family.keep_only(s.build(div, drop_path=drop_path), div, index)
+            net = Hybrid(s.family, s.build(meta_div, meta=True), meta_div, target, div, index)
+            return net, net.runner, target
+        return make, (division[index] if uniform else None)
+
+    def make(depth):
+        model = s.build(division if depth is None else [depth], drop_path=drop_path)
+        return model, model, model
+    return make, (sum(division) if uniform else None)
+
+
+def _shape(cfg) -> StepShape:
+    return StepShape(cfg.batch_size, cfg.accum_steps, cfg.amp, cfg.opt, cfg.fused, cfg.weight_decay,
+                     cfg.grad_checkpointing, cfg.label_smoothing)
+
+
+def _traces(s: Setting, stage: str, index: int, uniform: bool) -> tuple[Trace, dict, bool]:
+    """The DDP trace and the FSDP traces at the reference world sizes of one job."""
+    cfg = s.recipe.stage(stage)
+    make, depth = _maker(s, stage, index, cfg.drop_path, uniform)
+    data, loss, shape = _data(s, cfg.batch_size), _loss(s, cfg), _shape(cfg)
+    ddp, scaled = scaled_trace(lambda d: trace_step(lambda: make(d), data, loss, shape), depth)
+    fsdp = {w: scaled_trace(lambda d: trace_step(lambda: make(d), data, loss, shape, s.family, w), depth)[0]
+            for w in FSDP_REFERENCES}
+    return ddp, fsdp, scaled
+
+
+def _budget_units(s: Setting, stage: str) -> int | None:
+    cfg = s.recipe.stage(stage)
+    if s.text and cfg.tokens:
+        return cfg.tokens
+    if s.samples is None:
+        return None
+    return cfg.epochs * s.samples * (s.size if s.text else 1)
+
+
+def _job(s: Setting, name: str, stage: str, traced) -> Job:
+    ddp, fsdp, scaled = traced
+    cfg = s.recipe.stage(stage)
+    per_step = cfg.batch_size * (s.size if s.text else 1)
+    ddp_peak = {w: ddp.peak + (ddp.grad_bytes if w > 1 else 0) for w in WORLDS}     # DDP's buckets: a grads' copy
+    fsdp_peak = {w: max(rescale(t, ref, w).peak for ref, t in fsdp.items()) for w in WORLDS}
+    return Job(name, stage, ddp.params, ddp.trained, ddp.params - ddp.trained, "token" if s.text else "sample",
+               ddp.flops / per_step, _budget_units(s, stage),
+               {"params": ddp.param_bytes, "grads": ddp.grad_bytes, "optimizer": ddp.opt_bytes},
+               ddp_peak, fsdp_peak, scaled)
+
+
+def trace_jobs(s: Setting) -> list[Job]:
+    """Every stage and module job of the recipe, traced (jobs of equal networks and settings once)."""
+    uniform = _uniform(s)
+    k = len(s.recipe.model.division)
+    specs = [("meta", "meta", 0)] + [(f"hybrid {i}", "incubate", i) for i in range(k)] + \
+        [("finetune", "finetune", 0), ("e2e", "e2e", 0)]
+    if hasattr(s.family, "grow_from_meta"):
+        specs.append(("grow", "grow", 0))
+    cache, jobs = {}, []
+    for name, stage, index in specs:
+        cfg = s.recipe.stage(stage)
+        network = stage if stage in ("meta", "incubate") else "target"
+        key = (network, index, _shape(cfg), cfg.drop_path)
+        if key not in cache:
+            cache[key] = _traces(s, stage, index, uniform)
+        jobs.append(_job(s, name, stage, cache[key]))
+    if uniform and any(j.scaled for j in jobs):
+        s.notes.append("networks deeper than 3 blocks traced at 2 and 3 equal blocks and scaled exactly")
+    return jobs
