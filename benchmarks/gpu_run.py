@@ -6,7 +6,9 @@ returns the first parts; a part that fails writes its error and the next part ru
   1 the CUDA tests (`pytest -m gpu`, tests/gpu/)                     -> 1_tests.json, 1_tests.md
   2 step cost, bf16: DeiT-T width depth 32 at 32 px and ViT-B/16 at 224 px, eager then compiled
     (benchmarks/step_cost.py; each run under its own time limit), and first the agreement's cost on
-    a step (step_cost.py --agreement: one process, so its host sync alone)  -> 2_step_cost.json, 2_step_cost.md
+    a step (step_cost.py --agreement: one process, so its host sync alone) and `incubate plan`'s
+    memory estimate against max_memory_allocated for one hybrid and one E2E step of a 1.1B-parameter
+    Llama (benchmarks/plan_check.py)                                    -> 2_step_cost.json, 2_step_cost.md
   3 accuracy vs cost at full Fashion-MNIST scale, every family with
     an entry in benchmarks/gpu_accuracy.py, sized to the time left   -> 3_accuracy.json, 3_accuracy.md
 Every part's time is its cap or what is left, whichever is less; what a part leaves goes to the next.
@@ -36,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LIMIT_S = 540                    # 9 minutes for everything
-CAPS = {"tests": 110, "step_cost": 220}     # part 3 takes the rest, less RESERVE_S
+# part 3 takes the rest, less RESERVE_S (part 2's 90 s for the plan check came from it)
+CAPS = {"tests": 110, "step_cost": 310}
 RESERVE_S = 10                   # for writing the last files
 FILES = ["run.json", "run.md", "1_tests.json", "1_tests.md", "2_step_cost.json", "2_step_cost.md",
          "3_accuracy.json", "3_accuracy.md"]
@@ -54,6 +57,7 @@ STEP_RUNS = [("deit_t32", 1024, "eager"), ("vit_b16", 256, "eager"), ("vit_b16",
              ("deit_t32", 1024, "compile")]
 SMOKE_STEP_RUNS = [("smoke", 4, "eager"), ("smoke", 4, "compile")]
 AGREEMENT_S = 60                 # of part 2, for step_cost.py --agreement
+PLAN_CHECK_S = 90                # of part 2, for benchmarks/plan_check.py
 AGREEMENT = ["--ranks", 1, "--device", "cuda", "--width", 192, "--depth", 12, "--img", 32, "--batch", 64,
              "--rounds", 6]
 SMOKE_AGREEMENT = ["--ranks", 1, "--device", "cpu", "--width", 32, "--depth", 1, "--batch", 32, "--rounds", 2]
@@ -195,12 +199,32 @@ def agreement_md(agreement: dict) -> list:
     return ["### agreement cost", "", markdown(agreement)]
 
 
+def plan_check_run(args, work: Path, limit: float) -> dict:
+    """benchmarks/plan_check.py: the plan's peak-memory estimate against a real hybrid and E2E step."""
+    base = work / "plan_check"
+    base.with_suffix(".json").unlink(missing_ok=True)
+    cmd = [args.python, "-m", "benchmarks.plan_check", "--out", base] + (["--smoke"] if args.smoke else [])
+    res = run_logged(cmd, limit, None)
+    if base.with_suffix(".json").exists():
+        return dict(json.loads(base.with_suffix(".json").read_text()), run=res)
+    return {"run": res, "error": "killed at its time limit" if res["timed_out"] else f"exit {res['rc']}"}
+
+
+def plan_check_md(check: dict) -> list:
+    from benchmarks.plan_check import markdown
+    if "error" in check:
+        return [f"### plan estimate vs measured: FAILED ({check['error']})", "", "```",
+                check["run"].get("tail", ""), "```", ""]
+    return ["### plan estimate vs measured", "", markdown(check)]
+
+
 def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> dict:
     from benchmarks.step_cost_report import markdown, summary
     big = args.smoke or env.get("gpu_memory_gib", 0) >= 100
     plan = SMOKE_STEP_RUNS if args.smoke else STEP_RUNS
     runs = []
     agreement = agreement_run(args, work, min(AGREEMENT_S, deadline - time.time()))
+    check = plan_check_run(args, work, min(PLAN_CHECK_S, deadline - time.time()))
     for i, (preset, batch, mode) in enumerate(plan):
         left = deadline - time.time()
         # an eager run needs little on a GPU; the compiled runs share what is left (the smoke run: every run
@@ -232,7 +256,7 @@ def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> d
                         {"preset": preset, "mode": mode, "run": res,
                          "compiled_s": json.loads(compiled.read_text()) if compiled.exists() else {},
                          "error": "killed at its time limit" if res["timed_out"] else f"exit {res['rc']}"})
-        write(out, "2_step_cost.json", {"runs": runs, "agreement": agreement})
+        write(out, "2_step_cost.json", {"runs": runs, "agreement": agreement, "plan_check": check})
         md = ["Part 2, step cost (bf16): " + ", ".join(f"{r['preset']} {r['mode']}" for r in runs) + ".", "",
               summary([r for r in runs if "rows" in r]), ""]
         for r in runs:
@@ -243,11 +267,12 @@ def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> d
                 md += [f"### {r['preset']} {r['mode']}: FAILED ({r['error']})", "",
                        f"Compiled before it ended: {done}." if done else "", "```",
                        r.get("run", {}).get("tail", ""), "```", ""]
-        write(out, "2_step_cost.md", "\n".join(md + agreement_md(agreement)))
+        write(out, "2_step_cost.md", "\n".join(md + agreement_md(agreement) + plan_check_md(check)))
     failed = [f"{r['preset']} {r['mode']}" for r in runs if "rows" not in r]
     note = f"failed: {', '.join(failed)}" if failed else ""
-    if "error" in agreement:      # an extra measurement: noted, the step cost runs decide the part
-        note = ", ".join(n for n in (note, f"agreement cost: {agreement['error']}") if n)
+    for what, extra in (("agreement cost", agreement), ("plan check", check)):
+        if "error" in extra:      # an extra measurement: noted, the step cost runs decide the part
+            note = ", ".join(n for n in (note, f"{what}: {extra['error']}") if n)
     return {"status": "failed" if failed else "ok", "note": note}
 
 

@@ -125,12 +125,13 @@ def dispatch(args) -> None:
         from .interop import export
         export(args.run, args.stage, args.to)
         return
-    recipe = load_recipe(args.recipe, args.set)
     if args.cmd == "plan":
         from .plan import Options, parse_memory, run_cli
-        run_cli(recipe, Options(parse_memory(args.device_memory), args.devices_per_node, args.device_tflops, args.mfu,
-                                args.classes, args.train_samples), args.json)
+        run_cli(lambda: load_recipe(args.recipe, args.set), Options(
+            parse_memory(args.device_memory), args.devices_per_node, args.device_tflops, args.mfu, args.classes,
+            args.train_samples), args.json)
         return
+    recipe = load_recipe(args.recipe, args.set)
     if args.cmd == "run":
         from .pipeline import run
         if args.launcher is None and (args.jobs != 1 or args.retries is not None or args.address):

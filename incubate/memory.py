@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import nn
 
-FSDP_REFERENCES = (1, 8)        # fake world sizes traced; the others rescale their sharded parts
+SCALE_DEPTHS = (1, 2)           # a deep network is traced at these many equal blocks and extrapolated
+FSDP_REFERENCES = (8,)          # fake world sizes traced; the others rescale their sharded parts (tests: exact)
 SHARDED = ("SHARDED_PARAM", "SHARDED_GRAD", "OPT")
 
 
@@ -70,9 +71,11 @@ def _lin(a: int, b: int, steps: float) -> int:
     return int(round(b + (b - a) * steps))
 
 
-def scaled_trace(trace_at, depth: int, small: int = 1, big: int = 2) -> tuple[Trace, bool]:
-    """trace_at(d) traced at the network's depth when it is at most `big`; else at `small` and `big`
-    equal blocks and extrapolated to `depth` (True: scaled). Tracing time grows faster than the depth."""
+def scaled_trace(trace_at, depth: int) -> tuple[Trace, bool]:
+    """trace_at(d) traced at the network's depth when it is at most SCALE_DEPTHS[1]; else at both of
+    SCALE_DEPTHS equal blocks and extrapolated to `depth` (True: scaled). Tracing time grows faster
+    than the depth (MemTracker visits every module at every op)."""
+    small, big = SCALE_DEPTHS
     if depth is None or depth <= big:
         return trace_at(depth), False
     a, b = trace_at(small), trace_at(big)
@@ -101,14 +104,16 @@ def _flop_counter():
         return sdpa_flop_count(q, k, v)
 
     def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
-        return sdpa_backward_flop_count(grad_out, q, k, v)
+        # less the recomputed q @ k.T, which the math backend (the stages' count) does not redo
+        return sdpa_backward_flop_count(grad_out, q, k, v) - 2 * q[0] * q[1] * q[2] * q[3] * k[2]
     return FlopCounterMode(display=False, custom_mapping={
         aten._scaled_dot_product_flash_attention_for_cpu: forward,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
 
 
 def _micro_steps(net, loss_fn, x, y, shape: StepShape) -> None:
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if shape.amp != "none" else contextlib.nullcontext()
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16 if shape.amp == "bf16" else torch.float16) \
+        if shape.amp != "none" else contextlib.nullcontext()
     for _ in range(min(shape.accum, 2)):
         with amp:
             loss = loss_fn(net(x), y)
@@ -143,8 +148,10 @@ def trace_step(make, data, loss_fn, shape: StepShape, family=None, world: int = 
         if world:
             stack.enter_context(fake_process_group(world))
             mesh_policy = _mesh_and_policy(world, shape.amp)
-        stack.enter_context(FakeTensorMode())
-        net, trained, model = make()
+        with torch.device("meta"):      # built without values (timm's init reads some), then made fake
+            net, trained, model = make()
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))     # the meta-device parameters
+        net.to_empty(device="cpu")
         if shape.grad_checkpointing:
             from .training import enable_grad_checkpointing
             enable_grad_checkpointing(net, trained)

@@ -8,8 +8,8 @@ GPU-hours and wall-clock at a given MFU. Nothing is read from the data: the voca
 tokenizer setting, an image recipe's classes and an epoch's samples from --classes / --train-samples
 (without a dataset size, the budget of an epoch-budgeted stage stays unpriced: FLOPs a sample only).
 
-A network deeper than 3 blocks in its scaled part (the trained module of a hybrid, the whole target)
-is traced at 2 and 3 equal blocks and extrapolated (every byte and FLOP grows by the same amount a
+A network deeper than 2 blocks in its scaled part (the trained module of a hybrid, the whole target)
+is traced at 1 and 2 equal blocks (memory.SCALE_DEPTHS) and extrapolated (every byte and FLOP grows by the same amount a
 block): tracing time grows faster than the depth. Families whose blocks differ (ResNet's stages) are
 traced whole.
 """
@@ -116,12 +116,16 @@ def _sum(values) -> float | None:
 def job_dict(j: Job) -> dict:
     return {"job": j.name, "stage": j.stage, "params": j.params, "trained": j.trained, "frozen": j.frozen,
             "unit": j.unit, "flops_per_unit": j.flops_per_unit, "budget_units": j.budget_units, "flops": j.flops,
-            "state_bytes": j.state, "ddp_peak_bytes": j.ddp, "fsdp_peak_bytes": j.fsdp, "scaled": j.scaled,
+            "state_bytes": j.state,
+            "ddp_peak_bytes": {str(w): v for w, v in j.ddp.items()},      # string keys, as JSON has them
+            "fsdp_peak_bytes": {str(w): v for w, v in j.fsdp.items()}, "scaled": j.scaled,
             "run": j.run}
 
 
-def run_cli(recipe, options: Options, as_json: bool) -> None:
+def run_cli(load, options: Options, as_json: bool) -> None:
+    """The command: options checked first (no recipe read for a bad one), then `load()`'s recipe planned."""
     import json
     from .plan_table import table
-    result = plan(recipe, options)
+    check_options(options)
+    result = plan(load(), options)
     print(json.dumps(result, indent=1) if as_json else table(result))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .errors import UserError
 from .families import get_family, task_name
 from .families.base import weight_shapes
-from .memory import FSDP_REFERENCES, StepShape, Trace, rescale, scaled_trace, trace_step
+from .memory import FSDP_REFERENCES, SCALE_DEPTHS, StepShape, Trace, rescale, scaled_trace, trace_step
 
 WORLDS = (1, 2, 4, 8, 16, 32, 64)       # devices at which FSDP's peak is given
 CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "idx": 10}     # sources whose classes are known
@@ -158,6 +158,17 @@ def _job(s: Setting, name: str, stage: str, traced) -> Job:
                ddp_peak, fsdp_peak, scaled)
 
 
+def _traced(s: Setting, name: str, stage: str, index: int, uniform: bool):
+    """_traces, a step that cannot be traced refused in one line (UserError passes as it is)."""
+    try:
+        return _traces(s, stage, index, uniform)
+    except (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError) as e:
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"incubate plan cannot trace a training step of {name} for recipe {s.recipe.name}: "
+                        f"{type(e).__name__}: {why}; check the recipe's model and train sections "
+                        f"(--debug shows where)") from e
+
+
 def trace_jobs(s: Setting) -> list[Job]:
     """Every stage and module job of the recipe, traced (jobs of equal networks and settings once)."""
     uniform = _uniform(s)
@@ -172,8 +183,9 @@ def trace_jobs(s: Setting) -> list[Job]:
         network = stage if stage in ("meta", "incubate") else "target"
         key = (network, index, _shape(cfg), cfg.drop_path)
         if key not in cache:
-            cache[key] = _traces(s, stage, index, uniform)
+            cache[key] = _traced(s, name, stage, index, uniform)
         jobs.append(_job(s, name, stage, cache[key]))
     if uniform and any(j.scaled for j in jobs):
-        s.notes.append("networks deeper than 3 blocks traced at 2 and 3 equal blocks and scaled exactly")
+        a, b = SCALE_DEPTHS
+        s.notes.append(f"networks deeper than {b} blocks traced at {a} and {b} equal blocks and scaled exactly")
     return jobs

@@ -52,7 +52,7 @@ def cost_table(p: dict) -> list:
 def memory_table(p: dict) -> list:
     worlds = list(p["jobs"][0]["fsdp_peak_bytes"])
     header = ["job", "ddp x1", "ddp x2+"] + [f"fsdp x{w}" for w in worlds]
-    rows = [[j["job"], _g(j["ddp_peak_bytes"][1]), _g(j["ddp_peak_bytes"][2])]
+    rows = [[j["job"], _g(j["ddp_peak_bytes"]["1"]), _g(j["ddp_peak_bytes"]["2"])]
             + [_g(j["fsdp_peak_bytes"][w]) for w in worlds] for j in p["jobs"]]
     return _rows(header, rows)
 

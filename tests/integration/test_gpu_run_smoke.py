@@ -73,6 +73,9 @@ def test_smoke_run_writes_every_file_with_its_content(tmp_path):
         assert compiled[f"{job}+compile"]["compile_s"] > 0 and compiled[f"{job}+compile"]["speedup_vs_base"]
     md = (out / "2_step_cost.md").read_text()
     assert "MFU" in md and "| smoke | compile | 4 | e2e+compile |" in md and "sum of hybrid steps" in md
+    check = json.loads((out / "2_step_cost.json").read_text())["plan_check"]      # incubate plan's estimate
+    assert [r["job"] for r in check["rows"]] == ["hybrid 1", "e2e"] and check["device"] == "cpu"
+    assert all(0.9 <= r["estimate_over_measured"] <= 1.1 for r in check["rows"]) and "### plan estimate vs" in md
 
     acc = json.loads((out / "3_accuracy.json").read_text())
     assert not acc["errors"] and acc["running"] is None and acc["run"]["rc"] == 0
