@@ -85,7 +85,7 @@ def markdown(result: dict) -> str:
              "| job | params | trained | estimate GiB | measured GiB | estimate / measured | measured by |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['job']} | {r['params'] / 1e9:.3f}B | {r['trained'] / 1e9:.3f}B | "
+        lines.append(f"| {r['job']} | {r['params'] / 1e6:.1f}M | {r['trained'] / 1e6:.1f}M | "
                      f"{r['estimate_bytes'] / 2 ** 30:.3f} | {r['measured_bytes'] / 2 ** 30:.3f} | "
                      f"{r['estimate_over_measured']:.3f} | {r['measured_by']} |")
     return "\n".join(lines) + "\n"
