@@ -142,7 +142,7 @@ def test_a_failed_part_writes_its_error_and_the_next_parts_run(tmp_path, monkeyp
     monkeypatch.setattr(gpu_run, "machine", lambda smoke: {
         "python": "3", "packages": {}, "missing": ["x (y)"], "smoke": smoke, "cpu_count": 2, "time": "now",
         "cuda": True, "gpu": "G", "gpu_memory_gib": 1, "capability": "9.0", "cuda_version": "13", "nvidia_smi": "-"})
-    rc = gpu_run.main([str(tmp_path / "out"), "--work", str(tmp_path / "w"), "--limit", "300"])
+    rc = gpu_run.main([str(tmp_path / "out"), "--work", str(tmp_path / "w"), "--limit", "500"])
     assert rc == 1
     run = json.loads((tmp_path / "out/run.json").read_text())
     assert [p["status"] for p in run["parts"]] == ["failed", "ok", "ok"]
@@ -150,7 +150,7 @@ def test_a_failed_part_writes_its_error_and_the_next_parts_run(tmp_path, monkeyp
     assert "FAILED" in (tmp_path / "out/1_tests.md").read_text() and "Missing: x (y)" in (tmp_path / "out/run.md").read_text()
     # part 2 gets its cap; what it leaves unused goes to part 3 (all that is left, less the reserve)
     assert gpu_run.CAPS["step_cost"] - 5 < limits["step_cost"] <= gpu_run.CAPS["step_cost"]
-    assert 300 - gpu_run.RESERVE_S - 10 < limits["accuracy"] <= 300 - gpu_run.RESERVE_S
+    assert 500 - gpu_run.RESERVE_S - 10 < limits["accuracy"] <= 500 - gpu_run.RESERVE_S
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
