@@ -16,7 +16,8 @@ from incubate.plan import Options, parse_memory, placement
 from ..conftest import ROOT
 
 LM = ["model.division=[1,3,1,1]", "train.batch_size=4", "data.context=32", "train.fused=true"]
-SMALL = ["model.division=[1,1,1,1]", "train.batch_size=8", "data.context=64"]     # activations outweigh the state, as at scale
+# activations outweigh the model state, as at scale (else the peak moves between moments of the step)
+SMALL = ["model.division=[1,1,1,1]", "train.batch_size=8", "data.context=64"]
 VIT = ["train.batch_size=8", "train.amp=bf16"]
 
 
@@ -45,7 +46,8 @@ def real_step(make, data, loss_fn, shape) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     peak = next(iter(tracker.get_tracker_snapshot("peak").values()))["Total"]
-    opt = sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+    opt = sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+              if torch.is_tensor(v))
     return {"peak": peak, "params": sum(p.numel() * p.element_size() for p in net.parameters()), "grads": grads,
             "opt": opt}
 
@@ -58,7 +60,8 @@ def test_model_state_is_exact_and_the_peak_within_10_percent_of_a_real_step(reci
     make, depth, data, loss, shape = parts(s, stage, index)
     estimate, scaled = memory.scaled_trace(lambda d: memory.trace_step(lambda: make(d), data, loss, shape), depth)
     real = real_step(make, data, loss, shape)
-    assert (estimate.param_bytes, estimate.grad_bytes, estimate.opt_bytes) == (real["params"], real["grads"], real["opt"])
+    state = (estimate.param_bytes, estimate.grad_bytes, estimate.opt_bytes)
+    assert state == (real["params"], real["grads"], real["opt"])
     assert abs(estimate.peak - real["peak"]) <= 0.10 * real["peak"], (estimate.peak, real["peak"], scaled)
 
 
