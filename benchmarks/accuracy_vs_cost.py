@@ -38,7 +38,7 @@ from benchmarks import token_study as tok
 from benchmarks.studies import (ROOT, STUDIES, base_dir, budget_label, ensure_data, make_recipe, point_stages,
                                 points, result_row, tok_run_dir, tok_variants)
 from incubate.errors import UserError
-from incubate.rundir import StageDir
+from incubate.store.rundir import StageDir
 from incubate.stages import assemble, e2e, finetune, grow, incubate, meta
 
 

@@ -34,7 +34,7 @@ WORKER_KEYS = ("device", "threads", "rounds", "width", "depth", "img", "batch", 
 
 def patch_out_agreement() -> str:
     """Make the agreement a no-op on this tree; returns which kind of agreement it had."""
-    from incubate import engine, faults
+    from incubate.train import engine, faults
     if hasattr(faults, "StepGuard"):
         g = faults.StepGuard
         g.run = lambda self, part, where: part()
@@ -49,9 +49,9 @@ def patch_out_agreement() -> str:
 def _fit_once(args, dist, stage_dir: Path) -> None:
     import timm
     import torch
-    from incubate.config import DataCfg, TrainCfg
-    from incubate.data import load_data
-    from incubate.engine import fit
+    from incubate.recipe.schema import DataCfg, TrainCfg
+    from incubate.data.loaders import load_data
+    from incubate.train.engine import fit
     torch.manual_seed(0)
     net = timm.create_model("vit_tiny_patch16_224", img_size=args.img, patch_size=4, embed_dim=args.width,
                             depth=args.depth, num_heads=max(args.width // 32, 1), in_chans=1, num_classes=10)
@@ -59,10 +59,10 @@ def _fit_once(args, dist, stage_dir: Path) -> None:
     cfg = TrainCfg(epochs=1, batch_size=args.batch, accum_steps=args.accum, lr=1e-3, lr_base_batch=args.batch,
                    warmup_epochs=0, tensorboard=False)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    try:        # this tree's fit takes typed parts: the trained part and the StageRun (incubate/parallel.py)
+    try:        # this tree's fit takes typed parts: the trained part and the StageRun (incubate/train/parallel.py)
         from incubate.families import get_family
-        from incubate.parallel import Trainee
-        from incubate.training import StageRun
+        from incubate.train.parallel import Trainee
+        from incubate.train.step import StageRun
     except ImportError:     # a tree before them: fit(net, trained, cfg, bundle, data, dist, seed=, stage_dir=, label=)
         fit(net, net, cfg, load_data(data), data, dist, seed=0, stage_dir=stage_dir, label="agree")
         return
@@ -75,8 +75,8 @@ def worker(args) -> None:
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     if args.threads:
         torch.set_num_threads(args.threads)
-    from incubate import engine
-    pg = importlib.import_module("incubate.dist") if importlib.util.find_spec("incubate.dist") else engine  # older trees
+    from incubate.train import engine
+    pg = importlib.import_module("incubate.train.dist") if importlib.util.find_spec("incubate.train.dist") else engine  # older trees
     dist = pg.setup_dist(args.device)
     stamps: list = []
     hook = register_optimizer_step_pre_hook(lambda opt, a, k: stamps.append(time.perf_counter()))
@@ -87,7 +87,7 @@ def worker(args) -> None:
 
 
 def _fits(args, dist, pg, stamps: list) -> None:
-    from incubate import engine, faults
+    from incubate.train import engine, faults
     saved = {name: getattr(faults.StepGuard, name) for name in ("run", "record", "check", "agree")} \
         if hasattr(faults, "StepGuard") else {"agree": engine.agree}
     kind, rounds = None, []
@@ -112,7 +112,7 @@ def agreement_alone(dist, accum: int, calls: int = 50, repeats: int = 7) -> floa
     """Seconds of one step's agreement by itself (this tree's collectives and host reads, no training):
     the median of `repeats` means over `calls` steps."""
     import torch
-    from incubate import faults
+    from incubate.train import faults
     means, guard, norm = [], getattr(faults, "StepGuard", None), torch.zeros(())
     guard = guard and guard(dist, accum)
     for _ in range(repeats):

@@ -8,8 +8,8 @@ import time
 import torch
 
 from benchmarks.step_jobs import make_job, step, sync
-from incubate.config import DataCfg
-from incubate.data import DataBundle, Loader, Split
+from incubate.recipe.schema import DataCfg
+from incubate.data.loaders import DataBundle, Loader, Split
 
 
 def data_wait(p: dict, args, device, amp: str) -> list:

@@ -1,7 +1,7 @@
 """Memory and time of one training step under train.parallel ddp and fsdp, at 1 and 2 ranks.
 
 A ViT (timm; ViT-B/16's width and depth by default, 86M parameters) trains a few AdamW steps on random
-images, wrapped the way the stages wrap it (incubate/parallel.py: DDP, or FSDP2 on each block then the
+images, wrapped the way the stages wrap it (incubate/train/parallel.py: DDP, or FSDP2 on each block then the
 root). Per rank: the model state it holds (its parameters, gradients and AdamW state: the local shards
 under fsdp), counted exactly from the tensors; its peak memory (CUDA: max_memory_allocated; CPU: the
 growth of the process's peak RSS over the moment before the model was built); the median step time
@@ -64,7 +64,7 @@ def _part(args):
     """The whole ViT, or (--hybrid) module 1 of K = 4 inside a meta model of 2 blocks a module."""
     from incubate import api
     from incubate.families import get_family
-    from incubate.parallel import Trainee
+    from incubate.train.parallel import Trainee
     if not args.hybrid:
         model = _vit(args, args.depth)
         return Trainee.whole(model, get_family("vit"))
@@ -79,7 +79,7 @@ def _build(args, dist):
     too), the module that holds it all, and the trained model's AdamW."""
     import torch
     from torch.distributed.fsdp import fully_shard
-    from incubate.parallel import replicate, shard
+    from incubate.train.parallel import replicate, shard
     torch.manual_seed(0)
     part = _part(args)
     part.net.to(dist.device)
@@ -98,9 +98,9 @@ def worker(args) -> None:
     import torch
     import torch.distributed as tdist
     import timm  # noqa: F401  (imported before the baseline: its import is not the step's memory)
-    from incubate.dist import setup_dist
+    from incubate.train.dist import setup_dist
     from incubate.families import get_family
-    from incubate.parallel import shard  # noqa: F401
+    from incubate.train.parallel import shard  # noqa: F401
     get_family("vit")
     dist = setup_dist("auto")
     base = _rss_mib()

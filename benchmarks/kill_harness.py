@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
-from incubate.checkpoint import load_training_state, load_weights, sha256_file
+from incubate.store.checkpoint import load_training_state, load_weights, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

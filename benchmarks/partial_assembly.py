@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from incubate.checkpoint import load_weights
-from incubate.config import load_recipe
-from incubate.data import Loader, load_data
+from incubate.store.checkpoint import load_weights
+from incubate.recipe.schema import load_recipe
+from incubate.data.loaders import Loader, load_data
 from incubate.families import get_family
 from incubate.modular import run_module
 

@@ -29,7 +29,7 @@ def measure(make, data, loss_fn, shape, device) -> dict:
     """One steady step of make(None) on `device`: its peak bytes and the seconds it took."""
     import torch
 
-    from incubate import memory
+    from incubate.plan import memory
     torch.manual_seed(0)
     with torch.device(device):
         net, trained, _ = make(None)
@@ -60,8 +60,8 @@ def measure(make, data, loss_fn, shape, device) -> dict:
 
 
 def run(smoke: bool) -> dict:
-    from incubate import memory, plan_jobs
-    from incubate.config import load_recipe
+    from incubate.plan import memory, jobs as plan_jobs
+    from incubate.recipe.schema import load_recipe
     sets = COMMON + (SMOKE if smoke else FULL)
     s = plan_jobs.Setting.of(load_recipe(None, sets), None, None)
     uniform, device, rows = plan_jobs._uniform(s), "cpu" if smoke else "cuda", []

@@ -8,7 +8,7 @@ A large matmul is timed in the same rounds as this machine's peak. FLOPs come fr
 FlopCounterMode on one step. Memory: on CUDA the job's resident tensors plus the step's peak
 growth (max_memory_allocated); on CPU parameters + gradients + optimizer state + the tensors
 autograd saves for backward (saved_tensors_hooks, unique storages, parameters excluded), measured.
-The data-wait part runs E2E steps on the real incubate.data.Loader over in-memory images.
+The data-wait part runs E2E steps on the real incubate.data.loaders.Loader over in-memory images.
 
   python -m benchmarks.step_cost --threads 1                         # CPU: DeiT-Tiny width, 32 px
   python -m benchmarks.step_cost --threads 1 --variants compile --jobs e2e,hybrid --no-data
@@ -37,7 +37,7 @@ from benchmarks import agreement_cost
 from benchmarks.data_wait import data_wait
 from benchmarks.step_cost_report import save
 from benchmarks.step_jobs import CRITERION, PRESETS, Job, make_job, step, sync
-from incubate.training import autocast, count_step_flops
+from incubate.train.step import autocast, count_step_flops
 
 COMPILE_SHARE = 0.7      # of --time-limit, for compiling; the rest for the timed rounds
 VARIANTS = ("base", "compile", "bf16", "ckpt", "fused")

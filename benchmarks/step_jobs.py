@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from incubate.training import autocast, enable_grad_checkpointing
+from incubate.train.step import autocast, enable_grad_checkpointing
 from incubate.families import get_family
 from incubate.modular import Hybrid
 

@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 from benchmarks import token_study as tok
-from incubate.config import load_recipe
+from incubate.recipe.schema import load_recipe
 from incubate.errors import UserError
-from incubate.rundir import StageDir
+from incubate.store.rundir import StageDir
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

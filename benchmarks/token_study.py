@@ -21,7 +21,7 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-from incubate.rundir import StageDir
+from incubate.store.rundir import StageDir
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "lm_tokens.yaml"
@@ -102,8 +102,8 @@ def flops_per_token(recipe_key: tuple, stage: str, module: int = -1) -> float:
     """Training FLOPs a token of one stage's network (forward and backward), measured."""
     import torch
 
-    from incubate.config import load_recipe
-    from incubate.training import count_step_flops
+    from incubate.recipe.schema import load_recipe
+    from incubate.train.step import count_step_flops
     from incubate.families import get_family
     from incubate.modular import Hybrid
     from incubate.tasks.causal_lm import _NextTokenLoss

@@ -13,10 +13,10 @@ import threading
 from typing import Annotated
 
 from . import console
-from .config import AtLeast0, AtLeast1, Seed, load_recipe
+from .recipe.schema import AtLeast0, AtLeast1, Seed, load_recipe
 from .errors import UserError
 from .stage_registry import ALL, ASSEMBLED, FINETUNE, META, by_command, names, whole_models
-from .typed import Range, Text, coerce
+from .recipe.typed import Range, Text, coerce
 
 # The command line's own values, checked by the recipe's mechanism (typed.py) before any command runs;
 # the paths must name something (an empty --out would be the current folder).
@@ -126,7 +126,7 @@ def dispatch(args) -> None:
         export(args.run, args.stage, args.to)
         return
     if args.cmd == "plan":
-        from .plan import Options, parse_memory, run_cli
+        from .plan.estimate import Options, parse_memory, run_cli
         run_cli(lambda: load_recipe(args.recipe, args.set), Options(
             parse_memory(args.device_memory), args.devices_per_node, args.device_tflops, args.mfu, args.classes,
             args.train_samples), args.json)
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
         if previous is not None and signal.getsignal(signal.SIGINT) is _interrupt_once:
             signal.signal(signal.SIGINT, previous)
         if "torch.distributed" in sys.modules:      # under torchrun: leave the process group before exiting
-            from .dist import close_dist
+            from .train.dist import close_dist
             close_dist(ok)
     return 0
 

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_json, save_weights, sha256_file, write_json_atomic
-from .config import Recipe
-from .data import Loader, load_data
-from .engine import evaluate
+from .store.checkpoint import read_json, save_weights, sha256_file, write_json_atomic
+from .recipe.schema import Recipe
+from .data.loaders import Loader, load_data
+from .train.engine import evaluate
 from .errors import UserError
 from .families import get_family
 from .modular import load_strict
-from .rundir import StageDir, check_destination, claim, write_run_recipe
+from .store.rundir import StageDir, check_destination, claim, write_run_recipe
 from .runs import load_model
 from .stage_registry import META, names
 from .stages.common import finish, prepare, preprocess
@@ -167,7 +167,7 @@ def import_official(recipe: Recipe, ckpt, out, as_: str) -> dict:
 def _manifest_preprocess(run: Path, m: dict) -> dict:
     if m.get("preprocess"):
         return m["preprocess"]
-    from .config import load_recipe     # runs from before manifests recorded it
+    from .recipe.schema import load_recipe     # runs from before manifests recorded it
     data = load_recipe(run / "recipe.yaml").data
     return preprocess(load_data(data), data.augment)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_json, umask_mode, write_json_atomic
+from .store.checkpoint import read_json, umask_mode, write_json_atomic
 from .errors import UserError
-from .rundir import StageDir, check_tokenizer
+from .store.rundir import StageDir, check_tokenizer
 from .runs import load_model
 from .stage_registry import whole_models
-from .text_data import RESTORE, TOKENIZER_FILE, read_tokenizer
+from .data.text import RESTORE, TOKENIZER_FILE, read_tokenizer
 
 LM_STAGES = whole_models()     # the stages whose weights are one whole language model
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .parallel import Trainee
+from .train.parallel import Trainee
 
 
 def bounds(division: list[int], index: int) -> tuple[int, int]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Recipe
-from .dist import setup_dist
+from .recipe.schema import Recipe
+from .train.dist import setup_dist
 from .stage_registry import ALL, E2E, GROW
 
 
@@ -32,7 +32,7 @@ def run(recipe: Recipe, out, with_e2e: bool = True, launcher: str | None = None,
                 job.main(recipe, out)
     else:
         from .launchers import make_launcher, run_jobs
-        from .rundir import check_run_recipe, write_run_recipe
+        from .store.rundir import check_run_recipe, write_run_recipe
         check_run_recipe(Path(out), recipe)
         engine = make_launcher(launcher, recipe, Path(out), address)   # refuses a shape it cannot run first
         if not all(job.dir.finished() for phase in phases(recipe, out, with_e2e, with_grow) for job in phase):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from .errors import UserError
 from .families import task_name
-from .safe_read import read_json_lines
+from .store.safe_read import read_json_lines
 from .tasks import get_task
-from .rundir import StageDir, finished_manifests, run_recipe, write_summary
+from .store.rundir import StageDir, finished_manifests, run_recipe, write_summary
 from .stage_registry import ASSEMBLED, E2E, FINETUNE, GROW, META
 
 

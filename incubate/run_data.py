@@ -37,7 +37,7 @@ class Images(Dataset):
     stages' loader (`RunData.loader`) or per image in `RunData.transform(train=True)`."""
 
     def __init__(self, bundle, split, augment):
-        from .data import image_transform
+        from .data.loaders import image_transform
         self.bundle, self.split = bundle, split
         self.transform = image_transform(bundle, augment, train=False) if split.images is None else None
 
@@ -45,7 +45,7 @@ class Images(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict:
-        from .data import _prepare
+        from .data.loaders import _prepare
         if not 0 <= i < len(self):
             raise IndexError(i)
         if self.transform is None:      # in memory: resized and normalised as the stages' loader does
@@ -73,7 +73,7 @@ class RunData:
 
     def transform(self, train: bool = True):
         """The timm transform the stages apply to an image file (training: with the recipe's augmentation)."""
-        from .data import image_transform
+        from .data.loaders import image_transform
         if self.text:
             raise UserError("a language model's run has no image transform; its windows are token ids")
         return image_transform(self.bundle, self.recipe.data.augment, train)
@@ -81,7 +81,7 @@ class RunData:
     def loader(self, split: str = "train", batch: int | None = None, seed: int = 0, device: str = "cpu"):
         """The loader a stage builds (one process): `epoch(e)` yields (inputs, targets) batches of
         `batch` (default the recipe's train.batch_size), training order and augmentation included."""
-        from .data import make_loader
+        from .data.loaders import make_loader
         if split not in ("train", "held_out"):
             raise UserError(f"split {split!r} is neither 'train' nor 'held_out'")
         part = self.bundle.train if split == "train" else self.bundle.test
@@ -91,8 +91,8 @@ class RunData:
 
 def run_data(run) -> RunData:
     """The data of run directory `run` (made by any `incubate` stage) as its stages read it."""
-    from .config import load_recipe
-    from .data import load_data
+    from .recipe.schema import load_recipe
+    from .data.loaders import load_data
     run = Path(run)
     if not (run / "recipe.yaml").exists():
         raise UserError(f"{run} holds no recipe.yaml: run a stage first (e.g. `incubate meta --recipe R --out {run}`)")
@@ -103,6 +103,6 @@ def run_data(run) -> RunData:
         return RunData(recipe, bundle, None, Images(bundle, bundle.train, aug), Images(bundle, bundle.test, aug))
     tokenizer = None
     if bundle.tokenizer != "byte":
-        from .bpe import RESTORE, TOKENIZER_FILE, read_tokenizer
+        from .data.bpe import RESTORE, TOKENIZER_FILE, read_tokenizer
         tokenizer, _ = read_tokenizer(run / TOKENIZER_FILE, bundle.vocab_size, RESTORE)
     return RunData(recipe, bundle, tokenizer, Windows(bundle.train), Windows(bundle.test))

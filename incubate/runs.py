@@ -1,7 +1,7 @@
 """A run directory from a script: read any finished stage as a model (the CLI's meta model into a
 user's loop), a fresh target of the run, and write a module trained in the script as the finished
 module stage `incubate assemble` takes. The folders, manifests, locks and atomic writes are
-incubate/rundir.py's, the same the CLI's stages use."""
+incubate/store/rundir.py's, the same the CLI's stages use."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +11,9 @@ from torch import nn
 from .api import Divided, _mark, divide, hybrid, record, trained_module
 from .errors import UserError
 from .families import get_family
-from .lock import release
+from .store.lock import release
 from .modular import Hybrid, load_strict
-from .rundir import StageDir, begin_stage, finish_stage, meta_fingerprint
+from .store.rundir import StageDir, begin_stage, finish_stage, meta_fingerprint
 from .stage_registry import INCUBATE, META, in_folders
 from .stage_registry import stage as registered
 from .work import ATTR as WORK

@@ -12,12 +12,12 @@ import socket
 import time
 from pathlib import Path
 
-from .config import load_recipe
+from .recipe.schema import load_recipe
 from .errors import UserError
-from .lock import read_holder
+from .store.lock import read_holder
 from .report import run_task
-from .rundir import StageDir, run_modules, run_recipe, stage_dirs
-from .safe_read import read_json_lines
+from .store.rundir import StageDir, run_modules, run_recipe, stage_dirs
+from .store.safe_read import read_json_lines
 from .stage_registry import stage as registered
 
 

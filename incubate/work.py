@@ -64,7 +64,7 @@ def track(net: Hybrid):
 
 
 def _measure(net: Hybrid, work: Work, x: torch.Tensor) -> None:
-    from .training import count_step_flops
+    from .train.step import count_step_flops
     was = net.training
     net.train()
     step = count_step_flops(net, net.runner, lambda out, y: out.float().pow(2).mean(), x, None)

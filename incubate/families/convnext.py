@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .base import copy_stem_and_head, module_of, recorded_spec, remember_spec, stack_by_shape, timm_export_config
+from .base import (copy_stem_and_head, module_of, recorded_spec, remember_spec, stack_by_shape,
+                   timm_export_config)
 from .resnet import module_stages
 
 STEM = ("stem.",)

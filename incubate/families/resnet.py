@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import (copy_stem_and_head, module_of, recorded_spec, remember_spec, stack_by_shape, timm_export_config,
-                   weight_shapes)
+from .base import (copy_stem_and_head, module_of, recorded_spec, remember_spec, stack_by_shape,
+                   timm_export_config, weight_shapes)
 
 CIFAR = re.compile(r"cifar_resnet(\d+)$")
 STEM = ("conv1.", "bn1.", "maxpool.")

@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .base import (copy_stem_and_head, init_blocks_from_meta, module_of, recorded_spec, remember_spec, stack_blocks,
-                   timm_export_config)
+from .base import (copy_stem_and_head, init_blocks_from_meta, module_of, recorded_spec, remember_spec,
+                   stack_blocks, timm_export_config)
 
 STEM = ("patch_embed.", "cls_token", "dist_token", "reg_token", "pos_embed", "norm_pre.")
 HEAD = ("norm.", "fc_norm.", "attn_pool.", "head.", "head_dist.")

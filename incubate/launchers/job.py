@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..rundir import StageDir
+from ..store.rundir import StageDir
 from ..stage_registry import by_command
 
 

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import time
 
-from ..checkpoint import load_weights
-from ..config import Recipe
-from ..data import make_loader
-from ..engine import evaluate
+from ..store.checkpoint import load_weights
+from ..recipe.schema import Recipe
+from ..data.loaders import make_loader
+from ..train.engine import evaluate
 from ..errors import UserError
 from ..api import assemble, divide
-from ..rundir import StageDir, meta_fingerprint
+from ..store.rundir import StageDir, meta_fingerprint
 from ..stage_registry import ASSEMBLED, INCUBATE
 from .common import begin, finish, prepare
 

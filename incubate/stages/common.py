@@ -1,5 +1,5 @@
 """What every stage shares: preparing it (recipe check, data, process group), the models a recipe
-names, its base manifest, begin and finish across ranks. The run directory itself is incubate/rundir.py."""
+names, its base manifest, begin and finish across ranks. The run directory itself is incubate/store/rundir.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import Recipe
-from ..data import DataBundle, eval_crop_pct, load_data
-from ..dist import Dist, barrier, setup_dist
-from ..engine import seed_all
+from ..recipe.schema import Recipe
+from ..data.loaders import DataBundle, eval_crop_pct, load_data
+from ..train.dist import Dist, barrier, setup_dist
+from ..train.engine import seed_all
 from ..families import get_family
-from ..rundir import (StageDir, begin_stage, check_run_recipe, check_tokenizer, finish_stage, stage_dirs,
-                      write_run_recipe)
+from ..store.rundir import (StageDir, begin_stage, check_run_recipe, check_tokenizer, finish_stage,
+                            stage_dirs, write_run_recipe)
 from ..tasks import task_of
-from ..text_data import TOKENIZER_FILE
+from ..data.text import TOKENIZER_FILE
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Context:
         return {"name": self.recipe.model.name, "kwargs": kwargs}
 
     def build(self, meta: bool = False, drop_path: float = 0.0):
-        """Build (and initialise, from the recipe's seed: incubate/seeds.py) the target or the meta model."""
+        """Build (and initialise, from the recipe's seed: incubate/train/seeds.py) the target or the meta model."""
         spec = self.model_spec(meta)
         seed_all(self.recipe.seed)
         return self.family.build(spec["name"], spec["kwargs"], drop_path=drop_path)

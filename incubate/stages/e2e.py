@@ -1,7 +1,7 @@
 """The baseline: the same target model trained end to end on the same data."""
 from __future__ import annotations
 
-from ..config import Recipe
+from ..recipe.schema import Recipe
 from ..stage_registry import E2E
 from .train import train_stage
 

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Recipe
-from ..data import load_data, make_loader
-from ..dist import setup_dist
-from ..engine import evaluate
+from ..recipe.schema import Recipe
+from ..data.loaders import load_data, make_loader
+from ..train.dist import setup_dist
+from ..train.engine import evaluate
 from ..errors import UserError
 from ..families import get_family
-from ..rundir import StageDir, check_tokenizer
+from ..store.rundir import StageDir, check_tokenizer
 from ..runs import load_hybrid, load_model
 from ..tasks import task_of
-from ..text_data import TOKENIZER_FILE
+from ..data.text import TOKENIZER_FILE
 
 
 def _check_tokens(bundle, m: dict, sd: StageDir) -> None:

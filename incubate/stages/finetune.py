@@ -1,9 +1,9 @@
 """Stage 4: fine-tune the assembled target model end to end."""
 from __future__ import annotations
 
-from ..config import Recipe
+from ..recipe.schema import Recipe
 from ..modular import load_strict
-from ..rundir import StageDir
+from ..store.rundir import StageDir
 from ..stage_registry import ASSEMBLED, FINETUNE
 from .train import train_stage
 

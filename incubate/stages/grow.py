@@ -3,9 +3,9 @@ target starts as the trained meta model's blocks repeated in order (with its ste
 trains end to end. It needs only the meta model: no modules, no assembly."""
 from __future__ import annotations
 
-from ..config import Recipe
+from ..recipe.schema import Recipe
 from ..errors import UserError
-from ..rundir import StageDir, meta_fingerprint
+from ..store.rundir import StageDir, meta_fingerprint
 from ..stage_registry import GROW
 from .incubate import load_meta
 from .train import train_stage

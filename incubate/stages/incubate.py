@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 from .. import api
-from ..config import Recipe
-from ..engine import fit
+from ..recipe.schema import Recipe
+from ..train.engine import fit
 from ..errors import UserError
 from ..modular import Hybrid
-from ..parallel import full_state
-from ..rundir import StageDir, meta_fingerprint
+from ..train.parallel import full_state
+from ..store.rundir import StageDir, meta_fingerprint
 from ..runs import load_into
-from ..seeds import stage_seed
+from ..train.seeds import stage_seed
 from ..stage_registry import INCUBATE, META
-from ..training import StageRun
+from ..train.step import StageRun
 from .common import Context, begin, finish, prepare, trainable_params
 
 

@@ -1,7 +1,7 @@
 """Stage 1: train the shallow meta model end to end."""
 from __future__ import annotations
 
-from ..config import Recipe
+from ..recipe.schema import Recipe
 from ..stage_registry import META
 from .train import train_stage
 

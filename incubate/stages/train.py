@@ -6,12 +6,12 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import Recipe
-from ..engine import fit
-from ..parallel import Trainee, full_state
-from ..rundir import StageDir
-from ..seeds import stage_seed
-from ..training import StageRun
+from ..recipe.schema import Recipe
+from ..train.engine import fit
+from ..train.parallel import Trainee, full_state
+from ..store.rundir import StageDir
+from ..train.seeds import stage_seed
+from ..train.step import StageRun
 from .common import Context, begin, finish, prepare, trainable_params
 
 # Refuses what the stage cannot start from and returns the meta fingerprint its manifest records.

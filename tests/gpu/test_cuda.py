@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from incubate.checkpoint import load_training_state
-from incubate.config import DataCfg, TrainCfg
-from incubate.data import load_data
-from incubate.dist import Dist
-from incubate.engine import fit
-from incubate.training import StageRun, autocast
+from incubate.store.checkpoint import load_training_state
+from incubate.recipe.schema import DataCfg, TrainCfg
+from incubate.data.loaders import load_data
+from incubate.train.dist import Dist
+from incubate.train.engine import fit
+from incubate.train.step import StageRun, autocast
 
 from ..conftest import ROOT, run_main, write_recipe
 from ..unit.test_engine import hybrid

@@ -37,7 +37,7 @@ def fill(filler: Path) -> None:
 
 def patch_checkpoint(filler: Path):
     """Returns what undoes the patch."""
-    from incubate import checkpoint
+    from incubate.store import checkpoint
     real = checkpoint.save_file
 
     def filling(tensors, filename, metadata=None):
@@ -52,7 +52,7 @@ def patch_checkpoint(filler: Path):
 
 def patch_token_cache(filler: Path):
     """Returns what undoes the patch."""
-    from incubate import token_cache
+    from incubate.data import token_cache
     real = token_cache._write_split
 
     def filling(path, parts, dtype):

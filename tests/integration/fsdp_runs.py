@@ -7,7 +7,7 @@ import json
 import sys
 
 from incubate.cli import dispatch, parser
-from incubate.dist import close_dist
+from incubate.train.dist import close_dist
 
 if __name__ == "__main__":
     for argv in json.loads(sys.argv[1]):

@@ -13,9 +13,9 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from incubate import checkpoint
-from incubate.checkpoint import load_training_state
-from incubate.lock import read_holder
+from incubate.store import checkpoint
+from incubate.store.checkpoint import load_training_state
+from incubate.store.lock import read_holder
 from ..conftest import PROCESS_TIMEOUT_S, ROOT, default_signals, make_image_folder, one_error_line, run_main, write_recipe
 
 

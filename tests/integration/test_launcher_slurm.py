@@ -46,7 +46,7 @@ def test_slurm_multi_node_shape_becomes_the_sbatch_job(tmp_path, monkeypatch):
     (tmp_path / "bin/srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     from incubate.launchers.slurm import SlurmLauncher, execute, execute_rank
-    from incubate.config import load_recipe
+    from incubate.recipe.schema import load_recipe
     recipe = load_recipe(_recipe(tmp_path / "r.yaml", device="cuda", launch={
         "devices_per_job": 8, "cpus_per_job": 10, "slurm": {"cluster": "slurm", "slurm_partition": "gpu"},
         "stages": {"meta": {"nodes": 4, "time_min": 600}, "assemble": {"devices_per_node": 1}}}))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from incubate import lock
+from incubate.store import lock
 from ..conftest import ROOT, cli, in_process, one_error_line, run_main, write_recipe
 
 STAGES = ("meta", "modules/0", "modules/1", "assembled", "finetune")

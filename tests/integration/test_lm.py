@@ -173,7 +173,7 @@ def test_exports_load_in_transformers_with_no_code_of_ours(lm_run, bpe_run, tmp_
 
 def test_bpe_sample_evaluate_and_a_replaced_tokenizer(bpe_run, tmp_path, capsys):
     import shutil
-    from incubate.text_data import load_text
+    from incubate.data.text import load_text
     recipe, run, _ = bpe_run
     greedy = [run_main(capsys, "sample", run, "--prompt", "def ", "--tokens", "12") for _ in range(2)]
     assert greedy[0] == greedy[1] and greedy[0][0] == 0 and greedy[0][1].startswith("def ")

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from incubate import resume
+from incubate.store import resume
 from incubate.cli import as_in_a_cli_process, main
 from ..conftest import PROCESS_TIMEOUT_S, ROOT, TINY_LM, in_process, make_corpus, one_error_line, run_main
 
@@ -126,8 +126,8 @@ def test_mid_budget_kill_and_resume_ends_at_the_uninterrupted_weights(token_run,
 
 
 def test_the_token_cache_is_made_once_and_mapped_after(token_run, monkeypatch):
-    from incubate import text_data
-    from incubate.config import load_recipe
+    from incubate.data import text as text_data
+    from incubate.recipe.schema import load_recipe
     recipe, run, _ = token_run
     entries = [p for p in (run / "token_cache").iterdir() if not p.name.startswith(".")]
     assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == ["meta.json", "test.bin", "train.bin"]
@@ -140,7 +140,7 @@ def test_gz_files_are_read_as_text(tmp_path):
     import gzip
     from types import SimpleNamespace
 
-    from incubate.text_data import load_text
+    from incubate.data.text import load_text
     plain = make_corpus(tmp_path / "plain", files=4, chars=3000)
     packed = tmp_path / "packed"
     packed.mkdir()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from incubate.config import Recipe
-from incubate.typed import Choices, Items, Overrides, Plain, Range, Sections, Text, field_types
+from incubate.recipe.schema import Recipe
+from incubate.recipe.typed import Choices, Items, Overrides, Plain, Range, Sections, Text, field_types
 from tests.conftest import in_process, write_recipe
 
 # ----------------------------------------------------------------- values generated from the schema

@@ -100,7 +100,7 @@ def test_a_fault_in_backward_or_the_optimizer_step_stops_every_rank_and_keeps_th
                                                                                               expected):
     """Where DDP's collectives run (backward's all-reduce) and after it (the optimizer step): every
     rank still stops with one line, and the checkpoint saved after update 1 is the one left."""
-    from incubate.checkpoint import load_training_state
+    from incubate.store.checkpoint import load_training_state
     recipe = write_recipe(tmp_path / "r.yaml", train__batch_size=16, train__checkpoint_every=1, meta__epochs=1)
     procs, stamp = _start(tmp_path, recipe, fault)
     ended, outs = _wait(procs)
@@ -119,8 +119,8 @@ def test_a_fault_in_backward_or_the_optimizer_step_stops_every_rank_and_keeps_th
 
 
 def test_one_rank_unreadable_image_stops_every_rank(tmp_path):
-    from incubate.config import load_recipe
-    from incubate.data import epoch_order, load_data
+    from incubate.recipe.schema import load_recipe
+    from incubate.data.loaders import epoch_order, load_data
     data = make_image_folder(tmp_path / "data", per_class=8)
     recipe = write_recipe(tmp_path / "r.yaml", data__source=f"imagefolder:{data}", data__train_fraction=1.0,
                           data__augment={}, train__batch_size=2, meta__epochs=1)
@@ -146,8 +146,8 @@ def test_a_rank_whose_shard_lost_a_whole_batch_ends_the_epoch_with_the_others(tm
     all-reduce still meets), the ranks agree that one ran out, and both end the epoch there without
     that window's update, as one process drops a partial window. Without it rank 1 leaves the epoch
     while rank 0 waits in backward's all-reduce."""
-    from incubate.config import load_recipe
-    from incubate.data import epoch_order, load_data
+    from incubate.recipe.schema import load_recipe
+    from incubate.data.loaders import epoch_order, load_data
     data = make_image_folder(tmp_path / "data", per_class=8)
     recipe = write_recipe(tmp_path / "r.yaml", data__source=f"imagefolder:{data}", data__train_fraction=1.0,
                           data__augment={}, data__on_bad_image="skip", train__batch_size=2,

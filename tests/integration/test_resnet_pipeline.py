@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from incubate.checkpoint import load_training_state
+from incubate.store.checkpoint import load_training_state
 from ..conftest import PROCESS_TIMEOUT_S, ROOT, write_recipe
 
 RESNET = dict(model={"family": "resnet", "name": "cifar_resnet14", "kwargs": {}, "division": [2, 2, 2]},
@@ -75,9 +75,9 @@ def test_export_loads_strictly_in_plain_timm_and_predicts_the_same(resnet_run, s
 def test_a_module_job_stopped_after_an_epoch_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, capsys):
     """In-process stand-in for a kill (tests/gpu/test_cuda.py kills a real process; the GPU run's smoke test
     runs it on the CPU): the job dies in its second evaluation, after epoch 1's checkpoint, and a rerun goes on."""
-    from incubate import engine
-    from incubate.config import load_recipe
-    from incubate.lock import release
+    from incubate.train import engine
+    from incubate.recipe.schema import load_recipe
+    from incubate.store.lock import release
     from incubate.stages import incubate, meta
     recipe = load_recipe(resnet_recipe(tmp_path / "r.yaml", incubate__epochs=3, deterministic=True))
     for out in ("a", "b"):

@@ -8,16 +8,16 @@ import time
 
 import pytest
 
-from incubate.config import load_recipe
-from incubate.lock import read_holder
-from incubate.rundir import write_run_recipe
+from incubate.recipe.schema import load_recipe
+from incubate.store.lock import read_holder
+from incubate.store.rundir import write_run_recipe
 from incubate.status import status
 from ..conftest import ROOT, one_error_line, run_main, write_recipe
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from incubate.lock import hold
+from incubate.store.lock import hold
 hold(Path(sys.argv[1]), "meta")
 print("held", flush=True)
 time.sleep(120)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import incubate
-from incubate.config import load_recipe
+from incubate.recipe.schema import load_recipe
 from incubate.families import FAMILIES
 
 from ..conftest import TINY_LM, make_corpus, write_recipe
@@ -72,8 +72,8 @@ def test_a_hybrid_takes_labels_and_returns_the_loss_trainer_reads():
 
 
 def test_run_data_is_the_stages_data_with_the_runs_bpe_tokenizer(tmp_path):
-    from incubate.data import load_data, make_loader
-    from incubate.rundir import write_run_recipe
+    from incubate.data.loaders import load_data, make_loader
+    from incubate.store.rundir import write_run_recipe
     corpus = make_corpus(tmp_path / "corpus")
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}",
                                       data__tokenizer="bpe", data__vocab_size=300))
@@ -93,8 +93,8 @@ def test_run_data_is_the_stages_data_with_the_runs_bpe_tokenizer(tmp_path):
 
 
 def test_run_data_of_an_image_run_gives_the_stages_images_and_transforms(tmp_path):
-    from incubate.data import load_data, make_loader
-    from incubate.rundir import write_run_recipe
+    from incubate.data.loaders import load_data, make_loader
+    from incubate.store.rundir import write_run_recipe
     from ..conftest import TINY
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", TINY))
     run = tmp_path / "run"

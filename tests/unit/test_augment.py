@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from incubate.config import DataCfg, load_recipe
-from incubate.data import Loader, epoch_order, load_data
+from incubate.recipe.schema import DataCfg, load_recipe
+from incubate.data.loaders import Loader, epoch_order, load_data
 from incubate.errors import UserError
 from incubate.stages.common import preprocess
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from incubate.budget import make_scheduler, plan
-from incubate.config import TrainCfg
+from incubate.train.budget import make_scheduler, plan
+from incubate.recipe.schema import TrainCfg
 from incubate.errors import UserError
 
 

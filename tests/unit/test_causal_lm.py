@@ -135,7 +135,7 @@ def test_a_sliding_window_on_every_layer_is_honoured_and_one_on_the_target_only_
 
 @pytest.mark.parametrize("name", ["mixtral", "gpt2"])
 def test_refusals_come_when_the_recipe_is_read(tmp_path, name):
-    from incubate.config import load_recipe
+    from incubate.recipe.schema import load_recipe
     from ..conftest import TINY_LM, write_recipe
     kwargs = dict(KW) if name == "mixtral" else dict(GPT2_KW, n_layer=4)
     recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, model__name=name, model__kwargs=kwargs)
@@ -185,7 +185,7 @@ def test_bits_per_byte_is_total_nats_over_ln2_over_bytes():
 
 
 def test_grad_checkpointing_is_refused_for_a_language_model(tmp_path):
-    from incubate.config import load_recipe
+    from incubate.recipe.schema import load_recipe
     from ..conftest import TINY_LM, write_recipe
     recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, incubate__grad_checkpointing=True)
     with pytest.raises(UserError, match="incubate.grad_checkpointing: not for model.family causal_lm: its decoder layers"):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from incubate import checkpoint, resume
-from incubate.checkpoint import (load_training_state, previous_checkpoint, save_training_state, uninterrupted)
-from incubate.dist import Dist
+from incubate.store import checkpoint, resume
+from incubate.store.checkpoint import (load_training_state, previous_checkpoint, save_training_state, uninterrupted)
+from incubate.train.dist import Dist
 from incubate.errors import UserError
 
 
@@ -101,7 +101,7 @@ def test_a_mid_epoch_checkpoint_needs_its_number_of_processes(tmp_path):
 
 FILE_SIZE_LIMIT = """
 import resource, signal, sys, torch
-from incubate import checkpoint
+from incubate.store import checkpoint
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # so the write fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from incubate.config import load_recipe
+from incubate.recipe.schema import load_recipe
 from incubate.errors import UserError
 from incubate.families import get_family
 
@@ -110,8 +110,8 @@ def test_stage_overrides_hold_typed_values(tiny_recipe):
 
 def test_amp_choices_are_the_configs_literal():
     import typing
-    from incubate.config import Amp, TrainCfg
-    from incubate.typed import field_types
+    from incubate.recipe.schema import Amp, TrainCfg
+    from incubate.recipe.typed import field_types
     assert typing.get_args(Amp) == ("none", "bf16", "fp16") and field_types(TrainCfg)["amp"] is Amp
 
 
@@ -125,7 +125,7 @@ def test_missing_and_invalid_recipe_files(tmp_path):
 
 
 def test_tokenizer_settings_and_what_a_run_directory_fixes(tmp_path):
-    from incubate.rundir import write_run_recipe
+    from incubate.store.rundir import write_run_recipe
     from ..conftest import TINY_LM, write_recipe
     lm = write_recipe(tmp_path / "lm.yaml", TINY_LM)
     r = load_recipe(lm)
@@ -180,8 +180,8 @@ def test_keys_that_only_make_sense_together(tiny_recipe, sets, match):
 
 
 def test_digits_takes_no_path():
-    from incubate.config import DataCfg
-    from incubate.data import load_data
+    from incubate.recipe.schema import DataCfg
+    from incubate.data.loaders import load_data
     with pytest.raises(UserError, match=r"data.source 'digits:/data': digits is the built-in data set and takes no path"):
         load_data(DataCfg(source="digits:/data"))
 

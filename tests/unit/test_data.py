@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from incubate.config import DataCfg
-from incubate.data import Loader, load_data
+from incubate.recipe.schema import DataCfg
+from incubate.data.loaders import Loader, load_data
 
 
 def _cfg(**kw):
@@ -69,7 +69,7 @@ def test_digits_are_scikit_learns_stratified_split_without_importing_it(monkeypa
     gives, and scikit-learn (3 s a process) is imported only when its CSV is not where it should be."""
     import builtins
     import numpy as np
-    from incubate import datasets
+    from incubate.data import datasets
     if not from_csv:
         monkeypatch.setattr(datasets, "_digits_csv", lambda: None)
     imported, real_import = [], builtins.__import__

@@ -7,11 +7,11 @@ import pytest
 import timm
 import torch
 
-from incubate.config import DataCfg, TrainCfg
-from incubate.data import load_data
-from incubate.dist import Dist
-from incubate.engine import fit
-from incubate.training import StageRun, enable_grad_checkpointing
+from incubate.recipe.schema import DataCfg, TrainCfg
+from incubate.data.loaders import load_data
+from incubate.train.dist import Dist
+from incubate.train.engine import fit
+from incubate.train.step import StageRun, enable_grad_checkpointing
 from incubate.families import get_family
 from incubate.modular import Hybrid
 
@@ -145,7 +145,7 @@ def test_step_flops_count_the_attention_matmuls_of_fused_cpu_attention():
     and exceeds a bare FlopCounterMode count by exactly the attention's matmul FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from incubate.training import count_step_flops
+    from incubate.train.step import count_step_flops
     from incubate.tasks import get_task
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     fused, explicit = vit(2), vit(2)

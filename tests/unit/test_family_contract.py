@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from incubate import check_family, contract
-from incubate.config import ModelCfg
+from incubate.recipe.schema import ModelCfg
 from incubate.families import FAMILIES, Family
 from incubate.modular import split_state_dict
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from incubate.dist import Dist
-from incubate.faults import StepGuard
+from incubate.train.dist import Dist
+from incubate.train.faults import StepGuard
 
 
 def _guard(losses, norm=None, save=False):
@@ -41,7 +41,7 @@ def test_alone_a_failing_part_raises_at_once_and_a_working_one_returns_its_resul
 def _peer_adds(monkeypatch, ran_out: bool):
     """The all-reduce of 2 ranks as this rank sees it: the other rank adds its flags (no failure;
     whether its batches ran out)."""
-    from incubate import faults
+    from incubate.train import faults
     monkeypatch.setattr(faults.tdist, "all_reduce", lambda t: t.add_(torch.tensor([0.0, float(ran_out)],
                                                                                    dtype=t.dtype)))
 
@@ -52,7 +52,7 @@ def test_no_batch_left_at_a_stage_s_first_read_ends_the_epoch_on_every_rank(monk
     """A resume at a rank's last step (a whole batch dropped by data.on_bad_image: skip): no stand-in
     batch yet, so every rank ends the epoch before the forward, where DDP's collectives would start."""
     from types import SimpleNamespace
-    from incubate.training import micro_step
+    from incubate.train.step import micro_step
     _peer_adds(monkeypatch, peer_ran_out)
     forwards = []
     tr = SimpleNamespace(mixup=None, cfg=SimpleNamespace(amp="none", accum_steps=1), dist=Dist(world=2),

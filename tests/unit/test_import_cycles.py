@@ -92,13 +92,13 @@ def circles(graph: dict[str, set[str]], known_pairs=()) -> list[list[str]]:
 
 def test_no_import_circle_in_incubate_or_benchmarks():
     graph = import_graph(modules(ROOT))
-    assert graph["incubate.pipeline"] >= {"incubate.launchers", "incubate.rundir"}
+    assert graph["incubate.pipeline"] >= {"incubate.launchers", "incubate.store.rundir"}
     assert circles(graph, KNOWN) == []
 
 
 def test_the_run_directory_and_the_launchers_are_below_the_stages():
     graph = import_graph(modules(ROOT))
-    below = [m for m in graph if m == "incubate.rundir" or m.startswith("incubate.launchers")]
+    below = [m for m in graph if m == "incubate.store.rundir" or m.startswith("incubate.launchers")]
     assert len(below) > 5
     for m in below:
         reached, todo = set(), [m]
@@ -127,7 +127,7 @@ def test_a_launchers_job_wrapper_starts_without_torch():
     (the launchers, the run directory, the checkpoint module) must not cost torch's 3 s import."""
     import subprocess
     import sys
-    code = ("import sys, incubate.launchers, incubate.launchers.slurm, incubate.launchers.ray, incubate.rundir\n"
+    code = ("import sys, incubate.launchers, incubate.launchers.slurm, incubate.launchers.ray, incubate.store.rundir\n"
             "print(sorted(m for m in ('torch', 'timm', 'transformers', 'sklearn') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -126,7 +126,7 @@ def test_official_suffix_semantics_same_target_grads_but_wasted_suffix_grads():
 
 
 def test_frozen_suffix_grads_is_a_typed_incubate_setting(tiny_recipe):
-    from incubate.config import load_recipe
+    from incubate.recipe.schema import load_recipe
     from incubate.errors import UserError
     r = load_recipe(tiny_recipe, ["incubate.frozen_suffix_grads=false"])
     assert r.stage("incubate").frozen_suffix_grads is False and r.stage("meta").frozen_suffix_grads is True
@@ -148,7 +148,7 @@ def test_hybrid_holds_the_meta_model_less_the_replaced_module():
 def test_shared_data_order_gives_every_module_job_the_same_seed(tiny_recipe, tmp_path, monkeypatch):
     """Ours: each module job its own data order (seed + 1 + module); shared_data_order: the official
     code's single order (seed + 1 for every job)."""
-    from incubate.config import load_recipe
+    from incubate.recipe.schema import load_recipe
     from incubate.stages import incubate, meta
     run = tmp_path / "run"
     meta.main(load_recipe(tiny_recipe), run)
@@ -165,6 +165,6 @@ def test_shared_data_order_gives_every_module_job_the_same_seed(tiny_recipe, tmp
             with pytest.raises(RuntimeError, match="stop after"):
                 incubate.main(load_recipe(tiny_recipe, [f"incubate.shared_data_order={str(shared).lower()}"]),
                               run, module)
-            from incubate.lock import release
+            from incubate.store.lock import release
             release(run / "modules" / str(module))
     assert seen == {False: [1, 3], True: [1, 1]}

@@ -7,11 +7,11 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from incubate import sharded
-from incubate.dist import Dist
+from incubate.store import sharded
+from incubate.train.dist import Dist
 from incubate.errors import UserError
-from incubate.parallel import Trainee, full_state, gpu_defaults, shard
-from incubate.training import clip_sharded
+from incubate.train.parallel import Trainee, full_state, gpu_defaults, shard
+from incubate.train.step import clip_sharded
 
 
 class Blocks:
@@ -113,10 +113,10 @@ def test_tf32_and_cudnn_autotuning_on_cuda_in_fp32_only(cuda_settings):
 def test_fsdp_in_one_process_trains_a_hybrid_as_ddp_does(tmp_path, group_of_one):
     """Accumulation (set_requires_gradient_sync), clipping of sharded gradients, mixup, eval_every and
     grad checkpointing under fsdp: the weights of the same fit without it; the meta model untouched."""
-    from incubate.config import DataCfg, TrainCfg
-    from incubate.data import load_data
-    from incubate.engine import fit
-    from incubate.training import StageRun
+    from incubate.recipe.schema import DataCfg, TrainCfg
+    from incubate.data.loaders import load_data
+    from incubate.train.engine import fit
+    from incubate.train.step import StageRun
     from .test_engine import hybrid
     data = DataCfg(source="digits", img_size=8, train_fraction=0.05)      # 5 steps: fsdp's DTensors are slow on tiny CPU models
     nets = {}
@@ -126,7 +126,7 @@ def test_fsdp_in_one_process_trains_a_hybrid_as_ddp_does(tmp_path, group_of_one)
         cfg = TrainCfg(epochs=1, batch_size=16, accum_steps=2, lr=2e-3, lr_base_batch=32, clip_grad=0.5, mixup=0.2,
                        eval_every=2, grad_checkpointing=True, parallel=parallel)
         fit(net.trainee(), cfg, load_data(data), data, StageRun(Dist(), 0, tmp_path / parallel, "t"))
-    from incubate.parallel import full_state
+    from incubate.train.parallel import full_state
     want, got = nets["ddp"].runner.model.state_dict(), full_state(nets["fsdp"].runner.model)
     assert want.keys() == got.keys()
     for k in want:

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from incubate import memory, plan_jobs
-from incubate.config import load_recipe
-from incubate.plan import Options, parse_memory, placement
+from incubate.plan import memory, jobs as plan_jobs
+from incubate.recipe.schema import load_recipe
+from incubate.plan.estimate import Options, parse_memory, placement
 
 from ..conftest import ROOT
 
@@ -92,7 +92,7 @@ def test_fsdp_at_two_ranks_holds_half_the_model_state_and_rescaling_from_eight_i
 
 def test_flops_a_token_are_the_stages_own_count():
     from incubate.tasks.causal_lm import _NextTokenLoss
-    from incubate.training import count_step_flops
+    from incubate.train.step import count_step_flops
     s = setting("quickstart_lm.yaml", LM)
     make, depth, data, loss, shape = parts(s, "incubate", 2)
     estimate, _ = memory.scaled_trace(lambda d: memory.trace_step(lambda: make(d), data, loss, shape), depth)
@@ -155,6 +155,6 @@ def test_the_command_prints_every_job_and_its_json():
     hybrid = p["jobs"][1]
     assert hybrid["frozen"] > 0 and hybrid["params"] == hybrid["trained"] + hybrid["frozen"]
     assert set(p["methods"]) == {"ours", "e2e", "growth"} and p["methods"]["e2e"]["gpu_hours"] > 0
-    from incubate.plan_table import table
+    from incubate.plan.table import table
     text = table(p)
     assert "hybrid 3" in text and "fsdp x64" in text and "ours" in text

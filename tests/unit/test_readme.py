@@ -45,3 +45,16 @@ def test_the_cli_page_shows_the_registry_of_stages():
         assert f"`incubate {stage.command}" in row and stage.produces in row
         folder = stage.folder.replace("{module}", "I") + "/" if stage.folder else "none"
         assert folder in row, (stage.name, row)
+
+
+def test_the_layout_names_every_folder_and_top_module_and_the_layout_page_every_module():
+    """README's Layout shows the folders (and the modules on top); docs/layout.md names every module."""
+    readme = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    page = (ROOT / "docs/layout.md").read_text()
+    pkg = ROOT / "incubate"
+    folders = [p.name for p in pkg.iterdir() if (p / "__init__.py").exists()]
+    tops = [p.name for p in pkg.glob("*.py") if p.name != "__init__.py"]
+    assert [f for f in folders if f"{f}/" not in readme] == []
+    assert [m for m in tops if m not in readme] == []
+    inner = [p for p in pkg.rglob("*.py") if p.name != "__init__.py" and p.parent != pkg]
+    assert [str(p.relative_to(pkg)) for p in inner if p.name not in page and p.stem not in page] == []

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 from incubate.report import table
 from incubate.status import _metric, stage_status
-from incubate.rundir import StageDir
+from incubate.store.rundir import StageDir
 from incubate.tasks import get_task
 
 WER = SimpleNamespace(name="speech", headline="wer", higher_is_better=False, headline_label="word error rate (%)",

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from incubate.config import ModelCfg
+from incubate.recipe.schema import ModelCfg
 from incubate.errors import UserError
 from incubate.families import get_family
 from incubate.modular import Hybrid
@@ -99,7 +99,7 @@ def test_not_a_resnet_is_refused():
 
 
 def test_import_official_is_refused_for_resnets(tmp_path):
-    from incubate.config import load_recipe
+    from incubate.recipe.schema import load_recipe
     from incubate.interop import import_official
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes/fashion_mnist_resnet.yaml")
     with pytest.raises(UserError, match="import-official reads the official code's ViT checkpoints"):
@@ -108,7 +108,7 @@ def test_import_official_is_refused_for_resnets(tmp_path):
 
 
 def test_grad_checkpointing_is_refused_as_it_would_update_batchnorm_twice(tmp_path):
-    from incubate.config import load_recipe
+    from incubate.recipe.schema import load_recipe
     torch.manual_seed(0)
     model = FAMILY.build("cifar_resnet20", {"num_classes": 10, "in_chans": 1}).train()
     model.set_grad_checkpointing(True)        # what timm's own flag does to a training BatchNorm

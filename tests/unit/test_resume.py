@@ -6,15 +6,15 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from incubate import resume
-from incubate.checkpoint import load_training_state, previous_checkpoint
-from incubate.config import AugmentCfg, DataCfg, TrainCfg
-from incubate.data import load_data
-from incubate.dist import Dist
-from incubate.engine import fit
+from incubate.store import resume
+from incubate.store.checkpoint import load_training_state, previous_checkpoint
+from incubate.recipe.schema import AugmentCfg, DataCfg, TrainCfg
+from incubate.data.loaders import load_data
+from incubate.train.dist import Dist
+from incubate.train.engine import fit
 from incubate.families import get_family
-from incubate.parallel import Trainee
-from incubate.training import StageRun
+from incubate.train.parallel import Trainee
+from incubate.train.step import StageRun
 
 
 class Stop(Exception):

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from incubate.checkpoint import save_weights
-from incubate.config import load_recipe
+from incubate.store.checkpoint import save_weights
+from incubate.recipe.schema import load_recipe
 from incubate.errors import UserError
-from incubate.safe_read import MAX_DEPTH, read_json, read_json_lines
+from incubate.store.safe_read import MAX_DEPTH, read_json, read_json_lines
 from tests.conftest import in_process, one_error_line
 
 

@@ -3,7 +3,7 @@ whole model take theirs from it."""
 import ast
 from pathlib import Path
 
-from incubate.seeds import stage_seed
+from incubate.train.seeds import stage_seed
 
 STAGES = Path(__file__).resolve().parents[2] / "incubate" / "stages"
 
@@ -20,7 +20,7 @@ def test_every_stage_keeps_its_seed_but_finetune_which_no_module_reaches():
 
 
 def test_no_stage_writes_its_own_seed_offset():
-    """The seeds come from incubate/seeds.py only: no stage adds a number to recipe.seed itself."""
+    """The seeds come from incubate/train/seeds.py only: no stage adds a number to recipe.seed itself."""
     for path in sorted(STAGES.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from incubate import cli, config, stage_registry
-from incubate.checkpoint import write_json_atomic
-from incubate.config import Recipe
+from incubate import cli, stage_registry
+from incubate.recipe import schema as config
+from incubate.store.checkpoint import write_json_atomic
+from incubate.recipe.schema import Recipe
 from incubate.errors import UserError
 from incubate.pipeline import phases
-from incubate.rundir import StageDir, stage_dirs
+from incubate.store.rundir import StageDir, stage_dirs
 from incubate.stage_registry import ALL, by_command, names
 
 ROOT = Path(__file__).resolve().parents[2]

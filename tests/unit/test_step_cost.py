@@ -82,7 +82,7 @@ def test_agreement_cost_times_steps_with_and_without_the_agreement(tmp_path, mon
     """--agreement: fits alternately with the step guard and with it patched to a no-op; one rank runs in
     this very process, and leaves neither its step hook nor the patch behind."""
     from torch.optim import optimizer
-    from incubate import faults
+    from incubate.train import faults
     from benchmarks import agreement_cost
     hooks, guard = dict(optimizer._global_optimizer_pre_hooks), dict(vars(faults.StepGuard))
     monkeypatch.setattr(agreement_cost.subprocess, "Popen", None)      # no second process

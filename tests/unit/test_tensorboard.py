@@ -12,14 +12,14 @@ import timm
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from incubate.config import DataCfg, TrainCfg
-from incubate.data import load_data
-from incubate.dist import Dist
-from incubate.engine import fit
+from incubate.recipe.schema import DataCfg, TrainCfg
+from incubate.data.loaders import load_data
+from incubate.train.dist import Dist
+from incubate.train.engine import fit
 from incubate.families import get_family
-from incubate.parallel import Trainee
-from incubate.training import StageRun
-from incubate.tblog import TAGS, Events, tensorboard_dir
+from incubate.train.parallel import Trainee
+from incubate.train.step import StageRun
+from incubate.train.tblog import TAGS, Events, tensorboard_dir
 
 DATA = DataCfg(source="digits", img_size=8, train_fraction=0.2)
 
@@ -117,7 +117,7 @@ def test_a_resumed_writer_in_the_same_second_sorts_after_the_stale_file(tmp_path
 def test_a_stage_stopped_by_an_error_keeps_its_last_steps(tmp_path):
     # as when fit raises (a NaN loss): the process exits without closing the writer
     stage = tmp_path / "run" / "meta"
-    code = ("import sys, time; from incubate.tblog import Events\n"
+    code = ("import sys, time; from incubate.train.tblog import Events\n"
             f"ev = Events({str(stage)!r}, True, 0, 1, 10)\n"
             "for step in (1, 2, 3): ev.update(step, float(step), 32 * step, 0.0, None, 0.1)\n"
             "raise SystemExit(2)\n")

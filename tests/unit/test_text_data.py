@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from incubate.errors import UserError
-from incubate.text_data import TextLoader, load_text, split_corpus
+from incubate.data.text import TextLoader, load_text, split_corpus
 
 from ..conftest import make_corpus, one_error_line, run_main, write_recipe, TINY_LM
 
@@ -107,7 +107,7 @@ def test_bpe_is_trained_on_the_training_split_only(tmp_path, capsys):
         f.write_text(f.read_text() + word * 40)
         assert f in split_corpus(root, 0.2, seed=0)[3 if where == "held" else 2]    # still in that split
         bundle = load_text(_bpe(), str(root), tmp_path / f"run_{where}")
-        from incubate.text_data import read_tokenizer
+        from incubate.data.text import read_tokenizer
         tok, digest = read_tokenizer(tmp_path / f"run_{where}" / "tokenizer.json", 300)
         assert bundle.vocab_size == 300 and bundle.tokenizer_sha256 == digest
         (held if where == "held" else trained).extend([len(tok.encode(word).ids),
@@ -152,7 +152,7 @@ def test_bpe_is_saved_once_in_the_run_and_loaded_after(tmp_path, capsys):
 def test_bpe_bits_per_byte_count_the_bytes_of_the_predicted_tokens(tmp_path):
     """The denominator of bits per byte is the UTF-8 bytes the predicted (target) tokens stand for: what
     a byte run of the same corpus divides by, less what BPE's first token and tail leave unpredicted."""
-    from incubate.text_data import read_tokenizer
+    from incubate.data.text import read_tokenizer
     root = make_corpus(tmp_path / "c")
     held = split_corpus(root, 0.2, seed=0)[1]
     for context in (1, 16):
@@ -173,7 +173,7 @@ def test_bpe_bits_per_byte_count_the_bytes_of_the_predicted_tokens(tmp_path):
 
 
 def test_bpe_cuts_a_single_file_at_a_character(tmp_path):
-    from incubate.text_data import _split, pieces
+    from incubate.data.text import _split, pieces
     f = tmp_path / "one.txt"
     f.write_text("é" * 200)                       # 400 bytes; a 10.25% tail would cut a character in two
     train, test, _, _ = split_corpus(f, 0.1025, seed=0)

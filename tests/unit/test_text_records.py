@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from incubate import records, text_data
+from incubate.data import records, text as text_data
 from incubate.errors import UserError
-from incubate.text_data import load_text, split_corpus
+from incubate.data.text import load_text, split_corpus
 
 from ..conftest import TINY_LM, make_corpus, one_error_line, run_main, write_recipe
 
@@ -119,7 +119,7 @@ def test_the_key_covers_kind_column_and_bytes_and_the_same_corpus_maps_its_entry
     load_text(_cfg("jsonl:x", cache_dir=cache), str(path))
     assert len(entries()) == 4
     load_text(_cfg("text:x", cache_dir=cache), str(make_corpus(tmp_path / "files")))
-    from incubate import token_cache
+    from incubate.data import token_cache
     key = token_cache.corpus_key(tmp_path / "files", text_data._files(tmp_path / "files"), {
         "val_fraction": 0.2, "subset_seed": 0, "tokenizer": "byte", "tokenizer_sha256": ""})
     assert key in entries()                 # text files keep the key they had before records came
@@ -203,7 +203,7 @@ def test_text_column_settings_are_checked(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_record_corpus_trains_and_the_next_start_maps_its_cache(tmp_path, capsys, hf, monkeypatch, kind):
-    from incubate.config import load_recipe
+    from incubate.recipe.schema import load_recipe
     folder, path = corpus(tmp_path, kind)
     recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"{kind}:{path}")
     run = tmp_path / "run"

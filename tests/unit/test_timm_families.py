@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from incubate.config import ModelCfg
+from incubate.recipe.schema import ModelCfg
 from incubate.errors import UserError
 from incubate.families import FAMILIES
 from incubate.families.vit import check_structure

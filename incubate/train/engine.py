@@ -19,17 +19,16 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from . import resume
+from ..store import resume
 from .budget import Budget, plan
-from .data import make_loader
+from ..data.loaders import make_loader
 from .dist import Dist
-from .errors import UserError
+from ..errors import UserError
 from .faults import FAILED, StepGuard, Verdict, everywhere, guarded
 from .stagelog import StageLog
-from .tasks import get_task
+from ..tasks import get_task
 from .parallel import Trainee, check_fsdp, gpu_defaults
-from .training import (StageRun, Training, clip_grads, count_step_flops, micro_step, optimizer_step, set_up,
-                       wrap)
+from .step import StageRun, Training, clip_grads, count_step_flops, micro_step, optimizer_step, set_up, wrap
 from .validation import PeriodicEval, evaluate
 
 

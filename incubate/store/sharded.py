@@ -18,8 +18,8 @@ from pathlib import Path
 import torch.distributed as tdist
 
 from .checkpoint import uninterrupted
-from .errors import UserError
-from .parallel import reshard
+from ..errors import UserError
+from ..train.parallel import reshard
 
 NAME, PREVIOUS, STATE = "checkpoint.dcp", "checkpoint.prev.dcp", "state.json"
 

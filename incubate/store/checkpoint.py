@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .errors import UserError
+from ..errors import UserError
 from .safe_read import read_json  # noqa: F401  (the one JSON reader; imported from here by older code)
 
 

@@ -42,7 +42,7 @@ import torch
 
 from . import records, token_cache
 from .bpe import RESTORE, TOKENIZER_FILE, encode, pieces, read_tokenizer, run_tokenizer, train_checked  # noqa: F401
-from .errors import UserError
+from ..errors import UserError
 from .order import epoch_order
 from .records import Documents
 
@@ -311,7 +311,7 @@ def _check_windows(name: str, n_tokens: int, root: Path, context: int) -> None:
 
 def _train_and_save(cfg, root: Path, path: Path):
     """Train BPE on the training split, check that both splits still make a window, save it."""
-    from .checkpoint import write_bytes_atomic
+    from ..store.checkpoint import write_bytes_atomic
     kind = _kind(cfg)
     train, test, _, _ = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=True, kind=kind,
                                column=getattr(cfg, "text_column", "text"))

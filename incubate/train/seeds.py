@@ -13,7 +13,7 @@ from the same target weights E2E starts from. The offsets below seed `fit`:
 """
 from __future__ import annotations
 
-from .stage_registry import E2E, FINETUNE, GROW, INCUBATE, META
+from ..stage_registry import E2E, FINETUNE, GROW, INCUBATE, META
 
 OFFSETS = {META: 0, E2E: 0, FINETUNE: -1, GROW: 1000}
 FIRST_MODULE = 1

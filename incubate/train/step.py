@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .budget import make_scheduler
-from .errors import UserError
+from ..errors import UserError
 from .faults import FAILED, RAN_OUT
 from .parallel import Trainee, replicate, shard
 

@@ -27,8 +27,8 @@ import torch.distributed as tdist
 
 from . import sharded
 from .checkpoint import jsonable, load_training_state, previous_checkpoint, save_training_state
-from .errors import UserError
-from .faults import guarded
+from ..errors import UserError
+from ..train.faults import guarded
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Checks of a recipe that span keys (or need the model family); each key's own type, choices and
-bounds are declared in incubate/config.py and checked as the recipe is read."""
+bounds are declared in incubate/recipe/schema.py and checked as the recipe is read."""
 from __future__ import annotations
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def validate(recipe, stages, family_checks: bool = True) -> None:
@@ -12,7 +12,7 @@ def validate(recipe, stages, family_checks: bool = True) -> None:
     if len(recipe.meta_division) != len(m.division):
         raise UserError(f"model.meta_division has {len(recipe.meta_division)} modules but "
                         f"model.division has {len(m.division)}; give both the same K")
-    from .families import get_family, task_name
+    from ..families import get_family, task_name
     text = task_name(m.family) == "causal_lm"
     family = get_family(m.family) if family_checks else None      # imports timm or transformers
     if family is not None:
@@ -34,7 +34,7 @@ def validate(recipe, stages, family_checks: bool = True) -> None:
 
 def _validate_stage(stage: str, cfg, family, family_name: str, text: bool) -> None:
     if family is not None:
-        from .parallel import check_fsdp
+        from ..train.parallel import check_fsdp
         check_fsdp(cfg, family, f"{stage}.parallel")
     if cfg.grad_checkpointing and getattr(family, "no_grad_checkpointing", None):
         raise UserError(f"{stage}.grad_checkpointing: not for model.family {family_name}: "

@@ -1,4 +1,4 @@
-"""`incubate plan`'s plain-text tables, from the dict that `incubate.plan.plan` returns (--json prints
+"""`incubate plan`'s plain-text tables, from the dict that `incubate.plan.estimate.plan` returns (--json prints
 that dict itself)."""
 from __future__ import annotations
 

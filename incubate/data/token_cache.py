@@ -21,8 +21,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import UserError
-from .safe_read import read_json
+from ..errors import UserError
+from ..store.safe_read import read_json
 
 CACHE_DIR = "token_cache"       # in the run directory, unless data.cache_dir names another folder
 FORMAT = 1                      # bumped when the layout of an entry changes
@@ -153,7 +153,7 @@ def load_or_build(root: Path | None, key: str, vocab_size: int, tokenize: Callab
         dtype = dtype_for(vocab_size)
         join = lambda parts: np.concatenate([np.asarray(p, dtype=dtype) for p in parts] or [np.zeros(0, dtype)])
         return Tokens(join(made[0]), join(made[1]), list(made[2]), list(made[3]))
-    from .lock import waiting
+    from ..store.lock import waiting
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"       # in the run directory, with data.tokenizer: bpe
 BPE_MIN_FREQUENCY = 2                   # a merge joins a pair seen at least twice in the training text
@@ -123,7 +123,7 @@ def run_tokenizer(cfg, run, train_tokenizer: bool, train_and_save: Callable[[Pat
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write the run directory {run}: {e.strerror}; choose a writable --out") from None
-    from .lock import waiting
+    from ..store.lock import waiting
     try:
         with waiting(run / ".tokenizer.lock"):      # one process trains; the others wait, then load its file
             if path.exists():

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .checkpoint import read_only_message
-from .errors import UserError
+from ..errors import UserError
 
 _held: dict[str, int] = {}
 

@@ -1,13 +1,14 @@
 """The networks `incubate plan` traces, one a stage or module job, as the stages build them (the
 target, the meta model, hybrid i with the target pruned to module i), and their traces turned into
-the plan's figures (incubate/plan.py)."""
+the plan's figures (incubate/plan/estimate.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import UserError
-from .families import get_family, task_name
-from .families.base import weight_shapes
+from ..errors import UserError
+from ..families import get_family, task_name
+from ..families.base import weight_shapes
+from ..stage_registry import E2E, FINETUNE, GROW, INCUBATE, META
 from .memory import FSDP_REFERENCES, SCALE_DEPTHS, StepShape, Trace, rescale, scaled_trace, trace_step
 
 WORLDS = (1, 2, 4, 8, 16, 32, 64)       # devices at which FSDP's peak is given
@@ -84,7 +85,7 @@ def _loss(s: Setting, cfg):
     """The training loss (images: cross-entropy on hard labels; mixup's soft targets differ by one
     batch x classes tensor)."""
     if s.text:
-        from .tasks.causal_lm import _NextTokenLoss
+        from ..tasks.causal_lm import _NextTokenLoss
         return _NextTokenLoss(cfg.label_smoothing)
     from torch import nn
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -100,14 +101,14 @@ def _uniform(s: Setting) -> bool:
 
 def _maker(s: Setting, stage: str, index: int, drop_path: float, uniform: bool):
     """make(depth) -> (net, trained, model): depth the blocks of the scaled part (None: the recipe's)."""
-    from .modular import Hybrid
+    from ..modular import Hybrid
     division, meta_div = list(s.recipe.model.division), s.recipe.meta_division
-    if stage == "meta":
+    if stage == META:
         def make(depth):
             model = s.build(meta_div, meta=True, drop_path=drop_path)
             return model, model, model
         return make, None
-    if stage == "incubate":
+    if stage == INCUBATE:
         def make(depth):
             div = division if depth is None else [depth if j == index else 1 for j in range(len(division))]
             target = s.family.keep_only(s.build(div, drop_path=drop_path), div, index)
@@ -173,14 +174,14 @@ def trace_jobs(s: Setting) -> list[Job]:
     """Every stage and module job of the recipe, traced (jobs of equal networks and settings once)."""
     uniform = _uniform(s)
     k = len(s.recipe.model.division)
-    specs = [("meta", "meta", 0)] + [(f"hybrid {i}", "incubate", i) for i in range(k)] + \
-        [("finetune", "finetune", 0), ("e2e", "e2e", 0)]
+    specs = [(META, META, 0)] + [(f"hybrid {i}", INCUBATE, i) for i in range(k)] + \
+        [(FINETUNE, FINETUNE, 0), (E2E, E2E, 0)]
     if hasattr(s.family, "grow_from_meta"):
-        specs.append(("grow", "grow", 0))
+        specs.append((GROW, GROW, 0))
     cache, jobs = {}, []
     for name, stage, index in specs:
         cfg = s.recipe.stage(stage)
-        network = stage if stage in ("meta", "incubate") else "target"
+        network = stage if stage in (META, INCUBATE) else "target"
         key = (network, index, _shape(cfg), cfg.drop_path)
         if key not in cache:
             cache[key] = _traced(s, name, stage, index, uniform)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
-from .errors import UserError
+from ..errors import UserError
 
 FAILED = object()       # what StepGuard.run returns for a part that raised (under torchrun)
 RAN_OUT = object()      # what it returns for a read that found no batch left (under torchrun)

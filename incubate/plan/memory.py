@@ -2,7 +2,7 @@
 under FakeTensorMode (tensors with shapes and no storage) while torch's MemTracker (DDP: the plain
 step; the all-reduce buckets are added by count) or FSDPMemTracker (FSDP2 on a fake process group,
 `torch.testing._internal.distributed.fake_pg.FakeStore`, as torchtitan's estimator does) records
-every tensor alive at each moment. `incubate plan` (incubate/plan.py) reads these traces.
+every tensor alive at each moment. `incubate plan` (incubate/plan/estimate.py) reads these traces.
 
 The traced step is the steady one: the optimizer state exists before it (set up by one step on zero
 gradients), and with train.accum_steps > 1 two micro-steps run, the second with every gradient held.
@@ -153,7 +153,7 @@ def trace_step(make, data, loss_fn, shape: StepShape, family=None, world: int = 
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))     # the meta-device parameters
         net.to_empty(device="cpu")
         if shape.grad_checkpointing:
-            from .training import enable_grad_checkpointing
+            from ..train.step import enable_grad_checkpointing
             enable_grad_checkpointing(net, trained)
         trace = _counts(net, trained)
         if world:
@@ -260,7 +260,7 @@ def fake_process_group(world: int):
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
     if dist.is_initialized():
-        from .errors import UserError
+        from ..errors import UserError
         raise UserError("incubate plan traces on a fake process group of its own; run it outside torchrun")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from .checkpoint import (load_weights, previous_checkpoint, save_weights, uninterrupted, write_json_atomic,
                          write_text_atomic)
-from .config import Recipe, dump_recipe
-from .errors import UserError
+from ..recipe.schema import Recipe, dump_recipe
+from ..errors import UserError
 from .lock import hold, release
 from .safe_read import kind, read_json, read_yaml
-from .stage_registry import META, in_folders
-from .stage_registry import stage as registered
+from ..stage_registry import META, in_folders
+from ..stage_registry import stage as registered
 
 # Parts of the recipe that must not change inside one run directory: what the weights and the
 # dataset are. Training settings, loader settings and augmentation may change between stages.
@@ -90,7 +90,7 @@ def meta_fingerprint(run: Path) -> str:
 def check_tokenizer(m: dict, have: str, path: Path, what) -> None:
     """Refuse the tokenizer at `path` (SHA-256 `have`) unless it is the one manifest `m`'s stage
     (`what`) was trained with."""
-    from .bpe import RESTORE         # here: reading a run's folders needs no tokenizer code
+    from ..data.bpe import RESTORE         # here: reading a run's folders needs no tokenizer code
     want = (m.get("preprocess") or {}).get("tokenizer_sha256")
     if want and want != have:
         raise UserError(f"{path} (SHA-256 {have[:12]}) is not the tokenizer {what} was trained with ({want[:12]}, "

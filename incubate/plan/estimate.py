@@ -2,7 +2,7 @@
 
 For the meta model, every module job (hybrid i), the fine-tune, E2E and growth: parameters, FLOPs a
 token (text) or a sample (images) and for the stage's budget, peak memory a device under DDP and
-under FSDP at 1, 2, 4, ... 64 devices (incubate/memory.py: a fake-tensor training step at the
+under FSDP at 1, 2, 4, ... 64 devices (incubate/plan/memory.py: a fake-tensor training step at the
 recipe's batch and context, nothing allocated), the fewest devices each stage needs, and its cost in
 GPU-hours and wall-clock at a given MFU. Nothing is read from the data: the vocabulary comes from the
 tokenizer setting, an image recipe's classes and an epoch's samples from --classes / --train-samples
@@ -20,8 +20,9 @@ import re
 import time
 from dataclasses import dataclass
 
-from .errors import UserError
-from .plan_jobs import WORLDS, Job, Setting, trace_jobs
+from ..errors import UserError
+from ..stage_registry import E2E, FINETUNE, GROW, META
+from .jobs import WORLDS, Job, Setting, trace_jobs
 
 UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -95,11 +96,10 @@ def methods(jobs: list, k: int) -> dict:
     """GPU-hours and wall-clock of ours (meta + K jobs in parallel + fine-tune), E2E and growth (meta + grow)."""
     by = {j.name: j for j in jobs}
     hybrids = [by[f"hybrid {i}"] for i in range(k)]
-    rows = {"ours": ([by["meta"], *hybrids, by["finetune"]], [by["meta"], max(hybrids, key=_hours),
-                                                               by["finetune"]]),
-            "e2e": ([by["e2e"]], [by["e2e"]])}
-    if "grow" in by:
-        rows["growth"] = ([by["meta"], by["grow"]], [by["meta"], by["grow"]])
+    rows = {"ours": ([by[META], *hybrids, by[FINETUNE]], [by[META], max(hybrids, key=_hours), by[FINETUNE]]),
+            E2E: ([by[E2E]], [by[E2E]])}
+    if GROW in by:
+        rows["growth"] = ([by[META], by[GROW]], [by[META], by[GROW]])
     return {name: {"gpu_hours": _sum(j.run["gpu_hours"] for j in cost), "hours": _sum(j.run["hours"] for j in wall),
                    "flops": _sum(j.flops for j in cost)} for name, (cost, wall) in rows.items()}
 
@@ -125,7 +125,7 @@ def job_dict(j: Job) -> dict:
 def run_cli(load, options: Options, as_json: bool) -> None:
     """The command: options checked first (no recipe read for a bad one), then `load()`'s recipe planned."""
     import json
-    from .plan_table import table
+    from .table import table
     check_options(options)
     result = plan(load(), options)
     print(json.dumps(result, indent=1) if as_json else table(result))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from .datasets import Split, class_balanced_subset, read_cifar, read_digits, read_idx, read_imagefolder
-from .errors import UserError
+from ..errors import UserError
 from .order import epoch_order
 from .records import RECORD_SOURCES
 
@@ -47,7 +47,7 @@ def load_data(cfg, run=None, train_tokenizer: bool = True):
     tokenizer is RUN/tokenizer.json (`run`), trained there first if missing and `train_tokenizer`."""
     kind, _, arg = cfg.source.partition(":")
     if kind == "text" or kind in RECORD_SOURCES:
-        from .text_data import load_text
+        from .text import load_text
         return load_text(cfg, arg, run, train_tokenizer)
     readers = {"digits": lambda: read_digits(), "idx": lambda: read_idx(Path(arg)),
                "imagefolder": lambda: read_imagefolder(Path(arg)), "cifar10": lambda: read_cifar(Path(arg), "cifar10"),
@@ -218,7 +218,7 @@ class _ImageDataset(Dataset):
 
 def make_loader(bundle, split, cfg, batch: int, train: bool, seed: int, rank: int, world: int, device):
     """The loader of a bundle's split: images (Loader) or text windows (text_data.TextLoader)."""
-    from .text_data import TextBundle, TextLoader
+    from .text import TextBundle, TextLoader
     cls = TextLoader if isinstance(bundle, TextBundle) else Loader
     return cls(bundle, split, cfg, batch, train, seed, rank, world, device)
 

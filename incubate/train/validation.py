@@ -12,11 +12,11 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .data import make_loader
+from ..data.loaders import make_loader
 from .faults import guarded
 from .parallel import sharded
-from .tasks import get_task
-from .training import autocast
+from ..tasks import get_task
+from .step import autocast
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass

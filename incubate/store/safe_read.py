@@ -12,7 +12,7 @@ from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
-from .errors import UserError
+from ..errors import UserError
 
 MAX_BYTES = 8 << 20       # a recipe or a manifest is kilobytes
 MAX_NODES = 100_000       # values in the YAML once its aliases are expanded (a "billion laughs" has 10^9)

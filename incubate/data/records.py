@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from ..errors import UserError
 
 RECORD_SOURCES = ("jsonl", "parquet", "hf_disk")
 SUFFIXES = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"), "parquet": (".parquet",)}

@@ -1,5 +1,5 @@
 """The recipe's schema: typed dataclasses whose field types say what each key allows (checked by
-incubate/typed.py); YAML files and `--set key=value` overrides only set values."""
+incubate/recipe/typed.py); YAML files and `--set key=value` overrides only set values."""
 from __future__ import annotations
 
 import copy
@@ -10,11 +10,11 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
 
-from .errors import UserError
-from .recipe_checks import validate
+from ..errors import UserError
+from .checks import validate
 from . import registries
-from .safe_read import kind, parse_yaml, read_yaml
-from .stage_registry import launched, names
+from ..store.safe_read import kind, parse_yaml, read_yaml
+from ..stage_registry import launched, names
 from .typed import REGISTRIES, Choices, Items, Overrides, Plain, Range, Sections, Text, build
 
 STAGES = names(trains=True)         # the recipe's sections of a stage's own train values (fields of Recipe)

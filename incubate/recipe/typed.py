@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import UserError
+from ..errors import UserError
 
 # Whether Choices rules ask their registries (importing timm): off while a run directory's own
 # recipe is read (checked when it was written), so that `status` stays free of torch.

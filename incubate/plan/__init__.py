@@ -1,0 +1,1 @@
+"""`incubate plan`: what each stage and module job needs in memory, devices and GPU-hours, from fake-tensor training steps (memory.py), the networks each stage builds (jobs.py), the estimate (estimate.py) and its tables (table.py)."""

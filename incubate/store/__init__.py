@@ -1,0 +1,1 @@
+"""The run directory and what is stored in it: folders and manifests (rundir.py), atomic files and weights (checkpoint.py), mid-stage checkpoints (resume.py, sharded.py), locks, and the one safe reader of every file on disk (safe_read.py)."""

@@ -1,0 +1,1 @@
+"""The training loop and its parts: the epoch loop (engine.py), one step (step.py), the trained part wrapped for DDP or FSDP (parallel.py), the ranks (dist.py, faults.py), budgets, evaluation during training, the stage's log."""
