@@ -183,9 +183,14 @@ def part_tests(args, out: Path, work: Path, limit: float) -> dict:
 def agreement_run(args, work: Path, limit: float) -> dict:
     """step_cost.py --agreement: a step with the ranks' agreement against with it a no-op."""
     base = work / "agreement"
-    base.with_suffix(".json").unlink(missing_ok=True)
     cmd = [args.python, "benchmarks/step_cost.py", "--agreement", "--threads", 1, "--out", base]
-    res = run_logged(cmd + (SMOKE_AGREEMENT if args.smoke else AGREEMENT), limit, None)
+    return json_result(cmd + (SMOKE_AGREEMENT if args.smoke else AGREEMENT), base, limit)
+
+
+def json_result(cmd: list, base: Path, limit: float) -> dict:
+    """Run a benchmark that writes BASE.json: its figures with the run's record, or why there are none."""
+    base.with_suffix(".json").unlink(missing_ok=True)
+    res = run_logged(cmd, limit, None)
     if base.with_suffix(".json").exists():
         return dict(json.loads(base.with_suffix(".json").read_text()), run=res)
     return {"run": res, "error": "killed at its time limit" if res["timed_out"] else f"exit {res['rc']}"}
@@ -193,29 +198,25 @@ def agreement_run(args, work: Path, limit: float) -> dict:
 
 def agreement_md(agreement: dict) -> list:
     from benchmarks.agreement_cost import markdown
-    if "error" in agreement:
-        return [f"### agreement cost: FAILED ({agreement['error']})", "", "```",
-                agreement["run"].get("tail", ""), "```", ""]
-    return ["### agreement cost", "", markdown(agreement)]
+    return result_md("agreement cost", agreement, markdown)
+
+
+def result_md(title: str, result: dict, markdown) -> list:
+    if "error" in result:
+        return [f"### {title}: FAILED ({result['error']})", "", "```", result["run"].get("tail", ""), "```", ""]
+    return [f"### {title}", "", markdown(result)]
 
 
 def plan_check_run(args, work: Path, limit: float) -> dict:
     """benchmarks/plan_check.py: the plan's peak-memory estimate against a real hybrid and E2E step."""
     base = work / "plan_check"
-    base.with_suffix(".json").unlink(missing_ok=True)
     cmd = [args.python, "-m", "benchmarks.plan_check", "--out", base] + (["--smoke"] if args.smoke else [])
-    res = run_logged(cmd, limit, None)
-    if base.with_suffix(".json").exists():
-        return dict(json.loads(base.with_suffix(".json").read_text()), run=res)
-    return {"run": res, "error": "killed at its time limit" if res["timed_out"] else f"exit {res['rc']}"}
+    return json_result(cmd, base, limit)
 
 
 def plan_check_md(check: dict) -> list:
     from benchmarks.plan_check import markdown
-    if "error" in check:
-        return [f"### plan estimate vs measured: FAILED ({check['error']})", "", "```",
-                check["run"].get("tail", ""), "```", ""]
-    return ["### plan estimate vs measured", "", markdown(check)]
+    return result_md("plan estimate vs measured", check, markdown)
 
 
 def part_step_cost(args, out: Path, work: Path, deadline: float, env: dict) -> dict:

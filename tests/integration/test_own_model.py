@@ -32,12 +32,18 @@ def _trainer(net, data, out):
     return Trainer(model=net, args=args, train_dataset=data.train, eval_dataset=data.held_out)
 
 
-def test_own_model_trained_by_trainer_on_the_runs_data_goes_through_the_cli(tmp_path, capsys):
+def _meta_run(tmp_path, capsys):
+    """A Starcoder2 run (the project lists no such name) with its meta model trained by the CLI."""
     corpus = make_corpus(tmp_path / "corpus", files=2, chars=1500)
     recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}", model__name="starcoder2",
                           model__kwargs=KWARGS, model__division=[2, 1], meta__epochs=1)
     run = tmp_path / "run"
     assert run_main(capsys, "meta", "--recipe", recipe, "--out", run)[0] == 0
+    return recipe, run
+
+
+def test_own_model_trained_by_trainer_on_the_runs_data_goes_through_the_cli(tmp_path, capsys):
+    recipe, run = _meta_run(tmp_path, capsys)
     meta, data = incubate.load_stage(run, "meta"), incubate.run_data(run)
     assert data.tokenizer is None and len(data.train) > 0 and len(data.held_out) > 0
     target = _own_target(TINY_LM["data"]["context"])
@@ -65,11 +71,7 @@ def test_own_model_trained_by_trainer_on_the_runs_data_goes_through_the_cli(tmp_
 
 
 def test_save_module_names_what_differs_from_the_runs_target(tmp_path, capsys):
-    corpus = make_corpus(tmp_path / "corpus", files=2, chars=1500)
-    recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}", model__name="starcoder2",
-                          model__kwargs=KWARGS, model__division=[2, 1], meta__epochs=1)
-    run = tmp_path / "run"
-    assert run_main(capsys, "meta", "--recipe", recipe, "--out", run)[0] == 0
+    recipe, run = _meta_run(tmp_path, capsys)
     from transformers import Starcoder2Config, Starcoder2ForCausalLM
     config = Starcoder2Config(**KWARGS, num_hidden_layers=3, vocab_size=256, max_position_embeddings=16,
                               tie_word_embeddings=False, norm_epsilon=1e-3)      # same shapes, another norm
