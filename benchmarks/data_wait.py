@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.step_jobs import make_job, step, sync
 from incubate.recipe.schema import DataCfg
-from incubate.data.loaders import DataBundle, Loader, Split
+from incubate.data.loaders import DataBundle, Loader, Reader, Split
 
 
 def data_wait(p: dict, args, device, amp: str) -> list:
@@ -37,7 +37,7 @@ def data_wait(p: dict, args, device, amp: str) -> list:
         cfg = DataCfg(source="synthetic", img_size=p["img"], **data_kw)
         for key, value in aug_kw.items():
             setattr(cfg.augment, key, value)
-        loader = Loader(bundle, split, cfg, p["batch"], True, 0, 0, 1, device)
+        loader = Loader(bundle, split, cfg, Reader(p["batch"], True, 0, 0, 1, device))
 
         def batches():
             epoch = 0

@@ -17,7 +17,7 @@ import torch
 
 from incubate.store.checkpoint import load_weights
 from incubate.recipe.schema import load_recipe
-from incubate.data.loaders import Loader, load_data
+from incubate.data.loaders import Loader, Reader, load_data
 from incubate.families import get_family
 from incubate.modular import run_module
 
@@ -41,7 +41,7 @@ def main() -> None:
     meta, target = load(family, run, "meta"), load(family, run, "assembled")
     div, mdiv = recipe.model.division, recipe.meta_division
     bundle = load_data(recipe.data)
-    loader = Loader(bundle, bundle.test, recipe.data, args.images, False, 0, 0, 1, "cpu")
+    loader = Loader(bundle, bundle.test, recipe.data, Reader(args.images, False, 0, 0, 1, "cpu"))
     x, y = next(iter(loader.epoch(0)))
     print(f"{run}: {len(y)} test images\n\n| chain | top-1 (%) | token norm after each boundary |\n|---|---:|---|")
     for chain in itertools.product("MT", repeat=len(div)):

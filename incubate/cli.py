@@ -133,11 +133,11 @@ def dispatch(args) -> None:
         return
     recipe = load_recipe(args.recipe, args.set)
     if args.cmd == "run":
-        from .pipeline import run
+        from .pipeline import Launch, run
         if args.launcher is None and (args.jobs != 1 or args.retries is not None or args.address):
             raise UserError("--jobs, --retries and --address need --launcher local, ray or slurm")
-        run(recipe, args.out, with_e2e=not args.no_e2e, with_grow=args.grow, launcher=args.launcher, jobs=args.jobs,
-            retries=args.retries, address=args.address)
+        launch = None if args.launcher is None else Launch(args.launcher, args.jobs, args.retries, args.address)
+        run(recipe, args.out, with_e2e=not args.no_e2e, with_grow=args.grow, launch=launch)
     elif args.cmd == "import-official":
         from .interop import import_official
         import_official(recipe, args.checkpoint, args.out, args.as_)

@@ -24,6 +24,7 @@ import torch
 from .store.checkpoint import read_json, save_weights, sha256_file, write_json_atomic
 from .recipe.schema import Recipe
 from .data.loaders import Loader, load_data
+from .data.order import Reader
 from .train.engine import evaluate
 from .errors import UserError
 from .families import get_family
@@ -150,8 +151,8 @@ def import_official(recipe: Recipe, ckpt, out, as_: str) -> dict:
     _refuse_to_overwrite(stage)        # again under the lock: another process may have written it meanwhile
     t0 = time.perf_counter()
     model.to(ctx.dist.device)
-    loader = Loader(ctx.bundle, ctx.bundle.test, recipe.data, recipe.data.eval_batch_size, False,
-                    recipe.seed, ctx.dist.rank, ctx.dist.world, ctx.dist.device)
+    loader = Loader(ctx.bundle, ctx.bundle.test, recipe.data, Reader(
+        recipe.data.eval_batch_size, False, recipe.seed, ctx.dist.rank, ctx.dist.world, ctx.dist.device))
     metrics = evaluate(model, loader, ctx.dist)
     print(f"[import] {stage.label} from {ckpt}: test top-1 {metrics['top1']:.2f}%", flush=True)
     seconds = time.perf_counter() - t0

@@ -7,6 +7,7 @@ weights, handed over through the run directory.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .recipe.schema import Recipe
@@ -24,9 +25,19 @@ def phases(recipe: Recipe, out, with_e2e: bool = True, with_grow: bool = False) 
     return [[Job(s.command, run, i) for i in (range(k) if s.per_module else [None])] for s in picked]
 
 
-def run(recipe: Recipe, out, with_e2e: bool = True, launcher: str | None = None, jobs: int = 1,
-        retries: int | None = None, address: str | None = None, with_grow: bool = False) -> dict:
-    if launcher is None:
+@dataclass(frozen=True)
+class Launch:
+    """`incubate run --launcher NAME --jobs N --retries R --address A`: every stage a job of `launcher`,
+    `jobs` at once, each retried `retries` times (None: the recipe's launch.retries)."""
+    launcher: str
+    jobs: int = 1
+    retries: int | None = None
+    address: str | None = None
+
+
+def run(recipe: Recipe, out, with_e2e: bool = True, launch: Launch | None = None, with_grow: bool = False) -> dict:
+    """Every stage of the run in order; in this process, or as jobs of `launch.launcher`."""
+    if launch is None:
         for phase in phases(recipe, out, with_e2e, with_grow):
             for job in phase:
                 job.main(recipe, out)
@@ -34,11 +45,11 @@ def run(recipe: Recipe, out, with_e2e: bool = True, launcher: str | None = None,
         from .launchers import make_launcher, run_jobs
         from .store.rundir import check_run_recipe, write_run_recipe
         check_run_recipe(Path(out), recipe)
-        engine = make_launcher(launcher, recipe, Path(out), address)   # refuses a shape it cannot run first
+        engine = make_launcher(launch.launcher, recipe, Path(out), launch.address)   # refuses a bad shape first
         if not all(job.dir.finished() for phase in phases(recipe, out, with_e2e, with_grow) for job in phase):
             write_run_recipe(Path(out), recipe)      # the jobs read the run's recipe.yaml, nothing else
         for phase in phases(recipe, out, with_e2e, with_grow):
-            run_jobs(engine, phase, jobs, recipe.launch.retries if retries is None else retries)
+            run_jobs(engine, phase, launch.jobs, recipe.launch.retries if launch.retries is None else launch.retries)
     if setup_dist(recipe.device).main:
         from .report import report
         return report(Path(out))

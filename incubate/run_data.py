@@ -82,11 +82,12 @@ class RunData:
         """The loader a stage builds (one process): `epoch(e)` yields (inputs, targets) batches of
         `batch` (default the recipe's train.batch_size), training order and augmentation included."""
         from .data.loaders import make_loader
+        from .data.order import Reader
         if split not in ("train", "held_out"):
             raise UserError(f"split {split!r} is neither 'train' nor 'held_out'")
         part = self.bundle.train if split == "train" else self.bundle.test
-        return make_loader(self.bundle, part, self.recipe.data, batch or self.recipe.train.batch_size,
-                           split == "train", seed, 0, 1, device)
+        return make_loader(self.bundle, part, self.recipe.data,
+                           Reader(batch or self.recipe.train.batch_size, split == "train", seed, 0, 1, device))
 
 
 def run_data(run) -> RunData:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 
 from .datasets import Split, class_balanced_subset, read_cifar, read_digits, read_idx, read_imagefolder
 from ..errors import UserError
-from .order import epoch_order
+from .order import Reader, epoch_order
 from .records import RECORD_SOURCES
 
 
@@ -156,8 +156,8 @@ class _EpochSampler(Sampler):
     of workers and whatever epochs ran before in this process (a resumed run replays them).
     """
 
-    def __init__(self, n: int, seed: int, rank: int, world: int, batch: int, train: bool, repeats: int = 1):
-        self.n, self.seed, self.rank, self.world, self.batch, self.train = n, seed, rank, world, batch, train
+    def __init__(self, n: int, reader: Reader, repeats: int = 1):
+        self.n, self.reader, self.seed, self.rank = n, reader, reader.seed, reader.rank
         self.repeats = repeats
         self.epoch, self.start = 0, 0
 
@@ -165,8 +165,7 @@ class _EpochSampler(Sampler):
         self.epoch, self.start = epoch, start      # start: samples to leave out (a mid-epoch resume)
 
     def _order(self):
-        return epoch_order(self.n, self.seed, self.epoch, self.rank, self.world, self.batch, self.train,
-                           self.repeats)
+        return epoch_order(self.n, self.epoch, self.reader, self.repeats)
 
     def __iter__(self):
         base = (self.seed * 7919 + self.epoch * 131 + self.rank) * 1_000_003
@@ -216,11 +215,11 @@ class _ImageDataset(Dataset):
         return self.transform(img), int(self.split.labels[i])
 
 
-def make_loader(bundle, split, cfg, batch: int, train: bool, seed: int, rank: int, world: int, device):
-    """The loader of a bundle's split: images (Loader) or text windows (text_data.TextLoader)."""
+def make_loader(bundle, split, cfg, reader: Reader):
+    """The loader of a bundle's split for `reader`: images (Loader) or text windows (text.TextLoader)."""
     from .text import TextBundle, TextLoader
     cls = TextLoader if isinstance(bundle, TextBundle) else Loader
-    return cls(bundle, split, cfg, batch, train, seed, rank, world, device)
+    return cls(bundle, split, cfg, reader)
 
 
 def image_transform(bundle, aug, train: bool):
@@ -243,10 +242,10 @@ def image_transform(bundle, aug, train: bool):
 class Loader:
     """Batches of one split for one rank; `epoch(e)` yields (images, labels) on `device`."""
 
-    def __init__(self, bundle: DataBundle, split: Split, cfg, batch: int, train: bool, seed: int,
-                 rank: int, world: int, device):
-        self.bundle, self.split, self.cfg, self.batch, self.train = bundle, split, cfg, batch, train
-        self.seed, self.rank, self.world, self.device = seed, rank, world, device
+    def __init__(self, bundle: DataBundle, split: Split, cfg, reader: Reader):
+        self.bundle, self.split, self.cfg, self.reader = bundle, split, cfg, reader
+        self.batch, self.train, self.seed = reader.batch, reader.train, reader.seed
+        self.rank, self.world, self.device = reader.rank, reader.world, reader.device
         self.skipped: list[str] = []     # unreadable files skipped since the last take_skipped()
         self.repeats = cfg.repeated_aug if train else 1
         aug = cfg.augment
@@ -277,8 +276,7 @@ class Loader:
         if self.per_image:
             yield from self._per_image(epoch, start)
             return
-        order = epoch_order(len(self.split), self.seed, epoch, self.rank, self.world, self.batch, self.train,
-                            self.repeats)
+        order = epoch_order(len(self.split), epoch, self.reader, self.repeats)
         aug = self.cfg.augment
         for start in range(start * self.batch, len(order), self.batch):
             idx = order[start:start + self.batch]
@@ -293,8 +291,7 @@ class Loader:
         """The per-image DataLoader, built once so that persistent workers outlive an epoch."""
         if self._dataloader is None:
             workers = self.cfg.num_workers
-            sampler = _EpochSampler(len(self.split), self.seed, self.rank, self.world, self.batch, self.train,
-                                    self.repeats)
+            sampler = _EpochSampler(len(self.split), self.reader, self.repeats)
             self._dataloader = DataLoader(self.dataset, batch_size=self.batch, sampler=sampler,
                                           num_workers=workers, pin_memory=self.pin, drop_last=self.train,
                                           persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,

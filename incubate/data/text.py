@@ -43,7 +43,7 @@ import torch
 from . import records, token_cache
 from .bpe import RESTORE, TOKENIZER_FILE, encode, pieces, read_tokenizer, run_tokenizer, train_checked  # noqa: F401
 from ..errors import UserError
-from .order import epoch_order
+from .order import Reader, epoch_order
 from .records import Documents
 
 BYTE_VOCAB = 256
@@ -330,10 +330,10 @@ def _train_and_save(cfg, root: Path, path: Path):
 class TextLoader:
     """Batches of one split's windows for one rank: `epoch(e)` yields (inputs, targets) on `device`."""
 
-    def __init__(self, bundle: TextBundle, split: TextSplit, cfg, batch: int, train: bool, seed: int,
-                 rank: int, world: int, device):
-        self.bundle, self.split, self.batch, self.train = bundle, split, batch, train
-        self.seed, self.rank, self.world, self.device = seed, rank, world, device
+    def __init__(self, bundle: TextBundle, split: TextSplit, cfg, reader: Reader):
+        self.bundle, self.split, self.reader = bundle, split, reader
+        self.batch, self.train, self.seed = reader.batch, reader.train, reader.seed
+        self.rank, self.world, self.device = reader.rank, reader.world, reader.device
 
     def __len__(self):
         n = len(self.split)
@@ -344,7 +344,7 @@ class TextLoader:
     def epoch(self, epoch: int, start: int = 0):
         """Batches of `epoch` from batch `start` on (a mid-epoch resume): the same batches an
         uninterrupted epoch yields from there (the order is the only randomness)."""
-        order = epoch_order(len(self.split), self.seed, epoch, self.rank, self.world, self.batch, self.train)
+        order = epoch_order(len(self.split), epoch, self.reader)
         for start in range(start * self.batch, len(order), self.batch):
             w = self.split.windows(order[start:start + self.batch])
             yield w[:, :-1].to(self.device), w[:, 1:].to(self.device)

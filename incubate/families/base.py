@@ -30,6 +30,7 @@ train.grad_checkpointing must be refused (ResNet).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -148,12 +149,20 @@ def copy_stem_and_head(target: nn.Module, meta: nn.Module, index: int, k: int, s
                 target_state[key].copy_(value)
 
 
-def init_blocks_from_meta(blocks, meta_blocks, division: list[int], meta_division: list[int], index: int,
-                          mode: str, residual_outputs, family: str) -> None:
-    """For init_from_meta of a residual stack (ViT blocks, decoder layers). mode "meta": the module's
-    first blocks copy the meta module's, the others start as the identity (`residual_outputs(block)`,
-    the projections that end each residual branch, are zeroed); mode "stack": every block copies a
-    meta block, cycling through the meta module's."""
+@dataclass(frozen=True)
+class Slot:
+    """Module `index` of a division: its blocks under `division`, the meta module's under `meta_division`."""
+    division: list[int]
+    meta_division: list[int]
+    index: int
+
+
+def init_blocks_from_meta(blocks, meta_blocks, slot: Slot, mode: str, residual_outputs, family: str) -> None:
+    """For init_from_meta of a residual stack (ViT blocks, decoder layers), module `slot.index`.
+    mode "meta": the module's first blocks copy the meta module's, the others start as the identity
+    (`residual_outputs(block)`, the projections that end each residual branch, are zeroed); mode
+    "stack": every block copies a meta block, cycling through the meta module's."""
+    division, meta_division, index = slot.division, slot.meta_division, slot.index
     start, m_start, n_meta = sum(division[:index]), sum(meta_division[:index]), meta_division[index]
     if mode not in ("meta", "stack"):
         raise UserError(f"module_init '{mode}' is not one the {family} adapter knows; use random, meta or stack")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import copy_stem_and_head, init_blocks_from_meta, module_of, remember_spec, stack_blocks
+from .base import Slot, copy_stem_and_head, init_blocks_from_meta, module_of, remember_spec, stack_blocks
 from .decoder_structure import EXAMPLES, Structure, check_architecture, check_config, check_kinds, refuse
 
 
@@ -239,7 +239,7 @@ class CausalLMFamily:
         Module 0 copies the embeddings and module K-1 the final norm and lm_head in both modes.
         """
         layout = self.structure(target)
-        init_blocks_from_meta(self.layers(target), self.layers(meta), division, meta_division, index, mode,
+        init_blocks_from_meta(self.layers(target), self.layers(meta), Slot(division, meta_division, index), mode,
                               lambda layer: [layer.get_submodule(p) for p in layout.residual_outputs], "causal_lm")
         copy_stem_and_head(target, meta, index, len(division), layout.stem_keys, layout.head_keys)
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
-from .base import (copy_stem_and_head, init_blocks_from_meta, module_of, recorded_spec, remember_spec,
+from .base import (Slot, copy_stem_and_head, init_blocks_from_meta, module_of, recorded_spec, remember_spec,
                    stack_blocks, timm_export_config)
 
 STEM = ("patch_embed.", "cls_token", "dist_token", "reg_token", "pos_embed", "norm_pre.")
@@ -226,7 +226,7 @@ class ViTFamily:
         assembly does not start as the meta model.
         Module 0 copies the stem and module K-1 the head in both modes.
         """
-        init_blocks_from_meta(target.blocks, meta.blocks, division, meta_division, index, mode,
+        init_blocks_from_meta(target.blocks, meta.blocks, Slot(division, meta_division, index), mode,
                               lambda blk: RESIDUAL_OUTPUTS[type(blk)](blk), "ViT")
         copy_stem_and_head(target, meta, index, len(division), STEM, HEAD)
 

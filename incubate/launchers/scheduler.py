@@ -83,12 +83,12 @@ def run_jobs(launcher: Launcher, jobs: list[Job], parallel: int, retries: int, o
                 running[job.label] = _start(launcher, job, res, tries[job.label], retries, echo, out)
             for label, (job, handle, t0) in list(running.items()):
                 echo.show(job.console, out)
-                rc, note = launcher.poll(handle)
-                if rc is None:
+                polled = launcher.poll(handle)
+                if polled[0] is None:
                     continue
                 echo.show(job.console, out)
                 del running[label]
-                if not _ended(job, rc, note, time.perf_counter() - t0, tries[label], retries, result, out):
+                if not _ended(job, polled, time.perf_counter() - t0, tries[label], retries, result, out):
                     pending.appendleft(job)
             if running:
                 time.sleep(0.2)
@@ -117,9 +117,10 @@ def _start(launcher: Launcher, job: Job, res, attempt: int, retries: int, echo, 
     return entry
 
 
-def _ended(job: Job, rc: int, note, secs: float, attempt: int, retries: int, result: dict, out) -> bool:
-    """Record how a try ended; False when the job should be tried again (from its checkpoint)."""
-    label = job.label
+def _ended(job: Job, polled: tuple[int, str], secs: float, attempt: int, retries: int, result: dict, out) -> bool:
+    """Record how a try ended (`polled`: the launcher's poll, exit code and why); False when the job
+    should be tried again (from its checkpoint)."""
+    (rc, note), label = polled, job.label
     if rc == 0 and job.dir.finished():
         print(f"[{label}] finished in {secs:.1f}s", file=out, flush=True)
         result["finished"].append(label)

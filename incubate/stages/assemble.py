@@ -6,6 +6,7 @@ import time
 from ..store.checkpoint import load_weights
 from ..recipe.schema import Recipe
 from ..data.loaders import make_loader
+from ..data.order import Reader
 from ..train.engine import evaluate
 from ..errors import UserError
 from ..api import assemble, divide
@@ -48,8 +49,8 @@ def main(recipe: Recipe, out) -> dict:
     t0 = time.perf_counter()
     model = assemble(divide(ctx.build(), recipe.model.division, recipe.model.family), parts)
     model.to(ctx.dist.device)
-    loader = make_loader(ctx.bundle, ctx.bundle.test, recipe.data, recipe.data.eval_batch_size, False,
-                    recipe.seed, ctx.dist.rank, ctx.dist.world, ctx.dist.device)
+    loader = make_loader(ctx.bundle, ctx.bundle.test, recipe.data, Reader(
+        recipe.data.eval_batch_size, False, recipe.seed, ctx.dist.rank, ctx.dist.world, ctx.dist.device))
     metrics = evaluate(model, loader, ctx.dist, task=ctx.task)
     if ctx.dist.main:
         print(f"[{stage.label}] {ctx.task.text(metrics)} before fine-tuning", flush=True)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..recipe.schema import Recipe
 from ..data.loaders import load_data, make_loader
+from ..data.order import Reader
 from ..train.dist import setup_dist
 from ..train.engine import evaluate
 from ..errors import UserError
@@ -46,8 +47,8 @@ def main(recipe: Recipe, checkpoint) -> dict:
         raise UserError(f"{sd.weights} predicts {m['num_classes']} classes but {recipe.data.source} has "
                         f"{bundle.num_classes}; evaluate on the data it was trained on")
     net.to(dist.device)
-    loader = make_loader(bundle, bundle.test, recipe.data, recipe.data.eval_batch_size, False, recipe.seed,
-                    dist.rank, dist.world, dist.device)
+    loader = make_loader(bundle, bundle.test, recipe.data, Reader(
+        recipe.data.eval_batch_size, False, recipe.seed, dist.rank, dist.world, dist.device))
     task = task_of(get_family(m["family"]))
     task.check_data(bundle, m["family"])
     result = evaluate(net, loader, dist, task=task)

@@ -22,6 +22,7 @@ from torch import nn
 from ..store import resume
 from .budget import Budget, plan
 from ..data.loaders import make_loader
+from ..data.order import Reader
 from .dist import Dist
 from ..errors import UserError
 from .faults import FAILED, StepGuard, Verdict, everywhere, guarded
@@ -85,7 +86,7 @@ def fit(part: Trainee, cfg, bundle, data_cfg, run: StageRun) -> dict:
     check_fsdp(cfg, part.family)      # the CLI's recipe check says it first; the API's callers meet it here
     gpu_defaults(dist.device, cfg.amp, torch.are_deterministic_algorithms_enabled())
     part.net.to(dist.device)
-    loaders = [make_loader(bundle, split, data_cfg, batch, train, run.seed, dist.rank, dist.world, dist.device)
+    loaders = [make_loader(bundle, split, data_cfg, Reader(batch, train, run.seed, dist.rank, dist.world, dist.device))
                for split, batch, train in ((bundle.train, cfg.batch_size, True),
                                            (bundle.test, data_cfg.eval_batch_size, False))]
     budget = plan(cfg, len(loaders[0]), getattr(bundle, "context", 0), dist.world, label, len(bundle.train))

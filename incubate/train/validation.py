@@ -13,6 +13,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from ..data.loaders import make_loader
+from ..data.order import Reader
 from .faults import guarded
 from .parallel import sharded
 from ..tasks import get_task
@@ -62,8 +63,8 @@ class PeriodicEval:
         self.last = None
         self.loader = None
         if self.every:     # the bundle's test split is already the slice (text_data.load_text)
-            self.loader = make_loader(bundle, bundle.test, data_cfg, data_cfg.eval_batch_size, False, run.seed,
-                                      dist.rank, dist.world, dist.device)
+            self.loader = make_loader(bundle, bundle.test, data_cfg, Reader(
+                data_cfg.eval_batch_size, False, run.seed, dist.rank, dist.world, dist.device))
 
     def due(self, updates: int) -> bool:
         return bool(self.every) and updates % self.every == 0

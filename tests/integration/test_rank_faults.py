@@ -120,12 +120,12 @@ def test_a_fault_in_backward_or_the_optimizer_step_stops_every_rank_and_keeps_th
 
 def test_one_rank_unreadable_image_stops_every_rank(tmp_path):
     from incubate.recipe.schema import load_recipe
-    from incubate.data.loaders import epoch_order, load_data
+    from incubate.data.loaders import Reader, epoch_order, load_data
     data = make_image_folder(tmp_path / "data", per_class=8)
     recipe = write_recipe(tmp_path / "r.yaml", data__source=f"imagefolder:{data}", data__train_fraction=1.0,
                           data__augment={}, train__batch_size=2, meta__epochs=1)
     split = load_data(load_recipe(recipe).data).train
-    rank1 = epoch_order(len(split), 0, 0, 1, 2, 2, True).tolist()
+    rank1 = epoch_order(len(split), 0, Reader(2, True, 0, 1, 2)).tolist()
     bad = split.files[rank1[2]]     # rank 1's second batch (its first is read to count FLOPs)
     bad.write_bytes(b"not an image")
     procs, stamp = _start(tmp_path, recipe, "none")
@@ -147,13 +147,13 @@ def test_a_rank_whose_shard_lost_a_whole_batch_ends_the_epoch_with_the_others(tm
     that window's update, as one process drops a partial window. Without it rank 1 leaves the epoch
     while rank 0 waits in backward's all-reduce."""
     from incubate.recipe.schema import load_recipe
-    from incubate.data.loaders import epoch_order, load_data
+    from incubate.data.loaders import Reader, epoch_order, load_data
     data = make_image_folder(tmp_path / "data", per_class=8)
     recipe = write_recipe(tmp_path / "r.yaml", data__source=f"imagefolder:{data}", data__train_fraction=1.0,
                           data__augment={}, data__on_bad_image="skip", train__batch_size=2,
                           train__eval_every=10_000, meta__epochs=1)
     split = load_data(load_recipe(recipe).data).train
-    rank1 = epoch_order(len(split), 0, 0, 1, 2, 2, True).tolist()
+    rank1 = epoch_order(len(split), 0, Reader(2, True, 0, 1, 2)).tolist()
     bad = [split.files[i] for i in rank1[-2:]]      # rank 1's last batch, both its images
     for f in bad:
         f.write_bytes(b"not an image")

@@ -65,8 +65,8 @@ class StackFamily:
         pass
 
     def init_from_meta(self, target, meta, division, meta_division, index, mode="meta"):
-        from incubate.families.base import copy_stem_and_head, init_blocks_from_meta
-        init_blocks_from_meta(target.blocks, meta.blocks, division, meta_division, index, mode,
+        from incubate.families.base import Slot, copy_stem_and_head, init_blocks_from_meta
+        init_blocks_from_meta(target.blocks, meta.blocks, Slot(division, meta_division, index), mode,
                               lambda blk: [blk[0]], "stack")
         copy_stem_and_head(target, meta, index, len(division), ("inp.",), ("out.",))
 

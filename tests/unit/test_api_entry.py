@@ -72,7 +72,7 @@ def test_a_hybrid_takes_labels_and_returns_the_loss_trainer_reads():
 
 
 def test_run_data_is_the_stages_data_with_the_runs_bpe_tokenizer(tmp_path):
-    from incubate.data.loaders import load_data, make_loader
+    from incubate.data.loaders import Reader, load_data, make_loader
     from incubate.store.rundir import write_run_recipe
     corpus = make_corpus(tmp_path / "corpus")
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", TINY_LM, data__source=f"text:{corpus}",
@@ -86,14 +86,14 @@ def test_run_data_is_the_stages_data_with_the_runs_bpe_tokenizer(tmp_path):
     w = bundle.test.windows(torch.tensor([1]))[0]
     assert torch.equal(data.held_out[1]["input_ids"], w[:-1]) and torch.equal(data.held_out[1]["labels"], w[1:])
     ours = next(data.loader("train", batch=4, seed=3).epoch(0))
-    stage = next(make_loader(bundle, bundle.train, recipe.data, 4, True, 3, 0, 1, "cpu").epoch(0))
+    stage = next(make_loader(bundle, bundle.train, recipe.data, Reader(4, True, 3, 0, 1, "cpu")).epoch(0))
     assert all(torch.equal(a, b) for a, b in zip(ours, stage))
     with pytest.raises(incubate.UserError, match="holds no recipe.yaml"):
         incubate.run_data(tmp_path / "nowhere")
 
 
 def test_run_data_of_an_image_run_gives_the_stages_images_and_transforms(tmp_path):
-    from incubate.data.loaders import load_data, make_loader
+    from incubate.data.loaders import Reader, load_data, make_loader
     from incubate.store.rundir import write_run_recipe
     from ..conftest import TINY
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", TINY))
@@ -102,6 +102,6 @@ def test_run_data_of_an_image_run_gives_the_stages_images_and_transforms(tmp_pat
     bundle, data = load_data(recipe.data, run), incubate.run_data(run)
     assert data.tokenizer is None and len(data.train) == len(bundle.train.labels)
     item = data.held_out[2]
-    held = next(make_loader(bundle, bundle.test, recipe.data, 4, False, 0, 0, 1, "cpu").epoch(0))
+    held = next(make_loader(bundle, bundle.test, recipe.data, Reader(4, False, 0, 0, 1, "cpu")).epoch(0))
     assert item["labels"] == int(held[1][2]) and torch.equal(item["pixel_values"], held[0][2])
     assert callable(data.transform(train=True))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from incubate.recipe.schema import DataCfg, load_recipe
-from incubate.data.loaders import Loader, epoch_order, load_data
+from incubate.data.loaders import Loader, Reader, epoch_order, load_data
 from incubate.errors import UserError
 from incubate.stages.common import preprocess
 
@@ -16,7 +16,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def _orders(n, world, batch, repeats, seed=0, epoch=0):
-    return [epoch_order(n, seed, epoch, r, world, batch, True, repeats).tolist() for r in range(world)]
+    return [epoch_order(n, epoch, Reader(batch, True, seed, r, world), repeats).tolist() for r in range(world)]
 
 
 @pytest.mark.parametrize("n, world, batch", [(48, 3, 4), (50, 2, 4), (40, 1, 8)])
@@ -27,7 +27,7 @@ def test_repeated_aug_counts_copies_on_different_ranks_and_epoch_length(n, world
     assert [len(o) for o in rep] == [len(o) for o in plain] == [usable // world] * world
     # dealt back in order, the ranks' lists are the permutation with each index 3 times in a row, cut
     merged = [rep[p % world][p // world] for p in range(usable)]
-    perm = epoch_order(n, 0, 0, 0, 1, n, True).tolist()          # the same seeded permutation, whole
+    perm = epoch_order(n, 0, Reader(n, True, 0, 0, 1)).tolist()          # the same seeded permutation, whole
     assert merged == [i for i in perm for _ in range(3)][:usable]
     counts = Counter(merged)
     assert sorted(counts.values())[1:] == [3] * (len(counts) - 1)   # only the one cut at the end has fewer
@@ -52,7 +52,7 @@ def test_repeated_aug_off_is_the_order_runs_had_before():
     g = torch.Generator().manual_seed(5 * 100_003 + 2)
     perm = torch.randperm(100, generator=g)
     for rank in range(2):
-        assert torch.equal(epoch_order(100, 5, 2, rank, 2, 8, True), perm[:96][rank::2])
+        assert torch.equal(epoch_order(100, 2, Reader(8, True, 5, rank, 2)), perm[:96][rank::2])
 
 
 def _digits(**aug):
@@ -64,27 +64,27 @@ def _digits(**aug):
 
 def test_repeated_aug_in_the_batched_loader_gives_each_copy_its_own_augmentation():
     cfg, bundle = _digits(shift=2, hflip=True)
-    loader = Loader(bundle, bundle.train, cfg, 12, True, 0, 0, 1, "cpu")
+    loader = Loader(bundle, bundle.train, cfg, Reader(12, True, 0, 0, 1, "cpu"))
     assert not loader.per_image and len(loader) == len(bundle.train) // 12
     torch.manual_seed(0)
     x, y = next(iter(loader.epoch(0)))
-    idx = epoch_order(len(bundle.train), 0, 0, 0, 1, 12, True, 3)[:12]
+    idx = epoch_order(len(bundle.train), 0, Reader(12, True, 0, 0, 1), 3)[:12]
     assert torch.equal(y, bundle.train.labels[idx]) and idx[0] == idx[1] == idx[2]
     assert not (torch.equal(x[0], x[1]) and torch.equal(x[1], x[2]))   # three draws, not one image thrice
 
 
 def test_repeated_aug_in_the_per_image_loader_replays_and_draws_per_copy():
     cfg, bundle = _digits(auto_augment="rand-m9-mstd0.5")          # forces the per-image DataLoader
-    loader = Loader(bundle, bundle.train, cfg, 12, True, 0, 0, 1, "cpu")
+    loader = Loader(bundle, bundle.train, cfg, Reader(12, True, 0, 0, 1, "cpu"))
     assert loader.per_image
     sampler = loader.dataloader().sampler
     sampler.set_epoch(1)
     items = list(sampler)
-    assert [i for i, _ in items] == epoch_order(len(bundle.train), 0, 1, 0, 1, 12, True, 3).tolist()
+    assert [i for i, _ in items] == epoch_order(len(bundle.train), 1, Reader(12, True, 0, 0, 1), 3).tolist()
     assert items[0][0] == items[1][0] == items[2][0] and len({s for _, s in items[:3]}) == 3
     sampler.set_epoch(2)
     assert [i for i, _ in sampler] != [i for i, _ in items]
-    fresh = Loader(bundle, bundle.train, cfg, 12, True, 0, 0, 1, "cpu")   # a resumed run asks for epoch 1 only
+    fresh = Loader(bundle, bundle.train, cfg, Reader(12, True, 0, 0, 1, "cpu"))   # a resumed run asks for epoch 1 only
     xa, ya = next(iter(loader.epoch(1)))
     xb, yb = next(iter(fresh.epoch(1)))
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
@@ -101,8 +101,8 @@ def _folder_transforms(tmp_path, **aug):
     for k, v in aug.items():
         setattr(cfg.augment, k, v)
     bundle = load_data(cfg)
-    train = Loader(bundle, bundle.train, cfg, 2, True, 0, 0, 1, "cpu").dataset.transform
-    test = Loader(bundle, bundle.test, cfg, 2, False, 0, 0, 1, "cpu").dataset.transform
+    train = Loader(bundle, bundle.train, cfg, Reader(2, True, 0, 0, 1, "cpu")).dataset.transform
+    test = Loader(bundle, bundle.test, cfg, Reader(2, False, 0, 0, 1, "cpu")).dataset.transform
     return train.transforms, test.transforms, preprocess(bundle, cfg.augment)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from incubate.recipe.schema import DataCfg
-from incubate.data.loaders import Loader, load_data
+from incubate.data.loaders import Loader, Reader, load_data
 
 
 def _cfg(**kw):
@@ -19,7 +19,7 @@ def _batches(loader, epoch):
 def test_persistent_workers_outlive_epochs_and_replay_like_a_fresh_loader():
     cfg = _cfg(num_workers=2, persistent_workers=True)
     bundle = load_data(cfg)
-    persistent = Loader(bundle, bundle.train, cfg, 16, True, 3, 0, 1, "cpu")
+    persistent = Loader(bundle, bundle.train, cfg, Reader(16, True, 3, 0, 1, "cpu"))
     assert persistent.per_image
     epoch0 = _batches(persistent, 0)
     dl = persistent.dataloader()
@@ -29,7 +29,7 @@ def test_persistent_workers_outlive_epochs_and_replay_like_a_fresh_loader():
     assert all(w.is_alive() for w in workers)
     # a fresh single-process loader asked only for epoch 1 (a resumed run) sees the same batches
     fresh_cfg = _cfg(num_workers=0)
-    fresh = Loader(bundle, bundle.train, fresh_cfg, 16, True, 3, 0, 1, "cpu")
+    fresh = Loader(bundle, bundle.train, fresh_cfg, Reader(16, True, 3, 0, 1, "cpu"))
     before = torch.get_rng_state()
     replay = _batches(fresh, 1)
     assert torch.equal(before, torch.get_rng_state())     # loading left training's RNG alone
@@ -43,7 +43,7 @@ def test_persistent_workers_outlive_epochs_and_replay_like_a_fresh_loader():
 def test_pin_memory_only_applies_on_cuda():
     cfg = DataCfg(source="digits", img_size=8, train_fraction=0.1, pin_memory=True)
     bundle = load_data(cfg)
-    loader = Loader(bundle, bundle.train, cfg, 16, True, 0, 0, 1, torch.device("cpu"))
+    loader = Loader(bundle, bundle.train, cfg, Reader(16, True, 0, 0, 1, torch.device("cpu")))
     assert not loader.pin            # pinning needs CUDA; on CPU it is skipped instead of failing
     x, y = next(iter(loader.epoch(0)))
     assert x.shape == (16, 1, 8, 8) and y.shape == (16,)
@@ -54,7 +54,7 @@ def test_paper_randaugment_at_top_magnitude_posterizes_instead_of_crashing():
     cfg = DataCfg(source="digits", img_size=8, train_fraction=0.1)
     cfg.augment.auto_augment = "rand-m9-mstd0.5-inc1"     # every paper recipe's string
     bundle = load_data(cfg)
-    transform = Loader(bundle, bundle.train, cfg, 16, True, 0, 0, 1, "cpu").dataset.transform
+    transform = Loader(bundle, bundle.train, cfg, Reader(16, True, 0, 0, 1, "cpu")).dataset.transform
     rand = [t for t in transform.transforms if hasattr(t, "ops")][0]
     op = [o for o in rand.ops if o.name == "PosterizeIncreasing"][0]
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0      # timm asks for 0 bits here

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from incubate.errors import UserError
+from incubate.data.order import Reader
 from incubate.data.text import TextLoader, load_text, split_corpus
 
 from ..conftest import make_corpus, one_error_line, run_main, write_recipe, TINY_LM
@@ -40,15 +41,16 @@ def test_a_single_file_holds_out_its_tail_and_links_are_read_once(tmp_path):
 def test_windows_are_inputs_and_targets_shifted_by_one_and_replayable(tmp_path):
     bundle = load_text(_cfg("text:x"), str(make_corpus(tmp_path / "c")))
     assert bundle.vocab_size == 256 and bundle.test_bytes == len(bundle.test) * 16
-    loader = TextLoader(bundle, bundle.train, None, 8, True, 0, 0, 1, "cpu")
+    loader = TextLoader(bundle, bundle.train, None, Reader(8, True, 0, 0, 1, "cpu"))
     x, y = next(iter(loader.epoch(3)))
     assert x.shape == y.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
-    again = next(iter(TextLoader(bundle, bundle.train, None, 8, True, 0, 0, 1, "cpu").epoch(3)))
+    again = next(iter(TextLoader(bundle, bundle.train, None, Reader(8, True, 0, 0, 1, "cpu")).epoch(3)))
     assert torch.equal(x, again[0])
     text = torch.from_numpy(bundle.train.tokens.astype(np.int64))
     start = int(torch.nonzero((text.unfold(0, 17, 1) == torch.cat([x[0], y[0, -1:]])).all(1))[0])
     assert start % 16 == 0                                            # windows follow each other, stride 16
-    test_windows = sum(len(xb) for xb, _ in TextLoader(bundle, bundle.test, None, 64, False, 0, 0, 1, "cpu").epoch(0))
+    test = TextLoader(bundle, bundle.test, None, Reader(64, False, 0, 0, 1, "cpu"))
+    test_windows = sum(len(xb) for xb, _ in test.epoch(0))
     assert test_windows == len(bundle.test) == (len(bundle.test.tokens) - 1) // 16
 
 
@@ -164,7 +166,7 @@ def test_bpe_bits_per_byte_count_the_bytes_of_the_predicted_tokens(tmp_path):
         n = len(bpe.test) * context
         first, tail = tok.decode(ids[:1].tolist()).encode(), tok.decode(ids[1 + n:].tolist()).encode()
         assert bpe.test_bytes == len(tok.decode(ids[1:1 + n].tolist()).encode()) == len(held) - len(first) - len(tail)
-        loader = TextLoader(bpe, bpe.test, None, 64, False, 0, 0, 1, "cpu")
+        loader = TextLoader(bpe, bpe.test, None, Reader(64, False, 0, 0, 1, "cpu"))
         targets = torch.cat([y.reshape(-1) for _, y in loader.epoch(0)])
         assert int(bpe.token_bytes[targets].sum()) == bpe.test_bytes      # what the evaluation predicts
         if context == 1:    # every token after the first is predicted, by either tokenizer
