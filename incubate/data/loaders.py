@@ -247,9 +247,9 @@ class Loader:
         self.batch, self.train, self.seed = reader.batch, reader.train, reader.seed
         self.rank, self.world, self.device = reader.rank, reader.world, reader.device
         self.skipped: list[str] = []     # unreadable files skipped since the last take_skipped()
-        self.repeats = cfg.repeated_aug if train else 1
+        self.repeats = cfg.repeated_aug if self.train else 1
         aug = cfg.augment
-        self.per_image = split.images is None or (train and (aug.auto_augment or aug.re_prob > 0))
+        self.per_image = split.images is None or (self.train and (aug.auto_augment or aug.re_prob > 0))
         if self.per_image:
             self._dataloader = None
             self.dataset = _ImageDataset(split, self._transform())
