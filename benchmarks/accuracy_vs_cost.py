@@ -123,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="all: budget, depth and data (the regime studies are run by name)")
     ap.add_argument("--root", default=str(ROOT / "benchmarks" / "runs" / "accuracy_vs_cost"))
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every run")
-    ap.add_argument("--variant", default="paper", help="name of a variant of ours made by --set (E2E is shared)")
+    ap.add_argument("--variant", default="paper", help="name of a variant of ours made by --set (E2E is shared), "
+                    "or one of a study's named variants (e.g. an E2E learning rate, lr0.0005) to train only that one")
     ap.add_argument("--methods", default="meta,ours,e2e,grow", help="which methods to run (meta: the meta model alone; grow: G_stack)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
     ap.add_argument("--depths", default=None, help="comma-separated depths to train (default: the study's)")
@@ -179,8 +180,9 @@ def planned(args) -> list[tuple]:
             if STUDIES[study].get("budget") != "flops":
                 out.append((study, method, depth, fraction, budget, seed, None))
                 continue
-            out += [(study, method, depth, fraction, budget, seed, variant) for variant in tok_variants(study, method, budget)
-                    if args.variant in ("paper", variant) or method != "ours"]
+            names = tok_variants(study, method, budget)
+            out += [(study, method, depth, fraction, budget, seed, variant) for variant in names
+                    if args.variant in ("paper", variant) or (method != "ours" and args.variant not in names)]
     return out
 
 

@@ -247,3 +247,15 @@ def test_bar_needs_both_margins_beyond_the_spread_two_seeds_and_no_lower_bound()
     assert "| 12 | 0.1 | ours-metainit | 30/2+2 | 1 | 90.00 ± 0.00 |" in table and "| yes, 1 seed (E2E best" in table
     # a bits-per-byte study has no bar in points
     assert rr.bar_table([dict(r, bpb=r.pop("top1")) for r in rows], "regime") == ""
+
+
+def test_variant_picks_one_of_e2e_named_variants_and_leaves_other_methods(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(avc, "train_point", None)
+    monkeypatch.setattr(avc, "publish", None)
+    common = ["--study", "map_small_d64", "--seeds", "0", "--budgets", "30,30/B", "--methods", "e2e,grow", "--plan",
+              "--results", str(tmp_path / "none.json")]
+    avc.main(common)
+    assert capsys.readouterr().out.splitlines() == [
+        "map_small_d64 e2e 30 seed 0 (lr0.001)", "map_small_d64 e2e 30 seed 0 (lr0.0005)", "map_small_d64 grow 30/B seed 0"]
+    avc.main(common + ["--variant", "lr0.0005"])      # the better lr of the sweep, alone at the larger budget
+    assert capsys.readouterr().out.splitlines() == ["map_small_d64 e2e 30 seed 0 (lr0.0005)", "map_small_d64 grow 30/B seed 0"]
