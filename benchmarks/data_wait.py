@@ -10,6 +10,7 @@ import torch
 from benchmarks.step_jobs import make_job, step, sync
 from incubate.recipe.schema import DataCfg
 from incubate.data.loaders import DataBundle, Loader, Reader, Split
+from incubate.data.spec import ImageSpec
 
 
 def data_wait(p: dict, args, device, amp: str) -> list:
@@ -19,7 +20,7 @@ def data_wait(p: dict, args, device, amp: str) -> list:
     images = torch.randint(0, 256, (n, 3, p["img"], p["img"]), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, p["classes"], (n,), generator=g)
     split = Split(images, labels)
-    bundle = DataBundle(split, split, [str(i) for i in range(p["classes"])], 3, p["img"], (0.5,) * 3, (0.25,) * 3,
+    bundle = DataBundle(split, split, ImageSpec.unnamed(3, p["img"], p["classes"]), (0.5,) * 3, (0.25,) * 3,
                         "synthetic in-memory")
     settings = [("batched (in-memory default: shift+flip)", dict(), dict(shift=4, hflip=True))]
     per_image = dict(auto_augment="rand-m9-mstd0.5-inc1", hflip=True)

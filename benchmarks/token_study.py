@@ -105,6 +105,7 @@ def flops_per_token(recipe_key: tuple, stage: str, module: int = -1) -> float:
     from incubate.recipe.schema import load_recipe
     from incubate.train.step import count_step_flops
     from incubate.families import get_family
+    from incubate.data.spec import TextSpec
     from incubate.modular import Hybrid
     from incubate.tasks.causal_lm import _NextTokenLoss
     # the lr schedule changes no FLOPs, and a stage's warm-up alone is refused before its tokens are set
@@ -114,7 +115,7 @@ def flops_per_token(recipe_key: tuple, stage: str, module: int = -1) -> float:
 
     def build(meta: bool):
         div = recipe.meta_division if meta else m.division
-        return family.build(m.name, family.model_kwargs(m, vocab, 1, context, div, meta=meta))
+        return family.build(m.name, family.model_kwargs(m, TextSpec(context, vocab), div, meta=meta))
     if stage == "incubate":
         target = family.keep_only(build(False), m.division, module)
         net = Hybrid(family, build(True), recipe.meta_division, target, m.division, module)

@@ -27,7 +27,7 @@ from .data.loaders import Loader, load_data
 from .data.order import Reader
 from .train.engine import evaluate
 from .errors import UserError
-from .families import get_family
+from .families import get_family, task_name
 from .modular import load_strict
 from .store.rundir import StageDir, check_destination, claim, write_run_recipe
 from .runs import load_model
@@ -133,13 +133,11 @@ def _refuse_to_overwrite(stage: StageDir) -> None:
 def import_official(recipe: Recipe, ckpt, out, as_: str) -> dict:
     """Write an official checkpoint as RUN/meta (then `incubate incubate` works) or RUN/assembled."""
     ckpt = Path(ckpt)
-    if recipe.model.family != "vit":
-        raise UserError(f"import-official reads the official code's ViT checkpoints; the recipe's model.family is "
-                        f"'{recipe.model.family}': use a vit recipe")
     meta = as_ == META
-    if not getattr(get_family(recipe.model.family), "imports_official", False):
+    if not getattr(get_family(recipe.model.family), "imports_official", False):     # only ViTs were released
         raise UserError(f"import-official reads the official code's ViT checkpoints; model.family "
-                        f"'{recipe.model.family}' has none to import: train its meta model with `incubate meta`")
+                        f"'{recipe.model.family}' has none to import: use a vit recipe, or train its meta model "
+                        f"with `incubate meta`")
     ctx = prepare(recipe, out)
     stage = StageDir(ctx.run, as_)
     state = official_state(read_official(ckpt), recipe.meta_division if meta else recipe.model.division, ckpt)
@@ -180,7 +178,7 @@ def export(run, stage_name: str, to) -> Path:
     run, dest, targets = Path(run), Path(to), names(weights="target")
     check_destination(to, "--to", run)       # not the run itself, nor any run's folders
     m = StageDir(run, stage_name).manifest() if run.is_dir() and stage_name in targets else None
-    if m and m.get("family") == "causal_lm":       # a language model: a transformers folder
+    if m and task_name(m["family"]) == "causal_lm":     # a language model: a transformers folder
         from .lm_tools import export_lm
         return export_lm(run, stage_name, to)
     if stage_name not in targets:

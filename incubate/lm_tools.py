@@ -20,6 +20,7 @@ import torch
 
 from .store.checkpoint import read_json, umask_mode, write_json_atomic
 from .errors import UserError
+from .families import task_name
 from .store.rundir import StageDir, check_tokenizer
 from .runs import load_model
 from .stage_registry import whole_models
@@ -37,7 +38,7 @@ def load_lm(run, stage_name: str):
         raise UserError(f"--stage must be one of {', '.join(LM_STAGES)}, got {stage_name!r}")
     stage = StageDir(run, stage_name)
     m = stage.require_finished()
-    if m["family"] != "causal_lm":
+    if task_name(m["family"]) != "causal_lm":
         raise UserError(f"{run} trains a '{m['family']}' model, not a language model (model.family causal_lm)")
     return load_model(stage).eval(), m, stage
 

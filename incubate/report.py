@@ -214,11 +214,11 @@ def _draw(run: Path, data: dict, path: Path, task, name: str) -> None:
 
 def run_task(run: Path):
     """The task of run directory `run`, from its recipe.yaml's model family (the recipe damaged: from a
-    finished stage's manifest; an unknown family: classification)."""
+    finished stage's manifest; no family or an unknown one: classification)."""
     try:
-        family = run_recipe(run)["model"].get("family", "vit")
+        family = run_recipe(run)["model"].get("family")
     except UserError:
-        family = next((m.get("family") for _, m in finished_manifests(run)[0] if m.get("family")), "vit")
+        family = next((m.get("family") for _, m in finished_manifests(run)[0] if m.get("family")), None)
     try:
         return get_task(task_name(family) if isinstance(family, str) else "classification")
     except (UserError, KeyError):

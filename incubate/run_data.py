@@ -49,7 +49,7 @@ class Images(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(i)
         if self.transform is None:      # in memory: resized and normalised as the stages' loader does
-            x = _prepare(self.split.images[i:i + 1], self.bundle.img_size, self.bundle.mean, self.bundle.std)[0]
+            x = _prepare(self.split.images[i:i + 1], self.bundle.spec.size, self.bundle.mean, self.bundle.std)[0]
         else:
             from PIL import Image
             x = self.transform(Image.open(self.split.files[i]).convert("RGB"))
@@ -69,7 +69,7 @@ class RunData:
 
     @property
     def text(self) -> bool:
-        return hasattr(self.bundle, "vocab_size")
+        return self.bundle.spec.modality == "text"
 
     def transform(self, train: bool = True):
         """The timm transform the stages apply to an image file (training: with the recipe's augmentation)."""
@@ -99,11 +99,11 @@ def run_data(run) -> RunData:
         raise UserError(f"{run} holds no recipe.yaml: run a stage first (e.g. `incubate meta --recipe R --out {run}`)")
     recipe = load_recipe(run / "recipe.yaml", family_checks=False)
     bundle = load_data(recipe.data, run, train_tokenizer=False)
-    if not hasattr(bundle, "vocab_size"):
+    if bundle.spec.modality != "text":
         aug = recipe.data.augment
         return RunData(recipe, bundle, None, Images(bundle, bundle.train, aug), Images(bundle, bundle.test, aug))
     tokenizer = None
-    if bundle.tokenizer != "byte":
+    if bundle.spec.tokenizer != "byte":
         from .data.bpe import RESTORE, TOKENIZER_FILE, read_tokenizer
-        tokenizer, _ = read_tokenizer(run / TOKENIZER_FILE, bundle.vocab_size, RESTORE)
+        tokenizer, _ = read_tokenizer(run / TOKENIZER_FILE, bundle.spec.vocab_size, RESTORE)
     return RunData(recipe, bundle, tokenizer, Windows(bundle.train), Windows(bundle.test))

@@ -85,6 +85,12 @@ def make_corpus(root: Path, files: int = 3, chars: int = 2500) -> Path:
     return root
 
 
+def text_cfg(source: str = "text:x", **changes):
+    """The recipe's typed data section (DataCfg) of a tiny text corpus: 16-token windows, 20% held out."""
+    from incubate.recipe.schema import DataCfg
+    return DataCfg(**{"source": source, "context": 16, "val_fraction": 0.2, "subset_seed": 0, **changes})
+
+
 def write_recipe(path: Path, base: dict | None = None, **changes) -> Path:
     import copy
     raw = copy.deepcopy(base or TINY)

@@ -22,26 +22,31 @@ from .datasets import Split, class_balanced_subset, read_cifar, read_digits, rea
 from ..errors import UserError
 from .order import Reader, epoch_order
 from .records import RECORD_SOURCES
+from .spec import ImageSpec
 
 
 @dataclass
 class DataBundle:
+    """An image data set's splits, what it is (`spec`: channels, size, classes) and its normalisation."""
     train: Split
     test: Split
-    class_names: list
-    in_chans: int
-    img_size: int
+    spec: ImageSpec
     mean: tuple
     std: tuple
     source: str
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
+    def describe(self, augment) -> dict:
+        """How test images reach the model (what a manifest records, and an export's pretrained_cfg
+        says): image files through timm's eval transform as data.augment sets it, in-memory data
+        resized bilinearly."""
+        from_files, size = self.train.images is None, self.spec.size
+        return {"input_size": [self.spec.channels, size, size], "mean": list(self.mean), "std": list(self.std),
+                "interpolation": augment.interpolation if from_files else "bilinear",
+                "crop_pct": eval_crop_pct(augment, size) if from_files else 1.0}
 
 
 def load_data(cfg, run=None, train_tokenizer: bool = True):
-    """Read the recipe's data source; in-memory images are resized to `img_size` and normalised.
+    """Read the recipe's data source; in-memory images are resized to `data.img_size` and normalised.
     `text:PATH` (and the records of `jsonl:PATH`, `parquet:PATH`, `hf_disk:PATH`) gives a
     text_data.TextBundle (token windows for a language model); with data.tokenizer: bpe its
     tokenizer is RUN/tokenizer.json (`run`), trained there first if missing and `train_tokenizer`."""
@@ -67,11 +72,12 @@ def load_data(cfg, run=None, train_tokenizer: bool = True):
     train = class_balanced_subset(train, cfg.train_fraction, cfg.subset_seed)
     if train.images is None:
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        return DataBundle(train, test, names, 3, cfg.img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, cfg.source)
+        return DataBundle(train, test, ImageSpec(3, cfg.img_size, tuple(names)), IMAGENET_DEFAULT_MEAN,
+                          IMAGENET_DEFAULT_STD, cfg.source)
     x = train.images.float() / 255.0
     mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
     std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return DataBundle(train, test, names, train.images.shape[1], cfg.img_size, mean, std, cfg.source)
+    return DataBundle(train, test, ImageSpec(train.images.shape[1], cfg.img_size, tuple(names)), mean, std, cfg.source)
 
 
 # ---------------------------------------------------------------- loaders
@@ -217,16 +223,17 @@ class _ImageDataset(Dataset):
 
 def make_loader(bundle, split, cfg, reader: Reader):
     """The loader of a bundle's split for `reader`: images (Loader) or text windows (text.TextLoader)."""
-    from .text import TextBundle, TextLoader
-    cls = TextLoader if isinstance(bundle, TextBundle) else Loader
-    return cls(bundle, split, cfg, reader)
+    if bundle.spec.modality == "text":
+        from .text import TextLoader
+        return TextLoader(bundle, split, cfg, reader)
+    return Loader(bundle, split, cfg, reader)
 
 
 def image_transform(bundle, aug, train: bool):
     """timm's transform of one image file as the stages apply it: for training with data.augment's
     augmentation, else the eval transform (incubate.run_data hands it to a script too)."""
     from timm.data import create_transform
-    size = bundle.img_size
+    size = bundle.spec.size
     if train:
         # color_jitter None: timm's own choice (ColorJitter(0.4) unless auto_augment is set); 0: no op.
         jitter = 0.4 if aug.color_jitter is None else (aug.color_jitter or None)
@@ -254,7 +261,7 @@ class Loader:
             self._dataloader = None
             self.dataset = _ImageDataset(split, self._transform())
         else:
-            self.tensor = _prepare(split.images, bundle.img_size, bundle.mean, bundle.std)
+            self.tensor = _prepare(split.images, bundle.spec.size, bundle.mean, bundle.std)
 
     def _transform(self):
         return image_transform(self.bundle, self.cfg.augment, self.train)

@@ -45,6 +45,7 @@ from .bpe import RESTORE, TOKENIZER_FILE, encode, pieces, read_tokenizer, run_to
 from ..errors import UserError
 from .order import Reader, epoch_order
 from .records import Documents
+from .spec import TextSpec
 
 BYTE_VOCAB = 256
 
@@ -83,36 +84,21 @@ class TextSplit:
 
 @dataclass
 class TextBundle:
+    """A corpus's two splits as token windows and what it is (`spec`: context, vocabulary, tokenizer)."""
     train: TextSplit
     test: TextSplit
-    vocab_size: int
-    context: int
+    spec: TextSpec
     source: str
-    tokenizer: str = "byte"
     train_files: list = field(default_factory=list)
     test_files: list = field(default_factory=list)
-    tokenizer_sha256: str = ""                      # bpe: SHA-256 of RUN/tokenizer.json
     token_bytes: Optional[torch.Tensor] = None      # bpe: UTF-8 bytes each token id stands for
-
-    # What the family adapters read from a bundle (data.DataBundle's names): the vocabulary is the
-    # number of classes a position predicts, the context the size of an input.
-    @property
-    def num_classes(self) -> int:
-        return self.vocab_size
-
-    @property
-    def img_size(self) -> int:
-        return self.context
-
-    in_chans = 1
-    class_names: tuple = ()
 
     @property
     def test_bytes(self) -> int:
         """UTF-8 bytes of the held-out text whose tokens are predicted (bits per byte divide by it):
         the targets of every window of the held-out split."""
         if self.token_bytes is None:
-            return len(self.test) * self.context     # byte tokens: one byte a token
+            return len(self.test) * self.spec.context     # byte tokens: one byte a token
         return int(self.token_bytes[torch.from_numpy(self.test.targets().astype(np.int64))].sum())
 
     def eval_slice(self, eval_tokens: int) -> "TextBundle":
@@ -120,17 +106,17 @@ class TextBundle:
         in whole windows evenly spaced over it: the same slice for every stage and method."""
         if not eval_tokens:
             return self
-        check_eval_tokens(eval_tokens, len(self.test), self.context)
-        return replace(self, test=self.test.spaced(eval_tokens // self.context))
+        check_eval_tokens(eval_tokens, len(self.test), self.spec.context)
+        return replace(self, test=self.test.spaced(eval_tokens // self.spec.context))
 
-    def describe(self) -> dict:
-        """What a manifest records of the data (in place of an image pipeline)."""
-        d = {"tokenizer": self.tokenizer, "vocab_size": self.vocab_size, "context": self.context,
+    def describe(self, augment=None) -> dict:
+        """What a manifest records of the data (in place of an image pipeline: text has no augmentation)."""
+        s = self.spec
+        d = {"tokenizer": s.tokenizer, "vocab_size": s.vocab_size, "context": s.context,
              "train_tokens": len(self.train.tokens), "test_tokens": len(self.test.tokens),
              "test_files": [str(f) for f in self.test_files]}
-        if self.tokenizer != "byte":
-            d.update(tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=self.tokenizer_sha256,
-                     test_bytes=self.test_bytes)
+        if s.tokenizer != "byte":
+            d.update(tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=s.tokenizer_sha256, test_bytes=self.test_bytes)
         return d
 
 
@@ -239,52 +225,81 @@ def _kind(cfg) -> str:
     return kind if kind in records.RECORD_SOURCES else "text"
 
 
-def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBundle:
-    """The corpus at `path` as token windows, from the token cache (RUN/token_cache or
-    data.cache_dir; in memory without either). With data.tokenizer: bpe, `run` is the run directory
-    whose tokenizer.json is loaded, or trained and saved there when missing and `train_tokenizer`."""
-    root = _checked_root(cfg, path)
-    kind, column = _kind(cfg), getattr(cfg, "text_column", "text")
-    tokenizer = getattr(cfg, "tokenizer", "byte")
-    if tokenizer not in ("byte", "bpe"):
-        raise UserError(f"data.tokenizer must be byte or bpe, got {tokenizer!r}")
-    if tokenizer == "byte" and run is not None and (Path(run) / TOKENIZER_FILE).exists():
-        raise UserError(f"{Path(run) / TOKENIZER_FILE} is the BPE tokenizer of a data.tokenizer: bpe run, but the "
-                        f"recipe says data.tokenizer: byte; use data.tokenizer: bpe as that run did, or a new --out")
-    files = _files(root) if kind == "text" else records.corpus_files(kind, root, _files(root))
-    train_and_save = lambda path: _train_and_save(cfg, root, path)     # noqa: E731
-    tok, digest = run_tokenizer(cfg, run, train_tokenizer, train_and_save) if tokenizer == "bpe" else (None, "")
-    vocab = BYTE_VOCAB if tok is None else tok.get_vocab_size()
-    settings = {"val_fraction": cfg.val_fraction, "subset_seed": cfg.subset_seed, "tokenizer": tokenizer,
-                "tokenizer_sha256": digest}
-    if kind != "text":      # text files keep the keys their caches were made with
-        settings.update(source_kind=kind, text_column=column)
-    where = token_cache.cache_root(cfg, run)
-    key = token_cache.corpus_key(root, files, settings) if where is not None else ""
+class Corpus:
+    """The corpus at `root`, read and split once, when first asked: the BPE trainer and the
+    tokenizer share that one split, and a stage that finds its token cache never reads it."""
 
-    def tokenize():
-        train, test, train_files, test_files = _split(root, cfg.val_fraction, cfg.subset_seed,
-                                                      char_boundary=tok is not None, kind=kind, column=column)
+    def __init__(self, cfg, root: Path):
+        self.cfg, self.root, self.kind = cfg, root, _kind(cfg)
+        self._parts = self._encoded = None
+
+    def files(self) -> list[Path]:
+        """The corpus's files (what the token cache's key digests), read no further."""
+        files = _files(self.root)
+        return files if self.kind == "text" else records.corpus_files(self.kind, self.root, files)
+
+    def split(self) -> tuple:
+        """(training texts, held-out texts, training documents, held-out documents); with BPE the
+        cut of a single document moves back to the start of a character (BPE reads characters)."""
+        if self._parts is None:
+            cfg = self.cfg
+            self._parts = _split(self.root, cfg.val_fraction, cfg.subset_seed, char_boundary=cfg.tokenizer == "bpe",
+                                 kind=self.kind, column=cfg.text_column)
+        return self._parts
+
+    def tokens(self, tok) -> tuple:
+        """(training token parts, held-out token parts): the split's bytes, or its ids under BPE
+        tokenizer `tok`, encoded once (the trainer's window check and the token cache share them)."""
+        train, test = self.split()[:2]
         if tok is None:
-            train, test = [np.frombuffer(t, dtype=np.uint8) for t in train], [np.frombuffer(t, dtype=np.uint8) for t in test]
-        else:
-            train, test = [encode(tok, pieces(train))], [encode(tok, pieces(test))]
-        for name, parts in (("training", train), ("held-out", test)):
-            _check_windows(name, sum(len(p) for p in parts), root, cfg.context)
-        windows = (sum(len(p) for p in test) - 1) // cfg.context        # TextSplit's count, stride = context
-        check_eval_tokens(getattr(cfg, "eval_tokens", 0), windows, cfg.context)    # before anything is written
-        return train, test, train_files, test_files
+            return [np.frombuffer(t, dtype=np.uint8) for t in train], [np.frombuffer(t, dtype=np.uint8) for t in test]
+        if self._encoded is None or self._encoded[0] is not tok:
+            self._encoded = (tok, encode(tok, pieces(train)), encode(tok, pieces(test)))
+        return [self._encoded[1]], [self._encoded[2]]
 
-    tokens = token_cache.load_or_build(where, key, vocab, tokenize, {"source": str(root), **settings})
-    token_bytes = None if tok is None else torch.tensor([len(tok.id_to_token(i)) for i in range(vocab)])
-    bundle = TextBundle(TextSplit(tokens.train, cfg.context), TextSplit(tokens.test, cfg.context), vocab, cfg.context,
-                        cfg.source, tokenizer, tokens.train_files, tokens.test_files, digest, token_bytes)
+    def documents(self) -> str:
+        return f"{len(self.split()[0])} {'files' if self.kind == 'text' else 'records'}"
+
+
+def load_text(cfg, path: str, run=None, train_tokenizer: bool = True) -> TextBundle:
+    """The corpus at `path` (data.source's path; `cfg` the recipe's DataCfg) as token windows, from
+    the token cache (RUN/token_cache or data.cache_dir; in memory without either). With
+    data.tokenizer: bpe, `run` is the run directory whose tokenizer.json is loaded, or trained and
+    saved there when missing and `train_tokenizer`."""
+    corpus = Corpus(cfg, _checked_root(cfg, path, run))
+    files = corpus.files()
+    tok, digest = (run_tokenizer(cfg, run, train_tokenizer, lambda dest: _train_and_save(cfg, corpus, dest))
+                   if cfg.tokenizer == "bpe" else (None, ""))
+    spec = TextSpec(cfg.context, BYTE_VOCAB if tok is None else tok.get_vocab_size(), cfg.tokenizer, digest)
+    settings = {"val_fraction": cfg.val_fraction, "subset_seed": cfg.subset_seed, "tokenizer": cfg.tokenizer,
+                "tokenizer_sha256": digest}
+    if corpus.kind != "text":      # text files keep the keys their caches were made with
+        settings.update(source_kind=corpus.kind, text_column=cfg.text_column)
+    where = token_cache.cache_root(cfg, run)
+    key = token_cache.corpus_key(corpus.root, files, settings) if where is not None else ""
+    tokens = token_cache.load_or_build(where, key, spec.vocab_size, lambda: _tokenize(cfg, corpus, tok),
+                                       {"source": str(corpus.root), **settings})
+    token_bytes = None if tok is None else torch.tensor([len(tok.id_to_token(i)) for i in range(spec.vocab_size)])
+    bundle = TextBundle(TextSplit(tokens.train, cfg.context), TextSplit(tokens.test, cfg.context), spec, cfg.source,
+                        tokens.train_files, tokens.test_files, token_bytes)
     for name, split in (("training", bundle.train), ("held-out", bundle.test)):
-        _check_windows(name, len(split.tokens), root, cfg.context)      # a cache made with another data.context
-    return bundle.eval_slice(getattr(cfg, "eval_tokens", 0))
+        _check_windows(name, len(split.tokens), corpus.root, cfg.context)   # a cache made with another data.context
+    return bundle.eval_slice(cfg.eval_tokens)
 
 
-def _checked_root(cfg, path: str) -> Path:
+def _tokenize(cfg, corpus: Corpus, tok) -> tuple:
+    """What the token cache stores of the corpus: (training token parts, held-out token parts,
+    training documents, held-out documents), checked before anything is written."""
+    train, test = corpus.tokens(tok)
+    train_files, test_files = corpus.split()[2:]
+    for name, parts in (("training", train), ("held-out", test)):
+        _check_windows(name, sum(len(p) for p in parts), corpus.root, cfg.context)
+    windows = (sum(len(p) for p in test) - 1) // cfg.context        # TextSplit's count, stride = context
+    check_eval_tokens(cfg.eval_tokens, windows, cfg.context)
+    return train, test, train_files, test_files
+
+
+def _checked_root(cfg, path: str, run) -> Path:
     root = Path(path)
     if not path:
         raise UserError(f"data.source '{cfg.source}' needs a path, e.g. text:/usr/share/common-licenses")
@@ -292,14 +307,19 @@ def _checked_root(cfg, path: str) -> Path:
         raise UserError(f"data path {path} (from data.source '{cfg.source}') does not exist")
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
-    if getattr(cfg, "train_fraction", 1.0) < 1.0:
+    if cfg.train_fraction < 1.0:
         raise UserError(f"data.train_fraction {cfg.train_fraction} takes a class-balanced subset of images; "
                         f"text has no classes: remove it (or give fewer files in text:PATH)")
     if cfg.context < 1:
         raise UserError(f"data.context must be >= 1 token, got {cfg.context}")
-    if _kind(cfg) == "text" and getattr(cfg, "text_column", "text") != "text":
+    if _kind(cfg) == "text" and cfg.text_column != "text":
         raise UserError(f"data.text_column '{cfg.text_column}' names a column of records, but data.source "
                         f"'{cfg.source}' reads text files; remove it, or use jsonl:, parquet: or hf_disk:PATH")
+    if cfg.tokenizer not in ("byte", "bpe"):
+        raise UserError(f"data.tokenizer must be byte or bpe, got {cfg.tokenizer!r}")
+    if cfg.tokenizer == "byte" and run is not None and (Path(run) / TOKENIZER_FILE).exists():
+        raise UserError(f"{Path(run) / TOKENIZER_FILE} is the BPE tokenizer of a data.tokenizer: bpe run, but the "
+                        f"recipe says data.tokenizer: byte; use data.tokenizer: bpe as that run did, or a new --out")
     return root
 
 
@@ -309,21 +329,17 @@ def _check_windows(name: str, n_tokens: int, root: Path, context: int) -> None:
                         f"data.context + 1 = {context + 1}; use a smaller data.context or more text")
 
 
-def _train_and_save(cfg, root: Path, path: Path):
+def _train_and_save(cfg, corpus: Corpus, path: Path):
     """Train BPE on the training split, check that both splits still make a window, save it."""
     from ..store.checkpoint import write_bytes_atomic
-    kind = _kind(cfg)
-    train, test, _, _ = _split(root, cfg.val_fraction, cfg.subset_seed, char_boundary=True, kind=kind,
-                               column=getattr(cfg, "text_column", "text"))
-    documents = f"{len(train)} {'files' if kind == 'text' else 'records'}"
-    train, test = pieces(train), pieces(test)
-    tok, data = train_checked(train, cfg.vocab_size, root)
-    n_train = len(encode(tok, train))
-    for name, texts in (("training", None), ("held-out", test)):
-        _check_windows(name, n_train if texts is None else len(encode(tok, texts)), root, cfg.context)
+    tok, data = train_checked(pieces(corpus.split()[0]), cfg.vocab_size, corpus.root)
+    (train,), (test,) = corpus.tokens(tok)
+    n_train = len(train)
+    for name, n in (("training", n_train), ("held-out", len(test))):
+        _check_windows(name, n, corpus.root, cfg.context)
     write_bytes_atomic(path, data)
     print(f"tokenizer: byte-level BPE of {tok.get_vocab_size()} tokens trained on the training split "
-          f"({documents}, {n_train} tokens); saved as {path}", flush=True)
+          f"({corpus.documents()}, {n_train} tokens); saved as {path}", flush=True)
     return tok, hashlib.sha256(data).hexdigest()
 
 

@@ -35,7 +35,7 @@ def dtype_for(vocab_size: int):
 
 def cache_root(cfg, run) -> Path | None:
     """Where the entries live: data.cache_dir, else RUN/token_cache; None without either (in memory)."""
-    if getattr(cfg, "cache_dir", None):
+    if cfg.cache_dir:
         return Path(cfg.cache_dir)
     return Path(run) / CACHE_DIR if run is not None else None
 

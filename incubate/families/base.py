@@ -24,7 +24,8 @@ counts; fsdp refuses a family without it.
 where the model says its architecture (a transformers model's config): what `incubate.meta_model`
 calls.
 
-Optional attributes: `imports_official = True` where `incubate import-official` can read the
+Optional attributes: `task` (incubate/tasks: classification when none) and `modality`, the data
+description its model_kwargs reads ("image" or "text", the task's); `imports_official = True` where `incubate import-official` can read the
 official code's checkpoints of the family (ViT); `no_grad_checkpointing = "why"` where
 train.grad_checkpointing must be refused (ResNet).
 """
@@ -48,13 +49,14 @@ class Family(Protocol):
         """Refuse, when the recipe is loaded (UserError, one line), a model section (ModelCfg:
         name, kwargs, division) the family cannot honour, e.g. a division of the wrong length."""
 
-    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
-                     meta: bool = False) -> dict:
+    def model_kwargs(self, cfg, spec, division: list[int], meta: bool = False) -> dict:
         """The keyword arguments that, with `cfg.name`, fix the architecture (saved in manifests).
-        `cfg` is the recipe's ModelCfg; `division` the division of the model being built (the meta
-        division when `meta`). The meta model has the division's blocks and must produce, at every
-        module boundary, the tensor shape the target produces there; refuse (UserError, one line)
-        a division that cannot be honoured."""
+        `cfg` is the recipe's ModelCfg; `spec` what the data is (incubate/data/spec.py: ImageSpec's
+        channels, size and classes, or TextSpec's context and vocabulary), refused in one line when
+        of the other modality; `division` the division of the model being built (the meta division
+        when `meta`). The meta model has the division's blocks and must produce, at every module
+        boundary, the tensor shape the target produces there; refuse (UserError, one line) a
+        division that cannot be honoured."""
 
     def build(self, name: str, kwargs: dict, drop_path: float = 0.0) -> nn.Module:
         """A freshly initialised model (random weights from the current torch seed)."""

@@ -25,6 +25,7 @@ import copy
 import torch
 from torch import nn
 
+from ..data.spec import expect
 from ..errors import UserError
 from .base import Slot, copy_stem_and_head, init_blocks_from_meta, module_of, remember_spec, stack_blocks
 from .decoder_structure import EXAMPLES, Structure, check_architecture, check_config, check_kinds, refuse
@@ -65,6 +66,7 @@ def _causal_lm_class(config):
 class CausalLMFamily:
     name = "causal_lm"
     task = "causal_lm"
+    modality = "text"           # the data description it reads (incubate/data/spec.py)
 
     # the recipe's validation turns this into a one-line refusal of train.grad_checkpointing
     no_grad_checkpointing = "its decoder layers are not recomputed in backward yet"
@@ -116,16 +118,15 @@ class CausalLMFamily:
             if kwargs.get(key):
                 raise UserError(f"model.kwargs.{key}: true is not for the causal_lm family: {why}; remove it")
 
-    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
-                     meta: bool = False) -> dict:
+    def model_kwargs(self, cfg, spec, division: list[int], meta: bool = False) -> dict:
         """The config arguments that fix the architecture (saved in manifests): the recipe's, with one
-        layer a block of the division. For a text bundle `num_classes` is the vocabulary and
-        `img_size` the context (data.TextBundle)."""
+        layer a block of the division, the text's vocabulary and its context as the positions."""
+        expect(spec, self.modality, self.name)
         self.validate(cfg)
         kwargs = dict(cfg.kwargs)
-        kwargs.update(num_hidden_layers=sum(division), vocab_size=num_classes, max_position_embeddings=img_size,
-                      tie_word_embeddings=False)
-        kwargs.update(self._no_special_tokens(cfg.name, kwargs, num_classes))
+        kwargs.update(num_hidden_layers=sum(division), vocab_size=spec.vocab_size,
+                      max_position_embeddings=spec.context, tie_word_embeddings=False)
+        kwargs.update(self._no_special_tokens(cfg.name, kwargs, spec.vocab_size))
         check_kinds(self._config(cfg.name, kwargs))
         return kwargs
 

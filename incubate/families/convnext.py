@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..data.spec import expect
 from ..errors import UserError
 from .base import (copy_stem_and_head, module_of, recorded_spec, remember_spec, stack_by_shape,
                    timm_export_config)
@@ -55,6 +56,8 @@ def meta_depths(layers: list[int], division: list[int], meta_division: list[int]
 
 class ConvNeXtFamily:
     name = "convnext"
+    task = "classification"     # incubate/tasks
+    modality = "image"          # the data description it reads (incubate/data/spec.py)
 
     def _layers(self, name: str, kwargs: dict) -> list[int]:
         if "depths" in kwargs:
@@ -73,16 +76,16 @@ class ConvNeXtFamily:
             layers = layout(self.build(cfg.name, kwargs))
         self._check(cfg.name, layers, list(cfg.division))
 
-    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
-                     meta: bool = False) -> dict:
-        """timm's keyword arguments (saved in manifests); ConvNeXts take any image size, so img_size
-        is not one. The meta model is the target with `depths` from the meta division."""
-        kwargs = dict(cfg.kwargs)
+    def model_kwargs(self, cfg, spec, division: list[int], meta: bool = False) -> dict:
+        """timm's keyword arguments (saved in manifests); ConvNeXts take any image size, so the
+        size is not one. The meta model is the target with `depths` from the meta division."""
+        expect(spec, self.modality, self.name)
+        kwargs, in_chans = dict(cfg.kwargs), spec.channels
         if "in_chans" in kwargs and kwargs["in_chans"] != in_chans:
             raise UserError(f"model.kwargs.in_chans={kwargs['in_chans']} but the data has {in_chans} channels; "
                             f"remove it from model.kwargs")
         kwargs.pop("drop_path_rate", None)
-        kwargs.update(num_classes=num_classes, in_chans=in_chans)
+        kwargs.update(num_classes=spec.classes, in_chans=in_chans)
         layers = self._layers(cfg.name, kwargs)
         self._check(cfg.name, layers, list(cfg.division))
         kwargs["depths"] = layers

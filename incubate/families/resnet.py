@@ -25,6 +25,7 @@ import timm
 import torch
 from torch import nn
 
+from ..data.spec import expect
 from ..errors import UserError
 from .base import (copy_stem_and_head, module_of, recorded_spec, remember_spec, stack_by_shape,
                    timm_export_config, weight_shapes)
@@ -95,6 +96,8 @@ def _last_bn(block: nn.Module) -> nn.Module:
 
 class ResNetFamily:
     name = "resnet"
+    task = "classification"     # incubate/tasks
+    modality = "image"          # the data description it reads (incubate/data/spec.py)
     # torch's checkpointing reruns each block's forward in backward, and a training BatchNorm
     # updates its running statistics on every forward (measured: twice a step, not once)
     no_grad_checkpointing = "BatchNorm would update its running statistics twice a step (again when a block is recomputed)"
@@ -111,16 +114,16 @@ class ResNetFamily:
     def validate(self, cfg) -> None:
         check_division(cfg.name, self._layers(cfg.name, dict(cfg.kwargs)), list(cfg.division))
 
-    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
-                     meta: bool = False) -> dict:
-        """timm's keyword arguments (saved in manifests). ResNets take any image size, so img_size
-        is not one. The meta model is the target with `layers` from the meta division."""
-        kwargs = dict(cfg.kwargs)
+    def model_kwargs(self, cfg, spec, division: list[int], meta: bool = False) -> dict:
+        """timm's keyword arguments (saved in manifests). ResNets take any image size, so the
+        size is not one. The meta model is the target with `layers` from the meta division."""
+        expect(spec, self.modality, self.name)
+        kwargs, in_chans = dict(cfg.kwargs), spec.channels
         if "in_chans" in kwargs and kwargs["in_chans"] != in_chans:
             raise UserError(f"model.kwargs.in_chans={kwargs['in_chans']} but the data has {in_chans} channels; "
                             f"remove it from model.kwargs")
         kwargs.pop("drop_path_rate", None)
-        kwargs.update(num_classes=num_classes, in_chans=in_chans)
+        kwargs.update(num_classes=spec.classes, in_chans=in_chans)
         layers = self._layers(cfg.name, kwargs)
         stages = check_division(cfg.name, layers, list(cfg.division))
         if meta:

@@ -25,6 +25,7 @@ from timm.models.vision_transformer import (Block, DiffParallelScalingBlock, Par
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..data.spec import expect
 from ..errors import UserError
 from .base import (Slot, copy_stem_and_head, init_blocks_from_meta, module_of, recorded_spec, remember_spec,
                    stack_blocks, timm_export_config)
@@ -126,20 +127,22 @@ def _block_kwargs(model: nn.Module) -> dict:
 class ViTFamily:
     name = "vit"
     task = "classification"     # incubate/tasks
+    modality = "image"          # the data description it reads (incubate/data/spec.py)
     imports_official = True      # the official code released ViT checkpoints (incubate/interop.py)
 
-    def model_kwargs(self, cfg, num_classes: int, in_chans: int, img_size: int, division: list[int],
-                     meta: bool = False) -> dict:
+    def model_kwargs(self, cfg, spec, division: list[int], meta: bool = False) -> dict:
         """The timm keyword arguments that fix the architecture (saved in manifests): the recipe's,
-        with depth = the division's blocks (the meta model is the target at depth K)."""
+        with the images' channels and size, and depth = the division's blocks (the meta model is the
+        target at depth K)."""
+        expect(spec, self.modality, self.name)
         kwargs = dict(cfg.kwargs)
-        for key, value in (("in_chans", in_chans), ("img_size", img_size)):
+        for key, value in (("in_chans", spec.channels), ("img_size", spec.size)):
             if key in kwargs and kwargs[key] != value:
                 raise UserError(f"model.kwargs.{key}={kwargs[key]} but the data has {key}={value}; "
                                 f"remove it from model.kwargs or change data.img_size")
             kwargs[key] = value
         kwargs.pop("drop_path_rate", None)
-        kwargs.update(num_classes=num_classes, depth=sum(division))
+        kwargs.update(num_classes=spec.classes, depth=sum(division))
         return kwargs
 
     def validate(self, cfg) -> None:

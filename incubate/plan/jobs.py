@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..data.spec import ImageSpec, TextSpec
 from ..errors import UserError
 from ..families import get_family, task_name
 from ..families.base import weight_shapes
@@ -44,12 +45,18 @@ class Setting:
     """What the plan knows of a recipe without reading its data."""
     recipe: object
     family: object
-    text: bool
-    classes: int            # classes, or the vocabulary for text
-    in_chans: int
-    size: int               # image side, or the context for text
-    samples: int | None     # training samples an epoch (text: windows of `size` tokens)
+    spec: ImageSpec | TextSpec      # what the stages would read of the data (incubate/data/spec.py)
+    samples: int | None     # training samples an epoch (text: windows of the context's tokens)
     notes: list = field(default_factory=list)
+
+    @property
+    def text(self) -> bool:
+        return self.spec.modality == "text"
+
+    @property
+    def per_sample(self) -> int:
+        """Tokens a sample for text (a window), 1 for an image: the unit a budget counts."""
+        return self.spec.context if self.text else 1
 
     @classmethod
     def of(cls, recipe, classes: int | None, train_samples: int | None) -> "Setting":
@@ -58,17 +65,18 @@ class Setting:
         if task_name(recipe.model.family) == "causal_lm":
             vocab = 256 if d.tokenizer == "byte" else d.vocab_size
             notes = [f"vocabulary {vocab} (data.tokenizer: {d.tokenizer}), context {d.context}"]
-            return cls(recipe, family, True, vocab, 1, d.context, train_samples, notes)
+            return cls(recipe, family, TextSpec(d.context, vocab, d.tokenizer), train_samples, notes)
         classes = classes or CLASSES.get(kind)
         if classes is None:
             raise UserError(f"incubate plan does not read data.source '{d.source}' to count its classes; pass "
                             f"--classes N (e.g. --classes 1000 for ImageNet-1K)")
         samples = None if train_samples is None else int(train_samples * d.train_fraction)
         notes = [f"{classes} classes, {d.img_size}px images"]
-        return cls(recipe, family, False, classes, 1 if kind in ("digits", "idx") else 3, d.img_size, samples, notes)
+        spec = ImageSpec.unnamed(1 if kind in ("digits", "idx") else 3, d.img_size, classes)
+        return cls(recipe, family, spec, samples, notes)
 
     def kwargs(self, division: list, meta: bool = False) -> dict:
-        return self.family.model_kwargs(self.recipe.model, self.classes, self.in_chans, self.size, division, meta=meta)
+        return self.family.model_kwargs(self.recipe.model, self.spec, division, meta=meta)
 
     def build(self, division: list, meta: bool = False, drop_path: float = 0.0):
         return self.family.build(self.recipe.model.name, self.kwargs(division, meta), drop_path=drop_path)
@@ -76,9 +84,10 @@ class Setting:
 
 def _data(s: Setting, batch: int):
     import torch
+    d = s.spec
     if s.text:
-        return lambda: (lambda x: (x, x))(torch.randint(0, s.classes, (batch, s.size)))
-    return lambda: (torch.randn(batch, s.in_chans, s.size, s.size), torch.randint(0, s.classes, (batch,)))
+        return lambda: (lambda x: (x, x))(torch.randint(0, d.vocab_size, (batch, d.context)))
+    return lambda: (torch.randn(batch, d.channels, d.size, d.size), torch.randint(0, d.classes, (batch,)))
 
 
 def _loss(s: Setting, cfg):
@@ -144,13 +153,13 @@ def _budget_units(s: Setting, stage: str) -> int | None:
         return cfg.tokens
     if s.samples is None:
         return None
-    return cfg.epochs * s.samples * (s.size if s.text else 1)
+    return cfg.epochs * s.samples * s.per_sample
 
 
 def _job(s: Setting, name: str, stage: str, traced) -> Job:
     ddp, fsdp, scaled = traced
     cfg = s.recipe.stage(stage)
-    per_step = cfg.batch_size * (s.size if s.text else 1)
+    per_step = cfg.batch_size * s.per_sample
     ddp_peak = {w: ddp.peak + (ddp.grad_bytes if w > 1 else 0) for w in WORLDS}     # DDP's buckets: a grads' copy
     fsdp_peak = {w: max(rescale(t, ref, w).peak for ref, t in fsdp.items()) for w in WORLDS}
     return Job(name, stage, ddp.params, ddp.trained, ddp.params - ddp.trained, "token" if s.text else "sample",

@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 
 from ..recipe.schema import Recipe
-from ..data.loaders import DataBundle, eval_crop_pct, load_data
+from ..data.loaders import DataBundle, load_data
 from ..train.dist import Dist, barrier, setup_dist
 from ..train.engine import seed_all
 from ..families import get_family
 from ..store.rundir import (StageDir, begin_stage, check_run_recipe, check_tokenizer, finish_stage,
                             stage_dirs, write_run_recipe)
-from ..tasks import task_of
+from ..tasks import check_modality, task_of
 from ..data.text import TOKENIZER_FILE
 
 
@@ -33,8 +33,7 @@ class Context:
 
     def model_spec(self, meta: bool = False) -> dict:
         div = self.recipe.meta_division if meta else self.recipe.model.division
-        kwargs = self.family.model_kwargs(self.recipe.model, self.bundle.num_classes, self.bundle.in_chans,
-                                          self.bundle.img_size, div, meta=meta)
+        kwargs = self.family.model_kwargs(self.recipe.model, self.bundle.spec, div, meta=meta)
         return {"name": self.recipe.model.name, "kwargs": kwargs}
 
     def build(self, meta: bool = False, drop_path: float = 0.0):
@@ -49,28 +48,22 @@ class Context:
                 "model": self.model_spec(meta), "division": r.meta_division if meta else r.model.division,
                 "target_model": self.model_spec(),     # what incubate.target_model(run) builds
                 "target_division": r.model.division, "meta_division": r.meta_division,
-                "meta_fingerprint": None, "recipe": r.name, "classes": self.bundle.class_names,
-                "num_classes": self.bundle.num_classes, "data": r.data.source,
-                "preprocess": preprocess(self.bundle, r.data.augment), "finished": False}
+                "meta_fingerprint": None, "recipe": r.name, **self.bundle.spec.manifest_fields(),
+                "data": r.data.source, "preprocess": preprocess(self.bundle, r.data.augment), "finished": False}
 
 
 def preprocess(bundle: DataBundle, augment) -> dict:
-    """How test images reach the model (what an export's pretrained_cfg must say): image files
-    through timm's eval transform as data.augment sets it, in-memory data resized bilinearly."""
-    if hasattr(bundle, "describe"):    # text: the tokenizer and the split
-        return bundle.describe()
-    from_files = bundle.train.images is None
-    return {"input_size": [bundle.in_chans, bundle.img_size, bundle.img_size], "mean": list(bundle.mean),
-            "std": list(bundle.std), "interpolation": augment.interpolation if from_files else "bilinear",
-            "crop_pct": eval_crop_pct(augment, bundle.img_size) if from_files else 1.0}
+    """How test data reaches the model, as the bundle describes itself (a manifest's `preprocess`:
+    images, the eval transform an export's pretrained_cfg must say; text, the tokenizer and split)."""
+    return bundle.describe(augment)
 
 
 def _check_tokenizer_of_stages(run: Path, recipe: Recipe, bundle) -> None:
     """A BPE run's stages all read one tokenizer: refuse a RUN/tokenizer.json that is not the one
     its stages so far were trained with (replaced, or trained again by another tokenizers version)."""
-    have = getattr(bundle, "tokenizer_sha256", "")
-    if not have:
+    if bundle.spec.modality != "text" or not bundle.spec.tokenizer_sha256:     # no tokenizer file: bytes, images
         return
+    have = bundle.spec.tokenizer_sha256
     for sd in stage_dirs(run, len(recipe.model.division)):
         check_tokenizer(sd.manifest() or {}, have, run / TOKENIZER_FILE, sd.path)
 
@@ -85,7 +78,7 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
     # Bad data is refused before anything is written; a BPE tokenizer is trained and saved in the run
     # directory only once the corpus passed every check (recipe_checks.validate keeps it to LM families).
     bundle = load_data(recipe.data, run)
-    task_of(family).check_data(bundle, recipe.model.family)
+    check_modality(task_of(family), bundle.spec, recipe.model.family, recipe.data.source)
     _check_tokenizer_of_stages(run, recipe, bundle)
     return Context(recipe, run, dist, bundle, family)
 

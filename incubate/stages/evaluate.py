@@ -12,13 +12,13 @@ from ..errors import UserError
 from ..families import get_family
 from ..store.rundir import StageDir, check_tokenizer
 from ..runs import load_hybrid, load_model
-from ..tasks import task_of
+from ..tasks import check_modality, task_of
 from ..data.text import TOKENIZER_FILE
 
 
 def _check_tokens(bundle, m: dict, sd: StageDir) -> None:
     """Refuse to evaluate a BPE model with bytes, or with a tokenizer other than its stage's."""
-    have = getattr(bundle, "tokenizer_sha256", "")
+    have = bundle.spec.tokenizer_sha256 if bundle.spec.modality == "text" else ""
     if (m.get("preprocess") or {}).get("tokenizer_sha256") and not have:
         raise UserError(f"{sd.weights} was trained on BPE tokens (data.tokenizer: bpe) but the recipe reads bytes; "
                         f"evaluate it with the recipe of its run directory")
@@ -42,17 +42,17 @@ def main(recipe: Recipe, checkpoint) -> dict:
     dist = setup_dist(recipe.device)
     net = load_hybrid(sd) if sd.module is not None else load_model(sd)   # a module runs inside its meta model
     bundle = load_data(recipe.data, sd.run, train_tokenizer=False)   # BPE: the run's tokenizer.json, never a new one
+    task = task_of(get_family(m["family"]))
+    check_modality(task, bundle.spec, m["family"], recipe.data.source)
     _check_tokens(bundle, m, sd)
-    if bundle.num_classes != m["num_classes"]:
+    if bundle.spec.outputs != m["num_classes"]:
         raise UserError(f"{sd.weights} predicts {m['num_classes']} classes but {recipe.data.source} has "
-                        f"{bundle.num_classes}; evaluate on the data it was trained on")
+                        f"{bundle.spec.outputs}; evaluate on the data it was trained on")
     net.to(dist.device)
     loader = make_loader(bundle, bundle.test, recipe.data, Reader(
         recipe.data.eval_batch_size, False, recipe.seed, dist.rank, dist.world, dist.device))
-    task = task_of(get_family(m["family"]))
-    task.check_data(bundle, m["family"])
     result = evaluate(net, loader, dist, task=task)
     if dist.main:
-        unit = "images" if task.name == "classification" else "tokens"
+        unit = {"image": "images", "text": "tokens"}[bundle.spec.modality]
         print(f"{sd.label}: {task.text(result)}  loss {result['loss']:.4f}  ({result['n']} {unit})")
     return result

@@ -22,6 +22,17 @@ def get_task(name: str):
         raise UserError(f"unknown task '{name}'; valid: {', '.join(TASKS)}") from None
 
 
+HOLDS = {"image": "holds images", "text": "is text"}     # what a data source of each modality is, in a refusal
+
+
+def check_modality(task, spec, family: str, source: str) -> None:
+    """The one check that the data is what the family's task reads (its declared modality against
+    the bundle's spec), made before a model is built from it."""
+    if spec.modality != task.modality:
+        raise UserError(f"model.family '{family}' {task.summary} but data.source '{source}' "
+                        f"{HOLDS[spec.modality]}; {task.use}")
+
+
 def task_of(family) -> object:
     """The task a model family trains for (ViT: classification)."""
     return get_task(adapter_task(family))

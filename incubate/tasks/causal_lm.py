@@ -33,16 +33,14 @@ class _NextTokenLoss:
 
 class CausalLMTask:
     name = "causal_lm"
+    modality = "text"               # the data it reads (incubate/data/spec.py)
+    summary = "is a language model"     # what a family of this task does, in a refusal
+    use = "use text:PATH (a UTF-8 file or a folder of them)"        # how to give it that data
     headline = "bpb"
     higher_is_better = False
     headline_label = "validation bits per byte"
     headline_text = "bits/byte {:.4f}"
     columns = (("bpb", "val bits/byte", "{:.4f}"), ("loss", "val loss", "{:.4f}"), ("acc", "next-token acc (%)", "{:.2f}"))
-
-    def check_data(self, bundle, family: str) -> None:
-        if not hasattr(bundle, "vocab_size"):
-            raise UserError(f"model.family '{family}' is a language model but data.source '{bundle.source}' "
-                            f"holds images; use text:PATH (a UTF-8 file or a folder of them)")
 
     def criteria(self, cfg, bundle):
         if cfg.mixup > 0 or cfg.cutmix > 0:

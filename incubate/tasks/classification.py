@@ -4,21 +4,17 @@ from __future__ import annotations
 
 # torch is imported where a method needs it: `incubate status` and `report` read a task without it
 
-from ..errors import UserError
-
 
 class ClassificationTask:
     name = "classification"
+    modality = "image"              # the data it reads (incubate/data/spec.py)
+    summary = "classifies images"   # what a family of this task does, in a refusal
+    use = "use an image source (digits, idx:, imagefolder:, cifar10:, cifar100:)"    # how to give it that data
     headline = "top1"               # the metric a run is judged by
     higher_is_better = True
     headline_label = "test top-1 (%)"
     headline_text = "top-1 {:.2f}%"    # one value in a line of `incubate status`
     columns = (("top1", "top-1 (%)", "{:.2f}"),)     # the report table's metric columns: key, header, format
-
-    def check_data(self, bundle, family: str) -> None:
-        if not hasattr(bundle, "mean"):
-            raise UserError(f"model.family '{family}' classifies images but data.source '{bundle.source}' is "
-                            f"text; use an image source (digits, idx:, imagefolder:, cifar10:, cifar100:)")
 
     def criteria(self, cfg, bundle):
         """(batch transform or None, training loss, loss for counting FLOPs): timm's mixup/cutmix and
@@ -28,7 +24,7 @@ class ClassificationTask:
         from torch import nn
         if cfg.mixup > 0 or cfg.cutmix > 0:
             mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                          num_classes=bundle.num_classes)
+                          num_classes=bundle.spec.classes)
             return mixup, SoftTargetCrossEntropy(), nn.CrossEntropyLoss()
         if cfg.label_smoothing > 0:
             criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)

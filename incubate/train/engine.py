@@ -89,7 +89,8 @@ def fit(part: Trainee, cfg, bundle, data_cfg, run: StageRun) -> dict:
     loaders = [make_loader(bundle, split, data_cfg, Reader(batch, train, run.seed, dist.rank, dist.world, dist.device))
                for split, batch, train in ((bundle.train, cfg.batch_size, True),
                                            (bundle.test, data_cfg.eval_batch_size, False))]
-    budget = plan(cfg, len(loaders[0]), getattr(bundle, "context", 0), dist.world, label, len(bundle.train))
+    context = bundle.spec.context if bundle.spec.modality == "text" else 0    # tokens a sample (a token budget)
+    budget = plan(cfg, len(loaders[0]), context, dist.world, label, len(bundle.train))
     tr = set_up(part, cfg, bundle, task, dist)
     log = StageLog(run.stage_dir, cfg, dist, label, task, budget)
     ckpt = resume.Checkpointer(run.stage_dir, tr, cfg, dist, label)

@@ -4,14 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 
-from ..conftest import (TINY_LM, in_process, make_corpus, one_error_line, run_main,
+from ..conftest import (TINY_LM, in_process, make_corpus, one_error_line, run_main, text_cfg,
                         write_recipe)
 from ..unit.test_family_contract import LM_KWARGS
 
@@ -184,8 +183,7 @@ def test_bpe_sample_evaluate_and_a_replaced_tokenizer(bpe_run, tmp_path, capsys)
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     other = make_corpus(tmp_path / "other", files=2, chars=3000)
-    load_text(SimpleNamespace(source="text:x", context=16, val_fraction=0.2, subset_seed=0, tokenizer="bpe",
-                              vocab_size=300), str(other), tmp_path / "other_run")
+    load_text(text_cfg(tokenizer="bpe", vocab_size=300), str(other), tmp_path / "other_run")
     shutil.copyfile(tmp_path / "other_run/tokenizer.json", copy / "tokenizer.json")    # 300 tokens, other merges
     rc, _, err = run_main(capsys, "sample", copy, "--prompt", "def ")
     assert rc == 2 and "is not the tokenizer finetune was trained with" in one_error_line(err)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from incubate.store import resume
 from incubate.cli import as_in_a_cli_process, main
-from ..conftest import PROCESS_TIMEOUT_S, ROOT, TINY_LM, in_process, make_corpus, one_error_line, run_main
+from ..conftest import (PROCESS_TIMEOUT_S, ROOT, TINY_LM, in_process, make_corpus, one_error_line, run_main,
+                        text_cfg)
 
 PER_UPDATE = 16 * 16          # TINY_LM: batch 16 x context 16 tokens an update, one process
 BUDGETS = {"meta": 30, "incubate": 8, "finetune": 8, "e2e": 60, "grow": 20}     # updates
@@ -138,15 +139,13 @@ def test_the_token_cache_is_made_once_and_mapped_after(token_run, monkeypatch):
 
 def test_gz_files_are_read_as_text(tmp_path):
     import gzip
-    from types import SimpleNamespace
-
     from incubate.data.text import load_text
     plain = make_corpus(tmp_path / "plain", files=4, chars=3000)
     packed = tmp_path / "packed"
     packed.mkdir()
     for f in plain.iterdir():
         (packed / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
-    cfg = SimpleNamespace(source="text:x", context=16, val_fraction=0.2, subset_seed=0, tokenizer="byte")
+    cfg = text_cfg()
     a, b = load_text(cfg, str(plain)), load_text(cfg, str(packed))
     assert np.array_equal(a.train.tokens, b.train.tokens) and np.array_equal(a.test.tokens, b.test.tokens)
 

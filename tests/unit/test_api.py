@@ -37,8 +37,8 @@ class StackFamily:
     def validate(self, cfg):
         pass
 
-    def model_kwargs(self, cfg, num_classes, in_chans, img_size, division, meta=False):
-        return dict(cfg.kwargs, depth=sum(division), classes=num_classes)
+    def model_kwargs(self, cfg, spec, division, meta=False):
+        return dict(cfg.kwargs, depth=sum(division), classes=spec.classes)
 
     def build(self, name, kwargs, drop_path=0.0):
         return remember_spec(Stack(**kwargs), name, kwargs)

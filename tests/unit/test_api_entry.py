@@ -81,7 +81,7 @@ def test_run_data_is_the_stages_data_with_the_runs_bpe_tokenizer(tmp_path):
     write_run_recipe(run, recipe)
     bundle = load_data(recipe.data, run)            # what a stage does first: trains RUN/tokenizer.json
     data = incubate.run_data(run)
-    assert data.tokenizer.get_vocab_size() == bundle.vocab_size == 300
+    assert data.tokenizer.get_vocab_size() == bundle.spec.vocab_size == 300
     assert len(data.train) == len(bundle.train) and len(data.held_out) == len(bundle.test)
     w = bundle.test.windows(torch.tensor([1]))[0]
     assert torch.equal(data.held_out[1]["input_ids"], w[:-1]) and torch.equal(data.held_out[1]["labels"], w[1:])

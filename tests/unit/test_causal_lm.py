@@ -11,6 +11,7 @@ from incubate.errors import UserError
 from incubate.families import get_family
 from incubate.modular import Hybrid, assemble_state_dict, run_module, split_state_dict
 from incubate.tasks import get_task
+from incubate.data.spec import TextSpec
 
 from .test_family_contract import LM_KWARGS
 
@@ -21,7 +22,7 @@ KW = {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "in
 def _model(depth, seed=0, name="llama", **kw):
     cfg = SimpleNamespace(name=name, kwargs=dict(LM_KWARGS[name], **kw))
     torch.manual_seed(seed)
-    return FAM.build(name, FAM.model_kwargs(cfg, 256, 1, 24, [depth])).eval()
+    return FAM.build(name, FAM.model_kwargs(cfg, TextSpec(24, 256), [depth])).eval()
 
 
 @pytest.mark.parametrize("name", sorted(LM_KWARGS))
@@ -73,7 +74,7 @@ def test_stack_init_copies_meta_layers_into_every_layer():
 ])
 def test_refused_kwargs(kwargs, expected):
     with pytest.raises(UserError, match=expected):
-        FAM.model_kwargs(SimpleNamespace(name="llama", kwargs=dict(KW, **kwargs)), 256, 1, 16, [4])
+        FAM.model_kwargs(SimpleNamespace(name="llama", kwargs=dict(KW, **kwargs)), TextSpec(16, 256), [4])
 
 
 GPT2_KW = LM_KWARGS["gpt2"]
@@ -147,7 +148,7 @@ def test_special_token_ids_that_mean_nothing_here_are_dropped_and_llamas_kwargs_
     """Byte and BPE tokens have no special tokens: a padding id would freeze a row of the embedding,
     an id outside the vocabulary would point nowhere."""
     def kwargs(name, **kw):
-        return FAM.model_kwargs(SimpleNamespace(name=name, kwargs=dict(LM_KWARGS[name], **kw)), 256, 1, 16, [4])
+        return FAM.model_kwargs(SimpleNamespace(name=name, kwargs=dict(LM_KWARGS[name], **kw)), TextSpec(16, 256), [4])
     assert kwargs("llama") == dict(KW, num_hidden_layers=4, vocab_size=256, max_position_embeddings=16,
                                    tie_word_embeddings=False)
     assert kwargs("gemma")["pad_token_id"] is None and "bos_token_id" not in kwargs("gemma")     # gemma's is 0

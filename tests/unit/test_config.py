@@ -7,6 +7,7 @@ import torch
 from incubate.recipe.schema import load_recipe
 from incubate.errors import UserError
 from incubate.families import get_family
+from incubate.data.spec import ImageSpec, TextSpec
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
@@ -23,8 +24,11 @@ def test_recipe_validates_and_builds_on_meta_device(path):
     family = get_family(recipe.model.family)
     classes = {"imagenet": 1000, "cifar100": 100}.get(path.stem.split("_")[0], 10)
     chans = 1 if recipe.data.source.startswith(("idx", "digits")) else 3
+    d = recipe.data
+    spec = (TextSpec(d.context, 256 if d.tokenizer == "byte" else d.vocab_size) if family.modality == "text"
+            else ImageSpec.unnamed(chans, d.img_size, classes))
     for meta, div in ((False, recipe.model.division), (True, recipe.meta_division)):
-        kwargs = family.model_kwargs(recipe.model, classes, chans, recipe.data.img_size, div, meta=meta)
+        kwargs = family.model_kwargs(recipe.model, spec, div, meta=meta)
         with torch.device("meta"):
             model = family.build(recipe.model.name, kwargs)
         assert family.depth(model) == sum(div)

@@ -13,6 +13,7 @@ from incubate import check_family, contract
 from incubate.recipe.schema import ModelCfg
 from incubate.families import FAMILIES, Family
 from incubate.modular import split_state_dict
+from incubate.data.spec import ImageSpec, TextSpec
 
 
 def _load_timm_hub_folder(folder, config):
@@ -86,7 +87,8 @@ def build(c, division=None, meta=False, seed=0, meta_division=None):
     division = division or c["division"]
     cfg = ModelCfg(family=c["family"], name=c["name"], kwargs=dict(c["kwargs"]), division=list(division))
     div = (meta_division or c["meta_division"]) if meta else division
-    kwargs = family.model_kwargs(cfg, CLASSES, IN_CHANS, IMG, list(div), meta=meta)
+    spec = TextSpec(IMG, CLASSES) if c.get("tokens") else ImageSpec.unnamed(IN_CHANS, IMG, CLASSES)
+    kwargs = family.model_kwargs(cfg, spec, list(div), meta=meta)
     torch.manual_seed(seed)
     return family.build(c["name"], kwargs), {"name": c["name"], "kwargs": kwargs}
 

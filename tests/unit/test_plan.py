@@ -140,7 +140,7 @@ def test_an_image_recipe_of_unknown_classes_asks_for_them():
     from incubate.errors import UserError
     with pytest.raises(UserError, match="pass --classes N"):
         setting("imagenet_vit_huge.yaml", [])
-    assert setting("imagenet_vit_huge.yaml", [], classes=1000).classes == 1000
+    assert setting("imagenet_vit_huge.yaml", [], classes=1000).spec.classes == 1000
 
 
 @pytest.mark.slow

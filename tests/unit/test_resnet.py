@@ -9,6 +9,7 @@ from incubate.recipe.schema import ModelCfg
 from incubate.errors import UserError
 from incubate.families import get_family
 from incubate.modular import Hybrid
+from incubate.data.spec import ImageSpec
 
 FAMILY = get_family("resnet")
 
@@ -16,7 +17,7 @@ FAMILY = get_family("resnet")
 def kwargs(name, division, meta_division=None, **kw):
     cfg = ModelCfg(family="resnet", name=name, kwargs=kw, division=list(division))
     div = meta_division or division
-    return FAMILY.model_kwargs(cfg, 10, 1, 28, list(div), meta=meta_division is not None)
+    return FAMILY.model_kwargs(cfg, ImageSpec.unnamed(1, 28, 10), list(div), meta=meta_division is not None)
 
 
 def build(name, division, meta_division=None, seed=0, **kw):
@@ -26,7 +27,7 @@ def build(name, division, meta_division=None, seed=0, **kw):
 
 def test_cifar_resnet110_is_he_et_al_2016():
     cfg = ModelCfg(family="resnet", name="cifar_resnet110", division=[18, 18, 18])
-    model = FAMILY.build("cifar_resnet110", FAMILY.model_kwargs(cfg, 100, 3, 32, [18, 18, 18]))
+    model = FAMILY.build("cifar_resnet110", FAMILY.model_kwargs(cfg, ImageSpec.unnamed(3, 32, 100), [18, 18, 18]))
     assert [len(model.layer1), len(model.layer2), len(model.layer3), len(model.layer4)] == [18, 18, 18, 0]
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1) and model.conv1.out_channels == 16
     assert isinstance(model.maxpool, torch.nn.Identity)

@@ -1,7 +1,5 @@
 """text:PATH data: the held-out split, the windows, and one clear line for each bad corpus."""
 import os
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -10,11 +8,11 @@ from incubate.errors import UserError
 from incubate.data.order import Reader
 from incubate.data.text import TextLoader, load_text, split_corpus
 
-from ..conftest import make_corpus, one_error_line, run_main, write_recipe, TINY_LM
+from ..conftest import make_corpus, one_error_line, run_main, text_cfg, write_recipe, TINY_LM
 
 
 def _cfg(source, context=16, val_fraction=0.2, seed=0):
-    return SimpleNamespace(source=source, context=context, val_fraction=val_fraction, subset_seed=seed)
+    return text_cfg(source, context=context, val_fraction=val_fraction, subset_seed=seed)
 
 
 def test_a_folder_holds_out_whole_files_fixed_by_the_seed(tmp_path):
@@ -40,7 +38,7 @@ def test_a_single_file_holds_out_its_tail_and_links_are_read_once(tmp_path):
 
 def test_windows_are_inputs_and_targets_shifted_by_one_and_replayable(tmp_path):
     bundle = load_text(_cfg("text:x"), str(make_corpus(tmp_path / "c")))
-    assert bundle.vocab_size == 256 and bundle.test_bytes == len(bundle.test) * 16
+    assert bundle.spec.vocab_size == 256 and bundle.test_bytes == len(bundle.test) * 16
     loader = TextLoader(bundle, bundle.train, None, Reader(8, True, 0, 0, 1, "cpu"))
     x, y = next(iter(loader.epoch(3)))
     assert x.shape == y.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
@@ -85,7 +83,7 @@ def test_families_refuse_the_other_tasks_data(tmp_path, capsys):
 
 
 def test_text_refuses_a_class_balanced_subset(tmp_path):
-    cfg = SimpleNamespace(source="text:x", context=16, val_fraction=0.2, subset_seed=0, train_fraction=0.5)
+    cfg = text_cfg(train_fraction=0.5)
     with pytest.raises(UserError, match="text has no classes"):
         load_text(cfg, str(make_corpus(tmp_path / "c")))
 
@@ -93,8 +91,7 @@ def test_text_refuses_a_class_balanced_subset(tmp_path):
 # ---------------------------------------------------------------- byte-level BPE (data.tokenizer: bpe)
 
 def _bpe(vocab_size=300, context=16, val_fraction=0.2):
-    return SimpleNamespace(source="text:x", context=context, val_fraction=val_fraction, subset_seed=0,
-                           tokenizer="bpe", vocab_size=vocab_size)
+    return text_cfg(context=context, val_fraction=val_fraction, tokenizer="bpe", vocab_size=vocab_size)
 
 
 def test_bpe_is_trained_on_the_training_split_only(tmp_path, capsys):
@@ -111,7 +108,7 @@ def test_bpe_is_trained_on_the_training_split_only(tmp_path, capsys):
         bundle = load_text(_bpe(), str(root), tmp_path / f"run_{where}")
         from incubate.data.text import read_tokenizer
         tok, digest = read_tokenizer(tmp_path / f"run_{where}" / "tokenizer.json", 300)
-        assert bundle.vocab_size == 300 and bundle.tokenizer_sha256 == digest
+        assert bundle.spec.vocab_size == 300 and bundle.spec.tokenizer_sha256 == digest
         (held if where == "held" else trained).extend([len(tok.encode(word).ids),
                                                        [t for t in tok.get_vocab() if "zyzzy" in t]])
         assert tok.decode(bundle.test.tokens.tolist()) == b"".join(p.read_bytes() for p in test_files).decode()
@@ -138,7 +135,7 @@ def test_bpe_is_saved_once_in_the_run_and_loaded_after(tmp_path, capsys):
     assert out.count("saved as") == 1 and all(b is not None for b in bundles)
     saved = (run / "tokenizer.json").read_bytes()
     stat = (run / "tokenizer.json").stat()
-    assert all(b.tokenizer_sha256 == bundles[0].tokenizer_sha256 for b in bundles)
+    assert all(b.spec.tokenizer_sha256 == bundles[0].spec.tokenizer_sha256 for b in bundles)
     assert all(np.array_equal(b.train.tokens, bundles[0].train.tokens) for b in bundles)
     again = load_text(_bpe(), str(root), run)
     assert "saved as" not in capsys.readouterr().out and (run / "tokenizer.json").stat().st_mtime_ns == stat.st_mtime_ns

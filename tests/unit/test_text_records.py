@@ -4,7 +4,6 @@ import json
 import socket
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from incubate.data import records, text as text_data
 from incubate.errors import UserError
 from incubate.data.text import load_text, split_corpus
 
-from ..conftest import TINY_LM, make_corpus, one_error_line, run_main, write_recipe
+from ..conftest import TINY_LM, make_corpus, one_error_line, run_main, text_cfg, write_recipe
 
 KINDS = ("jsonl", "parquet", "hf_disk")
 
@@ -48,8 +47,7 @@ def corpus(tmp_path: Path, kind: str, files: int = 4) -> tuple[Path, Path]:
 
 
 def _cfg(source, **more):
-    return SimpleNamespace(**{"source": source, "context": 16, "val_fraction": 0.2, "subset_seed": 0,
-                              "tokenizer": "byte", **more})
+    return text_cfg(source, **more)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -198,7 +196,7 @@ def test_text_column_settings_are_checked(tmp_path, capsys):
                               "--set", f"data.text_column={value}")
         assert rc == 2 and expected in one_error_line(err) and not (tmp_path / "run").exists()
     with pytest.raises(UserError, match="text has no classes"):      # the text checks hold for records too
-        load_text(SimpleNamespace(**vars(_cfg("jsonl:x")), train_fraction=0.5), str(tmp_path / "c"))
+        load_text(_cfg("jsonl:x", train_fraction=0.5), str(tmp_path / "c"))
 
 
 @pytest.mark.parametrize("kind", KINDS)

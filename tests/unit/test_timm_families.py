@@ -10,10 +10,12 @@ from incubate.errors import UserError
 from incubate.families import FAMILIES
 from incubate.families.vit import check_structure
 from incubate.modular import run_module
+from incubate.data.spec import ImageSpec
 from ..conftest import one_error_line, run_main, write_recipe
 
 TINY_VIT = {"patch_size": 4, "embed_dim": 16, "num_heads": 2}
 TINY_CONVNEXT = {"depths": [2, 1, 1, 2], "dims": [8, 16, 24, 32], "patch_size": 1}
+SPEC = ImageSpec.unnamed(1, 16, 5)      # 16 px one-channel images of 5 classes
 
 
 @pytest.mark.parametrize("name, kwargs, expected", [
@@ -83,10 +85,10 @@ def test_convnext_refusals(tmp_path, capsys):
                                                "has 6 (depths [2, 1, 1, 2]); make the division sum to 6")
     assert not (tmp_path / "run").exists()
     cfg = _convnext_cfg(division=(3, 3))      # module 1: stages.1-3, with 2 blocks in stages.3
-    target = family.build(cfg.name, family.model_kwargs(cfg, 5, 1, 16, [3, 3]))
-    meta = family.build(cfg.name, family.model_kwargs(cfg, 5, 1, 16, [1, 2], meta=True))
+    target = family.build(cfg.name, family.model_kwargs(cfg, SPEC, [3, 3]))
+    meta = family.build(cfg.name, family.model_kwargs(cfg, SPEC, [1, 2], meta=True))
     family.init_from_meta(target, meta, [3, 3], [1, 2], 1, mode="meta")      # 2 blocks there: honoured
-    meta = family.build(cfg.name, family.model_kwargs(cfg, 5, 1, 16, [1, 3], meta=True))
+    meta = family.build(cfg.name, family.model_kwargs(cfg, SPEC, [1, 3], meta=True))
     with pytest.raises(UserError, match=r"^module_init meta: module 1 has 2 blocks in its last stage \(stages.3\), "
                                         r"fewer than the meta module's 3; give it more blocks there"):
         family.init_from_meta(target, meta, [3, 3], [1, 3], 1, mode="meta")
@@ -98,7 +100,7 @@ def test_convnext_refusals(tmp_path, capsys):
 
 def test_convnext_meta_model_keeps_the_downsampling_of_stages_without_blocks():
     family, cfg = FAMILIES["convnext"], _convnext_cfg()
-    kwargs = family.model_kwargs(cfg, 5, 1, 16, [1, 1, 1], meta=True)
+    kwargs = family.model_kwargs(cfg, SPEC, [1, 1, 1], meta=True)
     assert kwargs["depths"] == [1, 0, 0, 2]     # module 1 ends in stage 3: its meta block is there
     meta = family.build(cfg.name, kwargs)
     owners = {k: family.owner(k, [1, 1, 1], meta) for k in meta.state_dict() if "downsample" in k}
@@ -109,7 +111,7 @@ def test_convnext_grad_checkpointing_recomputes_blocks_and_gives_the_same_gradie
     import incubate.families.convnext as mod
     family, cfg = FAMILIES["convnext"], _convnext_cfg()
     torch.manual_seed(0)
-    model = family.build(cfg.name, family.model_kwargs(cfg, 5, 1, 16, [2, 3, 1]))
+    model = family.build(cfg.name, family.model_kwargs(cfg, SPEC, [2, 3, 1]))
     x = torch.randn(2, 1, 16, 16)
 
     def loss_and_grads():
