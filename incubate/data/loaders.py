@@ -45,13 +45,20 @@ class DataBundle:
                 "crop_pct": eval_crop_pct(augment, size) if from_files else 1.0}
 
 
+def modality(cfg) -> str:
+    """What data.source holds, known before it is read: "text" (text:, jsonl:, parquet:, hf_disk:) or
+    "image"; the spec of the bundle load_data gives (incubate/data/spec.py) says the same."""
+    kind = cfg.source.partition(":")[0]
+    return "text" if kind == "text" or kind in RECORD_SOURCES else "image"
+
+
 def load_data(cfg, run=None, train_tokenizer: bool = True):
     """Read the recipe's data source; in-memory images are resized to `data.img_size` and normalised.
     `text:PATH` (and the records of `jsonl:PATH`, `parquet:PATH`, `hf_disk:PATH`) gives a
     text_data.TextBundle (token windows for a language model); with data.tokenizer: bpe its
     tokenizer is RUN/tokenizer.json (`run`), trained there first if missing and `train_tokenizer`."""
     kind, _, arg = cfg.source.partition(":")
-    if kind == "text" or kind in RECORD_SOURCES:
+    if modality(cfg) == "text":
         from .text import load_text
         return load_text(cfg, arg, run, train_tokenizer)
     readers = {"digits": lambda: read_digits(), "idx": lambda: read_idx(Path(arg)),

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..recipe.schema import Recipe
-from ..data.loaders import DataBundle, load_data
+from ..data.loaders import DataBundle, load_data, modality
 from ..train.dist import Dist, barrier, setup_dist
 from ..train.engine import seed_all
 from ..families import get_family
@@ -77,8 +77,8 @@ def prepare(recipe: Recipe, out: str | Path) -> Context:
     family = get_family(recipe.model.family)
     # Bad data is refused before anything is written; a BPE tokenizer is trained and saved in the run
     # directory only once the corpus passed every check (recipe_checks.validate keeps it to LM families).
+    check_modality(task_of(family), modality(recipe.data), recipe.model.family, recipe.data.source)
     bundle = load_data(recipe.data, run)
-    check_modality(task_of(family), bundle.spec, recipe.model.family, recipe.data.source)
     _check_tokenizer_of_stages(run, recipe, bundle)
     return Context(recipe, run, dist, bundle, family)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..recipe.schema import Recipe
-from ..data.loaders import load_data, make_loader
+from ..data.loaders import load_data, make_loader, modality
 from ..data.order import Reader
 from ..train.dist import setup_dist
 from ..train.engine import evaluate
@@ -41,9 +41,9 @@ def main(recipe: Recipe, checkpoint) -> dict:
     m = sd.require_finished()
     dist = setup_dist(recipe.device)
     net = load_hybrid(sd) if sd.module is not None else load_model(sd)   # a module runs inside its meta model
-    bundle = load_data(recipe.data, sd.run, train_tokenizer=False)   # BPE: the run's tokenizer.json, never a new one
     task = task_of(get_family(m["family"]))
-    check_modality(task, bundle.spec, m["family"], recipe.data.source)
+    check_modality(task, modality(recipe.data), m["family"], recipe.data.source)
+    bundle = load_data(recipe.data, sd.run, train_tokenizer=False)   # BPE: the run's tokenizer.json, never a new one
     _check_tokens(bundle, m, sd)
     if bundle.spec.outputs != m["num_classes"]:
         raise UserError(f"{sd.weights} predicts {m['num_classes']} classes but {recipe.data.source} has "

@@ -25,12 +25,13 @@ def get_task(name: str):
 HOLDS = {"image": "holds images", "text": "is text"}     # what a data source of each modality is, in a refusal
 
 
-def check_modality(task, spec, family: str, source: str) -> None:
-    """The one check that the data is what the family's task reads (its declared modality against
-    the bundle's spec), made before a model is built from it."""
-    if spec.modality != task.modality:
+def check_modality(task, modality: str, family: str, source: str) -> None:
+    """The one check that the data is what the family's task reads: the task's declared modality
+    against the data source's (data.loaders.modality, what its bundle's spec will say), made before
+    the data is read, so that nothing is written for a refused pair."""
+    if modality != task.modality:
         raise UserError(f"model.family '{family}' {task.summary} but data.source '{source}' "
-                        f"{HOLDS[spec.modality]}; {task.use}")
+                        f"{HOLDS[modality]}; {task.use}")
 
 
 def task_of(family) -> object:

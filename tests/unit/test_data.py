@@ -49,6 +49,18 @@ def test_pin_memory_only_applies_on_cuda():
     assert x.shape == (16, 1, 8, 8) and y.shape == (16,)
 
 
+def test_an_image_bundle_declares_its_channels_size_and_classes_and_describes_its_preprocessing():
+    from incubate.data.loaders import modality
+    from incubate.data.spec import ImageSpec
+    cfg = DataCfg(source="digits", img_size=8, train_fraction=0.1)
+    bundle = load_data(cfg)
+    assert bundle.spec == ImageSpec(1, 8, tuple(str(i) for i in range(10))) and bundle.spec.classes == 10
+    assert bundle.spec.modality == modality(cfg) == "image"
+    assert bundle.spec.manifest_fields() == {"classes": [str(i) for i in range(10)], "num_classes": 10}
+    d = bundle.describe(cfg.augment)
+    assert d["input_size"] == [1, 8, 8] and d["interpolation"] == "bilinear" and d["crop_pct"] == 1.0
+
+
 def test_paper_randaugment_at_top_magnitude_posterizes_instead_of_crashing():
     from PIL import Image
     cfg = DataCfg(source="digits", img_size=8, train_fraction=0.1)

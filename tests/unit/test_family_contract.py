@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from incubate import check_family, contract
 from incubate.recipe.schema import ModelCfg
 from incubate.families import FAMILIES, Family
+from incubate.errors import UserError
 from incubate.modular import split_state_dict
 from incubate.data.spec import ImageSpec, TextSpec
 
@@ -109,6 +110,20 @@ def out(model, x):
 def test_every_registered_family_has_a_tiny_config_and_implements_the_protocol():
     assert {c["family"] for c in TINY} == set(FAMILIES)
     assert all(isinstance(f, Family) and f.name == name for name, f in FAMILIES.items())
+
+
+def test_every_built_in_family_declares_its_tasks_modality_and_refuses_the_other_ones_spec():
+    """The API can hand a family the other modality's data description; it is refused in one line."""
+    from incubate.tasks import task_of
+    for c in {c["family"]: c for c in TINY}.values():
+        family = FAMILIES[c["family"]]
+        assert family.modality == task_of(family).modality
+        cfg = ModelCfg(family=c["family"], name=c["name"], kwargs=dict(c["kwargs"]), division=list(c["division"]))
+        other = ImageSpec.unnamed(IN_CHANS, IMG, CLASSES) if c.get("tokens") else TextSpec(IMG, CLASSES)
+        with pytest.raises(UserError) as e:
+            family.model_kwargs(cfg, other, list(c["division"]))
+        assert str(e.value).startswith(f"the {family.name} family builds {family.modality} models but was handed "
+                                       f"a description of {other.modality} data") and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("c", TINY, ids=IDS)

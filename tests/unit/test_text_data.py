@@ -82,6 +82,44 @@ def test_families_refuse_the_other_tasks_data(tmp_path, capsys):
     assert rc == 2 and "classifies images but data.source" in one_error_line(err)
 
 
+def test_the_modality_check_refuses_the_other_tasks_data_through_the_api_in_one_line(tmp_path):
+    """A stage called as a library function (the CLI's entry) meets the same one check as the CLI."""
+    from incubate.recipe.schema import load_recipe
+    from incubate.stage_registry import META, stage
+    cases = ((write_recipe(tmp_path / "r.yaml", TINY_LM, data__source="digits"),
+              "model.family 'causal_lm' is a language model but data.source 'digits' holds images; use text:PATH"),
+             (write_recipe(tmp_path / "v.yaml", data__source=f"text:{make_corpus(tmp_path / 'c')}",
+                           data__train_fraction=1.0), "model.family 'vit' classifies images but data.source 'text:"))
+    for i, (recipe, expected) in enumerate(cases):
+        with pytest.raises(UserError) as e:
+            stage(META).main()(load_recipe(recipe), tmp_path / f"run{i}")
+        assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+        assert not (tmp_path / f"run{i}").exists()
+
+
+def test_a_text_bundle_declares_text_and_has_no_image_fields(tmp_path):
+    from incubate.data.loaders import modality
+    from incubate.data.spec import TextSpec
+    bundle = load_text(_cfg("text:x"), str(make_corpus(tmp_path / "c")))
+    assert bundle.spec == TextSpec(16, 256, "byte", "") and bundle.spec.modality == modality(_cfg("text:x")) == "text"
+    for name in ("img_size", "in_chans", "num_classes", "class_names", "mean", "vocab_size", "context"):
+        assert not hasattr(bundle, name), name
+    assert bundle.describe()["context"] == 16 and bundle.spec.manifest_fields() == {"classes": [], "num_classes": 256}
+
+
+def test_a_bpe_load_that_trains_the_tokenizer_reads_and_splits_the_corpus_once(tmp_path, monkeypatch):
+    """The trainer and the token cache share one read of the corpus; a later load finds the cache
+    and the tokenizer and reads no text at all."""
+    from incubate.data import text
+    calls, split = [], text._split
+    monkeypatch.setattr(text, "_split", lambda *a, **k: calls.append(a) or split(*a, **k))
+    root, run = make_corpus(tmp_path / "c"), tmp_path / "run"
+    first = load_text(_bpe(), str(root), run)
+    assert len(calls) == 1 and (run / "tokenizer.json").exists()
+    again = load_text(_bpe(), str(root), run)
+    assert len(calls) == 1 and np.array_equal(again.train.tokens, first.train.tokens)
+
+
 def test_text_refuses_a_class_balanced_subset(tmp_path):
     cfg = text_cfg(train_fraction=0.5)
     with pytest.raises(UserError, match="text has no classes"):
