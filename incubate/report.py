@@ -14,7 +14,10 @@ from .families import task_name
 from .store.safe_read import read_json_lines
 from .tasks import get_task
 from .store.rundir import StageDir, finished_manifests, run_recipe, write_summary
-from .stage_registry import ASSEMBLED, E2E, FINETUNE, GROW, META
+from .stage_registry import ASSEMBLED, E2E, FINETUNE, GROW, META, lineage
+from .stage_registry import stage as registered
+
+OURS, GROWTH = lineage(FINETUNE), lineage(GROW)     # the stages each method's score and cost come from
 
 
 def _fmt_flops(f: float) -> str:
@@ -36,10 +39,18 @@ def _modules(summary: dict) -> list[str]:
     return sorted((k for k in summary if k.startswith("module_")), key=lambda k: int(k.split("_")[1]))
 
 
+def _keys(summary: dict, stages) -> list[str]:
+    """The summary keys of `stages` that it holds, in run order (a per-module stage: each module's)."""
+    keys = []
+    for name in stages:
+        keys += _modules(summary) if registered(name).per_module else [name] if name in summary else []
+    return keys
+
+
 def ours_parts(summary: dict) -> list[str]:
-    """The summary keys whose training cost is ours: meta, every module and fine-tune (assembling
-    trains nothing: its seconds are one evaluation)."""
-    return [k for k in [META] + _modules(summary) + [FINETUNE] if k in summary]
+    """The summary keys whose training cost is ours: the stages of OURS that train (meta, every
+    module and fine-tune; assembling trains nothing: its seconds are one evaluation)."""
+    return _keys(summary, [name for name in OURS if registered(name).trains])
 
 
 def ours_total(summary: dict, metric: str) -> dict | None:
@@ -61,9 +72,9 @@ def metric_rows(stage: StageDir, kind: str = "epoch") -> list[dict]:
 
 def grow_total(summary: dict, metric: str) -> dict | None:
     """Growth's score at its whole cost: the meta model it grew from, then its own training."""
-    if GROW not in summary or META not in summary:
+    if any(name not in summary for name in GROWTH):
         return None
-    return {metric: summary[GROW][metric], **{u: summary[META][u] + summary[GROW][u] for u in ("seconds", "flops")}}
+    return {metric: summary[GROW][metric], **{u: sum(summary[k][u] for k in GROWTH) for u in ("seconds", "flops")}}
 
 
 def shares(summary: dict) -> dict:
@@ -98,9 +109,8 @@ def table(summary: dict, task) -> str:
         e, s = summary[key], share[key]
         rows.append(f"| {name} | {_cells(task, e)} | {e['seconds']:.1f} | {_fmt_flops(e['flops'])} | "
                     f"{s['flops']:.1f} | {s['seconds']:.1f} | {e['trainable_params']:,} |")
-    for key in [META] + _modules(summary) + [ASSEMBLED, FINETUNE]:
-        if key in summary:
-            add(key.replace("_", " ") if key.startswith("module") else key, key)
+    for key in _keys(summary, OURS):
+        add(key.replace("_", " ") if key.startswith("module") else key, key)
     if ours := ours_total(summary, task.headline):
         rows.append(f"| **ours (meta+modules+finetune)** | {_ours_cells(task, ours[task.headline])} | "
                     f"{ours['seconds']:.1f} | {_fmt_flops(ours['flops'])} | 100.0 | 100.0 | |")
@@ -150,9 +160,10 @@ def curves(run: Path, summary: dict, metric: str) -> dict:
         out[ASSEMBLED] = {"flops": [pre_f], "seconds": [pre_s], metric: [summary[ASSEMBLED][metric]]}
     if FINETUNE in summary and (c := stage_curve(run, FINETUNE, metric, pre_f, pre_s)) is not None:
         out["ours"] = c
-    if GROW in summary and META in summary:
-        meta = summary[META]
-        if (c := stage_curve(run, GROW, metric, meta["flops"], meta["seconds"])) is not None:
+    if all(name in summary for name in GROWTH):
+        before = [summary[k] for k in GROWTH if k != GROW]       # the meta model
+        base = (sum(p["flops"] for p in before), sum(p["seconds"] for p in before))
+        if (c := stage_curve(run, GROW, metric, *base)) is not None:
             out[GROW] = c
     return out
 

@@ -79,6 +79,17 @@ def names(**where) -> tuple:
     return tuple(s.name for s in ALL if all(getattr(s, k) == v for k, v in where.items()))
 
 
+def lineage(name: str) -> tuple:
+    """The stages `name` builds on (its needs, theirs, ...) and `name`, in the order they run: what a
+    method's whole cost adds up (FINETUNE: meta, incubate, assembled, finetune; GROW: meta, grow)."""
+    needed = _needed(name)
+    return tuple(s.name for s in ALL if s.name in needed)
+
+
+def _needed(name: str) -> set:
+    return {name}.union(*(_needed(n) for n in stage(name).needs))
+
+
 def in_folders() -> tuple:
     """The stages that write a folder of the run directory, in order."""
     return tuple(s.name for s in ALL if s.folder is not None)

@@ -18,6 +18,24 @@ from incubate.stage_registry import ALL, by_command, names
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def test_a_methods_stages_are_read_from_the_registry_and_report_adds_up_their_cost():
+    """report's ours and growth are the stages fine-tune and grow build on (stage_registry.lineage)."""
+    from incubate.report import grow_total, ours_parts, ours_total, table
+    from incubate.tasks import get_task
+    assert stage_registry.lineage("finetune") == ("meta", "incubate", "assembled", "finetune")
+    assert stage_registry.lineage("grow") == ("meta", "grow") and stage_registry.lineage("e2e") == ("e2e",)
+    cost = lambda f, s: {"top1": 50.0, "loss": 1.0, "flops": f, "seconds": s, "trainable_params": 1}
+    summary = {"meta": cost(10, 1.0), "module_1": cost(20, 2.0), "module_0": cost(30, 3.0), "assembled": cost(0, 0.5),
+               "finetune": cost(40, 4.0), "grow": cost(70, 7.0), "e2e": cost(90, 9.0)}
+    assert ours_parts(summary) == ["meta", "module_0", "module_1", "finetune"]
+    assert ours_total(summary, "top1") == {"top1": 50.0, "seconds": 10.0, "flops": 100}
+    assert grow_total(summary, "top1") == {"top1": 50.0, "seconds": 8.0, "flops": 80}
+    assert grow_total({k: v for k, v in summary.items() if k != "meta"}, "top1") is None
+    rows = [r.split(" | ")[0] for r in table(summary, get_task("classification")).splitlines()[2:]]
+    assert rows == ["| meta", "| module 0", "| module 1", "| assembled", "| finetune",
+                    "| **ours (meta+modules+finetune)**", "| **e2e**", "| **grow (G_stack)** (meta + grow)"]
+
+
 def test_every_stage_has_its_command_its_entry_and_needs_only_stages_before_it():
     subcommands = cli.parser()._subparsers._group_actions[0].choices
     seen = set()
