@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from ..data.spec import ImageSpec, TextSpec
 from ..errors import UserError
-from ..families import get_family, task_name
+from ..families import get_family
+from ..tasks import modality_of
 from ..families.base import weight_shapes
 from ..stage_registry import E2E, FINETUNE, GROW, INCUBATE, META
 from .memory import FSDP_REFERENCES, SCALE_DEPTHS, StepShape, Trace, rescale, scaled_trace, trace_step
@@ -62,7 +63,7 @@ class Setting:
     def of(cls, recipe, classes: int | None, train_samples: int | None) -> "Setting":
         family = get_family(recipe.model.family)
         d, kind = recipe.data, recipe.data.source.partition(":")[0]
-        if task_name(recipe.model.family) == "causal_lm":
+        if modality_of(recipe.model.family) == "text":
             vocab = 256 if d.tokenizer == "byte" else d.vocab_size
             notes = [f"vocabulary {vocab} (data.tokenizer: {d.tokenizer}), context {d.context}"]
             return cls(recipe, family, TextSpec(d.context, vocab, d.tokenizer), train_samples, notes)

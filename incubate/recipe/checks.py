@@ -12,8 +12,9 @@ def validate(recipe, stages, family_checks: bool = True) -> None:
     if len(recipe.meta_division) != len(m.division):
         raise UserError(f"model.meta_division has {len(recipe.meta_division)} modules but "
                         f"model.division has {len(m.division)}; give both the same K")
-    from ..families import get_family, task_name
-    text = task_name(m.family) == "causal_lm"
+    from ..families import get_family
+    from ..tasks import modality_of
+    text = modality_of(m.family) == "text"
     family = get_family(m.family) if family_checks else None      # imports timm or transformers
     if family is not None:
         family.validate(m)

@@ -8,7 +8,7 @@ therefore never names a task, and a family cannot be paired with another task's 
 from __future__ import annotations
 
 from ..errors import UserError
-from ..families import adapter_task
+from ..families import adapter_task, task_name
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
 
@@ -32,6 +32,11 @@ def check_modality(task, modality: str, family: str, source: str) -> None:
     if modality != task.modality:
         raise UserError(f"model.family '{family}' {task.summary} but data.source '{source}' "
                         f"{HOLDS[modality]}; {task.use}")
+
+
+def modality_of(family: str) -> str:
+    """The data the family called `family` reads ("image" or "text"): its task's, its adapter not imported."""
+    return get_task(task_name(family)).modality
 
 
 def task_of(family) -> object:
