@@ -125,8 +125,9 @@ def _refuse_to_overwrite(stage: StageDir) -> None:
     if stage.finished():
         raise UserError(f"{stage.path} already holds a finished {stage.label} model; importing would overwrite "
                         f"it: use a new --out or move that folder away")
-    if stage.checkpoint.exists():
-        raise UserError(f"{stage.path} holds a {stage.label} model in training ({stage.checkpoint.name}); "
+    training = stage.training_checkpoint()
+    if training is not None:
+        raise UserError(f"{stage.path} holds a {stage.label} model in training ({training.name}); "
                         f"use a new --out or move that folder away")
 
 

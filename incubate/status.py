@@ -126,7 +126,7 @@ def _stage_status(sd: StageDir, epochs: int | None, now: float, task) -> dict:
             who += " (another host: not checked from here; see how recent the last epoch is)"
         return dict(row, state="running", pid=h["pid"], host=h["host"], started=h["started"],
                     detail=f"{progress}; {who}")
-    if last is not None or sd.checkpoint.exists():
+    if last is not None or sd.training_checkpoint() is not None:
         return dict(row, state="stopped", detail=f"{progress}; no process holds it: rerun to resume")
     return dict(row, state="not started", detail="")
 

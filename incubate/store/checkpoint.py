@@ -223,6 +223,20 @@ def previous_checkpoint(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
+# a stage's mid-training checkpoint: one file (train.parallel: ddp), or a sharded folder (fsdp: sharded.py)
+CHECKPOINT, SHARDED_CHECKPOINT = "checkpoint.safetensors", "checkpoint.dcp"
+
+
+def training_checkpoint(stage_dir: Path) -> Path | None:
+    """The mid-training checkpoint a stage folder holds, of either format, or the one kept before it (a
+    kill between a save's renames leaves only that): the stage is in training. None: no checkpoint."""
+    for name in (CHECKPOINT, SHARDED_CHECKPOINT):
+        for path in (Path(stage_dir) / name, previous_checkpoint(Path(stage_dir) / name)):
+            if path.exists():
+                return path
+    return None
+
+
 def save_training_state(path: Path, model_state: dict, optimizer, scheduler, scaler,
                         epoch: int, extra: dict) -> None:
     """Everything needed to resume at the point `extra` names (after `epoch`, or inside it at

@@ -5,7 +5,8 @@ checkpoint_minutes, inside an epoch after an optimizer update. A mid-epoch check
 what the rest of the epoch depends on, for every rank: its RNG states (python, numpy, torch, CUDA),
 its running loss sum and sample count; the data order is a function of (seed, epoch, rank), so the
 position in it is the micro-step. Resuming there replays the same batches, augmentations and
-dropout masks: on the CPU the stage ends bitwise at the uninterrupted weights.
+dropout masks: on the CPU the stage ends bitwise at the uninterrupted weights. Resumed by another
+number of processes, the position moves to the new count (rescale; docs/rundir.md says what is exact).
 
 A checkpoint a storage crash left damaged (cut short, or bytes that no longer match the digest
 saved with them) is moved aside; the previous checkpoint, kept beside it, is used instead, or the
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as tdist
 
 from . import sharded
-from .checkpoint import jsonable, load_training_state, previous_checkpoint, save_training_state
+from .checkpoint import CHECKPOINT, jsonable, load_training_state, previous_checkpoint, save_training_state
 from ..errors import UserError
 from ..train.faults import guarded
 
@@ -41,6 +42,7 @@ class Position:
     nonfinite: int = 0
     flops_per_step: int | None = None
     ranks: list = field(default_factory=list)   # mid-epoch only: one dict a rank (RNG, loss_sum, seen)
+    rescaled: tuple | None = None               # saved by another number of processes: (that number, batches read again)
 
 
 def _b64(a: bytes) -> str:
@@ -61,6 +63,8 @@ def rank_state(loss_sum: float, seen: int, device: torch.device) -> dict:
 
 
 def restore_rank_state(state: dict, device: torch.device) -> tuple[float, int]:
+    if "torch" not in state:        # rescaled from another number of processes: the sums alone
+        return state["loss_sum"], state["seen"]
     version, words, gauss = state["python"]
     random.setstate((version, tuple(words), gauss))
     name, words_b64, pos, has_gauss, cached = state["numpy"]
@@ -90,16 +94,36 @@ def extra(pos: Position, mid_epoch: bool) -> dict:
     return out
 
 
-def position(meta: dict, world: int, path: Path) -> Position:
+def position(meta: dict, world: int, budget, accum: int) -> Position:
+    """Where to start: the checkpoint's position, in the terms of `world` processes when it was saved
+    by another number of them (its `world`; older checkpoints: the number of rank states, else `world`)."""
     common = dict(seconds=meta["seconds"], num_updates=meta["num_updates"],
                   flops_per_step=meta["flops_per_step"], nonfinite=meta.get("nonfinite", 0))
     if meta.get("step") is None:
-        return Position(epoch=meta["epoch"] + 1, **common)
-    if len(meta["ranks"]) != world:
-        raise UserError(f"{path} was saved inside epoch {meta['epoch'] + 1} by {len(meta['ranks'])} processes; "
-                        f"resume it with {len(meta['ranks'])} processes (its data order is split between them), "
-                        f"or move it away to restart this stage")
-    return Position(epoch=meta["epoch"], step=meta["step"], ranks=meta["ranks"], **common)
+        pos = Position(epoch=meta["epoch"] + 1, **common)
+    else:
+        pos = Position(epoch=meta["epoch"], step=meta["step"], ranks=meta["ranks"], **common)
+    saved = len(pos.ranks) if pos.ranks else meta.get("world", world)
+    if saved != world:
+        rescale(pos, saved, world, budget, accum)
+    return pos
+
+
+def rescale(pos: Position, saved: int, world: int, budget, accum: int) -> int:
+    """A position `saved` processes reached, for `world` processes: every rank reads batches of the
+    same size from one permutation of the epoch dealt out rank by rank (data/order.py), so `saved`
+    ranks' `step` batches are the permutation's first step x saved batches; the new ranks go on from
+    there, at a whole update (rounded down: the batches in between are read again). The schedule's
+    update count becomes the new ranks' own; each new rank r takes the running loss sums of the old
+    ranks r, r + world, ...; the RNG streams restart from the epoch's seed. Returns the batches read again."""
+    read = pos.step * saved
+    pos.step = read // (world * accum) * accum
+    again = read - pos.step * world
+    pos.ranks = [{"loss_sum": sum(r["loss_sum"] for r in pos.ranks[new::world]),
+                  "seen": sum(r["seen"] for r in pos.ranks[new::world])} for new in range(world)] if pos.step else []
+    pos.num_updates = (pos.epoch * budget.steps_per_epoch + pos.step) // accum
+    pos.rescaled = (saved, again)
+    return again
 
 
 def _choose(ckpt: Path, label: str) -> tuple | None:
@@ -223,17 +247,30 @@ def _from_scratch(dist, metrics_path: Path) -> Position:
 
 def _resumed(meta: dict, tr, dist, label: str, ckpt: Path, metrics_path: Path, budget) -> Position:
     """The schedule and scaler of a loaded checkpoint, its position, and the metrics it covers."""
-    if meta.get("scheduler"):
+    pos = position(meta, dist.world, budget, tr.cfg.accum_steps)
+    if pos.rescaled:        # the saved schedule counts another world's updates: this one's, from its own count
+        tr.scheduler.step_update(num_updates=pos.num_updates)
+    elif meta.get("scheduler"):
         tr.scheduler.load_state_dict(meta["scheduler"])
     if tr.scaler is not None and meta.get("scaler"):
         tr.scaler.load_state_dict(meta["scaler"])
-    pos = position(meta, dist.world, ckpt)
     if dist.main:
-        trim_metrics(metrics_path, pos.epoch, pos.num_updates)
+        trim_metrics(metrics_path, pos.epoch, meta["num_updates"])     # the metrics count the saved world's updates
         where = (f"in epoch {pos.epoch + 1}/{budget.epochs} after step {pos.step}/{budget.steps_in(pos.epoch)}"
                  if pos.step else f"after epoch {pos.epoch}/{budget.epochs}")
-        print(f"[{label}] resuming {where} from {ckpt}", flush=True)
+        print(f"[{label}] resuming {where} from {ckpt}{_rescaled_note(pos, dist.world, tr.cfg.batch_size)}",
+              flush=True)
     return pos
+
+
+def _rescaled_note(pos: Position, world: int, batch: int) -> str:
+    if not pos.rescaled:
+        return ""
+    saved, again = pos.rescaled
+    note = (f", saved by {saved} process{'es' * (saved > 1)} and resumed by {world}: the epoch's order goes on where they left it, "
+            f"the schedule at update {pos.num_updates}")
+    return note + (f"; {again * batch} samples before that point are read again (a whole update at {world} "
+                   f"processes)" if again else "")
 
 
 def save_sharded(ckpt: Path, tr, dist, meta: dict, first=None) -> None:
@@ -250,7 +287,7 @@ def save_sharded(ckpt: Path, tr, dist, meta: dict, first=None) -> None:
 
 def check_format(stage_dir: Path, parallel: str) -> None:
     """A stage resumes with the checkpoint format it was saved in: refuse the other one in one line."""
-    plain = Path(stage_dir) / "checkpoint.safetensors"
+    plain = Path(stage_dir) / CHECKPOINT
     has_plain = plain.exists() or previous_checkpoint(plain).exists()
     has_sharded = sharded.newest(sharded.folder(stage_dir)) is not None
     if parallel == "fsdp" and has_plain:
@@ -287,7 +324,7 @@ class Checkpointer:
     def __init__(self, stage_dir: Path, tr, cfg, dist, label: str):
         self.stage_dir, self.tr, self.dist, self.label = Path(stage_dir), tr, dist, label
         self.sharded = cfg.parallel == "fsdp"
-        self.path = sharded.folder(stage_dir) if self.sharded else self.stage_dir / "checkpoint.safetensors"
+        self.path = sharded.folder(stage_dir) if self.sharded else self.stage_dir / CHECKPOINT
         self.clock = SaveClock(cfg, dist.main)
         self.pos = None
 
@@ -326,5 +363,6 @@ class Checkpointer:
         self._save({"epoch": epoch, **extra(self.pos, False)}, first)
 
     def _save(self, meta: dict, first=None) -> None:
+        meta["world"] = self.dist.world     # a resume by another number of processes rescales the position
         (save_sharded if self.sharded else save)(self.path, self.tr, self.dist, meta, first)
         self.clock.saved()

@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from .checkpoint import (load_weights, previous_checkpoint, save_weights, uninterrupted, write_json_atomic,
-                         write_text_atomic)
+from .checkpoint import (CHECKPOINT, load_weights, previous_checkpoint, save_weights, training_checkpoint,
+                         uninterrupted, write_json_atomic, write_text_atomic)
 from ..recipe.schema import Recipe, dump_recipe
 from ..errors import UserError
 from .lock import hold, release
@@ -29,7 +29,11 @@ class StageDir:
         self.weights = self.path / "model.safetensors"
         self.manifest_path = self.path / "manifest.json"
         self.metrics = self.path / "metrics.jsonl"
-        self.checkpoint = self.path / "checkpoint.safetensors"
+        self.checkpoint = self.path / CHECKPOINT
+
+    def training_checkpoint(self) -> Path | None:
+        """The stage's mid-training checkpoint (either format, or the one before it), or None."""
+        return training_checkpoint(self.path)
 
     @classmethod
     def at(cls, folder: Path) -> "StageDir":

@@ -5,8 +5,8 @@ whole state. The folder is complete or ignored, as the one-file checkpoints are:
 STAGE/checkpoint.dcp.tmp, rank 0 adds state.json (the position, the schedule, the RNG of every rank, the
 weights' shapes) and only then renames it to checkpoint.dcp, the one before kept as checkpoint.prev.dcp.
 A kill during the write leaves the previous checkpoint in place; a kill between the two renames leaves
-only the previous one, which is taken. torch.distributed.checkpoint reshards on load, so an epoch-end
-checkpoint resumes at any number of processes.
+only the previous one, which is taken. torch.distributed.checkpoint reshards on load, so a
+checkpoint resumes at any number of processes (resume.rescale moves a mid-epoch position to the new count).
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch.distributed as tdist
 
-from .checkpoint import uninterrupted
+from .checkpoint import SHARDED_CHECKPOINT, previous_checkpoint, uninterrupted
 from ..errors import UserError
 from ..train.parallel import reshard
 
-NAME, PREVIOUS, STATE = "checkpoint.dcp", "checkpoint.prev.dcp", "state.json"
+NAME, PREVIOUS, STATE = SHARDED_CHECKPOINT, previous_checkpoint(Path(SHARDED_CHECKPOINT)).name, "state.json"
 
 
 def folder(stage_dir: Path) -> Path:

@@ -7,6 +7,7 @@ The four pipelines (the LM's without E2E, which trains as meta and growth do) ru
 (tests/integration/fsdp_runs.py): torch's imports once."""
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 
 from incubate.launchers import command, free_port
 from ..conftest import PROCESS_TIMEOUT_S, ROOT, TINY_LM, in_process, make_corpus, one_error_line, write_recipe
+from .fsdp_runs import in_one_process
 from .test_launchers import _descendants
 from .test_rank_faults import _wait
 
@@ -46,19 +48,38 @@ def _torchrun(module_args: list) -> list:
     return cmd[:at] + module_args
 
 
+def _meta(recipe, out, **hooks) -> dict:
+    """fsdp_runs' entry for `incubate meta` under fsdp, with its hooks (stop, dump)."""
+    return {"argv": ["meta", "--recipe", str(recipe), "--out", str(out), "--set", "train.parallel=fsdp"], **hooks}
+
+
+def _saved(stage: Path, out: Path) -> dict:
+    """A sharded checkpoint's whole state, read without a process group, before a resume replaces it."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(stage / "checkpoint.dcp"), str(out))
+    return torch.load(out, weights_only=False)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """`incubate run --grow` of each tiny model under fsdp and under ddp, 2 ranks."""
+    """`incubate run --grow` of each tiny model under fsdp and under ddp, 2 ranks; and, in the same pair of
+    ranks, the ViT's meta stage stopped after its first mid-epoch checkpoint, and one written so by one
+    process resumed."""
     tmp = tmp_path_factory.mktemp("fsdp")
     recipes = {"vit": _vit(tmp / "vit.yaml"), "lm": _lm(tmp / "lm.yaml", make_corpus(tmp / "corpus"))}
+    in_one_process(_meta(recipes["vit"], tmp / "one", stop=True))
+    _saved(tmp / "one/meta", tmp / "one_saved.pt")
     # E2E trains as meta and growth do (stages/train.py): the LM's is left out to save the suite 10 s
     argvs = [["run", "--grow", "--recipe", str(r), "--out", str(tmp / f"{name}_{par}"), "--set", f"train.parallel={par}",
               *(["--no-e2e"] if name == "lm" else [])] for name, r in recipes.items() for par in ("fsdp", "ddp")]
+    argvs += [_meta(recipes["vit"], tmp / "one", dump=str(tmp / "one_to_two.pt")),
+              _meta(recipes["vit"], tmp / "two", stop=True)]
     t0 = time.time()
     proc = subprocess.run(_torchrun(["tests.integration.fsdp_runs", json.dumps(argvs)]), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(f"four 2-rank pipelines: {time.time() - t0:.1f}s")
+    (tmp / "torchrun.out").write_text(proc.stdout)
     return tmp, recipes
 
 
@@ -98,6 +119,44 @@ def test_kill_9_in_the_middle_of_an_fsdp_stage_resumes_to_the_uninterrupted_weig
     assert again.returncode == 0 and "resuming in epoch 1/1 after step" in again.stdout, again.stdout + again.stderr
     resumed, reference = load_file(tmp_path / "run/meta/model.safetensors"), load_file(tmp / "vit_fsdp/meta/model.safetensors")
     assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in resumed)
+
+
+def _cosine_lr(base: float, update: int, updates: int) -> float:
+    """timm's cosine schedule without warm-up, at `update` of `updates` (min_lr 1e-6: the recipe's default)."""
+    return 1e-6 + 0.5 * (base - 1e-6) * (1 + math.cos(math.pi * update / updates))
+
+
+def _restored_as_saved(saved: dict, got: dict) -> None:
+    assert saved["model"].keys() == got["model"].keys()
+    assert all(torch.equal(saved["model"][k], got["model"][k]) for k in saved["model"])
+    assert saved["optim"]["state"].keys() == got["optim"]["state"].keys()
+    for k, state in saved["optim"]["state"].items():
+        assert all(torch.equal(state[n], got["optim"]["state"][k][n]) for n in state), k
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [(1, 2), (2, 1)])
+def test_a_mid_epoch_sharded_checkpoint_resumes_at_another_number_of_processes(runs, capsys, saved_by, resumed_by):
+    """Stopped after its 2nd update, by 1 process (resumed by 2 in the fixture's torchrun) or by 2 (resumed
+    here): the state restored is the state saved, the epoch goes on at the same point of its order (at 2
+    processes an epoch is 6 updates, at 1 it is 12), the lr follows the new world's schedule."""
+    tmp, recipes = runs
+    name = {1: "one", 2: "two"}[saved_by]
+    if resumed_by == 1:
+        saved = _saved(tmp / "two/meta", tmp / "two_saved.pt")
+        capsys.readouterr()
+        in_one_process(_meta(recipes["vit"], tmp / "two", dump=str(tmp / "two_to_one.pt")))
+        out = capsys.readouterr().out
+    else:
+        saved, out = torch.load(tmp / "one_saved.pt", weights_only=False), (tmp / "torchrun.out").read_text()
+    got = torch.load(tmp / f"{name}_to_{'two' if resumed_by == 2 else 'one'}.pt", weights_only=False)
+    _restored_as_saved(saved, got)
+    at, updates = 2 * saved_by // resumed_by, 12 // resumed_by
+    assert (f"resuming in epoch 1/1 after step {at}/{updates} from {tmp / name / 'meta/checkpoint.dcp'}, saved by "
+            f"{saved_by} process{'es' * (saved_by > 1)} and resumed by {resumed_by}") in out
+    manifest = json.loads((tmp / name / "meta/manifest.json").read_text())
+    assert (got["resumed_at"], got["ended_at"], manifest["updates"]) == (at, updates, updates)
+    assert got["lr"] == pytest.approx(_cosine_lr(2e-3 * 16 * resumed_by / 32, at, updates))   # lr x batch / lr_base_batch
+    assert not list((tmp / name / "meta").glob("checkpoint*"))
 
 
 def _digest(folder: Path) -> str:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from incubate.errors import UserError
 from incubate.recipe.schema import load_recipe
 from incubate.store.lock import read_holder
 from incubate.store.rundir import write_run_recipe
@@ -73,6 +74,27 @@ def test_status_of_a_stage_being_written_by_another_process(tmp_path, capsys):
     meta = status(run)[0]
     assert meta["state"] == "stopped" and meta["epoch"] == 1
     assert "no process holds it: rerun to resume" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["checkpoint.safetensors", "checkpoint.prev.safetensors", "checkpoint.dcp",
+                                  "checkpoint.prev.dcp"])
+def test_a_stage_stopped_before_its_first_epoch_end_is_stopped_in_either_checkpoint_format(tmp_path, capsys, name):
+    """Only a mid-epoch checkpoint on disk (a sharded folder under fsdp; the previous one alone after a
+    kill between a save's renames): the stage is stopped, not "not started"; import-official refuses it."""
+    from incubate.interop import _refuse_to_overwrite
+    from incubate.store.rundir import StageDir
+    run = _new_run(tmp_path)
+    (run / "meta").mkdir()
+    if name.endswith(".dcp"):
+        (run / "meta" / name).mkdir()
+        (run / "meta" / name / "state.json").write_text("{}")
+    else:
+        (run / "meta" / name).write_bytes(b"")
+    meta = status(run)[0]
+    assert meta["state"] == "stopped" and meta["epoch"] == 0
+    assert "no epoch finished yet; no process holds it: rerun to resume" in capsys.readouterr().out
+    with pytest.raises(UserError, match=f"holds a meta model in training \\({name}\\); use a new --out"):
+        _refuse_to_overwrite(StageDir(run, "meta"))
 
 
 def test_status_of_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -89,14 +89,21 @@ def test_an_ignored_ctrl_c_stays_ignored_during_a_write():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_a_mid_epoch_checkpoint_needs_its_number_of_processes(tmp_path):
-    meta = {"epoch": 1, "step": 4, "ranks": [{}, {}], "seconds": 1.0, "num_updates": 6, "flops_per_step": 1}
-    assert resume.position(meta, 2, tmp_path / "c").step == 4
-    with pytest.raises(UserError) as e:
-        resume.position(meta, 1, tmp_path / "c")
-    assert str(e.value) == (f"{tmp_path}/c was saved inside epoch 2 by 2 processes; resume it with 2 processes (its "
-                            f"data order is split between them), or move it away to restart this stage")
-
+def test_a_mid_epoch_position_goes_on_in_the_same_order_at_another_number_of_processes(tmp_path):
+    from incubate.train.budget import Budget
+    ranks = [{"loss_sum": 3.0, "seen": 6, "torch": "..."}, {"loss_sum": 5.0, "seen": 6, "torch": "..."}]
+    meta = {"epoch": 1, "step": 4, "ranks": ranks, "seconds": 1.0, "num_updates": 6, "flops_per_step": 1}
+    at_2, at_1 = Budget(3, 6, 6, 9), Budget(3, 12, 12, 18)      # micro-steps an epoch at 2 processes, at 1
+    same = resume.position(meta, 2, at_2, 1)
+    assert (same.step, same.num_updates, same.ranks, same.rescaled) == (4, 6, ranks, None)
+    one = resume.position(meta, 1, at_1, 1)     # 2 ranks' 4 batches each: the permutation's first 8
+    assert (one.step, one.num_updates, one.ranks, one.rescaled) == (8, 20, [{"loss_sum": 8.0, "seen": 12}], (2, 0))
+    four = resume.position(dict(meta, step=3), 4, Budget(3, 2, 2, 6), 1)    # 6 batches: 1 update of 4, 2 read again
+    assert (four.step, four.num_updates, four.rescaled) == (1, 3, (2, 2))
+    assert four.ranks == [{"loss_sum": 3.0, "seen": 6}, {"loss_sum": 5.0, "seen": 6}] + [{"loss_sum": 0, "seen": 0}] * 2
+    ended = resume.position({"epoch": 0, "seconds": 1.0, "num_updates": 6, "flops_per_step": 1, "world": 2}, 1,
+                            at_1, 2)       # an epoch's end: the next epoch at 1 process's count of updates
+    assert (ended.epoch, ended.step, ended.num_updates, ended.rescaled) == (1, 0, 6, (2, 0))
 
 
 FILE_SIZE_LIMIT = """
