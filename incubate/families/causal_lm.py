@@ -68,9 +68,6 @@ class CausalLMFamily:
     task = "causal_lm"
     modality = "text"           # the data description it reads (incubate/data/spec.py)
 
-    # the recipe's validation turns this into a one-line refusal of train.grad_checkpointing
-    no_grad_checkpointing = "its decoder layers are not recomputed in backward yet"
-
     def structure(self, model: nn.Module) -> Structure:
         """Where `model` keeps its parts, proved on a probe of its class and config (cached); a model
         the family cannot run is refused in one line naming the part that did not match."""
@@ -209,9 +206,15 @@ class CausalLMFamily:
         return self.structure(model).head(model, x)
 
     def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
+        """transformers' own: every decoder layer's forward recomputed in backward while it trains (its
+        FSDP2 hooks stay outside); blocks() recomputes a frozen (eval-mode) layer the same way."""
+        if enable and not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"train.grad_checkpointing: transformers cannot recompute the layers of "
+                            f"{type(model).__name__} (supports_gradient_checkpointing is false); set it to false")
         if enable:
-            raise UserError(f"train.grad_checkpointing: not for model.family causal_lm: {self.no_grad_checkpointing}; "
-                            f"set it to false")
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
 
     def export_config(self, model: nn.Module, spec: dict, data_config: dict, label_names: list) -> dict:
         """The config.json that transformers' save_pretrained writes for `model`, so that

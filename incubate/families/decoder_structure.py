@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 
@@ -103,7 +104,10 @@ class Structure:
             return x
         inputs = self.layer_inputs(model, x)
         for layer in model.get_submodule(self.layers)[start:stop]:
-            out = layer(x, **inputs)
+            # transformers recomputes a layer in training mode itself; a hybrid's frozen meta layers run in eval mode
+            recompute = getattr(layer, "gradient_checkpointing", False) and not layer.training \
+                and torch.is_grad_enabled()
+            out = checkpoint(layer, x, use_reentrant=False, **inputs) if recompute else layer(x, **inputs)
             x = out[0] if isinstance(out, tuple) else out     # older transformers return a tuple
         return x
 

@@ -154,7 +154,7 @@ def trace_step(make, data, loss_fn, shape: StepShape, family=None, world: int = 
         net.to_empty(device="cpu")
         if shape.grad_checkpointing:
             from ..train.step import enable_grad_checkpointing
-            enable_grad_checkpointing(net, trained)
+            enable_grad_checkpointing(net, trained, family)
         trace = _counts(net, trained)
         if world:
             trace.sharded = _fully_shard(family, trained, model, *mesh_policy)

@@ -75,7 +75,7 @@ def set_up(part: Trainee, cfg, bundle, task, dist) -> Training:
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     mixup, criterion, flops_criterion = task.criteria(cfg, bundle)
     if cfg.grad_checkpointing:
-        enable_grad_checkpointing(part.net, part.model)
+        enable_grad_checkpointing(part.net, part.model, part.family)
     return Training(cfg, dist, part, scaler, criterion, flops_criterion, mixup, scaled_lr(cfg, dist.world),
                     run_net=part.net)
 
@@ -221,11 +221,15 @@ def count_step_flops(net: nn.Module, trained: nn.Module, criterion, x, y) -> int
     return int(counter.get_total_flops())
 
 
-def enable_grad_checkpointing(net: nn.Module, trained: nn.Module) -> None:
-    """timm's set_grad_checkpointing on the network (a hybrid: target module and meta suffix)."""
+def enable_grad_checkpointing(net: nn.Module, trained: nn.Module, family=None) -> None:
+    """Recompute block activations in backward: the network's own set_grad_checkpointing (timm's, or a
+    hybrid's: target module and meta suffix), else the family's on the trained model (causal_lm)."""
     for module in (net, trained):
         if hasattr(module, "set_grad_checkpointing"):
             module.set_grad_checkpointing(True)
             return
+    if family is not None:
+        family.set_grad_checkpointing(trained, True)
+        return
     raise UserError(f"train.grad_checkpointing: {type(trained).__name__} has no set_grad_checkpointing; "
                     f"set it to false for this model family")

@@ -60,6 +60,22 @@ def _saved(stage: Path, out: Path) -> dict:
     return torch.load(out, weights_only=False)
 
 
+TOKENS = 3072       # 6 updates of 2 ranks x 16 windows x 16 tokens: part of the tiny LM's first epoch
+
+
+def _lm_variants(recipe: Path, tmp: Path) -> list:
+    """The LM's meta model and module 1 under fsdp with gradient checkpointing (against the LM run's
+    own), and its E2E with a token budget under ddp, fsdp and, with INCUBATE_TEST_COMPILE=1, compiled."""
+    fsdp = ["--set", "train.parallel=fsdp"]
+    gc = [[*stage, "--recipe", str(recipe), "--out", str(tmp / "lm_gc"), *fsdp, "--set", "train.grad_checkpointing=true"]
+          for stage in (["meta"], ["incubate", "--module", "1"])]
+    kinds = {"ddp": ["--set", "train.parallel=ddp"], "fsdp": fsdp}
+    if os.environ.get("INCUBATE_TEST_COMPILE"):
+        kinds["compiled"] = [*fsdp, "--set", "train.compile=true"]
+    return gc + [["e2e", "--recipe", str(recipe), "--out", str(tmp / f"lm_tokens_{kind}"), "--set", f"e2e.tokens={TOKENS}",
+                  *sets] for kind, sets in kinds.items()]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """`incubate run --grow` of each tiny model under fsdp and under ddp, 2 ranks; and, in the same pair of
@@ -74,6 +90,7 @@ def runs(tmp_path_factory):
               *(["--no-e2e"] if name == "lm" else [])] for name, r in recipes.items() for par in ("fsdp", "ddp")]
     argvs += [_meta(recipes["vit"], tmp / "one", dump=str(tmp / "one_to_two.pt")),
               _meta(recipes["vit"], tmp / "two", stop=True)]
+    argvs += _lm_variants(recipes["lm"], tmp)
     t0 = time.time()
     proc = subprocess.run(_torchrun(["tests.integration.fsdp_runs", json.dumps(argvs)]), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
@@ -119,6 +136,31 @@ def test_kill_9_in_the_middle_of_an_fsdp_stage_resumes_to_the_uninterrupted_weig
     assert again.returncode == 0 and "resuming in epoch 1/1 after step" in again.stdout, again.stdout + again.stderr
     resumed, reference = load_file(tmp_path / "run/meta/model.safetensors"), load_file(tmp / "vit_fsdp/meta/model.safetensors")
     assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in resumed)
+
+
+def _close(a_stage: Path, b_stage: Path) -> None:
+    """The same weights within float tolerance, and the same losses."""
+    a, b = load_file(a_stage / "model.safetensors"), load_file(b_stage / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=f"{a_stage} {k}")
+    assert _losses(a_stage) == pytest.approx(_losses(b_stage), abs=1e-4)
+
+
+def test_gradient_checkpointing_of_a_language_model_under_fsdp_changes_no_result(runs):
+    tmp, _ = runs
+    for stage in ("meta", "modules/1"):
+        _close(tmp / "lm_gc" / stage, tmp / "lm_fsdp" / stage)
+        assert json.loads((tmp / "lm_gc" / stage / "manifest.json").read_text())["train"]["grad_checkpointing"]
+
+
+@pytest.mark.parametrize("kind", ["fsdp", pytest.param("compiled", marks=pytest.mark.skipif(
+    not os.environ.get("INCUBATE_TEST_COMPILE"), reason="torch.compile on CPU takes minutes; set INCUBATE_TEST_COMPILE=1 to run"))])
+def test_a_token_budget_under_fsdp_ends_where_ddp_does(runs, kind):
+    tmp, _ = runs
+    _close(tmp / f"lm_tokens_{kind}/e2e", tmp / "lm_tokens_ddp/e2e")
+    manifest = json.loads((tmp / f"lm_tokens_{kind}/e2e/manifest.json").read_text())
+    assert (manifest["tokens"], manifest["updates"], manifest["train"]["compile"]) == (TOKENS, 6, kind == "compiled")
 
 
 def _cosine_lr(base: float, update: int, updates: int) -> float:

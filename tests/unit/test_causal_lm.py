@@ -185,9 +185,39 @@ def test_bits_per_byte_is_total_nats_over_ln2_over_bytes():
         task.criteria(SimpleNamespace(mixup=0.8, cutmix=0.0, label_smoothing=0.0), None)
 
 
-def test_grad_checkpointing_is_refused_for_a_language_model(tmp_path):
-    from incubate.recipe.schema import load_recipe
-    from ..conftest import TINY_LM, write_recipe
-    recipe = write_recipe(tmp_path / "r.yaml", TINY_LM, incubate__grad_checkpointing=True)
-    with pytest.raises(UserError, match="incubate.grad_checkpointing: not for model.family causal_lm: its decoder layers"):
-        load_recipe(recipe)
+def _net(kind: str):
+    """A whole tiny Llama, or the hybrid of its module 0 or 1 (division [2, 2]) in a 2-layer meta model."""
+    if kind == "whole":
+        net = _model(4).train()
+        return net, net
+    index = int(kind[-1])
+    target = FAM.keep_only(_model(4, seed=2), [2, 2], index)
+    net = Hybrid(FAM, _model(2, seed=1), [1, 1], target, [2, 2], index).train()
+    return net, net.runner.model
+
+
+@pytest.mark.parametrize("kind, layers_run, recomputed", [("whole", 4, 4), ("hybrid0", 3, 3), ("hybrid1", 3, 2)])
+def test_grad_checkpointing_recomputes_decoder_layers_with_the_same_loss_and_grads(kind, layers_run, recomputed):
+    """transformers' checkpointing of the trained layers, ours of a hybrid's frozen meta suffix (hybrid0's
+    last layer); the meta prefix runs without gradients (hybrid1's first), so nothing of it is recomputed."""
+    from incubate.train.step import enable_grad_checkpointing
+    x, y = torch.randint(0, 256, (2, 24)), torch.randint(0, 256, (2, 24))
+    results = []
+    for on in (False, True):
+        net, trained = _net(kind)
+        if on:
+            enable_grad_checkpointing(net, trained, FAM)
+        calls = []
+        for m in net.modules():
+            if type(m).__name__ == "LlamaAttention":
+                m.register_forward_hook(lambda *_: calls.append(1))
+        out = net(x)
+        loss = torch.nn.functional.cross_entropy(getattr(out, "logits", out).reshape(-1, 256), y.reshape(-1))
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in trained.named_parameters()}, len(calls)))
+    (ref_loss, ref, ref_calls), (got_loss, got, calls) = results
+    assert (ref_calls, calls) == (layers_run, layers_run + recomputed)
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
