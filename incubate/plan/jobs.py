@@ -142,7 +142,7 @@ def _traces(s: Setting, stage: str, index: int, uniform: bool) -> tuple[Trace, d
     cfg = s.recipe.stage(stage)
     make, depth = _maker(s, stage, index, cfg.drop_path, uniform)
     data, loss, shape = _data(s, cfg.batch_size), _loss(s, cfg), _shape(cfg)
-    ddp, scaled = scaled_trace(lambda d: trace_step(lambda: make(d), data, loss, shape), depth)
+    ddp, scaled = scaled_trace(lambda d: trace_step(lambda: make(d), data, loss, shape, s.family), depth)
     fsdp = {w: scaled_trace(lambda d: trace_step(lambda: make(d), data, loss, shape, s.family, w), depth)[0]
             for w in FSDP_REFERENCES}
     return ddp, fsdp, scaled

@@ -48,9 +48,9 @@ def _torchrun(module_args: list) -> list:
     return cmd[:at] + module_args
 
 
-def _meta(recipe, out, **hooks) -> dict:
-    """fsdp_runs' entry for `incubate meta` under fsdp, with its hooks (stop, dump)."""
-    return {"argv": ["meta", "--recipe", str(recipe), "--out", str(out), "--set", "train.parallel=fsdp"], **hooks}
+def _meta(recipe, out, parallel="fsdp", **hooks) -> dict:
+    """fsdp_runs' entry for `incubate meta` under `parallel`, with its hooks (stop, dump)."""
+    return {"argv": ["meta", "--recipe", str(recipe), "--out", str(out), "--set", f"train.parallel={parallel}"], **hooks}
 
 
 def _saved(stage: Path, out: Path) -> dict:
@@ -85,10 +85,12 @@ def runs(tmp_path_factory):
     recipes = {"vit": _vit(tmp / "vit.yaml"), "lm": _lm(tmp / "lm.yaml", make_corpus(tmp / "corpus"))}
     in_one_process(_meta(recipes["vit"], tmp / "one", stop=True))
     _saved(tmp / "one/meta", tmp / "one_saved.pt")
+    in_one_process(_meta(recipes["vit"], tmp / "one_ddp", "ddp", stop=True))     # DDP's one-file checkpoint
     # E2E trains as meta and growth do (stages/train.py): the LM's is left out to save the suite 10 s
     argvs = [["run", "--grow", "--recipe", str(r), "--out", str(tmp / f"{name}_{par}"), "--set", f"train.parallel={par}",
               *(["--no-e2e"] if name == "lm" else [])] for name, r in recipes.items() for par in ("fsdp", "ddp")]
     argvs += [_meta(recipes["vit"], tmp / "one", dump=str(tmp / "one_to_two.pt")),
+              _meta(recipes["vit"], tmp / "one_ddp", "ddp", dump=str(tmp / "one_ddp_to_two.pt")),
               _meta(recipes["vit"], tmp / "two", stop=True)]
     argvs += _lm_variants(recipes["lm"], tmp)
     t0 = time.time()
@@ -176,24 +178,27 @@ def _restored_as_saved(saved: dict, got: dict) -> None:
         assert all(torch.equal(state[n], got["optim"]["state"][k][n]) for n in state), k
 
 
-@pytest.mark.parametrize("saved_by, resumed_by", [(1, 2), (2, 1)])
-def test_a_mid_epoch_sharded_checkpoint_resumes_at_another_number_of_processes(runs, capsys, saved_by, resumed_by):
+@pytest.mark.parametrize("parallel, saved_by, resumed_by", [("fsdp", 1, 2), ("fsdp", 2, 1), ("ddp", 1, 2)])
+def test_a_mid_epoch_checkpoint_resumes_at_another_number_of_processes(runs, capsys, parallel, saved_by, resumed_by):
     """Stopped after its 2nd update, by 1 process (resumed by 2 in the fixture's torchrun) or by 2 (resumed
-    here): the state restored is the state saved, the epoch goes on at the same point of its order (at 2
-    processes an epoch is 6 updates, at 1 it is 12), the lr follows the new world's schedule."""
+    here): the sharded state restored is the state saved, the epoch goes on at the same point of its order
+    (at 2 processes an epoch is 6 updates, at 1 it is 12), the lr follows the new world's schedule."""
     tmp, recipes = runs
-    name = {1: "one", 2: "two"}[saved_by]
+    name = {1: "one", 2: "two"}[saved_by] + ("_ddp" if parallel == "ddp" else "")
     if resumed_by == 1:
-        saved = _saved(tmp / "two/meta", tmp / "two_saved.pt")
+        saved = _saved(tmp / name / "meta", tmp / f"{name}_saved.pt")
         capsys.readouterr()
-        in_one_process(_meta(recipes["vit"], tmp / "two", dump=str(tmp / "two_to_one.pt")))
+        in_one_process(_meta(recipes["vit"], tmp / name, dump=str(tmp / f"{name}_to_one.pt")))
         out = capsys.readouterr().out
     else:
-        saved, out = torch.load(tmp / "one_saved.pt", weights_only=False), (tmp / "torchrun.out").read_text()
+        out = (tmp / "torchrun.out").read_text()
+        saved = torch.load(tmp / "one_saved.pt", weights_only=False) if parallel == "fsdp" else None
     got = torch.load(tmp / f"{name}_to_{'two' if resumed_by == 2 else 'one'}.pt", weights_only=False)
-    _restored_as_saved(saved, got)
+    if saved is not None:
+        _restored_as_saved(saved, got)
     at, updates = 2 * saved_by // resumed_by, 12 // resumed_by
-    assert (f"resuming in epoch 1/1 after step {at}/{updates} from {tmp / name / 'meta/checkpoint.dcp'}, saved by "
+    ckpt = "checkpoint.dcp" if parallel == "fsdp" else "checkpoint.safetensors"
+    assert (f"resuming in epoch 1/1 after step {at}/{updates} from {tmp / name / 'meta' / ckpt}, saved by "
             f"{saved_by} process{'es' * (saved_by > 1)} and resumed by {resumed_by}") in out
     manifest = json.loads((tmp / name / "meta/manifest.json").read_text())
     assert (got["resumed_at"], got["ended_at"], manifest["updates"]) == (at, updates, updates)

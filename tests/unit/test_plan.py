@@ -158,3 +158,13 @@ def test_the_command_prints_every_job_and_its_json():
     from incubate.plan.table import table
     text = table(p)
     assert "hybrid 3" in text and "fsdp x64" in text and "ours" in text
+
+
+def test_grad_checkpointing_of_a_language_model_lowers_its_planned_peak():
+    """The plan traces the step as the loop runs it: the causal_lm family's recomputed layers keep fewer activations."""
+    peaks = []
+    for on in ("false", "true"):
+        s = setting("quickstart_lm.yaml", SMALL + [f"train.grad_checkpointing={on}"])
+        make, _, data, loss, shape = parts(s, "e2e")
+        peaks.append(memory.trace_step(lambda: make(None), data, loss, shape, s.family).peak)
+    assert peaks[1] < 0.8 * peaks[0], peaks
