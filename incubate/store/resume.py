@@ -42,7 +42,7 @@ class Position:
     nonfinite: int = 0
     flops_per_step: int | None = None
     ranks: list = field(default_factory=list)   # mid-epoch only: one dict a rank (RNG, loss_sum, seen)
-    rescaled: tuple | None = None               # saved by another number of processes: (that number, batches read again)
+    rescaled: tuple | None = None               # saved by another number of processes: (it, batches read again)
 
 
 def _b64(a: bytes) -> str:
@@ -267,8 +267,8 @@ def _rescaled_note(pos: Position, world: int, batch: int) -> str:
     if not pos.rescaled:
         return ""
     saved, again = pos.rescaled
-    note = (f", saved by {saved} process{'es' * (saved > 1)} and resumed by {world}: the epoch's order goes on where they left it, "
-            f"the schedule at update {pos.num_updates}")
+    note = (f", saved by {saved} process{'es' * (saved > 1)} and resumed by {world}: the epoch's order goes on "
+            f"where they left it, the schedule at update {pos.num_updates}")
     return note + (f"; {again * batch} samples before that point are read again (a whole update at {world} "
                    f"processes)" if again else "")
 

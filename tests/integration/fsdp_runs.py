@@ -1,7 +1,7 @@
 """Under torchrun: several CLI commands in one pair of ranks, so that the tests pay torch's imports and
 the process group's start once (tests/integration/test_fsdp.py).
 
-    torchrun ... -m tests.integration.fsdp_runs '[["run", "--recipe", R, "--out", O], {"argv": [...], "stop": true}, ...]'
+    torchrun ... -m tests.integration.fsdp_runs '[["run", "--recipe", R, "--out", O], {"argv": [...], "stop": true}]'
 
 A command given as {"argv": ..., "stop": true} stops on every rank right after its stage's first
 mid-epoch checkpoint (as a kill there would); {"argv": ..., "dump": PATH} writes what a resume from a

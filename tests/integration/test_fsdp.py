@@ -50,7 +50,8 @@ def _torchrun(module_args: list) -> list:
 
 def _meta(recipe, out, parallel="fsdp", **hooks) -> dict:
     """fsdp_runs' entry for `incubate meta` under `parallel`, with its hooks (stop, dump)."""
-    return {"argv": ["meta", "--recipe", str(recipe), "--out", str(out), "--set", f"train.parallel={parallel}"], **hooks}
+    argv = ["meta", "--recipe", str(recipe), "--out", str(out), "--set", f"train.parallel={parallel}"]
+    return {"argv": argv, **hooks}
 
 
 def _saved(stage: Path, out: Path) -> dict:
@@ -67,13 +68,13 @@ def _lm_variants(recipe: Path, tmp: Path) -> list:
     """The LM's meta model and module 1 under fsdp with gradient checkpointing (against the LM run's
     own), and its E2E with a token budget under ddp, fsdp and, with INCUBATE_TEST_COMPILE=1, compiled."""
     fsdp = ["--set", "train.parallel=fsdp"]
-    gc = [[*stage, "--recipe", str(recipe), "--out", str(tmp / "lm_gc"), *fsdp, "--set", "train.grad_checkpointing=true"]
-          for stage in (["meta"], ["incubate", "--module", "1"])]
+    gc = [[*stage, "--recipe", str(recipe), "--out", str(tmp / "lm_gc"), *fsdp, "--set",
+           "train.grad_checkpointing=true"] for stage in (["meta"], ["incubate", "--module", "1"])]
     kinds = {"ddp": ["--set", "train.parallel=ddp"], "fsdp": fsdp}
     if os.environ.get("INCUBATE_TEST_COMPILE"):
         kinds["compiled"] = [*fsdp, "--set", "train.compile=true"]
-    return gc + [["e2e", "--recipe", str(recipe), "--out", str(tmp / f"lm_tokens_{kind}"), "--set", f"e2e.tokens={TOKENS}",
-                  *sets] for kind, sets in kinds.items()]
+    return gc + [["e2e", "--recipe", str(recipe), "--out", str(tmp / f"lm_tokens_{kind}"), "--set",
+                  f"e2e.tokens={TOKENS}", *sets] for kind, sets in kinds.items()]
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +157,11 @@ def test_gradient_checkpointing_of_a_language_model_under_fsdp_changes_no_result
         assert json.loads((tmp / "lm_gc" / stage / "manifest.json").read_text())["train"]["grad_checkpointing"]
 
 
-@pytest.mark.parametrize("kind", ["fsdp", pytest.param("compiled", marks=pytest.mark.skipif(
-    not os.environ.get("INCUBATE_TEST_COMPILE"), reason="torch.compile on CPU takes minutes; set INCUBATE_TEST_COMPILE=1 to run"))])
+COMPILE = pytest.mark.skipif(not os.environ.get("INCUBATE_TEST_COMPILE"),
+                             reason="torch.compile on CPU takes minutes; set INCUBATE_TEST_COMPILE=1 to run")
+
+
+@pytest.mark.parametrize("kind", ["fsdp", pytest.param("compiled", marks=COMPILE)])
 def test_a_token_budget_under_fsdp_ends_where_ddp_does(runs, kind):
     tmp, _ = runs
     _close(tmp / f"lm_tokens_{kind}/e2e", tmp / "lm_tokens_ddp/e2e")
@@ -202,7 +206,8 @@ def test_a_mid_epoch_checkpoint_resumes_at_another_number_of_processes(runs, cap
             f"{saved_by} process{'es' * (saved_by > 1)} and resumed by {resumed_by}") in out
     manifest = json.loads((tmp / name / "meta/manifest.json").read_text())
     assert (got["resumed_at"], got["ended_at"], manifest["updates"]) == (at, updates, updates)
-    assert got["lr"] == pytest.approx(_cosine_lr(2e-3 * 16 * resumed_by / 32, at, updates))   # lr x batch / lr_base_batch
+    lr = 2e-3 * 16 * resumed_by / 32        # the recipe's lr x global batch / lr_base_batch
+    assert got["lr"] == pytest.approx(_cosine_lr(lr, at, updates))
     assert not list((tmp / name / "meta").glob("checkpoint*"))
 
 
