@@ -127,12 +127,12 @@ def test_mid_budget_kill_and_resume_ends_at_the_uninterrupted_weights(token_run,
 
 
 def test_the_token_cache_is_made_once_and_mapped_after(token_run, monkeypatch):
-    from incubate.data import text as text_data
+    from incubate.data import corpus, text as text_data
     from incubate.recipe.schema import load_recipe
     recipe, run, _ = token_run
     entries = [p for p in (run / "token_cache").iterdir() if not p.name.startswith(".")]
     assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == ["meta.json", "test.bin", "train.bin"]
-    monkeypatch.setattr(text_data, "_split", lambda *a, **k: pytest.fail("the corpus was split and read again"))
+    monkeypatch.setattr(corpus, "_split", lambda *a, **k: pytest.fail("the corpus was split and read again"))
     bundle = text_data.load_text(load_recipe(recipe).data, load_recipe(recipe).data.source[5:], run)
     assert isinstance(bundle.train.tokens, np.memmap) and bundle.train.tokens.dtype == np.uint8
 

@@ -6,7 +6,8 @@ import torch
 
 from incubate.errors import UserError
 from incubate.data.order import Reader
-from incubate.data.text import TextLoader, load_text, split_corpus
+from incubate.data.corpus import split_corpus
+from incubate.data.text import TextLoader, load_text
 
 from ..conftest import make_corpus, one_error_line, run_main, text_cfg, write_recipe, TINY_LM
 
@@ -110,9 +111,9 @@ def test_a_text_bundle_declares_text_and_has_no_image_fields(tmp_path):
 def test_a_bpe_load_that_trains_the_tokenizer_reads_and_splits_the_corpus_once(tmp_path, monkeypatch):
     """The trainer and the token cache share one read of the corpus; a later load finds the cache
     and the tokenizer and reads no text at all."""
-    from incubate.data import text
-    calls, split = [], text._split
-    monkeypatch.setattr(text, "_split", lambda *a, **k: calls.append(a) or split(*a, **k))
+    from incubate.data import corpus
+    calls, split = [], corpus._split
+    monkeypatch.setattr(corpus, "_split", lambda *a, **k: calls.append(a) or split(*a, **k))
     root, run = make_corpus(tmp_path / "c"), tmp_path / "run"
     first = load_text(_bpe(), str(root), run)
     assert len(calls) == 1 and (run / "tokenizer.json").exists()
@@ -210,7 +211,8 @@ def test_bpe_bits_per_byte_count_the_bytes_of_the_predicted_tokens(tmp_path):
 
 
 def test_bpe_cuts_a_single_file_at_a_character(tmp_path):
-    from incubate.data.text import _split, pieces
+    from incubate.data.bpe import pieces
+    from incubate.data.corpus import _split
     f = tmp_path / "one.txt"
     f.write_text("é" * 200)                       # 400 bytes; a 10.25% tail would cut a character in two
     train, test, _, _ = split_corpus(f, 0.1025, seed=0)

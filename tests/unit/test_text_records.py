@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from incubate.data import records, text as text_data
+from incubate.data import corpus as corpus_data, records
 from incubate.errors import UserError
-from incubate.data.text import load_text, split_corpus
+from incubate.data.corpus import split_corpus
+from incubate.data.text import load_text
 
 from ..conftest import TINY_LM, make_corpus, one_error_line, run_main, text_cfg, write_recipe
 
@@ -118,7 +119,7 @@ def test_the_key_covers_kind_column_and_bytes_and_the_same_corpus_maps_its_entry
     assert len(entries()) == 4
     load_text(_cfg("text:x", cache_dir=cache), str(make_corpus(tmp_path / "files")))
     from incubate.data import token_cache
-    key = token_cache.corpus_key(tmp_path / "files", text_data._files(tmp_path / "files"), {
+    key = token_cache.corpus_key(tmp_path / "files", corpus_data._files(tmp_path / "files"), {
         "val_fraction": 0.2, "subset_seed": 0, "tokenizer": "byte", "tokenizer_sha256": ""})
     assert key in entries()                 # text files keep the key they had before records came
 
