@@ -1,1 +1,2 @@
-"""Data: image datasets and loaders, text corpora and their tokens (text.py, bpe.py, records.py, token_cache.py), the order a rank reads them in."""
+"""Data: image datasets and loaders, text corpora and their tokens (corpus.py, records.py, bpe.py,
+token_cache.py, text.py), the order a rank reads them in."""

@@ -6,7 +6,7 @@ tokens in all, with no special tokens: any UTF-8 text encodes, so there is no un
 trains its tokenizer once: every later stage, module job, process and resume loads that file
 instead of training again (the first process to need it trains it under a lock,
 RUN/.tokenizer.lock, and writes it atomically; the others wait and load it). What it is trained on
-(the training split only, never the held-out text) is the caller's: text_data.py.
+(the training split only, never the held-out text) is the caller's: text.py, on corpus.py's split.
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def modality(cfg) -> str:
 def load_data(cfg, run=None, train_tokenizer: bool = True):
     """Read the recipe's data source; in-memory images are resized to `data.img_size` and normalised.
     `text:PATH` (and the records of `jsonl:PATH`, `parquet:PATH`, `hf_disk:PATH`) gives a
-    text_data.TextBundle (token windows for a language model); with data.tokenizer: bpe its
+    text.TextBundle (token windows for a language model); with data.tokenizer: bpe its
     tokenizer is RUN/tokenizer.json (`run`), trained there first if missing and `train_tokenizer`."""
     kind, _, arg = cfg.source.partition(":")
     if modality(cfg) == "text":

@@ -6,7 +6,7 @@ They are read with `datasets` (the optional extra deep-incubate[datasets]), impo
 such a corpus is tokenized (a stage that finds its token cache never imports it), from local files
 only, offline: load_dataset("json" | "parquet", data_files=FILE) one file at a time, with its Arrow
 copy in a temporary folder removed after reading (never ~/.cache), and load_from_disk(PATH), which
-maps the folder's own Arrow files. A record is a document, as a file is for text:PATH: text_data.py
+maps the folder's own Arrow files. A record is a document, as a file is for text:PATH: corpus.py
 holds out whole records by the same seeded rule and joins them as it joins files. A DatasetDict
 folder trains on its `train` split and holds out its `test` split (else `validation`); its other
 splits are not read. A null text is an empty document, skipped as an empty file is.

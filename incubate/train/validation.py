@@ -62,7 +62,7 @@ class PeriodicEval:
         self.log, self.budget, self.flops_per_update = log, budget, flops_per_update
         self.last = None
         self.loader = None
-        if self.every:     # the bundle's test split is already the slice (text_data.load_text)
+        if self.every:     # the bundle's test split is already the slice (text.load_text)
             self.loader = make_loader(bundle, bundle.test, data_cfg, Reader(
                 data_cfg.eval_batch_size, False, run.seed, dist.rank, dist.world, dist.device))
 
