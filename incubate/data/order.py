@@ -1,4 +1,4 @@
-"""The order a rank reads a split in: shared by images (data.py) and text windows (text.py)."""
+"""The order a rank reads a split in: shared by images (loaders.py) and text windows (text.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
