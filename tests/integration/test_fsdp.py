@@ -77,6 +77,15 @@ def _lm_variants(recipe: Path, tmp: Path) -> list:
                   f"e2e.tokens={TOKENS}", *sets] for kind, sets in kinds.items()]
 
 
+def _vit_variants(recipe: Path, tmp: Path) -> list:
+    """The ViT's E2E under ddp and fsdp with gradient accumulation, mixup and cutmix, and evaluations
+    inside the epoch: the loop's other parts, under both wrappings."""
+    extra = ["--set", "train.accum_steps=2", "--set", "train.mixup=0.8", "--set", "train.cutmix=1.0",
+             "--set", "train.eval_every=1"]
+    return [["e2e", "--recipe", str(recipe), "--out", str(tmp / f"vit_parts_{par}"), "--set", f"train.parallel={par}",
+             *extra] for par in ("ddp", "fsdp")]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """`incubate run --grow` of each tiny model under fsdp and under ddp, 2 ranks; and, in the same pair of
@@ -93,7 +102,7 @@ def runs(tmp_path_factory):
     argvs += [_meta(recipes["vit"], tmp / "one", dump=str(tmp / "one_to_two.pt")),
               _meta(recipes["vit"], tmp / "one_ddp", "ddp", dump=str(tmp / "one_ddp_to_two.pt")),
               _meta(recipes["vit"], tmp / "two", stop=True)]
-    argvs += _lm_variants(recipes["lm"], tmp)
+    argvs += _lm_variants(recipes["lm"], tmp) + _vit_variants(recipes["vit"], tmp)
     t0 = time.time()
     proc = subprocess.run(_torchrun(["tests.integration.fsdp_runs", json.dumps(argvs)]), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
@@ -167,6 +176,18 @@ def test_a_token_budget_under_fsdp_ends_where_ddp_does(runs, kind):
     _close(tmp / f"lm_tokens_{kind}/e2e", tmp / "lm_tokens_ddp/e2e")
     manifest = json.loads((tmp / f"lm_tokens_{kind}/e2e/manifest.json").read_text())
     assert (manifest["tokens"], manifest["updates"], manifest["train"]["compile"]) == (TOKENS, 6, kind == "compiled")
+
+
+def test_accumulation_mixup_and_evaluations_inside_an_epoch_under_fsdp_match_ddp(runs):
+    tmp, _ = runs
+    fsdp, ddp = tmp / "vit_parts_fsdp/e2e", tmp / "vit_parts_ddp/e2e"
+    _close(fsdp, ddp)
+    evals = [[json.loads(l) for l in (s / "metrics.jsonl").read_text().splitlines()] for s in (fsdp, ddp)]
+    evals = [[(r["update"], r["test_top1"]) for r in rows if r.get("kind") == "eval"] for rows in evals]
+    assert len(evals[0]) >= 2 and [u for u, _ in evals[0]] == [u for u, _ in evals[1]]
+    assert [a for _, a in evals[0]] == pytest.approx([a for _, a in evals[1]], abs=1e-6)
+    manifest = json.loads((fsdp / "manifest.json").read_text())["train"]
+    assert (manifest["accum_steps"], manifest["mixup"], manifest["parallel"]) == (2, 0.8, "fsdp")
 
 
 def _cosine_lr(base: float, update: int, updates: int) -> float:
