@@ -103,6 +103,20 @@ def detail_table(rows) -> str:
     return "\n".join(out)
 
 
+def sweep_table(rows) -> str:
+    """Every E2E learning rate tried in a cell: mean final bits per byte and seeds, by budget."""
+    g = defaultdict(list)
+    for r in rows:
+        if r["method"] == "e2e" and r["study"].startswith("map_"):
+            g[(r["study"], float(r["budget"]), r.get("variant", "paper"))].append(r["bpb"])
+    out = ["| cell | TFLOPs | E2E learning rates: mean final bits/byte (seeds) |", "|---|---:|---|"]
+    for study, total in sorted({(st, t) for st, t, _ in g}):
+        tried = sorted((statistics.mean(v), lr, len(v)) for (st, t, lr), v in g.items() if (st, t) == (study, total))
+        out.append(f"| {study.removeprefix('map_')} | {total:g} | " + ", ".join(
+            f"{lr.removeprefix('lr')}: {m:.4f} ({n})" for m, lr, n in tried) + " |")
+    return "\n".join(out)
+
+
 def plot(rows, path: Path) -> None:
     """A panel a cell: every seed's curve of evaluations against cumulative TFLOPs."""
     from benchmarks.token_report import COLORS
@@ -146,4 +160,5 @@ def section(rows, docs: Path) -> str:
             "bits per byte (mean over seeds), the margin to the next, and whether it clears the added "
             "standard deviations:\n\n" + map_table(rows, "final") + "\n\nThe same by the best point of each "
             "run (early stopping):\n\n" + map_table(rows, "best") + "\n\nEvery point (E2E: its better "
-            "learning rate, named):\n\n" + detail_table(rows) + "\n")
+            "learning rate, named):\n\n" + detail_table(rows) + "\n\nEvery E2E learning rate tried (5% of its "
+            "tokens a warm-up; the better one, by mean final, stands for E2E above):\n\n" + sweep_table(rows) + "\n")

@@ -51,3 +51,11 @@ def test_the_map_and_its_tables_name_every_cell(tmp_path):
     assert md.count("not run yet") == 2 * 4 and "only meta model alone so far" in md and "| rich | 16 | 15 | E2E (lr0.002) | 1 |" in md
     assert tok_run_dir(tmp_path, "map_rich_d16", "e2e", 15, 0, "lr0.002").name == "e2e-lr0.002_15"
     assert tok_run_dir(tmp_path, "lm_tokens", "e2e", 30, 0, "paper").name == "e2e_30"
+
+
+def test_every_e2e_learning_rate_tried_is_listed_best_first():
+    rows = [row("map_mid_d64", "e2e", "15", s, b, lr) for s, b, lr in
+            ((0, 4.8, "lr0.001"), (1, 4.6, "lr0.001"), (0, 4.9, "lr0.0005"), (0, 4.5, "lr0.004"))]
+    rows.append(row("lm_tokens", "e2e", "30", 0, 2.2))       # another study's E2E stays out
+    table = map_report.sweep_table(rows).splitlines()
+    assert table[2:] == ["| mid_d64 | 15 | 0.004: 4.5000 (1), 0.001: 4.7000 (2), 0.0005: 4.9000 (1) |"]
