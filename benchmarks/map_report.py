@@ -117,6 +117,16 @@ def sweep_table(rows) -> str:
     return "\n".join(out)
 
 
+def off_axis(c: dict, top: float) -> str:
+    """The methods of a cell whose every point is above `top` (the plot's axis), with their best scores,
+    so that a panel says where a line it cannot show went."""
+    out = []
+    for (method, total), rs in sorted(c.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        if all(min(p[1] for p in r.get("evals", [[0, r["bpb"]]])) > top and r["bpb"] > top for r in rs):
+            out.append(f"{NAMES[method]} at {total:g} TFLOPs, best {min(score(r, 'best') for r in rs):.2f}")
+    return "; ".join(out)
+
+
 def plot(rows, path: Path) -> None:
     """A panel a cell: every seed's curve of evaluations against cumulative TFLOPs."""
     from benchmarks.token_report import COLORS
@@ -140,6 +150,11 @@ def plot(rows, path: Path) -> None:
                 best = min(score(r, "best") for rs in c.values() for r in rs)
                 ax.set_ylim(best - 0.03, best + 0.6)
                 ax.legend(fontsize=7)
+                above = off_axis(c, best + 0.6)
+                if above:
+                    ax.text(0.02, 0.97, "above the axis: " + above, transform=ax.transAxes, fontsize=7, va="top")
+            else:
+                ax.text(0.5, 0.5, "not run yet", transform=ax.transAxes, ha="center", va="center", color="grey")
             ax.set_title(f"{regime}: {words}; {depth} layers", fontsize=9)
             ax.set_xlabel("training TFLOPs (cumulative)")
             ax.set_ylabel("validation bits per byte")

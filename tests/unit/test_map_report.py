@@ -59,3 +59,11 @@ def test_every_e2e_learning_rate_tried_is_listed_best_first():
     rows.append(row("lm_tokens", "e2e", "30", 0, 2.2))       # another study's E2E stays out
     table = map_report.sweep_table(rows).splitlines()
     assert table[2:] == ["| mid_d64 | 15 | 0.004: 4.5000 (1), 0.001: 4.7000 (2), 0.0005: 4.9000 (1) |"]
+
+
+def test_a_panel_names_the_methods_whose_every_point_is_above_its_axis():
+    rows = [row("map_mid_d64", "e2e", "15", 0, 4.78, "lr0.001", evals=[(5, 6.4), (15, 4.78)]),
+            row("map_mid_d64", "ours", "15/B", 0, 2.34, evals=[(12, 2.5), (15, 2.34)])]
+    c = map_report.cell(rows, "mid", 64)
+    assert map_report.off_axis(c, 2.34 + 0.6) == "E2E at 15 TFLOPs, best 4.78"
+    assert map_report.off_axis(c, 5.0) == ""
