@@ -32,7 +32,7 @@ from .modular import load_strict
 from .store.rundir import StageDir, check_destination, claim, write_run_recipe
 from .runs import load_model
 from .stage_registry import META, names
-from .stages.common import finish, prepare, preprocess
+from .stages.common import finish, prepare
 
 
 def warn(text: str) -> None:
@@ -169,7 +169,7 @@ def _manifest_preprocess(run: Path, m: dict) -> dict:
         return m["preprocess"]
     from .recipe.schema import load_recipe     # runs from before manifests recorded it
     data = load_recipe(run / "recipe.yaml").data
-    return preprocess(load_data(data), data.augment)
+    return load_data(data).describe(data.augment)
 
 
 EXPORT_FIX = "export into an empty or new folder"

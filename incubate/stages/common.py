@@ -49,13 +49,7 @@ class Context:
                 "target_model": self.model_spec(),     # what incubate.target_model(run) builds
                 "target_division": r.model.division, "meta_division": r.meta_division,
                 "meta_fingerprint": None, "recipe": r.name, **self.bundle.spec.manifest_fields(),
-                "data": r.data.source, "preprocess": preprocess(self.bundle, r.data.augment), "finished": False}
-
-
-def preprocess(bundle: DataBundle, augment) -> dict:
-    """How test data reaches the model, as the bundle describes itself (a manifest's `preprocess`:
-    images, the eval transform an export's pretrained_cfg must say; text, the tokenizer and split)."""
-    return bundle.describe(augment)
+                "data": r.data.source, "preprocess": self.bundle.describe(r.data.augment), "finished": False}
 
 
 def _check_tokenizer_of_stages(run: Path, recipe: Recipe, bundle) -> None:

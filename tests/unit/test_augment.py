@@ -8,7 +8,6 @@ import torch
 from incubate.recipe.schema import DataCfg, load_recipe
 from incubate.data.loaders import Loader, Reader, epoch_order, load_data
 from incubate.errors import UserError
-from incubate.stages.common import preprocess
 
 from ..conftest import make_image_folder
 
@@ -103,7 +102,7 @@ def _folder_transforms(tmp_path, **aug):
     bundle = load_data(cfg)
     train = Loader(bundle, bundle.train, cfg, Reader(2, True, 0, 0, 1, "cpu")).dataset.transform
     test = Loader(bundle, bundle.test, cfg, Reader(2, False, 0, 0, 1, "cpu")).dataset.transform
-    return train.transforms, test.transforms, preprocess(bundle, cfg.augment)
+    return train.transforms, test.transforms, bundle.describe(cfg.augment)
 
 
 def _one(transforms, name):
