@@ -13,6 +13,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks.token_report import BAR_RATIO, first_reach
+
 REGIMES = (("small", "221 kB (the tutorial)"), ("mid", "1.38 MB (tutorial, reference, HOWTOs)"),
            ("rich", "36 MB (Python and kernel docs)"))
 DEPTHS = (16, 64)
@@ -117,6 +119,56 @@ def sweep_table(rows) -> str:
     return "\n".join(out)
 
 
+def seeds(n: int) -> str:
+    return f"{n} seed{'s' * (n > 1)}"
+
+
+def reach_e2e(c: dict) -> str:
+    """Bar (1) of a cell: the first TFLOPs at which each seed of ours (each budget) reaches the final
+    bits per byte of the cell's largest E2E, as a share of that E2E's FLOPs."""
+    e2e = [(t, rs) for (m, t), rs in c.items() if m == "e2e"]
+    ours = sorted((t, rs) for (m, t), rs in c.items() if m == "ours")
+    if not e2e or not ours:
+        return "not run yet"
+    total, rs = max(e2e, key=lambda x: x[0])
+    target, e2e_tf = statistics.mean(r["bpb"] for r in rs), statistics.mean(r["flops"] for r in rs) / 1e12
+    out = []
+    for t, os in ours:
+        hits = [first_reach([(p[0], p[1]) for p in r.get("evals", [])], target) for r in os]
+        if None in hits:
+            out.append(f"ours-{t:g}: {sum(h is not None for h in hits)}/{len(hits)} seeds reach it, **not met**")
+            continue
+        share = statistics.mean(hits) / e2e_tf
+        first = all(r["evals"][0][0] == h and r["evals"][0][2:] == [None] for h, r in zip(hits, os))
+        out.append(f"ours-{t:g} at {statistics.mean(hits):.1f} ({share:.2f}x, {seeds(len(hits))}"
+                   f"{', already the assembled model' if first else ''}): **{'met' if share <= BAR_RATIO else 'not met'}**")
+    return f"E2E-{total:g} ends at {target:.4f}; " + "; ".join(out)
+
+
+def versus_growth(c: dict) -> str:
+    """Bar (2) of a cell: growth's mean final minus ours' at each budget both have, with the spread."""
+    out = []
+    for total in sorted({t for m, t in c if m == "ours" and ("grow", t) in c}):
+        (o, so, n), (g, sg, k) = stat(c[("ours", total)], "final"), stat(c[("grow", total)], "final")
+        met = ("**not met**" if g < o else "**met**" if min(n, k) < 2 else
+               "**met** beyond the spread" if g - o > so + sg else "**met** within the spread")
+        out.append(f"{total:g}: {g - o:+.3f} ± {so + sg:.3f} ({seeds(min(n, k))}), {met}")
+    return "; ".join(out) or "not run yet"
+
+
+def bars_table(rows) -> str:
+    """The issue's two bars, cell by cell: (1) ours reaches the fair E2E's final with at most BAR_RATIO
+    of its FLOPs; (2) ours at least as good as growth at equal FLOPs (growth minus ours, final)."""
+    out = [f"| cell | bar (1): ours reaches the largest fair E2E's final with at most {BAR_RATIO}x its FLOPs | "
+           "bar (2): growth minus ours at equal FLOPs, ± added sd |", "|---|---|---|"]
+    for regime, _ in REGIMES:
+        for depth in DEPTHS:
+            c = cell(rows, regime, depth)
+            if any(m != "meta" for m, _ in c):      # the meta model alone is shared with the 16-layer cell
+                out.append(f"| {regime}, {depth} layers | {reach_e2e(c)} | {versus_growth(c)} |")
+    return "\n".join(out)
+
+
 def off_axis(c: dict, top: float) -> str:
     """The methods of a cell whose every point is above `top` (the plot's axis), with their best scores,
     so that a panel says where a line it cannot show went."""
@@ -175,5 +227,6 @@ def section(rows, docs: Path) -> str:
             "bits per byte (mean over seeds), the margin to the next, and whether it clears the added "
             "standard deviations:\n\n" + map_table(rows, "final") + "\n\nThe same by the best point of each "
             "run (early stopping):\n\n" + map_table(rows, "best") + "\n\nEvery point (E2E: its better "
-            "learning rate, named):\n\n" + detail_table(rows) + "\n\nEvery E2E learning rate tried (5% of its "
+            "learning rate, named):\n\n" + detail_table(rows) + "\n\nThe issue's bars, cell by cell (TFLOPs; final "
+            "bits per byte, mean over seeds):\n\n" + bars_table(rows) + "\n\nEvery E2E learning rate tried (5% of its "
             "tokens a warm-up; the better one, by mean final, stands for E2E above):\n\n" + sweep_table(rows) + "\n")

@@ -6,7 +6,8 @@ from benchmarks.studies import STUDIES, tok_run_dir, tok_variants
 
 def row(study, method, budget, seed, bpb, variant="paper", evals=()):
     return {"study": study, "method": method, "budget": budget, "seed": seed, "bpb": bpb, "variant": variant,
-            "evals": [list(e) for e in evals], "tokens": 1000, "trained_params": 100, "corpus_tokens": 250}
+            "evals": [list(e) for e in evals], "tokens": 1000, "trained_params": 100, "corpus_tokens": 250,
+            "flops": float(budget.split("/")[0]) * 1e12}
 
 
 def test_e2e_is_its_better_lr_and_the_meta_model_alone_comes_from_the_16_layer_cell():
@@ -67,3 +68,20 @@ def test_a_panel_names_the_methods_whose_every_point_is_above_its_axis():
     c = map_report.cell(rows, "mid", 64)
     assert map_report.off_axis(c, 2.34 + 0.6) == "E2E at 15 TFLOPs, best 4.78"
     assert map_report.off_axis(c, 5.0) == ""
+
+
+def test_the_bars_are_said_cell_by_cell_from_the_curves_and_the_finals():
+    rows = [row("map_small_d64", "e2e", "30", s, 4.0, "lr0.004", evals=[(15, 4.5), (30, 4.0)]) for s in (0, 1)]
+    rows += [row("map_small_d64", "ours", "15/B", s, 2.3, evals=[(9, 3.9, None), (12, 2.5, 9), (15, 2.3, 18)])
+             for s in (0, 1)]
+    rows += [row("map_small_d64", "ours", "30/B", 0, 2.1, evals=[(20, 4.2), (25, 3.95), (30, 2.1)])]
+    rows += [row("map_small_d64", "grow", "15/B", s, b) for s, b in ((0, 2.4), (1, 2.42))]
+    rows += [row("map_small_d64", "grow", "30/B", 0, 2.05)]
+    c = map_report.cell(rows, "small", 64)
+    assert map_report.reach_e2e(c) == ("E2E-30 ends at 4.0000; ours-15 at 9.0 (0.30x, 2 seeds, already the assembled model): "
+                                       "**met**; ours-30 at 25.0 (0.83x, 1 seed): **not met**")
+    assert map_report.versus_growth(c) == ("15: +0.110 ± 0.014 (2 seeds), **met** beyond the spread; "
+                                           "30: -0.050 ± 0.000 (1 seed), **not met**")
+    table = map_report.bars_table(rows).splitlines()
+    assert len(table) == 3 and table[2].startswith("| small, 64 layers | E2E-30 ends at 4.0000")
+    assert map_report.reach_e2e(map_report.cell(rows[2:], "small", 64)) == "not run yet"
