@@ -36,7 +36,7 @@ from pathlib import Path
 
 from benchmarks import token_study as tok
 from benchmarks.studies import (ROOT, STUDIES, base_dir, budget_label, ensure_data, make_recipe, point_stages,
-                                points, result_row, tok_run_dir, tok_variants)
+                                meta_variant, points, result_row, tok_run_dir, tok_variants)
 from incubate.errors import UserError
 from incubate.store.rundir import StageDir
 from incubate.stages import assemble, e2e, finetune, grow, incubate, meta
@@ -87,14 +87,16 @@ def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra
         return result_row(study, depth, fraction, method, budget_label(method, budget), seed, run, point_stages(run, method), variant)
     total, split = budget
     meta_tf = tok.meta_budget(method, total, split)
-    meta_run = tok_run_dir(root, study, "meta", meta_tf, seed, "paper")
-    meta.main(make(tok.budget_sets(key, "meta", meta_tf, None)), meta_run)     # once a seed and budget, shared
+    base, meta_sets = meta_variant(study, variant)
+    meta_run = tok_run_dir(root, study, "meta", meta_tf, seed, base)
+    meta.main(make(tok.budget_sets(key, "meta", meta_tf, None) + meta_sets), meta_run)     # once a seed and budget, shared
     if not (run / "meta").exists():
         run.mkdir(parents=True, exist_ok=True)
         shutil.copytree(meta_run / "meta", run / "meta")
-    recipe = make(tok.budget_sets(key, "meta", meta_tf, None)
+    init = variant if base == "paper" else next(iter(STUDIES[study]["inits"]))     # from another meta: the first init
+    recipe = make(tok.budget_sets(key, "meta", meta_tf, None) + meta_sets
                   + fair_sets(study, method, variant, tok.budget_sets(key, method, total, split))
-                  + ([f"incubate.module_init={variant}"] if method == "ours" else []))
+                  + ([f"incubate.module_init={init}"] if method == "ours" else []))
     if method == "grow":
         grow.main(recipe, run)
     else:

@@ -94,6 +94,9 @@ MAP_REGIMES = {
 # on 221 kB; lower is worse), so the sweep goes up too: the plateau, not divergence, is what stops it.
 MAP_E2E_LRS = {16: (2e-3, 1e-3), 64: (4e-3, 2e-3, 1e-3, 5e-4)}
 MAP_WARMUP = 0.05
+# The check of G_stack's base (one budget, the data-rich 16-layer cell): ours and growth from a meta
+# model trained at a constant lr (multistep that never steps), i.e. taken before a WSD schedule's decay.
+MAP_FLAT_META = {"flatmeta": (["meta.sched=multistep", "meta.decay_milestones=[1000000000]"], [(15, "B")])}
 for _regime, _sets in MAP_REGIMES.items():
     for _depth in (16, 64):
         _small = _regime == "rich" and _depth == 64       # the most costly cell: one budget
@@ -104,6 +107,7 @@ for _regime, _sets in MAP_REGIMES.items():
             "grow": [(15, "B")] if _small else [(15, "B"), (30, "B")],
             "inits": {"meta": None}, "seeds": [0, 1], "warmup": MAP_WARMUP, "corpus": _regime,
             "e2e_variants": {f"lr{lr:g}": [f"e2e.lr={lr}"] for lr in MAP_E2E_LRS[_depth]},
+            "meta_variants": MAP_FLAT_META if (_regime, _depth) == ("rich", 16) else {},
             "sets": _sets + [f"model.division={[_depth // 4] * 4}", f"train.eval_every={50 if _depth == 16 else 25}"]}
 
 
@@ -208,17 +212,30 @@ def tok_run_dir(root: Path, study, method: str, budget, seed: int, variant: str)
         tag = method if variant in ("paper", None) else f"{method}-{variant}"
         return base / f"{tag}_{tok.fmt(budget)}"
     name = f"{tok.fmt(budget[0])}{budget[1]}"
-    return base / (f"grow_{name}" if method == "grow" else f"ours-{variant}_{name}")
+    if method == "grow":
+        return base / (f"grow_{name}" if variant in ("paper", None) else f"grow-{variant}_{name}")
+    return base / f"ours-{variant}_{name}"
 
 
 def tok_variants(study: str, method: str, budget) -> list[str]:
     """The variants a point of a TFLOPs study is trained in: ours in each module init that covers
-    its budget; every other method once."""
-    if method == "e2e" and "e2e_variants" in STUDIES[study]:
-        return list(STUDIES[study]["e2e_variants"])
+    its budget, ours and growth also from each of the study's other meta models; others once."""
+    s = STUDIES[study]
+    if method == "e2e" and "e2e_variants" in s:
+        return list(s["e2e_variants"])
+    metas = [name for name, (_, only) in s.get("meta_variants", {}).items() if budget in only]
+    if method == "grow":
+        return ["paper"] + metas
     if method != "ours":
         return ["paper"]
-    return [init for init, only in STUDIES[study]["inits"].items() if only is None or budget in only]
+    return [init for init, only in s["inits"].items() if only is None or budget in only] + metas
+
+
+def meta_variant(study: str, variant: str) -> tuple[str, list[str]]:
+    """The meta model a point of ours or growth starts from: the study's variant of that name (its
+    --set lines), or the study's own ("paper", no lines)."""
+    sets, _ = STUDIES[study].get("meta_variants", {}).get(variant, (None, None))
+    return (variant, sets) if sets is not None else ("paper", [])
 
 
 def points(study: str, seeds=None, budgets=None, depths=None, fractions=None):

@@ -1,7 +1,7 @@
 """The map (benchmarks/map_report.py) and the fair baselines of its studies (accuracy_vs_cost.fair_sets)."""
 from benchmarks import map_report
 from benchmarks.accuracy_vs_cost import fair_sets
-from benchmarks.studies import STUDIES, tok_run_dir, tok_variants
+from benchmarks.studies import MAP_FLAT_META, STUDIES, meta_variant, tok_run_dir, tok_variants
 
 
 def row(study, method, budget, seed, bpb, variant="paper", evals=()):
@@ -85,3 +85,29 @@ def test_the_bars_are_said_cell_by_cell_from_the_curves_and_the_finals():
     table = map_report.bars_table(rows).splitlines()
     assert len(table) == 3 and table[2].startswith("| small, 64 layers | E2E-30 ends at 4.0000")
     assert map_report.reach_e2e(map_report.cell(rows[2:], "small", 64)) == "not run yet"
+
+
+def test_points_from_the_meta_model_not_annealed_stay_out_of_the_map_and_are_set_beside_their_pairs(tmp_path):
+    assert tok_variants("map_rich_d16", "grow", (15, "B")) == ["paper", "flatmeta"]
+    assert tok_variants("map_rich_d16", "ours", (15, "B")) == ["meta", "flatmeta"]
+    assert tok_variants("map_rich_d16", "ours", (30, "B")) == ["meta"] and tok_variants("map_mid_d16", "grow", (15, "B")) == ["paper"]
+    assert meta_variant("map_rich_d16", "flatmeta") == ("flatmeta", MAP_FLAT_META["flatmeta"][0])
+    assert meta_variant("map_rich_d16", "meta") == ("paper", [])
+    assert tok_run_dir(tmp_path, "map_rich_d16", "grow", (15, "B"), 0, "flatmeta").name == "grow-flatmeta_15B"
+    assert tok_run_dir(tmp_path, "map_rich_d16", "grow", (15, "B"), 0, "paper").name == "grow_15B"
+    assert tok_run_dir(tmp_path, "map_rich_d16", "meta", 3.75, 0, "flatmeta").name == "meta-flatmeta_3.75"
+    rows = []
+    for variant, g, o, m in (("paper", 2.30, 2.25, 2.40), ("flatmeta", 2.20, 2.28, 2.55)):
+        rows.append(dict(row("map_rich_d16", "grow", "15/B", 0, g, variant, evals=[(10, g - 0.01, 5), (15, g, 9)]), meta_bpb=m))
+        rows.append(dict(row("map_rich_d16", "ours", "15/B", 0, o, "meta" if variant == "paper" else variant,
+                             evals=[(10, o, None), (15, o, 9)]), meta_bpb=m))
+    c = map_report.cell(rows, "rich", 16)
+    assert [r["bpb"] for r in c[("grow", 15.0)]] == [2.30] and [r["bpb"] for r in c[("ours", 15.0)]] == [2.25]
+    table = map_report.meta_check_table(rows).splitlines()
+    assert table[2:] == ["| rich_d16 | growth | 15/B | 1 | 2.4000 / 2.5500 (+0.1500) | 2.3000 / 2.2000 (-0.1000) | "
+                         "2.2900 / 2.1900 (-0.1000) |",
+                         "| rich_d16 | ours | 15/B | 1 | 2.4000 / 2.5500 (+0.1500) | 2.2500 / 2.2800 (+0.0300) | "
+                         "2.2500 / 2.2800 (+0.0300) |"]
+    assert map_report.meta_check_table(rows[1:]).splitlines()[2:] == table[3:]      # growth's annealed pair missing
+    assert map_report.meta_check_table(rows[2:]) == ""
+    assert "constant lr" in map_report.section(rows, tmp_path)
