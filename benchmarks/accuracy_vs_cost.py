@@ -20,6 +20,11 @@ parts and rerun after a kill):
           the meta model alone at several budgets, ours with the paper's random module init, and
           ours with meta init as the variant `--study resnet --methods ours --variant metainit
           --set incubate.module_init=meta`
+  map_<regime>_d<depth>  the map of which method pays where (issue 34): regimes small, mid, rich,
+          depths 16 and 64; E2E at each of its learning rates (variants lr...), the meta model alone,
+          growth and ours (meta init); in map_rich_d16, ours and growth also from a meta model not
+          annealed (variant flatmeta). --collect writes the map into docs/results.md and its table into
+          README.md (between its markers), by benchmarks/map_report.py
 Cost is counted two ways: process seconds summed over every job, and FLOPs (FlopCounterMode on one
 step of each stage times the steps taken). Accuracy is top-1 on the full 10k test set.
 
@@ -35,6 +40,7 @@ import time
 from pathlib import Path
 
 from benchmarks import token_study as tok
+from benchmarks import map_report
 from benchmarks.studies import (ROOT, STUDIES, base_dir, budget_label, ensure_data, make_recipe, point_stages,
                                 meta_variant, points, result_row, tok_run_dir, tok_variants)
 from incubate.errors import UserError
@@ -204,6 +210,7 @@ def publish(results: Path, root: Path, docs: Path = ROOT / "docs") -> list[dict]
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(rows, indent=1) + "\n")
     write_report(rows, docs)
+    map_report.write_readme(rows, docs.parent / "README.md")
     return rows
 
 

@@ -96,6 +96,43 @@ def map_table(rows, kind: str = "final") -> str:
     return "\n".join(out)
 
 
+def advice(c: dict) -> str:
+    """A cell's answer for README: the methods best first at the largest budget that has two of them."""
+    totals = [t for t in sorted({t for _, t in c}, reverse=True) if len(ranking(c, t, "final")) > 1]
+    if not totals:
+        return "not measured yet"
+    rank = ranking(c, totals[0], "final")
+    (best, _, n, w), rest = rank[0], rank[1:]
+    others = ", ".join(f"{NAMES[m]} (+{mean - best:.2f})" for mean, _, _, m in rest)
+    stopped = ranking(c, totals[0], "best")[0][3]
+    e2e = [rs[0] for (m, t), rs in c.items() if (m, t) == ("e2e", totals[0])]
+    return (f"**{NAMES[w]}**, then {others} at {totals[0]:g} TFLOPs, {seeds(min(r[2] for r in rank))}"
+            + (f"; with early stopping **{NAMES[stopped]}**" if stopped != w else "")
+            + (f"; E2E there reads {e2e[0]['tokens'] / e2e[0]['trained_params']:.2g} tokens a parameter, the text "
+               f"{e2e[0]['tokens'] / e2e[0]['corpus_tokens']:.2g} times" if e2e and e2e[0].get("corpus_tokens") else ""))
+
+
+def advice_table(rows) -> str:
+    """README's table: for each amount of text and depth, the methods in the order the map ranks them."""
+    out = ["| your text (width-64 Llama, 4-layer meta model; bits per byte, lower is better) | 16-layer target "
+           "(growth factor 4) | 64-layer target (factor 16) |", "|---|---|---|"]
+    for regime, words in REGIMES:
+        out.append(f"| {words} | " + " | ".join(advice(cell(rows, regime, d)) for d in DEPTHS) + " |")
+    return "\n".join(out)
+
+
+README_BEGIN = "<!-- the map's table: python -m benchmarks.accuracy_vs_cost --collect writes it -->"
+README_END = "<!-- end of the map's table -->"
+
+
+def write_readme(rows, readme: Path) -> None:
+    """Put advice_table between README's markers, where README has them."""
+    text = readme.read_text() if readme.exists() else ""
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        readme.write_text(f"{head}{README_BEGIN}\n{advice_table(rows)}\n{README_END}{rest.split(README_END, 1)[1]}")
+
+
 def detail_table(rows) -> str:
     out = ["| regime | depth | TFLOPs | method | seeds | final bits/byte | best bits/byte | train loss |",
            "|---|---:|---:|---|---:|---:|---:|---:|"]

@@ -111,3 +111,22 @@ def test_points_from_the_meta_model_not_annealed_stay_out_of_the_map_and_are_set
     assert map_report.meta_check_table(rows[1:]).splitlines()[2:] == table[3:]      # growth's annealed pair missing
     assert map_report.meta_check_table(rows[2:]) == ""
     assert "constant lr" in map_report.section(rows, tmp_path)
+
+
+def test_readme_holds_the_map_as_the_results_say_and_collect_rewrites_only_that_table(tmp_path):
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    rows = json.loads((root / "docs/results.json").read_text())
+    assert map_report.advice_table(rows) in (root / "README.md").read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{map_report.README_BEGIN}\nold table\n{map_report.README_END}\nafter\n")
+    rows = [row("map_mid_d16", m, b, s, v + 0.01 * s, evals=[(5, v + 0.2, 9), (15, v + 0.01 * s, 9)]) for m, b, v in
+            (("e2e", "15", 2.4), ("meta", "15", 2.2), ("ours", "15/B", 2.3), ("grow", "15/B", 2.1)) for s in (0, 1)]
+    map_report.write_readme(rows, readme)
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{map_report.README_END}\nafter\n") and "old" not in text
+    mid = [line for line in text.splitlines() if line.startswith("| 1.38 MB")][0]
+    assert mid.split(" | ")[1] == ("**growth**, then meta model alone (+0.10), ours (+0.20), E2E (+0.30) at 15 TFLOPs, "
+                                   "2 seeds; E2E there reads 10 tokens a parameter, the text 4 times")
+    assert mid.endswith("| not measured yet |")      # the 64-layer cell has only the shared meta model
