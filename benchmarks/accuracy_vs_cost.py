@@ -114,10 +114,10 @@ def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra
 
 
 def fair_sets(study, method: str, variant: str, budget: list[str]) -> list[str]:
-    """A point's budget lines, plus what a study gives its baselines to be fair: E2E its variant's
-    lr, and E2E and growth a warm-up of the study's share of their tokens (growth re-warms, as G_stack)."""
+    """A point's budget lines, plus what a study gives its baselines to be fair: E2E and growth their
+    variant's lr, and both a warm-up of the study's share of their tokens (growth re-warms, as G_stack)."""
     s = STUDIES[study]
-    out = list(budget) + (s.get("e2e_variants", {}).get(variant, []) if method == "e2e" else [])
+    out = list(budget) + s.get(f"{method}_variants", {}).get(variant, [])
     for line in budget if s.get("warmup") and method in ("e2e", "grow") else []:
         key, tokens = line.split("=")
         if key == f"{method}.tokens":
@@ -131,8 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="all: budget, depth and data (the regime studies are run by name)")
     ap.add_argument("--root", default=str(ROOT / "benchmarks" / "runs" / "accuracy_vs_cost"))
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every run")
-    ap.add_argument("--variant", default="paper", help="name of a variant of ours made by --set (E2E is shared), "
-                    "or one of a study's named variants (e.g. an E2E learning rate, lr0.0005) to train only that one")
+    ap.add_argument("--variant", default=None, help="name of a variant of ours made by --set (E2E is shared), "
+                    "or one of a study's named variants (e.g. an E2E learning rate, lr0.0005; paper: growth at the "
+                    "recipe's lr) to train only that one; default: every variant")
     ap.add_argument("--methods", default="meta,ours,e2e,grow", help="which methods to run (meta: the meta model alone; grow: G_stack)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the study's)")
     ap.add_argument("--depths", default=None, help="comma-separated depths to train (default: the study's)")
@@ -156,14 +157,14 @@ def main(argv=None) -> None:
         todo = planned(args)
         if args.missing:
             have = {row_key(r) for r in json.loads(Path(args.results).read_text())} if Path(args.results).exists() else set()
-            todo = [p for p in todo if point_key(*p, default_variant=args.variant) not in have]
+            todo = [p for p in todo if point_key(*p, default_variant=args.variant or "paper") not in have]
         if args.shard:
             k, n = (int(x) for x in args.shard.split("/"))
             todo = todo[k::n]
         if args.plan:
             for study, method, depth, fraction, budget, seed, variant in todo:
                 print(f"{study} {method} {budget_label(method, budget)} seed {seed}"
-                      + (f" ({variant or args.variant})" if method == "ours" or variant not in (None, "paper") else ""))
+                      + (f" ({variant or args.variant or 'paper'})" if method == "ours" or variant not in (None, "paper") else ""))
             return
         for study in dict.fromkeys(p[0] for p in todo):
             ensure_data(study=study)
@@ -190,7 +191,7 @@ def planned(args) -> list[tuple]:
                 continue
             names = tok_variants(study, method, budget)
             out += [(study, method, depth, fraction, budget, seed, variant) for variant in names
-                    if args.variant in ("paper", variant) or (method != "ours" and args.variant not in names)]
+                    if args.variant in (None, variant) or (method != "ours" and args.variant not in names)]
     return out
 
 
@@ -222,7 +223,7 @@ def train_point(root, study, method, depth, fraction, budget, seed, args, varian
     while True:     # a point another process is training: wait for it, then reuse it
         try:
             row = fn(root, study, depth, fraction, budget, seed, args.set,
-                     variant or (args.variant if method == "ours" else "paper"))
+                     variant or (args.variant or "paper" if method == "ours" else "paper"))
             break
         except UserError as e:
             if "is being written by" not in str(e):

@@ -124,7 +124,7 @@ def _meta_done(root: Path, study: str, method: str, budget, depth: int, fraction
         return False
     if studies.STUDIES[study].get("budget") == "flops":
         meta_tf = tok.meta_budget(method, *budget)
-        run = studies.tok_run_dir(root, study, "meta", meta_tf, seed, variant)
+        run = studies.tok_run_dir(root, study, "meta", meta_tf, seed, studies.meta_variant(study, variant)[0])
     else:
         run = studies.base_dir(root, study, depth, fraction, seed) / f"meta_{budget[0]}"
     return (run / "meta" / "manifest.json").exists()

@@ -13,13 +13,17 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 from benchmarks.studies import STUDIES
+from benchmarks.token_study import RECIPE
 from benchmarks.token_report import BAR_RATIO, first_reach
 
 REGIMES = (("small", "221 kB (the tutorial)"), ("mid", "1.38 MB (tutorial, reference, HOWTOs)"),
            ("rich", "36 MB (Python and kernel docs)"))
 DEPTHS = (16, 64)
 NAMES = {"e2e": "E2E", "meta": "meta model alone", "grow": "growth", "ours": "ours"}
+SWEPT = ("e2e", "grow")     # methods trained at several learning rates; the better stands for them
 
 
 def score(r: dict, kind: str) -> float:
@@ -33,7 +37,7 @@ def other_meta(r: dict) -> bool:
 
 
 def cell(rows, regime: str, depth: int) -> dict:
-    """{(method, total TFLOPs): [rows]} of one cell, E2E as its better lr at each budget."""
+    """{(method, total TFLOPs): [rows]} of one cell, E2E and growth as their better lr at each budget."""
     g = defaultdict(list)
     for r in rows:
         if other_meta(r):
@@ -43,8 +47,8 @@ def cell(rows, regime: str, depth: int) -> dict:
             g[(r["method"], r.get("variant", "paper"), float(r["budget"].split("/")[0]))].append(r)
     out = {}
     for (method, variant, total), rs in g.items():
-        if method == "e2e":
-            have = out.get(("e2e", total))
+        if method in SWEPT:
+            have = out.get((method, total))
             if have and statistics.mean(x["bpb"] for x in have) <= statistics.mean(x["bpb"] for x in rs):
                 continue
         out[(method, total)] = rs
@@ -141,7 +145,7 @@ def detail_table(rows) -> str:
             c = cell(rows, regime, depth)
             for (method, total), rs in sorted(c.items(), key=lambda kv: (kv[0][1], kv[0][0])):
                 (f, fs, n), (b, bs, _) = stat(rs, "final"), stat(rs, "best")
-                lr = f" ({rs[0]['variant']})" if method == "e2e" else ""
+                lr = f" (lr {rate(rs[0]['variant'])})" if method in SWEPT else ""
                 loss = [r["train_loss"] for r in rs if "train_loss" in r]
                 out.append(f"| {regime} | {depth} | {total:g} | {NAMES[method]}{lr} | {n} | {f:.4f} ± {fs:.4f} | "
                            f"{b:.4f} ± {bs:.4f} | {statistics.mean(loss):.3f} |" if loss else
@@ -150,17 +154,25 @@ def detail_table(rows) -> str:
     return "\n".join(out)
 
 
+def rate(variant: str) -> str:
+    """A learning-rate variant's lr; "paper" is the study recipe's own."""
+    if variant != "paper":
+        return variant.removeprefix("lr")
+    return f"{yaml.safe_load(RECIPE.read_text())['train']['lr']:g}"
+
+
 def sweep_table(rows) -> str:
-    """Every E2E learning rate tried in a cell: mean final bits per byte and seeds, by budget."""
+    """Every learning rate E2E and growth tried in a cell: mean final bits per byte and seeds, by budget."""
     g = defaultdict(list)
     for r in rows:
-        if r["method"] == "e2e" and r["study"].startswith("map_"):
-            g[(r["study"], float(r["budget"]), r.get("variant", "paper"))].append(r["bpb"])
-    out = ["| cell | TFLOPs | E2E learning rates: mean final bits/byte (seeds) |", "|---|---:|---|"]
-    for study, total in sorted({(st, t) for st, t, _ in g}):
-        tried = sorted((statistics.mean(v), lr, len(v)) for (st, t, lr), v in g.items() if (st, t) == (study, total))
-        out.append(f"| {study.removeprefix('map_')} | {total:g} | " + ", ".join(
-            f"{lr.removeprefix('lr')}: {m:.4f} ({n})" for m, lr, n in tried) + " |")
+        if r["method"] in SWEPT and r["study"].startswith("map_") and not other_meta(r):
+            g[(r["study"], NAMES[r["method"]], float(r["budget"].split("/")[0]), r.get("variant", "paper"))].append(r["bpb"])
+    out = ["| cell | method | TFLOPs | learning rates: mean final bits/byte (seeds) |", "|---|---|---:|---|"]
+    for study, method, total in sorted({k[:3] for k in g}):
+        tried = sorted((statistics.mean(v), rate(lr), len(v)) for (st, m, t, lr), v in g.items()
+                       if (st, m, t) == (study, method, total))
+        out.append(f"| {study.removeprefix('map_')} | {method} | {total:g} | " + ", ".join(
+            f"{lr}: {m:.4f} ({n})" for m, lr, n in tried) + " |")
     return "\n".join(out)
 
 
@@ -295,8 +307,8 @@ def section(rows, docs: Path) -> str:
             "standard deviations:\n\n" + map_table(rows, "final") + "\n\nThe same by the best point of each "
             "run (early stopping):\n\n" + map_table(rows, "best") + "\n\nEvery point (E2E: its better "
             "learning rate, named):\n\n" + detail_table(rows) + "\n\nThe issue's bars, cell by cell (TFLOPs; final "
-            "bits per byte, mean over seeds):\n\n" + bars_table(rows) + "\n\nEvery E2E learning rate tried (5% of its "
-            "tokens a warm-up; the better one, by mean final, stands for E2E above):\n\n" + sweep_table(rows) + "\n"
+            "bits per byte, mean over seeds):\n\n" + bars_table(rows) + "\n\nEvery learning rate E2E and growth tried (5% of "
+            "their tokens a warm-up; the better one, by mean final, stands for each above):\n\n" + sweep_table(rows) + "\n"
             + check_section(rows))
 
 

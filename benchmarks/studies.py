@@ -83,8 +83,9 @@ STUDIES = {
 
 # The map of which method pays where (issue 34): three data regimes x two depths of width-64 Llama
 # targets (K = 4, one 4-layer meta model a regime and seed), budgets in TFLOPs. Fair baselines: E2E
-# with a warm-up of 5% of its tokens at two learning rates (variants; the better is reported) and
-# growth re-warming its learning rate the same way; ours and growth share split B's meta models.
+# with a warm-up of 5% of its tokens at several learning rates (variants; the better is reported) and
+# growth re-warming its learning rate the same way, at two rates; ours and growth share split B's meta
+# models. A sweep runs at 15 TFLOPs, seed 0; the larger budget and seed 1 train the better rate only.
 MAP_REGIMES = {
     "small": [f"data.source=text:{PYDOC}", "data.val_fraction=0.1", "data.eval_tokens=0"],   # 221 kB
     "mid": [f"data.source=text:{tok.MID_CORPUS}", "data.val_fraction=0.05"],                   # 1.38 MB
@@ -94,6 +95,8 @@ MAP_REGIMES = {
 # on 221 kB; lower is worse), so the sweep goes up too: the plateau, not divergence, is what stops it.
 MAP_E2E_LRS = {16: (2e-3, 1e-3), 64: (4e-3, 2e-3, 1e-3, 5e-4)}
 MAP_WARMUP = 0.05
+# Growth's sweep: the recipe's lr (2e-3, variant "paper") and these; the better by mean final stands for growth.
+MAP_GROW_LRS = (1e-3,)
 # The check of G_stack's base (one budget, the data-rich 16-layer cell): ours and growth from a meta
 # model trained at a constant lr (multistep that never steps), i.e. taken before a WSD schedule's decay.
 MAP_FLAT_META = {"flatmeta": (["meta.sched=multistep", "meta.decay_milestones=[1000000000]"], [(15, "B")])}
@@ -107,6 +110,7 @@ for _regime, _sets in MAP_REGIMES.items():
             "grow": [(15, "B")] if _small else [(15, "B"), (30, "B")],
             "inits": {"meta": None}, "seeds": [0, 1], "warmup": MAP_WARMUP, "corpus": _regime,
             "e2e_variants": {f"lr{lr:g}": [f"e2e.lr={lr}"] for lr in MAP_E2E_LRS[_depth]},
+            "grow_variants": {f"lr{lr:g}": [f"grow.lr={lr}"] for lr in MAP_GROW_LRS},
             "meta_variants": MAP_FLAT_META if (_regime, _depth) == ("rich", 16) else {},
             "sets": _sets + [f"model.division={[_depth // 4] * 4}", f"train.eval_every={50 if _depth == 16 else 25}"]}
 
@@ -219,13 +223,14 @@ def tok_run_dir(root: Path, study, method: str, budget, seed: int, variant: str)
 
 def tok_variants(study: str, method: str, budget) -> list[str]:
     """The variants a point of a TFLOPs study is trained in: ours in each module init that covers
-    its budget, ours and growth also from each of the study's other meta models; others once."""
+    its budget, E2E and growth at each of their learning rates, ours and growth also from each of the
+    study's other meta models; others once."""
     s = STUDIES[study]
     if method == "e2e" and "e2e_variants" in s:
         return list(s["e2e_variants"])
     metas = [name for name, (_, only) in s.get("meta_variants", {}).items() if budget in only]
     if method == "grow":
-        return ["paper"] + metas
+        return ["paper"] + list(s.get("grow_variants", {})) + metas
     if method != "ours":
         return ["paper"]
     return [init for init, only in s["inits"].items() if only is None or budget in only] + metas

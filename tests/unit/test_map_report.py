@@ -37,6 +37,8 @@ def test_e2e_gets_its_variant_lr_and_a_warm_up_and_growth_re_warms_while_ours_is
     assert fair_sets(study, "e2e", "lr0.0005", ["e2e.tokens=1000"]) == [
         "e2e.tokens=1000", "e2e.lr=0.0005", f"e2e.warmup_tokens={int(STUDIES[study]['warmup'] * 1000)}"]
     assert fair_sets(study, "grow", "paper", ["grow.tokens=2000"]) == ["grow.tokens=2000", "grow.warmup_tokens=100"]
+    assert fair_sets(study, "grow", "lr0.001", ["grow.tokens=2000"]) == [
+        "grow.tokens=2000", "grow.lr=0.001", "grow.warmup_tokens=100"]
     assert fair_sets(study, "ours", "meta", ["incubate.tokens=5", "finetune.tokens=9"]) == [
         "incubate.tokens=5", "finetune.tokens=9"]
     assert fair_sets("lm_tokens", "e2e", "paper", ["e2e.tokens=7"]) == ["e2e.tokens=7"]     # earlier studies unchanged
@@ -49,7 +51,7 @@ def test_the_map_and_its_tables_name_every_cell(tmp_path):
     md = map_report.section(rows, tmp_path)
     assert (tmp_path / "map.png").stat().st_size > 10_000
     assert "**meta model alone** by 0.050 over growth (1 seed)" in md
-    assert md.count("not run yet") == 2 * 4 and "only meta model alone so far" in md and "| rich | 16 | 15 | E2E (lr0.002) | 1 |" in md
+    assert md.count("not run yet") == 2 * 4 and "only meta model alone so far" in md and "| rich | 16 | 15 | E2E (lr 0.002) | 1 |" in md
     assert tok_run_dir(tmp_path, "map_rich_d16", "e2e", 15, 0, "lr0.002").name == "e2e-lr0.002_15"
     assert tok_run_dir(tmp_path, "lm_tokens", "e2e", 30, 0, "paper").name == "e2e_30"
 
@@ -58,8 +60,11 @@ def test_every_e2e_learning_rate_tried_is_listed_best_first():
     rows = [row("map_mid_d64", "e2e", "15", s, b, lr) for s, b, lr in
             ((0, 4.8, "lr0.001"), (1, 4.6, "lr0.001"), (0, 4.9, "lr0.0005"), (0, 4.5, "lr0.004"))]
     rows.append(row("lm_tokens", "e2e", "30", 0, 2.2))       # another study's E2E stays out
+    rows += [row("map_mid_d64", "grow", "15/B", 0, b, lr) for b, lr in ((2.2, "paper"), (2.1, "lr0.001"))]
     table = map_report.sweep_table(rows).splitlines()
-    assert table[2:] == ["| mid_d64 | 15 | 0.004: 4.5000 (1), 0.001: 4.7000 (2), 0.0005: 4.9000 (1) |"]
+    assert table[2:] == ["| mid_d64 | E2E | 15 | 0.004: 4.5000 (1), 0.001: 4.7000 (2), 0.0005: 4.9000 (1) |",
+                         "| mid_d64 | growth | 15 | 0.001: 2.1000 (1), 0.002: 2.2000 (1) |"]
+    assert [r["variant"] for r in map_report.cell(rows, "mid", 64)[("grow", 15.0)]] == ["lr0.001"]
 
 
 def test_a_panel_names_the_methods_whose_every_point_is_above_its_axis():
@@ -88,9 +93,9 @@ def test_the_bars_are_said_cell_by_cell_from_the_curves_and_the_finals():
 
 
 def test_points_from_the_meta_model_not_annealed_stay_out_of_the_map_and_are_set_beside_their_pairs(tmp_path):
-    assert tok_variants("map_rich_d16", "grow", (15, "B")) == ["paper", "flatmeta"]
+    assert tok_variants("map_rich_d16", "grow", (15, "B")) == ["paper", "lr0.001", "flatmeta"]
     assert tok_variants("map_rich_d16", "ours", (15, "B")) == ["meta", "flatmeta"]
-    assert tok_variants("map_rich_d16", "ours", (30, "B")) == ["meta"] and tok_variants("map_mid_d16", "grow", (15, "B")) == ["paper"]
+    assert tok_variants("map_rich_d16", "ours", (30, "B")) == ["meta"] and tok_variants("map_mid_d16", "grow", (15, "B")) == ["paper", "lr0.001"]
     assert meta_variant("map_rich_d16", "flatmeta") == ("flatmeta", MAP_FLAT_META["flatmeta"][0])
     assert meta_variant("map_rich_d16", "meta") == ("paper", [])
     assert tok_run_dir(tmp_path, "map_rich_d16", "grow", (15, "B"), 0, "flatmeta").name == "grow-flatmeta_15B"
@@ -130,3 +135,12 @@ def test_readme_holds_the_map_as_the_results_say_and_collect_rewrites_only_that_
     assert mid.split(" | ")[1] == ("**growth**, then meta model alone (+0.10), ours (+0.20), E2E (+0.30) at 15 TFLOPs, "
                                    "2 seeds; E2E there reads 10 tokens a parameter, the text 4 times")
     assert mid.endswith("| not measured yet |")      # the 64-layer cell has only the shared meta model
+
+
+def test_a_point_of_ours_knows_its_meta_model_is_trained_from_the_meta_run_it_really_starts_from(tmp_path):
+    from benchmarks.gpu_accuracy import _meta_done
+    for variant, name in (("meta", "meta_3.75"), ("flatmeta", "meta-flatmeta_3.75")):
+        assert not _meta_done(tmp_path, "map_rich_d16", "ours", (15, "B"), 16, 1.0, 0, variant)
+        (tok_run_dir(tmp_path, "map_rich_d16", "meta", 3.75, 0, "paper").parent / name / "meta").mkdir(parents=True)
+        (tmp_path / "map_rich_d16_f1.0_s0" / name / "meta" / "manifest.json").write_text("{}")
+        assert _meta_done(tmp_path, "map_rich_d16", "ours", (15, "B"), 16, 1.0, 0, variant)
