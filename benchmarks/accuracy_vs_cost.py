@@ -99,13 +99,16 @@ def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra
     if not (run / "meta").exists():
         run.mkdir(parents=True, exist_ok=True)
         shutil.copytree(meta_run / "meta", run / "meta")
-    init = variant if base == "paper" else next(iter(STUDIES[study]["inits"]))     # from another meta: the first init
+    inits = STUDIES[study]["inits"]
+    init = variant if variant in inits else next(iter(inits))      # another meta model or lr: the first init
     recipe = make(tok.budget_sets(key, "meta", meta_tf, None) + meta_sets
                   + fair_sets(study, method, variant, tok.budget_sets(key, method, total, split))
                   + ([f"incubate.module_init={init}"] if method == "ours" else []))
     if method == "grow":
         grow.main(recipe, run)
     else:
+        if variant in STUDIES[study].get("ours_variants", {}):     # only the fine-tune differs from the recipe's point
+            reuse_modules(tok_run_dir(root, study, "ours", budget, seed, init), run)
         for i in range(len(recipe.model.division)):
             incubate.main(recipe, run, i)
         assemble.main(recipe, run)
@@ -113,15 +116,29 @@ def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra
     return result_row(study, depth, fraction, method, budget_label(method, budget), seed, run, point_stages(run, method), variant)
 
 
+def reuse_modules(source: Path, run: Path) -> None:
+    """A point of ours whose fine-tune alone differs starts from the finished modules and assembly of
+    the recipe's point (the same meta model, seed and module budget), copied; each still counts in full."""
+    stages = point_stages(source, "ours", 4)[1:-1]
+    if not all(sd.finished() for sd in stages):
+        return
+    for sd in stages:
+        if not (run / sd.path.relative_to(source)).exists():
+            shutil.copytree(sd.path, run / sd.path.relative_to(source))
+
+
 def fair_sets(study, method: str, variant: str, budget: list[str]) -> list[str]:
-    """A point's budget lines, plus what a study gives its baselines to be fair: E2E and growth their
-    variant's lr, and both a warm-up of the study's share of their tokens (growth re-warms, as G_stack)."""
+    """A point's budget lines, plus what a study gives each method to be fair: E2E, growth and ours'
+    fine-tune their variant's lr, and a warm-up of the study's share of their tokens (growth re-warms,
+    as G_stack; ours' fine-tune only in its swept variants, the recipe's point has none)."""
     s = STUDIES[study]
     out = list(budget) + s.get(f"{method}_variants", {}).get(variant, [])
-    for line in budget if s.get("warmup") and method in ("e2e", "grow") else []:
+    swept_ours = method == "ours" and variant in s.get("ours_variants", {})
+    warmed = {"e2e": "e2e", "grow": "grow"}.get(method, "finetune" if swept_ours else None)
+    for line in budget if s.get("warmup") and warmed else []:
         key, tokens = line.split("=")
-        if key == f"{method}.tokens":
-            out.append(f"{method}.warmup_tokens={int(s['warmup'] * int(tokens))}")
+        if key == f"{warmed}.tokens":
+            out.append(f"{warmed}.warmup_tokens={int(s['warmup'] * int(tokens))}")
     return out
 
 

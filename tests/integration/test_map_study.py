@@ -42,3 +42,18 @@ def test_ours_and_growth_from_the_meta_model_not_annealed_start_from_it(tmp_path
     assert yaml.safe_load((base / "ours-flatmeta_0.002B" / "recipe.yaml").read_text())["incubate"]["module_init"] == "meta"
     assert [rows[k]["variant"] for k in rows] == ["meta", "flatmeta", "flatmeta"]
     assert all(r["bpb"] > 0 and r["evals"] for r in rows.values())
+
+
+def test_a_fine_tune_lr_variant_of_ours_starts_from_the_recipe_points_modules_and_counts_them(tmp_path, monkeypatch):
+    study = tiny_cell(tmp_path, monkeypatch)
+    recipe_point = avc.run_tok("ours", tmp_path, study, 8, 1.0, BUDGET, 0, [], "meta")
+    swept = avc.run_tok("ours", tmp_path, study, 8, 1.0, BUDGET, 0, [], "ft0.004")
+    base = tmp_path / "map_tiny_d8_f1.0_s0"
+    for stage in ("modules/0", "modules/3", "assembled"):       # copied, not trained again: the same manifests
+        a, b = (base / run / stage / "manifest.json" for run in ("ours-meta_0.002B", "ours-ft0.004_0.002B"))
+        assert a.read_text() == b.read_text(), stage
+    a, b = weights(base / "ours-meta_0.002B", "finetune"), weights(base / "ours-ft0.004_0.002B", "finetune")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    ft = yaml.safe_load((base / "ours-ft0.004_0.002B" / "recipe.yaml").read_text())["finetune"]
+    assert ft["lr"] == 0.004 and ft["warmup_tokens"] == int(0.05 * ft["tokens"]) > 0
+    assert swept["flops"] == recipe_point["flops"] and swept["evals"][0] == recipe_point["evals"][0]   # same assembly

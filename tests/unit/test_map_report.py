@@ -41,6 +41,8 @@ def test_e2e_gets_its_variant_lr_and_a_warm_up_and_growth_re_warms_while_ours_is
         "grow.tokens=2000", "grow.lr=0.001", "grow.warmup_tokens=100"]
     assert fair_sets(study, "ours", "meta", ["incubate.tokens=5", "finetune.tokens=9"]) == [
         "incubate.tokens=5", "finetune.tokens=9"]
+    assert fair_sets(study, "ours", "ft0.004", ["incubate.tokens=5", "finetune.tokens=900"]) == [
+        "incubate.tokens=5", "finetune.tokens=900", "finetune.lr=0.004", "finetune.warmup_tokens=45"]
     assert fair_sets("lm_tokens", "e2e", "paper", ["e2e.tokens=7"]) == ["e2e.tokens=7"]     # earlier studies unchanged
 
 
@@ -61,10 +63,13 @@ def test_every_e2e_learning_rate_tried_is_listed_best_first():
             ((0, 4.8, "lr0.001"), (1, 4.6, "lr0.001"), (0, 4.9, "lr0.0005"), (0, 4.5, "lr0.004"))]
     rows.append(row("lm_tokens", "e2e", "30", 0, 2.2))       # another study's E2E stays out
     rows += [row("map_mid_d64", "grow", "15/B", 0, b, lr) for b, lr in ((2.2, "paper"), (2.1, "lr0.001"))]
+    rows += [row("map_mid_d64", "ours", "15/B", 0, b, v) for b, v in ((2.3, "meta"), (2.25, "ft0.002"))]
     table = map_report.sweep_table(rows).splitlines()
     assert table[2:] == ["| mid_d64 | E2E | 15 | 0.004: 4.5000 (1), 0.001: 4.7000 (2), 0.0005: 4.9000 (1) |",
-                         "| mid_d64 | growth | 15 | 0.001: 2.1000 (1), 0.002: 2.2000 (1) |"]
-    assert [r["variant"] for r in map_report.cell(rows, "mid", 64)[("grow", 15.0)]] == ["lr0.001"]
+                         "| mid_d64 | growth | 15 | 0.001: 2.1000 (1), 0.002: 2.2000 (1) |",
+                         "| mid_d64 | ours | 15 | 0.002: 2.2500 (1), 0.001, no warm-up: 2.3000 (1) |"]
+    c = map_report.cell(rows, "mid", 64)
+    assert [r["variant"] for r in c[("grow", 15.0)]] == ["lr0.001"] and [r["variant"] for r in c[("ours", 15.0)]] == ["ft0.002"]
 
 
 def test_a_panel_names_the_methods_whose_every_point_is_above_its_axis():
@@ -93,10 +98,10 @@ def test_the_bars_are_said_cell_by_cell_from_the_curves_and_the_finals():
 
 
 def test_points_from_the_meta_model_not_annealed_stay_out_of_the_map_and_are_set_beside_their_pairs(tmp_path):
-    assert tok_variants("map_rich_d16", "grow", (15, "B")) == ["paper", "lr0.001", "lr0.004", "flatmeta"]
-    assert tok_variants("map_rich_d16", "ours", (15, "B")) == ["meta", "flatmeta"]
-    assert tok_variants("map_rich_d16", "ours", (30, "B")) == ["meta"] and tok_variants("map_mid_d16", "grow", (15, "B")) == ["paper", "lr0.001",
-                                                                                                  "lr0.004"]
+    assert tok_variants("map_rich_d16", "grow", (15, "B")) == ["paper", "lr0.001", "lr0.004", "lr0.008", "flatmeta"]
+    assert tok_variants("map_rich_d16", "ours", (15, "B")) == ["meta", "ft0.002", "ft0.004", "flatmeta"]
+    assert tok_variants("map_rich_d16", "ours", (30, "B")) == ["meta", "ft0.002", "ft0.004"]
+    assert tok_variants("map_mid_d64", "grow", (15, "B")) == ["paper", "lr0.001", "lr0.004"]
     assert meta_variant("map_rich_d16", "flatmeta") == ("flatmeta", MAP_FLAT_META["flatmeta"][0])
     assert meta_variant("map_rich_d16", "meta") == ("paper", [])
     assert tok_run_dir(tmp_path, "map_rich_d16", "grow", (15, "B"), 0, "flatmeta").name == "grow-flatmeta_15B"
