@@ -37,7 +37,7 @@ def other_meta(r: dict) -> bool:
 
 
 def cell(rows, regime: str, depth: int) -> dict:
-    """{(method, total TFLOPs): [rows]} of one cell, E2E and growth as their better lr at each budget."""
+    """{(method, total TFLOPs): [rows]} of one cell, each swept method as its better lr at each budget."""
     g = defaultdict(list)
     for r in rows:
         if other_meta(r):
@@ -47,12 +47,17 @@ def cell(rows, regime: str, depth: int) -> dict:
             g[(r["method"], r.get("variant", "paper"), float(r["budget"].split("/")[0]))].append(r)
     out = {}
     for (method, variant, total), rs in g.items():
-        if method in SWEPT:
-            have = out.get((method, total))
-            if have and statistics.mean(x["bpb"] for x in have) <= statistics.mean(x["bpb"] for x in rs):
-                continue
-        out[(method, total)] = rs
+        have = out.get((method, total))
+        out[(method, total)] = better(have, rs) if have and method in SWEPT else rs
     return out
+
+
+def better(a: list, b: list) -> list:
+    """Of two learning rates' rows, the lower mean final over the seeds both ran (the sweep's seed 0:
+    the larger budget and seed 1 train only the chosen rate); the first on a tie."""
+    both = {r["seed"] for r in a} & {r["seed"] for r in b}
+    mean = lambda rs: statistics.mean(r["bpb"] for r in rs if r["seed"] in both or not both)
+    return a if mean(a) <= mean(b) else b
 
 
 def stat(rs, kind: str) -> tuple[float, float, int]:

@@ -150,3 +150,11 @@ def test_a_point_of_ours_knows_its_meta_model_is_trained_from_the_meta_run_it_re
         (tok_run_dir(tmp_path, "map_rich_d16", "meta", 3.75, 0, "paper").parent / name / "meta").mkdir(parents=True)
         (tmp_path / "map_rich_d16_f1.0_s0" / name / "meta" / "manifest.json").write_text("{}")
         assert _meta_done(tmp_path, "map_rich_d16", "ours", (15, "B"), 16, 1.0, 0, variant)
+
+
+def test_the_better_lr_is_chosen_on_the_seeds_both_rates_ran():
+    rows = [row("map_small_d64", "grow", "15/B", 0, 2.30), row("map_small_d64", "grow", "15/B", 1, 2.50),
+            row("map_small_d64", "grow", "15/B", 0, 2.35, "lr0.001")]
+    # by the means over their own seeds lr0.001 (2.35) would beat the recipe's (2.40); on seed 0 it does not
+    assert [r["variant"] for r in map_report.cell(rows, "small", 64)[("grow", 15.0)]] == ["paper", "paper"]
+    assert map_report.better(rows[2:], rows[:2]) == rows[:2]
