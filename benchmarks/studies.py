@@ -105,7 +105,9 @@ MAP_GROW_LRS = {16: (1e-3, 4e-3, 8e-3, 1.6e-2), 64: (1e-3, 4e-3)}
 # Ours gets the sweep growth gets where it could move too: its fine-tune (which trains the whole deep
 # model, as growth does) at the recipe's 1e-3 with no warm-up (variant "meta"), and at these with the
 # same 5% warm-up; the modules and the assembly are the recipe point's (the fine-tune alone differs).
-MAP_OURS_FT_LRS = (2e-3, 4e-3)
+# 16 layers: 4e-3 beat 2e-3 and 1e-3 on 221 kB (2.028, 2.060, 2.097), so on to 8e-3; 64 layers: 1e-3 beat
+# 2e-3 and 4e-3 on 221 kB (2.243, 2.274, 2.968), so down to 5e-4.
+MAP_OURS_FT_LRS = {16: (2e-3, 4e-3, 8e-3), 64: (5e-4, 2e-3, 4e-3)}
 # The check of G_stack's base (one budget, the data-rich 16-layer cell): ours and growth from a meta
 # model trained at a constant lr (multistep that never steps), i.e. taken before a WSD schedule's decay.
 MAP_FLAT_META = {"flatmeta": (["meta.sched=multistep", "meta.decay_milestones=[1000000000]"], [(15, "B")])}
@@ -120,7 +122,7 @@ for _regime, _sets in MAP_REGIMES.items():
             "inits": {"meta": None}, "seeds": [0, 1], "warmup": MAP_WARMUP, "corpus": _regime,
             "e2e_variants": {f"lr{lr:g}": [f"e2e.lr={lr}"] for lr in MAP_E2E_LRS[_depth]},
             "grow_variants": {f"lr{lr:g}": [f"grow.lr={lr}"] for lr in MAP_GROW_LRS[_depth]},
-            "ours_variants": {f"ft{lr:g}": [f"finetune.lr={lr}"] for lr in MAP_OURS_FT_LRS},
+            "ours_variants": {f"ft{lr:g}": [f"finetune.lr={lr}"] for lr in MAP_OURS_FT_LRS[_depth]},
             "meta_variants": MAP_FLAT_META if (_regime, _depth) == ("rich", 16) else {},
             "sets": _sets + [f"model.division={[_depth // 4] * 4}", f"train.eval_every={50 if _depth == 16 else 25}"]}
 
