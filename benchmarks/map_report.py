@@ -190,12 +190,13 @@ def seeds(n: int) -> str:
 
 def reach_e2e(c: dict) -> str:
     """Bar (1) of a cell: the first TFLOPs at which each seed of ours (each budget) reaches the final
-    bits per byte of the cell's largest E2E, as a share of that E2E's FLOPs."""
+    bits per byte of the cell's best E2E (the budget whose mean final is lowest: a longer E2E that
+    overfits does not lower the bar), as a share of that E2E's FLOPs."""
     e2e = [(t, rs) for (m, t), rs in c.items() if m == "e2e"]
     ours = sorted((t, rs) for (m, t), rs in c.items() if m == "ours")
     if not e2e or not ours:
         return "not run yet"
-    total, rs = max(e2e, key=lambda x: x[0])
+    total, rs = min(e2e, key=lambda x: (statistics.mean(r["bpb"] for r in x[1]), -x[0]))    # E2E's best budget
     target, e2e_tf = statistics.mean(r["bpb"] for r in rs), statistics.mean(r["flops"] for r in rs) / 1e12
     out = []
     for t, os in ours:
@@ -224,7 +225,7 @@ def versus_growth(c: dict) -> str:
 def bars_table(rows) -> str:
     """The issue's two bars, cell by cell: (1) ours reaches the fair E2E's final with at most BAR_RATIO
     of its FLOPs; (2) ours at least as good as growth at equal FLOPs (growth minus ours, final)."""
-    out = [f"| cell | bar (1): ours reaches the largest fair E2E's final with at most {BAR_RATIO}x its FLOPs | "
+    out = [f"| cell | bar (1): ours reaches the best fair E2E's final with at most {BAR_RATIO}x its FLOPs | "
            "bar (2): growth minus ours at equal FLOPs, ± added sd |", "|---|---|---|"]
     for regime, _ in REGIMES:
         for depth in DEPTHS:

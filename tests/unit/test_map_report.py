@@ -95,6 +95,10 @@ def test_the_bars_are_said_cell_by_cell_from_the_curves_and_the_finals():
     table = map_report.bars_table(rows).splitlines()
     assert len(table) == 3 and table[2].startswith("| small, 64 layers | E2E-30 ends at 4.0000")
     assert map_report.reach_e2e(map_report.cell(rows[2:], "small", 64)) == "not run yet"
+    rows.append(row("map_small_d64", "e2e", "15", 0, 3.95, "lr0.004", evals=[(15, 3.95)]))     # E2E-30 overfits
+    assert map_report.reach_e2e(map_report.cell(rows, "small", 64)) == (
+        "E2E-15 ends at 3.9500; ours-15 at 9.0 (0.60x, 2 seeds, already the assembled model): **met**; "
+        "ours-30 at 25.0 (1.67x, 1 seed): **not met**")
 
 
 def test_points_from_the_meta_model_not_annealed_stay_out_of_the_map_and_are_set_beside_their_pairs(tmp_path):
