@@ -170,17 +170,20 @@ def rate(method: str, variant: str) -> str:
 
 def sweep_table(rows) -> str:
     """Every learning rate E2E, growth and ours' fine-tune tried in a cell: mean final bits per byte and
-    seeds, by budget."""
+    seeds, by budget, the one chosen (on the seeds both ran) in bold."""
     g = defaultdict(list)
     for r in rows:
         if r["method"] in SWEPT and r["study"].startswith("map_") and not other_meta(r):
             g[(r["study"], r["method"], float(r["budget"].split("/")[0]), r.get("variant", "paper"))].append(r["bpb"])
-    out = ["| cell | method | TFLOPs | learning rates: mean final bits/byte (seeds) |", "|---|---|---:|---|"]
+    out = ["| cell | method | TFLOPs | learning rates: mean final bits/byte (seeds); the chosen one in bold |",
+           "|---|---|---:|---|"]
     for study, method, total in sorted({k[:3] for k in g}):
-        tried = sorted((statistics.mean(v), rate(method, lr), len(v)) for (st, m, t, lr), v in g.items()
+        regime, depth = study.removeprefix("map_").rsplit("_d", 1)
+        chosen = cell(rows, regime, int(depth))[(method, total)][0].get("variant", "paper")
+        tried = sorted((statistics.mean(v), lr, len(v)) for (st, m, t, lr), v in g.items()
                        if (st, m, t) == (study, method, total))
         out.append(f"| {study.removeprefix('map_')} | {NAMES[method]} | {total:g} | " + ", ".join(
-            f"{lr}: {m:.4f} ({n})" for m, lr, n in tried) + " |")
+            ("**{}**" if lr == chosen else "{}").format(f"{rate(method, lr)}: {m:.4f} ({n})") for m, lr, n in tried) + " |")
     return "\n".join(out)
 
 

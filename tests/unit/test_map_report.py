@@ -65,9 +65,9 @@ def test_every_e2e_learning_rate_tried_is_listed_best_first():
     rows += [row("map_mid_d64", "grow", "15/B", 0, b, lr) for b, lr in ((2.2, "paper"), (2.1, "lr0.001"))]
     rows += [row("map_mid_d64", "ours", "15/B", 0, b, v) for b, v in ((2.3, "meta"), (2.25, "ft0.002"))]
     table = map_report.sweep_table(rows).splitlines()
-    assert table[2:] == ["| mid_d64 | E2E | 15 | 0.004: 4.5000 (1), 0.001: 4.7000 (2), 0.0005: 4.9000 (1) |",
-                         "| mid_d64 | growth | 15 | 0.001: 2.1000 (1), 0.002: 2.2000 (1) |",
-                         "| mid_d64 | ours | 15 | 0.002: 2.2500 (1), 0.001, no warm-up: 2.3000 (1) |"]
+    assert table[2:] == ["| mid_d64 | E2E | 15 | **0.004: 4.5000 (1)**, 0.001: 4.7000 (2), 0.0005: 4.9000 (1) |",
+                         "| mid_d64 | growth | 15 | **0.001: 2.1000 (1)**, 0.002: 2.2000 (1) |",
+                         "| mid_d64 | ours | 15 | **0.002: 2.2500 (1)**, 0.001, no warm-up: 2.3000 (1) |"]
     c = map_report.cell(rows, "mid", 64)
     assert [r["variant"] for r in c[("grow", 15.0)]] == ["lr0.001"] and [r["variant"] for r in c[("ours", 15.0)]] == ["ft0.002"]
 
@@ -163,3 +163,4 @@ def test_the_better_lr_is_chosen_on_the_seeds_both_rates_ran():
     # by the means over their own seeds lr0.001 (2.35) would beat the recipe's (2.40); on seed 0 it does not
     assert [r["variant"] for r in map_report.cell(rows, "small", 64)[("grow", 15.0)]] == ["paper", "paper"]
     assert map_report.better(rows[2:], rows[:2]) == rows[:2]
+    assert map_report.sweep_table(rows).splitlines()[2] == "| small_d64 | growth | 15 | 0.001: 2.3500 (1), **0.002: 2.4000 (2)** |"
