@@ -105,7 +105,8 @@ def test_points_from_the_meta_model_not_annealed_stay_out_of_the_map_and_are_set
     assert tok_variants("map_rich_d16", "grow", (15, "B")) == ["paper", "lr0.001", "lr0.004", "lr0.008", "lr0.016",
                                                                  "flatmeta"]
     assert tok_variants("map_rich_d16", "ours", (15, "B")) == ["meta", "ft0.002", "ft0.004", "ft0.008", "flatmeta"]
-    assert tok_variants("map_rich_d64", "ours", (15, "B")) == ["meta", "ft0.0005", "ft0.002", "ft0.004"]
+    assert tok_variants("map_rich_d64", "ours", (15, "B")) == ["meta", "ft0.00025", "ft0.0005", "ft0.002",
+                                                                 "ft0.004"]
     assert tok_variants("map_mid_d64", "grow", (15, "B")) == ["paper", "lr0.001", "lr0.004"]
     assert meta_variant("map_rich_d16", "flatmeta") == ("flatmeta", MAP_FLAT_META["flatmeta"][0])
     assert meta_variant("map_rich_d16", "meta") == ("paper", [])
