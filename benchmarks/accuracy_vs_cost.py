@@ -21,8 +21,8 @@ parts and rerun after a kill):
           ours with meta init as the variant `--study resnet --methods ours --variant metainit
           --set incubate.module_init=meta`
   map_<regime>_d<depth>  the map of which method pays where (issue 34): regimes small, mid, rich,
-          depths 16 and 64; E2E at each of its learning rates (variants lr...), the meta model alone,
-          growth and ours (meta init); in map_rich_d16, ours and growth also from a meta model not
+          depths 16 and 64; the meta model alone, and E2E, growth (variants lr...) and ours with meta
+          init (its fine-tune: variants ft...) each at several learning rates; in map_rich_d16, ours and growth also from a meta model not
           annealed (variant flatmeta). --collect writes the map into docs/results.md and its table into
           README.md (between its markers), by benchmarks/map_report.py
 Cost is counted two ways: process seconds summed over every job, and FLOPs (FlopCounterMode on one
@@ -108,7 +108,7 @@ def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra
         grow.main(recipe, run)
     else:
         if variant in STUDIES[study].get("ours_variants", {}):     # only the fine-tune differs from the recipe's point
-            reuse_modules(tok_run_dir(root, study, "ours", budget, seed, init), run)
+            reuse_modules(tok_run_dir(root, study, "ours", budget, seed, init), run, len(recipe.model.division))
         for i in range(len(recipe.model.division)):
             incubate.main(recipe, run, i)
         assemble.main(recipe, run)
@@ -116,10 +116,10 @@ def run_tok(method: str, root: Path, study, depth, fraction, budget, seed, extra
     return result_row(study, depth, fraction, method, budget_label(method, budget), seed, run, point_stages(run, method), variant)
 
 
-def reuse_modules(source: Path, run: Path) -> None:
+def reuse_modules(source: Path, run: Path, k: int) -> None:
     """A point of ours whose fine-tune alone differs starts from the finished modules and assembly of
     the recipe's point (the same meta model, seed and module budget), copied; each still counts in full."""
-    stages = point_stages(source, "ours", 4)[1:-1]
+    stages = point_stages(source, "ours", k)[1:-1]
     if not all(sd.finished() for sd in stages):
         return
     for sd in stages:
@@ -134,7 +134,7 @@ def fair_sets(study, method: str, variant: str, budget: list[str]) -> list[str]:
     s = STUDIES[study]
     out = list(budget) + s.get(f"{method}_variants", {}).get(variant, [])
     swept_ours = method == "ours" and variant in s.get("ours_variants", {})
-    warmed = {"e2e": "e2e", "grow": "grow"}.get(method, "finetune" if swept_ours else None)
+    warmed = method if method in ("e2e", "grow") else "finetune" if swept_ours else None
     for line in budget if s.get("warmup") and warmed else []:
         key, tokens = line.split("=")
         if key == f"{warmed}.tokens":
