@@ -165,3 +165,16 @@ def test_the_better_lr_is_chosen_on_the_seeds_both_rates_ran():
     assert [r["variant"] for r in map_report.cell(rows, "small", 64)[("grow", 15.0)]] == ["paper", "paper"]
     assert map_report.better(rows[2:], rows[:2]) == rows[:2]
     assert map_report.sweep_table(rows).splitlines()[2] == "| small_d64 | growth | 15 | 0.001: 2.3500 (1), **0.002: 2.4000 (2)** |"
+
+
+def test_the_rate_that_won_the_sweep_at_the_smaller_budget_stands_at_both_budgets():
+    rows = [row("map_small_d64", "ours", "15/B", s, b, "meta") for s, b in ((0, 2.24), (1, 2.23))]
+    rows += [row("map_small_d64", "ours", "15/B", 0, 2.22, "ft0.0005")]
+    rows += [row("map_small_d64", "ours", "30/B", s, b, "meta") for s, b in ((0, 2.08), (1, 2.05))]
+    c = map_report.cell(rows, "small", 64)
+    assert [r["variant"] for r in c[("ours", 15.0)]] == ["ft0.0005"]
+    assert [r["variant"] for r in c[("ours", 30.0)]] == ["meta"] * 2      # the winner not run at 30 yet
+    rows.append(row("map_small_d64", "ours", "30/B", 0, 2.11, "ft0.0005"))     # worse there, still the one
+    c = map_report.cell(rows, "small", 64)
+    assert [r["bpb"] for r in c[("ours", 30.0)]] == [2.11]
+    assert "**0.0005: 2.1100 (1)**" in map_report.sweep_table(rows)
