@@ -33,7 +33,7 @@ def test_best_is_the_lowest_evaluation_and_a_margin_inside_the_spread_is_said():
 
 def test_e2e_gets_its_variant_lr_and_a_warm_up_and_growth_re_warms_while_ours_is_left_as_it_is():
     study = "map_small_d64"
-    assert tok_variants(study, "e2e", 15) == ["lr0.032", "lr0.016", "lr0.008", "lr0.004", "lr0.002", "lr0.001", "lr0.0005"]
+    assert tok_variants(study, "e2e", 15) == ["lr0.064", "lr0.032", "lr0.016", "lr0.008", "lr0.004", "lr0.002", "lr0.001", "lr0.0005"]
     assert fair_sets(study, "e2e", "lr0.0005", ["e2e.tokens=1000"]) == [
         "e2e.tokens=1000", "e2e.lr=0.0005", f"e2e.warmup_tokens={int(STUDIES[study]['warmup'] * 1000)}"]
     assert fair_sets(study, "grow", "paper", ["grow.tokens=2000"]) == ["grow.tokens=2000", "grow.warmup_tokens=100"]

@@ -256,7 +256,7 @@ def test_variant_picks_one_of_e2e_named_variants_and_leaves_other_methods(tmp_pa
               "--results", str(tmp_path / "none.json")]
     avc.main(common)
     assert capsys.readouterr().out.splitlines() == [
-        "map_small_d64 e2e 30 seed 0 (lr0.032)", "map_small_d64 e2e 30 seed 0 (lr0.016)", "map_small_d64 e2e 30 seed 0 (lr0.008)", "map_small_d64 e2e 30 seed 0 (lr0.004)",
+        "map_small_d64 e2e 30 seed 0 (lr0.064)", "map_small_d64 e2e 30 seed 0 (lr0.032)", "map_small_d64 e2e 30 seed 0 (lr0.016)", "map_small_d64 e2e 30 seed 0 (lr0.008)", "map_small_d64 e2e 30 seed 0 (lr0.004)",
         "map_small_d64 e2e 30 seed 0 (lr0.002)", "map_small_d64 e2e 30 seed 0 (lr0.001)", "map_small_d64 e2e 30 seed 0 (lr0.0005)", "map_small_d64 grow 30/B seed 0",
         "map_small_d64 grow 30/B seed 0 (lr0.001)", "map_small_d64 grow 30/B seed 0 (lr0.004)"]
     avc.main(common + ["--variant", "lr0.0005"])      # the better lr of the sweep, alone at the larger budget
@@ -264,5 +264,5 @@ def test_variant_picks_one_of_e2e_named_variants_and_leaves_other_methods(tmp_pa
                                                     "map_small_d64 grow 30/B seed 0 (lr0.001)",
                                                     "map_small_d64 grow 30/B seed 0 (lr0.004)"]
     avc.main(common + ["--variant", "paper"])      # growth's better lr was the recipe's: alone at the larger budget
-    assert capsys.readouterr().out.splitlines() == [f"map_small_d64 e2e 30 seed 0 (lr{lr:g})" for lr in (3.2e-2, 1.6e-2, 8e-3, 4e-3, 2e-3, 1e-3, 5e-4)] + [
+    assert capsys.readouterr().out.splitlines() == [f"map_small_d64 e2e 30 seed 0 (lr{lr:g})" for lr in (6.4e-2, 3.2e-2, 1.6e-2, 8e-3, 4e-3, 2e-3, 1e-3, 5e-4)] + [
         "map_small_d64 grow 30/B seed 0"]
