@@ -2,6 +2,7 @@
 within 10% of one real CPU step's (torch's MemTracker on real tensors: every storage alive, counted
 by its real size, no process RSS), depth scaling and FSDP's world-size rescaling exact, FLOPs equal
 to the stages' own count; and the command's output and its refusals."""
+import gc
 import json
 import subprocess
 import sys
@@ -160,11 +161,27 @@ def test_the_command_prints_every_job_and_its_json():
     assert "hybrid 3" in text and "fsdp x64" in text and "ours" in text
 
 
-def test_grad_checkpointing_of_a_language_model_lowers_its_planned_peak():
+def test_grad_checkpointing_of_a_language_model_lowers_its_planned_activations():
     """The plan traces the step as the loop runs it: the causal_lm family's recomputed layers keep fewer activations."""
-    peaks = []
+    traces = []
     for on in ("false", "true"):
         s = setting("quickstart_lm.yaml", SMALL + [f"train.grad_checkpointing={on}"])
         make, _, data, loss, shape = parts(s, "e2e")
-        peaks.append(memory.trace_step(lambda: make(None), data, loss, shape, s.family).peak)
-    assert peaks[1] < 0.8 * peaks[0], peaks
+        traces.append(memory.trace_step(lambda: make(None), data, loss, shape, s.family))
+    assert traces[1].parts["ACT"] < 0.8 * traces[0].parts["ACT"] and traces[1].peak < traces[0].peak
+
+
+def test_the_planned_peak_does_not_depend_on_when_python_collects_its_cycles():
+    """Recomputed layers leave tensors that only the cycle collector frees; a collection in the middle
+    of the traced step (its allocations or another test's left-overs can start one) lowered the peak."""
+    s = setting("quickstart_lm.yaml", SMALL + ["train.grad_checkpointing=true"])
+    make, _, data, loss, shape = parts(s, "e2e")
+    peaks = set()
+    for threshold in (1, 700):
+        old = gc.get_threshold()
+        gc.set_threshold(threshold)
+        try:
+            peaks.add(memory.trace_step(lambda: make(None), data, loss, shape, s.family).peak)
+        finally:
+            gc.set_threshold(*old)
+    assert len(peaks) == 1, peaks
