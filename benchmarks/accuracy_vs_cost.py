@@ -174,14 +174,14 @@ def main(argv=None) -> None:
         todo = planned(args)
         if args.missing:
             have = {row_key(r) for r in json.loads(Path(args.results).read_text())} if Path(args.results).exists() else set()
-            todo = [p for p in todo if point_key(*p, default_variant=args.variant or "paper") not in have]
+            todo = [p for p in todo if point_key(*p) not in have]
         if args.shard:
             k, n = (int(x) for x in args.shard.split("/"))
             todo = todo[k::n]
         if args.plan:
             for study, method, depth, fraction, budget, seed, variant in todo:
                 print(f"{study} {method} {budget_label(method, budget)} seed {seed}"
-                      + (f" ({variant or args.variant or 'paper'})" if method == "ours" or variant not in (None, "paper") else ""))
+                      + (f" ({variant})" if method == "ours" or variant != "paper" else ""))
             return
         for study in dict.fromkeys(p[0] for p in todo):
             ensure_data(study=study)
@@ -193,7 +193,8 @@ def main(argv=None) -> None:
 
 def planned(args) -> list[tuple]:
     """(study, method, depth, fraction, budget, seed, variant) of every point the arguments select, in
-    the order they train; variant None: ours' --variant (E2E and the meta model are shared)."""
+    the order they train; variant: the one its row will carry (outside the TFLOPs studies, ours'
+    --variant; E2E and the meta model are shared, "paper")."""
     out = []
     for study in ["budget", "depth", "data"] if args.study == "all" else [args.study]:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
@@ -204,7 +205,8 @@ def planned(args) -> list[tuple]:
             if method not in args.methods.split(","):
                 continue
             if STUDIES[study].get("budget") != "flops":
-                out.append((study, method, depth, fraction, budget, seed, None))
+                out.append((study, method, depth, fraction, budget, seed,
+                            (args.variant or "paper") if method == "ours" else "paper"))
                 continue
             names = tok_variants(study, method, budget)
             out += [(study, method, depth, fraction, budget, seed, variant) for variant in names
@@ -212,9 +214,9 @@ def planned(args) -> list[tuple]:
     return out
 
 
-def point_key(study, method, depth, fraction, budget, seed, variant, default_variant: str = "paper") -> tuple:
+def point_key(study, method, depth, fraction, budget, seed, variant) -> tuple:
     """The row_key that a planned point's row will have."""
-    return row_key({"study": study, "variant": variant or (default_variant if method == "ours" else "paper"),
+    return row_key({"study": study, "variant": variant,
                     "depth": depth, "fraction": fraction, "method": method, "budget": budget_label(method, budget),
                     "seed": seed})
 
@@ -232,15 +234,14 @@ def publish(results: Path, root: Path, docs: Path = ROOT / "docs") -> list[dict]
     return rows
 
 
-def train_point(root, study, method, depth, fraction, budget, seed, args, variant=None) -> None:
+def train_point(root, study, method, depth, fraction, budget, seed, args, variant) -> None:
     t0 = time.time()
     fn = {"ours": run_ours, "e2e": run_e2e, "meta": run_meta}.get(method)
     if STUDIES[study].get("budget") == "flops":
         fn = lambda *a: run_tok(method, *a)
     while True:     # a point another process is training: wait for it, then reuse it
         try:
-            row = fn(root, study, depth, fraction, budget, seed, args.set,
-                     variant or (args.variant or "paper" if method == "ours" else "paper"))
+            row = fn(root, study, depth, fraction, budget, seed, args.set, variant)
             break
         except UserError as e:
             if "is being written by" not in str(e):

@@ -161,8 +161,7 @@ def run_entry(entry: Entry, root: Path, deadline: float, report: dict, save) -> 
         extra = [x for x in report["extra_sets"] if not (flops and x.startswith("data.source="))]
         args = SimpleNamespace(set=sets + extra, variant=variant)
         try:
-            row = acc.train_point(root, entry.study, method, depth, fraction, budget, seed, args,
-                                  **({"variant": variant} if flops else {}))
+            row = acc.train_point(root, entry.study, method, depth, fraction, budget, seed, args, variant)
         except Exception as e:        # one failed point is reported; the study goes on
             report["errors"].append({"family": entry.family, "point": label, "error": f"{type(e).__name__}: {e}",
                                      "traceback": traceback.format_exc()[-2000:]})

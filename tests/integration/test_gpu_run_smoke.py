@@ -164,7 +164,7 @@ def test_the_gpu_run_refuses_without_cuda(tmp_path):
 def test_the_lm_study_runs_ours_and_growth_first_and_prices_points_by_tflops(tmp_path, monkeypatch):
     ran = []
 
-    def fake_point(root, study, method, depth, fraction, budget, seed, args, variant=None):
+    def fake_point(root, study, method, depth, fraction, budget, seed, args, variant):
         time.sleep(0.3)
         ran.append((method, budget, variant))
         return {"method": method, "budget": gpu_accuracy.studies.budget_label(method, budget), "variant": variant,
@@ -189,10 +189,10 @@ def test_the_lm_study_runs_ours_and_growth_first_and_prices_points_by_tflops(tmp
 def test_points_that_do_not_fit_in_the_time_left_are_skipped(tmp_path, monkeypatch):
     ran = []
 
-    def fake_point(root, study, method, depth, fraction, budget, seed, args):
+    def fake_point(root, study, method, depth, fraction, budget, seed, args, variant):
         time.sleep(0.4)
-        ran.append((method, budget, args.variant))
-        return {"method": method, "budget": str(budget), "variant": args.variant, "top1": 50.0, "flops": 1,
+        ran.append((method, budget, variant))
+        return {"method": method, "budget": str(budget), "variant": variant, "top1": 50.0, "flops": 1,
                 "seconds": 0.4}
     monkeypatch.setattr(gpu_accuracy.acc, "train_point", fake_point)
     monkeypatch.setattr(gpu_accuracy.studies, "ensure_data", lambda path: None)

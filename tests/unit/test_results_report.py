@@ -117,7 +117,7 @@ def test_collect_merge_keeps_earlier_rows_whose_runs_are_not_on_this_machine():
 
 def test_missing_trains_only_the_points_without_a_row_and_shards_split_them(tmp_path, monkeypatch):
     trained = []
-    monkeypatch.setattr(avc, "train_point", lambda root, study, method, depth, fraction, budget, seed, args, variant=None:
+    monkeypatch.setattr(avc, "train_point", lambda root, study, method, depth, fraction, budget, seed, args, variant:
                         trained.append((method, studies.budget_label(method, budget), seed, variant)))
     monkeypatch.setattr(avc, "publish", lambda results, root: [])
     monkeypatch.setattr(avc, "ensure_data", lambda **kw: None)
@@ -138,6 +138,22 @@ def test_missing_trains_only_the_points_without_a_row_and_shards_split_them(tmp_
         shards.append(list(trained))
     assert not set(shards[0]) & set(shards[1]) and abs(len(shards[0]) - len(shards[1])) <= 1
     assert len(shards[0]) + len(shards[1]) == len(avc.planned(avc.parse_args(common))) - 3     # every point once
+
+
+def test_every_planned_point_carries_the_variant_its_row_will_have(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(avc, "train_point", lambda root, study, method, depth, fraction, budget, seed, args, variant:
+                        trained.append((method, variant)))
+    monkeypatch.setattr(avc, "publish", lambda results, root: [])
+    monkeypatch.setattr(avc, "ensure_data", lambda **kw: None)
+    args = ["--study", "budget", "--seeds", "0", "--methods", "ours,e2e", "--variant", "stack"]
+    assert {(p[1], p[-1]) for p in avc.planned(avc.parse_args(args))} == {("ours", "stack"), ("e2e", "paper")}
+    done = [{"study": "budget", "variant": p[-1], "depth": p[2], "fraction": p[3], "method": p[1],
+             "budget": studies.budget_label(p[1], p[4]), "seed": 0} for p in avc.planned(avc.parse_args(args))]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(done[1:]))
+    avc.main(args + ["--missing", "--results", str(results), "--root", str(tmp_path)])
+    assert trained == [(done[0]["method"], done[0]["variant"])]       # only the point without its row
 
 
 def test_plan_prints_the_points_and_trains_nothing(tmp_path, monkeypatch, capsys):
