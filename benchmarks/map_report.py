@@ -41,11 +41,13 @@ def cell(rows, regime: str, depth: int) -> dict:
     """{(method, total TFLOPs): [rows]} of one cell, each swept method at the lr chosen at its smallest
     budget (the sweep's), at every budget; the better of those there only where that lr was not run."""
     g = defaultdict(lambda: defaultdict(list))
+    budgets = {float(b) for b in STUDIES[f"map_{regime}_d{depth}"]["e2e"]}    # the cell's own (rich_d64: one)
     for r in rows:
         if other_meta(r):
             continue
         own = r["study"] == f"map_{regime}_d{depth}"
-        if own or (r["study"] == f"map_{regime}_d16" and r["method"] == "meta"):
+        shared = r["study"] == f"map_{regime}_d16" and r["method"] == "meta" and float(r["budget"]) in budgets
+        if own or shared:
             g[(r["method"], float(r["budget"].split("/")[0]))][r.get("variant", "paper")].append(r)
     chosen = {}
     for method, total in sorted(g, key=lambda k: k[1]):

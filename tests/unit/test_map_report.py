@@ -23,6 +23,15 @@ def test_e2e_is_its_better_lr_and_the_meta_model_alone_comes_from_the_16_layer_c
     assert "4 passes" in map_report.regime_words(c) and "10 tokens a parameter" in map_report.regime_words(c)
 
 
+def test_the_meta_model_alone_is_borrowed_only_at_the_budgets_its_cell_trains():
+    rows = [row("map_rich_d16", "meta", b, 0, v) for b, v in (("15", 2.2), ("30", 2.1))]
+    rows += [row("map_rich_d64", "ours", "15/B", 0, 2.7)]
+    for depth, budgets in ((16, [15.0, 30.0]), (64, [15.0])):      # rich_d64 trains one budget
+        assert sorted(t for m, t in map_report.cell(rows, "rich", depth) if m == "meta") == budgets
+    assert "30:" not in map_report.map_table(rows).splitlines()[-1].split(" | ")[-1]
+    assert map_report.advice(map_report.cell(rows, "rich", 64)).endswith("at 15 TFLOPs, 1 seed")
+
+
 def test_best_is_the_lowest_evaluation_and_a_margin_inside_the_spread_is_said():
     r = row("map_mid_d16", "grow", "30/B", 0, 2.3, evals=[(10, 2.6), (20, 2.25), (30, 2.3)])
     assert map_report.score(r, "final") == 2.3 and map_report.score(r, "best") == 2.25
