@@ -98,19 +98,22 @@ MAP_REGIMES = {
 # 1.6e-2 edged 8e-3 (4.709), then 3.2e-2 left the plateau sooner (4.452) and 6.4e-2 lost to it (4.539);
 # on 1.38 MB 3.2e-2 (4.285) beat 1e-3 (4.745) and both its neighbours (1.6e-2 4.817, 6.4e-2 4.820).
 # 16 layers: 2e-3 beat 1e-3 on both corpora (2.19 against 2.42, 2.25 against 2.44), then 4e-3 beat 2e-3
-# (2.174, 2.241), so the sweep goes on up to 8e-3.
+# (2.174, 2.241), so the sweep goes on up to 8e-3; on 36 MB 2e-3 won (2.683 against 2.946 at 1e-3, 2.927
+# at 4e-3, 3.045 at 8e-3). The 36 MB/64-layer cell runs E2E at 3.2e-2 only, where both other 64-layer sweeps settled.
 MAP_E2E_LRS = {16: (8e-3, 4e-3, 2e-3, 1e-3), 64: (6.4e-2, 3.2e-2, 1.6e-2, 8e-3, 4e-3, 2e-3, 1e-3, 5e-4)}
 MAP_WARMUP = 0.05
 # Growth's sweep: the recipe's lr (2e-3, variant "paper") and these.
 # At 64 layers 2e-3 beat 1e-3 and 4e-3 in both cells (221 kB: 2.324 against 2.337 and 2.507); at 16 layers
 # 4e-3 beat 2e-3 and 8e-3 on 221 kB (1.988 against 2.027, 2.000), but on 1.38 MB 8e-3 beat 4e-3 (1.947
-# against 1.974), so the sweep goes on to 1.6e-2 there.
+# against 1.974), so the sweep goes on to 1.6e-2 there; on 36 MB 8e-3 won too (2.351 against 2.362 at 4e-3,
+# 2.399 at 1.6e-2). The 36 MB/64-layer cell runs growth at the recipe's 2e-3 only, as both other 64-layer sweeps chose.
 MAP_GROW_LRS = {16: (1e-3, 4e-3, 8e-3, 1.6e-2), 64: (1e-3, 4e-3)}
 # Ours gets the sweep growth gets where it could move too: its fine-tune (which trains the whole deep
 # model, as growth does) at the recipe's 1e-3 with no warm-up (variant "meta"), and at these with the
 # same 5% warm-up; the modules and the assembly are the recipe point's (the fine-tune alone differs).
 # 16 layers: 4e-3 beat 2e-3 and 1e-3 on 221 kB (2.028, 2.060, 2.097), so on to 8e-3; 64 layers: 5e-4 beat
 # the recipe's 1e-3 on both corpora (2.223 against 2.243, 2.327 against 2.341), so down to 2.5e-4.
+# 36 MB: 4e-3 beat 8e-3 and 1e-3 at 16 layers (2.456, 2.491, 2.498); 5e-4 beat 1e-3 at 64 (2.703, 2.721).
 MAP_OURS_FT_LRS = {16: (2e-3, 4e-3, 8e-3), 64: (2.5e-4, 5e-4, 2e-3, 4e-3)}
 # The check of G_stack's base (one budget, the data-rich 16-layer cell): ours and growth from a meta
 # model trained at a constant lr (multistep that never steps), i.e. taken before a WSD schedule's decay.
